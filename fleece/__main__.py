@@ -1,0 +1,5 @@
+import sys
+
+from fleece.cli import main
+
+sys.exit(main())

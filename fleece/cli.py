@@ -1,0 +1,63 @@
+"""The ``fleece`` command line: argument parsing and error-to-exit-code mapping.
+
+Each command lives in its own module under ``fleece.commands`` and exposes
+``register(subparsers)``, which adds its sub-parser and sets ``func`` to a
+callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fleece import __version__
+from fleece.errors import FleeceError
+
+# One entry per command module; each adds its own sub-parser(s).
+COMMAND_MODULES = [
+    "fleece.commands.status",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"fleece: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every registered command."""
+    parser = _Parser(prog="fleece", description="Pull-mode backup agent for running QEMU VMs.")
+    parser.add_argument("--version", action="version", version=f"fleece {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fleece`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="fleece: %(message)s", stream=sys.stderr)
+    try:
+        rc = args.func(args)
+    except FleeceError as exc:
+        sys.stderr.write(f"fleece: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("fleece: interrupted\n")
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``fleece`` command; each has ``register(subparsers)``."""

@@ -1,0 +1,1 @@
+"""The repository: restore points, chunk indexes and chunks over a backend."""

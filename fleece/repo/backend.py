@@ -1,0 +1,65 @@
+"""The storage interface every repository backend implements.
+
+Deliberately small (after restic's backend layer): a backend stores opaque
+objects under string keys and knows nothing of chunks or restore points.
+Retries, rate limits, fault injection and logging are wrappers around a
+``Backend``, never flags inside one.
+
+Keys are ``/``-separated relative paths such as ``chunks/ab/ab12…`` or
+``points/vm1/20261123T073600.123456Z-3f9a1c.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from fleece.errors import RepositoryError
+
+
+class ObjectMissing(RepositoryError):
+    """``get`` asked for a key the backend does not hold."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"object {key} is missing from the repository")
+        self.key = key
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Opaque object storage: put, get, exists, list, delete."""
+
+    url: str
+    """Where the objects live, for messages (no secrets)."""
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Store ``data`` under ``key`` atomically: readers see all of it or nothing.
+
+        With ``if_absent`` the write happens only when ``key`` does not exist
+        yet (a conditional create); returns False when it already existed.
+        Otherwise an existing object is replaced and True is returned.
+        """
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Return the whole object; raise :class:`ObjectMissing` if absent."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is stored."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key that starts with ``prefix``, in no particular order."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing an absent key is not an error."""
+        ...
+
+    def mtime(self, key: str) -> float:
+        """Last-modified time (Unix seconds) of ``key``; :class:`ObjectMissing` if absent.
+
+        Garbage collection uses it for its grace period.
+        """
+        ...
