@@ -48,11 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="fleece: %(message)s", stream=sys.stderr)
+    # qemu.qmp logs its own copy of every connection error; ours is the one line.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose > 2 else logging.CRITICAL)
     try:
         rc = args.func(args)
     except FleeceError as exc:
         sys.stderr.write(f"fleece: error: {exc}\n")
         return exc.exit_code
+    except BrokenPipeError:
+        # stdout closed early (`fleece list | head`): not an error of ours.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write("fleece: interrupted\n")
         return 130

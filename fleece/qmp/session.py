@@ -72,7 +72,7 @@ class QmpSession:
         client = QMPClient("fleece")
         try:
             await asyncio.wait_for(client.connect(address), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await client.disconnect()
             raise QmpConnectError(
                 f"QMP handshake with {spec} timed out after {timeout:g}s "

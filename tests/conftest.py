@@ -1,0 +1,394 @@
+"""Shared fixtures: real QEMU VMs, a real S3 server (moto) on loopback, the CLI.
+
+Every VM is ``qemu-system-x86_64 -M q35 -accel tcg -nodefaults`` with
+virtio-blk disks ``vda``, ``vdb``, … and two QMP sockets: ``vm.qmp_path`` for
+the code under test and a private one the test uses itself (``vm.qmp``,
+``vm.hmp``, ``vm.write`` — the "guest"). VMs end by their own pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+VENV_BIN = Path(sys.executable).parent
+FLEECE = str(VENV_BIN / "fleece")
+QEMU = "qemu-system-x86_64"
+DEVICE_MODELS = {
+    # name → (-device driver, extra controller device or None)
+    "virtio": ("virtio-blk-pci", None),
+    "scsi": ("scsi-hd", "virtio-scsi-pci,id=scsi0"),
+    "ide": ("ide-hd", None),
+    "nvme": ("nvme", None),
+}
+
+
+@dataclass
+class DiskSpec:
+    """One disk of a test VM."""
+
+    id: str
+    path: Path
+    fmt: str
+    size: int
+    model: str = "virtio"
+
+
+def parse_size(size: int | str) -> int:
+    """``"64M"`` → 67108864."""
+    if isinstance(size, int):
+        return size
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1].upper()] if size[-1].isalpha() else int(size)
+
+
+@dataclass
+class TestVM:
+    """A running ``qemu-system-x86_64`` under test."""
+
+    __test__ = False  # not a test class, despite the name
+
+    dir: Path
+    disks: list[DiskSpec]
+    qmp_path: str
+    test_qmp_path: str
+    proc: subprocess.Popen[bytes]
+    running: bool
+    name: str | None = None
+    _monitor: QEMUMonitorProtocol | None = field(default=None, repr=False)
+
+    # -- the test's own QMP connection -------------------------------------------
+    def _mon(self) -> QEMUMonitorProtocol:
+        if self._monitor is None:
+            mon = QEMUMonitorProtocol(self.test_qmp_path)
+            mon.connect()
+            self._monitor = mon
+        return self._monitor
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        """Run a QMP command on the test's socket; raise on error."""
+        reply = self._mon().cmd_raw(command, args or None)
+        if "error" in reply:
+            raise RuntimeError(f"{command}: {reply['error']['desc']}")
+        return reply["return"]
+
+    def hmp(self, command_line: str) -> str:
+        """Run an HMP command; return its output."""
+        return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
+
+    def qdev(self, drive: str) -> str:
+        """QOM path of device ``drive`` as qemu-io -d wants it."""
+        for b in self.qmp("query-block"):
+            q = b.get("qdev") or ""
+            if q == drive or q.startswith(f"/machine/peripheral/{drive}/"):
+                return q if q.startswith("/") else f"/machine/peripheral/{q}"
+        raise KeyError(drive)
+
+    def qemu_io(self, drive: str, command: str) -> str:
+        """Run a qemu-io command through the device's block backend (guest I/O)."""
+        out = self.hmp(f'qemu-io -d {self.qdev(drive)} "{command}"')
+        if "error" in out.lower() or "failed" in out.lower():
+            raise RuntimeError(f"qemu-io {command!r} on {drive}: {out.strip()}")
+        return out
+
+    def write(self, drive: str, offset: int, length: int, pattern: int) -> None:
+        """The guest writes ``length`` bytes of ``pattern`` at ``offset``."""
+        self.qemu_io(drive, f"write -P 0x{pattern:02x} {offset} {length}")
+
+    def discard(self, drive: str, offset: int, length: int) -> None:
+        """The guest discards a range."""
+        self.qemu_io(drive, f"discard {offset} {length}")
+
+    def bitmaps(self, drive: str) -> dict[str, dict[str, Any]]:
+        """Named dirty bitmaps on the format node of ``drive``, by name."""
+        node = self.format_node(drive)
+        for n in self.qmp("query-named-block-nodes", flat=True):
+            if n["node-name"] == node:
+                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if b.get("name")}
+        raise KeyError(drive)
+
+    def format_node(self, drive: str) -> str:
+        return f"fmt-{drive}"
+
+    def attached_node(self, drive: str) -> str:
+        """The node the device ``drive`` currently reads and writes through."""
+        return str(self.qmp("qom-get", path=self.qdev(drive), property="drive"))
+
+    def block_graph(self) -> dict[str, Any]:
+        """Everything a test compares to prove QEMU was left as found."""
+        nodes = sorted(n["node-name"] for n in self.qmp("query-named-block-nodes", flat=True))
+        return {
+            "nodes": nodes,
+            "exports": sorted(e["id"] for e in self.qmp("query-block-exports")),
+            "jobs": self.qmp("query-jobs"),
+            "attached": {d.id: self.attached_node(d.id) for d in self.disks},
+            "bitmaps": {
+                d.id: sorted(
+                    (b["name"], b.get("persistent"), b.get("recording"))
+                    for b in self.bitmaps(d.id).values()
+                )
+                for d in self.disks
+            },
+            "status": self.qmp("query-status")["status"],
+        }
+
+    # -- life cycle ------------------------------------------------------------------
+    def close_monitor(self) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.close()
+            self._monitor = None
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (by its own pid): persistent bitmaps are not written."""
+        self.close_monitor()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def shutdown(self) -> None:
+        """Quit QEMU cleanly so that persistent bitmaps are stored in the images."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.qmp("quit")
+            self.close_monitor()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.close_monitor()
+
+
+class VMFactory:
+    """Makes test VMs in one scratch directory and ends them all at teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.vms: list[TestVM] = []
+
+    def __call__(
+        self,
+        disks: list[tuple[str, int | str]] | None = None,
+        *,
+        running: bool = False,
+        name: str | None = None,
+        models: list[str] | None = None,
+        bitmaps: dict[str, list[str]] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> TestVM:
+        """Create images and start a VM.
+
+        ``disks`` are (format, size) pairs, default one 64 MiB qcow2; ``models``
+        picks the device per disk (virtio, scsi, ide, nvme); ``bitmaps`` adds
+        persistent bitmaps to qcow2 images before start (by device id).
+        """
+        disks = disks or [("qcow2", "64M")]
+        d = self.base / f"vm{len(self.vms)}"
+        d.mkdir(parents=True)
+        specs = []
+        for i, (fmt, size) in enumerate(disks):
+            dev_id = "vd" + chr(ord("a") + i)
+            path = d / f"{dev_id}.{fmt}"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", fmt, str(path), str(parse_size(size))],
+                check=True,
+            )
+            for bm in (bitmaps or {}).get(dev_id, []):
+                subprocess.run(["qemu-img", "bitmap", "--add", str(path), bm], check=True)
+            model = (models or [])[i] if models and i < len(models) else "virtio"
+            specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model))
+        return self.start(d, specs, running=running, name=name, extra_args=extra_args)
+
+    def start(
+        self,
+        d: Path,
+        specs: list[DiskSpec],
+        *,
+        running: bool = False,
+        name: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> TestVM:
+        """Start QEMU on existing images (also used to restart after a kill)."""
+        n = len(self.vms)
+        qmp_path = str(d / f"qmp{n}.sock")
+        test_qmp_path = str(d / f"test{n}.sock")
+        for p in (qmp_path, test_qmp_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        args = [QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
+                "-m", "64", "-serial", "none", "-monitor", "none"]
+        if not running:
+            args.append("-S")
+        if name:
+            args += ["-name", name]
+        controllers = set()
+        for spec in specs:
+            driver, controller = DEVICE_MODELS[spec.model]
+            if controller and controller not in controllers:
+                args += ["-device", controller]
+                controllers.add(controller)
+            args += [
+                "-blockdev", f"driver=file,filename={spec.path},node-name=file-{spec.id}",
+                "-blockdev", f"driver={spec.fmt},file=file-{spec.id},node-name=fmt-{spec.id}",
+            ]
+            extra = ",serial=fleece" + spec.id if spec.model == "nvme" else ""
+            args += ["-device", f"{driver},drive=fmt-{spec.id},id={spec.id}{extra}"]
+        args += ["-qmp", f"unix:{qmp_path},server=on,wait=off",
+                 "-qmp", f"unix:{test_qmp_path},server=on,wait=off"]
+        args += extra_args or []
+        log = open(d / f"qemu{n}.log", "wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(qmp_path) and os.path.exists(test_qmp_path)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited: {(d / f'qemu{n}.log').read_text()}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("QEMU did not create its QMP sockets in 30 s")
+            time.sleep(0.02)
+        vm = TestVM(d, specs, qmp_path, test_qmp_path, proc, running, name)
+        self.vms.append(vm)
+        return vm
+
+    def restart(self, vm: TestVM, *, kill: bool = True, running: bool | None = None) -> TestVM:
+        """End ``vm`` (SIGKILL by default, else a clean quit) and start it again on its images."""
+        vm.kill() if kill else vm.shutdown()
+        return self.start(vm.dir, vm.disks, running=vm.running if running is None else running,
+                          name=vm.name)
+
+    def close(self) -> None:
+        for vm in self.vms:
+            vm.kill()
+
+
+@pytest.fixture
+def make_vm(tmp_path: Path) -> Iterator[VMFactory]:
+    """Factory of real QEMU VMs; every one is killed by pid at teardown."""
+    factory = VMFactory(tmp_path / "vms")
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def vm(make_vm: VMFactory) -> TestVM:
+    """One VM in prelaunch (-S) with a single 64 MiB qcow2 disk ``vda``."""
+    return make_vm()
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    """An empty scratch directory."""
+    p = tmp_path / "scratch"
+    p.mkdir()
+    return p
+
+
+# -- the CLI, as a user runs it -----------------------------------------------------
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def fleece() -> Any:
+    """Run the installed ``fleece`` console script in a subprocess."""
+
+    def run(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
+        p = subprocess.run(
+            [FLEECE, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    return run
+
+
+# -- S3: a moto server on loopback --------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One ``moto_server`` process on 127.0.0.1 and a random port for the session."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    yield S3Server(f"http://127.0.0.1:{port}", proc)
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Point boto3 (in-process and in subprocesses) at the moto server."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env: S3Server) -> str:
+    """A fresh, empty bucket on the moto server; its name."""
+    name = f"fleece-test-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=name)
+    return name
