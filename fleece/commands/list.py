@@ -1,0 +1,70 @@
+"""``fleece list``: the restore points in a repository, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from fleece.repo.point import RestorePoint
+from fleece.repo.repository import Repository
+from fleece.repo.url import open_backend
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``list`` command."""
+    p = subparsers.add_parser("list", help="list the restore points in a repository")
+    p.add_argument("--repo", required=True, metavar="URL",
+                   help="directory, file:///abs/path or s3://bucket/prefix")
+    p.add_argument("--vm", metavar="NAME", help="only this VM's points")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def point_summary(point: RestorePoint) -> dict[str, Any]:
+    """The ``--json`` form of one point."""
+    return {
+        "id": point.id,
+        "vm": point.vm,
+        "created": point.created,
+        "parent": point.parent,
+        "disks": [
+            {"name": d.name, "level": d.level, "size": d.virtual_size} for d in point.disks
+        ],
+        "stats": point.stats,
+        "labels": point.labels,
+    }
+
+
+def human_size(n: int) -> str:
+    """``10 GiB``, ``1.5 MiB``, ``512 B``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}".replace(".0 ", " ") if unit != "B" else f"{n} B"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def run(args: argparse.Namespace) -> int:
+    """List points; exit 2 when the repository does not exist."""
+    repo = Repository.open(open_backend(args.repo))
+    points = repo.list_points(args.vm)
+    if args.json:
+        json.dump({"points": [point_summary(p) for p in points]}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    if not points:
+        where = f" for VM {args.vm}" if args.vm else ""
+        print(f"no restore points in {repo.url}{where}")
+        return 0
+    rows = [("ID", "VM", "CREATED", "PARENT", "DISKS")]
+    for p in points:
+        disks = ", ".join(f"{d.name} {d.level} {human_size(d.virtual_size)}" for d in p.disks)
+        rows.append((p.id, p.vm, p.created, p.parent or "-", disks))
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]))
+    return 0

@@ -1,0 +1,208 @@
+"""The ``file`` backend: one file per object under a local directory.
+
+Durability and atomicity come from the usual dance: write a temporary file in
+the target directory, fsync it, rename (or, for a conditional create, hard
+link) it into place, fsync the directory. Readers therefore see a whole
+object or none, and a crash leaves at most a hidden ``.tmp-*`` file that
+``list`` ignores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from fleece.errors import BadInput, RepositoryError
+from fleece.repo.backend import ObjectMissing
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class FileBackend:
+    """Objects as files under ``root``; keys are relative ``/``-separated paths."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"FileBackend({self.url!r})"
+
+    # -- keys ---------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        """Map a key to its file, refusing anything that could leave the root."""
+        parts = key.split("/")
+        if (
+            not key
+            or key.startswith("/")
+            or "\0" in key
+            or any(p in ("", ".", "..") or p.startswith(TMP_PREFIX) for p in parts)
+        ):
+            raise BadInput(f"invalid object key {key!r} for repository {self.url}")
+        return self.root.joinpath(*parts)
+
+    # -- writing ------------------------------------------------------------
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create missing directories, fsyncing each parent so the entry survives a crash."""
+        missing: list[Path] = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            if d.parent == d:
+                break
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue  # another writer made it
+            _fsync_dir(d.parent)
+
+    def _write_temp(self, directory: Path, data: bytes) -> Path:
+        """Write ``data`` to a new, fsynced temporary file in ``directory``."""
+        # delete() prunes empty directories, so a concurrent delete may remove
+        # the directory between mkdir and open: recreate and try again.
+        for attempt in range(5):
+            tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                self._make_dirs(directory)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+                continue
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(tmp)
+                raise
+            os.close(fd)
+            return tmp
+        raise AssertionError("unreachable")
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Store ``data`` under ``key`` atomically (see :class:`Backend`)."""
+        path = self._path(key)
+        tmp: Path | None = None
+        try:
+            tmp = self._write_temp(path.parent, data)
+            if if_absent:
+                # link() fails if the name exists: an atomic conditional
+                # create that never exposes a partly written file.
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                finally:
+                    _unlink_quietly(tmp)
+            else:
+                os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+            raise RepositoryError(
+                f"cannot write {path}: {exc.strerror or exc}; the object was not stored"
+            ) from None
+
+    # -- reading ------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        """Return the whole object; :class:`ObjectMissing` if absent."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectMissing(key) from None
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is stored."""
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key starting with ``prefix`` (temporary files excluded)."""
+        if prefix.startswith("/") or ".." in prefix.split("/") or "\0" in prefix:
+            raise BadInput(f"invalid key prefix {prefix!r} for repository {self.url}")
+        # Walk only the deepest directory the prefix names in full.
+        base = prefix.rpartition("/")[0]
+        start = self.root.joinpath(*base.split("/")) if base else self.root
+        yield from self._walk(start, f"{base}/" if base else "", prefix)
+
+    def _walk(self, directory: Path, rel: str, prefix: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise RepositoryError(f"cannot list {directory}: {exc.strerror or exc}") from None
+        for entry in entries:
+            if entry.name.startswith(TMP_PREFIX):
+                continue
+            key = rel + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                # Descend only where keys can still match the prefix.
+                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._walk(Path(entry.path), key + "/", prefix)
+            elif key.startswith(prefix):
+                yield key
+
+    def mtime(self, key: str) -> float:
+        """Last-modified time of ``key``; :class:`ObjectMissing` if absent."""
+        path = self._path(key)
+        try:
+            return path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectMissing(key) from None
+        except OSError as exc:
+            raise RepositoryError(f"cannot stat {path}: {exc.strerror or exc}") from None
+
+    # -- removing -----------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (absent is fine) and any directories it leaves empty."""
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot delete {path}: {exc.strerror or exc}; the object is still there"
+            ) from None
+        # Prune empty directories up to (not including) the root, so that
+        # deleted points do not leave one directory each behind forever.
+        d = path.parent
+        while d != self.root and self.root in d.parents:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break  # not empty (the usual case), or gone already
+            d = d.parent

@@ -1,0 +1,103 @@
+"""Where each object lives: the key layout of repository format 1.
+
+One place for every key, so that the layout in ``docs/format.md`` and the
+code cannot drift apart file by file. User-supplied names (VM, disk, lock)
+are escaped with :func:`escape_name` before they become a key component.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fleece.errors import BadInput
+
+CONFIG_KEY = "config"
+CHUNKS_PREFIX = "chunks/"
+INDEXES_PREFIX = "indexes/"
+POINTS_PREFIX = "points/"
+VM_LOCKS_PREFIX = "locks/vms/"
+REPO_LOCKS_PREFIX = "locks/repo/"
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+# Leaves room under the 255-byte component limit of common file systems.
+MAX_ESCAPED_NAME = 200
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+POINT_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
+
+
+def escape_name(name: str) -> str:
+    """Turn a VM, disk or lock name into one safe, reversible key component.
+
+    Bytes outside ``[A-Za-z0-9_.-]`` and a leading ``.`` become ``%XX``, so
+    ``..``, ``/`` and hidden temporary names can never appear.
+    """
+    if not name:
+        raise BadInput("an empty name cannot be stored in the repository")
+    raw = name.encode("utf-8", errors="surrogateescape")
+    out = []
+    for pos, byte in enumerate(raw):
+        if byte in _SAFE and not (pos == 0 and byte == ord(".")):
+            out.append(chr(byte))
+        else:
+            out.append(f"%{byte:02X}")
+    escaped = "".join(out)
+    if len(escaped) > MAX_ESCAPED_NAME:
+        raise BadInput(f"name {name!r} is too long to store in the repository")
+    return escaped
+
+
+def unescape_name(component: str) -> str:
+    """Inverse of :func:`escape_name`."""
+    raw = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), component)
+    # Keys we did not write may hold anything; never fail on them.
+    return raw.encode("latin-1", errors="replace").decode("utf-8", errors="surrogateescape")
+
+
+def check_point_id(point_id: str) -> str:
+    """Return ``point_id`` if it has the format-1 shape, else raise ``BadInput``."""
+    if not POINT_ID_RE.match(point_id):
+        raise BadInput(f"{point_id!r} is not a restore point id (like 20261123T073600.123456Z-3f9a1c)")
+    return point_id
+
+
+def chunk_key(digest: bytes) -> str:
+    """``chunks/<2 hex>/<64 hex>`` for a 32-byte sha256 digest."""
+    if len(digest) != 32:
+        raise ValueError(f"a chunk digest is 32 bytes, not {len(digest)}")
+    hexd = digest.hex()
+    return f"{CHUNKS_PREFIX}{hexd[:2]}/{hexd}"
+
+
+def index_key(point_id: str, disk: str) -> str:
+    """``indexes/<point-id>/<disk>``."""
+    return f"{INDEXES_PREFIX}{check_point_id(point_id)}/{escape_name(disk)}"
+
+
+def point_prefix(vm: str | None = None) -> str:
+    """The prefix of every point, or of one VM's points."""
+    return POINTS_PREFIX if vm is None else f"{POINTS_PREFIX}{escape_name(vm)}/"
+
+
+def point_key(vm: str, point_id: str) -> str:
+    """``points/<vm>/<point-id>.json``."""
+    return f"{point_prefix(vm)}{check_point_id(point_id)}.json"
+
+
+def parse_point_key(key: str) -> tuple[str, str] | None:
+    """``(vm, point_id)`` for a point key, or None for any other key."""
+    if not key.startswith(POINTS_PREFIX) or not key.endswith(".json"):
+        return None
+    parts = key[len(POINTS_PREFIX) : -len(".json")].split("/")
+    if len(parts) != 2 or not POINT_ID_RE.match(parts[1]):
+        return None
+    return unescape_name(parts[0]), parts[1]
+
+
+def vm_lock_key(vm: str) -> str:
+    """``locks/vms/<vm>``: the writer lease of one VM's points."""
+    return f"{VM_LOCKS_PREFIX}{escape_name(vm)}"
+
+
+def repo_lock_key(name: str) -> str:
+    """``locks/repo/<name>``: a repository-wide exclusive lease (gc)."""
+    return f"{REPO_LOCKS_PREFIX}{escape_name(name)}"

@@ -1,0 +1,287 @@
+"""Writer locks as lease objects, so they work on any backend (S3 included).
+
+A lease is a small JSON object created with a conditional put; its holder
+rewrites it every lease/3 with a later expiry, and deletes it when done. A
+lease nobody renewed past its expiry belongs to a dead process and may be
+taken over. The format is in docs/format.md ("Lock leases").
+
+Backends offer no compare-and-delete, so a takeover re-reads the lease just
+before deleting it; two hosts taking over the same stale lease in the same
+instant could still both win. The holder therefore checks its token on every
+renewal and in :meth:`Lease.check`, which a writer calls before committing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fleece.errors import FleeceError, LockHeld
+from fleece.repo.backend import Backend, ObjectMissing
+from fleece.repo.keys import repo_lock_key, vm_lock_key
+from fleece.repo.point import iso_utc, parse_iso_utc
+
+log = logging.getLogger(__name__)
+
+LEASE_FORMAT = 1
+DEFAULT_LEASE_SECONDS = 600.0
+_TAKEOVER_ATTEMPTS = 5
+
+
+def _iso(t: float) -> str:
+    return iso_utc(datetime.fromtimestamp(t, UTC))
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """What a lease object says about its holder."""
+
+    key: str
+    host: str
+    pid: int
+    token: str
+    created: str
+    expires: str
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether the holder stopped renewing (by this host's clock)."""
+        now = time.time() if now is None else now
+        return parse_iso_utc(self.expires).timestamp() <= now
+
+    def holder_gone(self) -> bool:
+        """Whether the holder is a process of this host that no longer exists.
+
+        A killed backup cannot release its lease; on the same host we can see
+        that its pid is gone and need not wait for the lease to expire.
+        """
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def to_json(self) -> bytes:
+        """The lease object's bytes."""
+        doc: dict[str, Any] = {"format": LEASE_FORMAT, **asdict(self)}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, blob: bytes) -> LeaseInfo:
+        """Parse a lease object; ``ValueError`` if it is not one."""
+        doc = json.loads(blob)
+        if not isinstance(doc, dict) or doc.get("format") != LEASE_FORMAT:
+            raise ValueError("not a format-1 lease")
+        info = cls(
+            key=str(doc["key"]),
+            host=str(doc["host"]),
+            pid=int(doc["pid"]),
+            token=str(doc["token"]),
+            created=str(doc["created"]),
+            expires=str(doc["expires"]),
+        )
+        parse_iso_utc(info.expires)
+        return info
+
+    def held_error(self, what: str) -> LockHeld:
+        """The error for finding this lease in our way."""
+        return LockHeld(
+            f"{what} is locked by {self.host} pid {self.pid} since {self.created} "
+            f"(lease expires {self.expires}); nothing was changed"
+        )
+
+
+def read_lease(backend: Backend, key: str) -> LeaseInfo | None:
+    """The lease stored at ``key``, or None when there is none.
+
+    An unreadable object (not written by this format) is reported as a lease
+    by an unknown holder that expires one default lease after its mtime, so
+    it blocks for a while and then can be taken over.
+    """
+    try:
+        blob = backend.get(key)
+    except ObjectMissing:
+        return None
+    try:
+        return LeaseInfo.from_json(blob)
+    except (ValueError, KeyError, TypeError):
+        try:
+            mtime = backend.mtime(key)
+        except ObjectMissing:
+            return None
+        return LeaseInfo(key, "unknown host", 0, "", _iso(mtime), _iso(mtime + DEFAULT_LEASE_SECONDS))
+
+
+class Lease:
+    """A lease we hold; a heartbeat thread keeps renewing it until :meth:`release`."""
+
+    def __init__(self, backend: Backend, info: LeaseInfo, what: str, lease_seconds: float) -> None:
+        self.backend = backend
+        self.info = info
+        self.what = what
+        self.lease_seconds = lease_seconds
+        self.lost: str | None = None
+        """Why the lease was lost, or None while we hold it."""
+        self._expires_at = parse_iso_utc(info.expires).timestamp()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def key(self) -> str:
+        """The lease object's key."""
+        return self.info.key
+
+    def start_heartbeat(self) -> None:
+        """Renew every lease/3 in a daemon thread."""
+        self._thread = threading.Thread(
+            target=self._heartbeat, name=f"fleece-lease-{self.key}", daemon=True
+        )
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                self.renew()
+            except LockHeld as exc:
+                log.error("%s", exc)
+                return
+            except FleeceError as exc:
+                # A backend hiccup: try again next tick while the lease lasts.
+                if time.time() >= self._expires_at:
+                    self.lost = f"could not renew before it expired ({exc})"
+                    log.error("lost the lock %s: %s", self.key, self.lost)
+                    return
+                log.warning("could not renew the lock %s, will retry: %s", self.key, exc)
+
+    def renew(self) -> None:
+        """Push the expiry one lease ahead; ``LockHeld`` if someone else holds it now."""
+        current = read_lease(self.backend, self.key)
+        if current is None or current.token != self.info.token:
+            self.lost = "it was removed or taken over by another process"
+            raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
+        now = time.time()
+        info = LeaseInfo(
+            self.key, self.info.host, self.info.pid, self.info.token, self.info.created,
+            _iso(now + self.lease_seconds),
+        )
+        self.backend.put(self.key, info.to_json())
+        self.info = info
+        self._expires_at = now + self.lease_seconds
+
+    def check(self) -> None:
+        """Raise ``LockHeld`` unless we still hold the lease; call before committing."""
+        if self.lost is None and time.time() >= self._expires_at:
+            self.lost = "it expired without being renewed"
+        if self.lost is not None:
+            raise LockHeld(f"lost the lock on {self.what}: {self.lost}; nothing was committed")
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours.
+
+        Never raises: a lease we cannot delete expires by itself, which is said
+        in a warning.
+        """
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        try:
+            current = read_lease(self.backend, self.key)
+            if current is not None and current.token == self.info.token:
+                self.backend.delete(self.key)
+        except FleeceError as exc:
+            log.warning(
+                "could not release the lock %s (%s); it expires by itself at %s",
+                self.key, exc, self.info.expires,
+            )
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire(
+    backend: Backend,
+    key: str,
+    what: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    heartbeat: bool = True,
+) -> Lease:
+    """Take the lease at ``key``, taking over an expired one; ``LockHeld`` if it is held."""
+    for _ in range(_TAKEOVER_ATTEMPTS):
+        now = time.time()
+        info = LeaseInfo(
+            key=key,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            token=secrets.token_hex(16),
+            created=_iso(now),
+            expires=_iso(now + lease_seconds),
+        )
+        if backend.put(key, info.to_json(), if_absent=True):
+            lease = Lease(backend, info, what, lease_seconds)
+            if heartbeat:
+                lease.start_heartbeat()
+            return lease
+        holder = read_lease(backend, key)
+        if holder is None:
+            continue  # released between our put and our read
+        if not holder.expired() and not holder.holder_gone():
+            raise holder.held_error(what)
+        # Re-read right before deleting so that we remove the dead holder's
+        # lease and not a fresh one that someone else just took over.
+        again = read_lease(backend, key)
+        if again is None or again != holder:
+            continue
+        log.warning(
+            "taking over the stale lock on %s (held by %s pid %d, %s)",
+            what, holder.host, holder.pid,
+            "which has exited" if holder.holder_gone() else f"expired {holder.expires}",
+        )
+        backend.delete(key)
+    raise LockHeld(f"{what}: the lock changed hands {_TAKEOVER_ATTEMPTS} times while we "
+                   "tried to take it; nothing was changed")
+
+
+@contextmanager
+def vm_lock(
+    backend: Backend, vm: str, lease_seconds: float = DEFAULT_LEASE_SECONDS
+) -> Iterator[Lease]:
+    """Hold the writer lock of VM ``vm`` for the ``with`` block."""
+    with acquire(backend, vm_lock_key(vm), f"VM {vm}", lease_seconds) as lease:
+        yield lease
+
+
+@contextmanager
+def repo_lock(
+    backend: Backend, name: str, lease_seconds: float = DEFAULT_LEASE_SECONDS
+) -> Iterator[Lease]:
+    """Hold the repository-wide exclusive lock ``name`` (e.g. ``gc``)."""
+    with acquire(backend, repo_lock_key(name), f"repository ({name})", lease_seconds) as lease:
+        yield lease
+
+
+def break_lock(backend: Backend, vm: str) -> LeaseInfo | None:
+    """Remove VM ``vm``'s lock whoever holds it; returns what was removed.
+
+    Only for when its holder is known to be gone: a live holder notices at its
+    next renewal and refuses to commit.
+    """
+    key = vm_lock_key(vm)
+    info = read_lease(backend, key)
+    backend.delete(key)
+    return info

@@ -1,0 +1,42 @@
+"""Turn a ``--repo`` argument into a backend.
+
+Accepted: a directory path, ``file:///abs/path``, ``s3://bucket/prefix``.
+The S3 backend (and boto3) is imported only when an S3 URL is used, so
+local repositories do not pay for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from fleece.errors import BadInput
+from fleece.repo.backend import Backend
+from fleece.repo.file_backend import FileBackend
+
+
+def open_backend(url: str) -> Backend:
+    """The backend that ``url`` names; ``BadInput`` for anything unsupported."""
+    if not url:
+        raise BadInput("--repo needs a directory path, file:///abs/path or s3://bucket/prefix")
+    if "://" not in url:
+        return FileBackend(Path(url))
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise BadInput(f"file URL {url} names host {parts.netloc!r}; use file:///abs/path")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise BadInput(f"file URL {url} needs an absolute path (file:///abs/path)")
+        return FileBackend(Path(path))
+    if scheme == "s3":
+        # The S3 backend owns S3 URL rules (bucket names, prefixes, no
+        # credentials echoed back); imported here so local use skips boto3.
+        from fleece.repo.s3_backend import S3Backend, parse_s3_url
+
+        bucket, prefix = parse_s3_url(url)
+        backend: Backend = S3Backend(bucket, prefix)
+        return backend
+    raise BadInput(f"unsupported repository URL scheme {scheme!r}: use a path, file:///abs/path or "
+                   "s3://bucket/prefix")

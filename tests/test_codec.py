@@ -1,0 +1,150 @@
+"""The chunk codec: framing, compression choice, corruption detection, zero test."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+
+import pytest
+
+from fleece.codec import chunk_digest, decode_chunk, encode_chunk, is_zero, parse_compression
+from fleece.errors import BadInput, RepositoryCorrupt
+
+CHUNK = 64 * 1024
+
+
+def header(blob: bytes) -> tuple[bytes, int, int, int]:
+    magic, version, codec, length = struct.unpack_from("<4sBBQ", blob)
+    return magic, version, codec, length
+
+
+def test_digest_is_sha256_of_plaintext() -> None:
+    data = b"guest data" * 1000
+    assert chunk_digest(data) == hashlib.sha256(data).digest()
+    assert len(chunk_digest(b"")) == 32
+
+
+def test_compressible_chunk_is_stored_as_zstd() -> None:
+    data = b"fleece " * 10000
+    blob = encode_chunk(data, 3)
+    assert header(blob) == (b"FLCK", 1, 1, len(data))
+    assert len(blob) < len(data) // 10
+    assert decode_chunk(blob, hashlib.sha256(data).digest()) == data
+
+
+def test_incompressible_chunk_is_stored_plain() -> None:
+    data = os.urandom(CHUNK)
+    blob = encode_chunk(data, 19)
+    assert header(blob) == (b"FLCK", 1, 0, CHUNK)
+    assert blob[14:] == data
+    assert decode_chunk(blob) == data
+
+
+def test_level_none_stores_plain_even_when_compressible() -> None:
+    data = bytes(CHUNK)
+    blob = encode_chunk(data, None)
+    assert header(blob)[2] == 0
+    assert len(blob) == 14 + CHUNK
+    assert decode_chunk(blob) == data
+
+
+def test_accepts_bytearray_and_memoryview() -> None:
+    data = bytearray(b"xyz" * 5000)
+    assert decode_chunk(encode_chunk(memoryview(data), 1)) == bytes(data)
+    assert decode_chunk(encode_chunk(data, None)) == bytes(data)
+
+
+@pytest.mark.parametrize("compressible", [True, False])
+def test_flipped_byte_anywhere_in_payload_is_detected(compressible: bool) -> None:
+    data = (b"abcd" * (CHUNK // 4)) if compressible else os.urandom(CHUNK)
+    blob = bytearray(encode_chunk(data, 3))
+    digest = chunk_digest(data)
+    for pos in (14, len(blob) // 2, len(blob) - 1):
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x01
+        with pytest.raises(RepositoryCorrupt):
+            decode_chunk(bytes(damaged), digest)
+
+
+def test_wrong_digest_is_reported_with_the_name() -> None:
+    blob = encode_chunk(b"one", None)
+    wrong = chunk_digest(b"two")
+    with pytest.raises(RepositoryCorrupt, match=wrong.hex()):
+        decode_chunk(blob, wrong)
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason"),
+    [
+        (b"FLCK\x01", "truncated"),
+        (b"XXXX" + bytes([1, 0]) + struct.pack("<Q", 3) + b"abc", "magic"),
+        (b"FLCK" + bytes([2, 0]) + struct.pack("<Q", 3) + b"abc", "version"),
+        (b"FLCK" + bytes([1, 7]) + struct.pack("<Q", 3) + b"abc", "codec"),
+        (b"FLCK" + bytes([1, 0]) + struct.pack("<Q", 4) + b"abc", "header says 4"),
+        (b"FLCK" + bytes([1, 1]) + struct.pack("<Q", 1 << 40) + b"abc", "more than any chunk"),
+    ],
+)
+def test_malformed_headers(blob: bytes, reason: str) -> None:
+    with pytest.raises(RepositoryCorrupt, match=reason):
+        decode_chunk(blob)
+
+
+def test_zstd_frame_with_lying_length_is_refused() -> None:
+    data = b"z" * 5000
+    blob = bytearray(encode_chunk(data, 3))
+    struct.pack_into("<Q", blob, 6, 4000)
+    with pytest.raises(RepositoryCorrupt, match="4000"):
+        decode_chunk(bytes(blob))
+
+
+def test_concurrent_encode_decode_across_levels() -> None:
+    """zstd contexts are per thread: many threads at several levels must not mix state."""
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for n in range(30):
+                data = (f"{seed}-{n}-".encode() * 3000)[: CHUNK - n]
+                level = (seed + n) % 5 + 1
+                assert decode_chunk(encode_chunk(data, level), chunk_digest(data)) == data
+        except BaseException as exc:  # collected for the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_is_zero() -> None:
+    assert is_zero(bytes(CHUNK))
+    assert is_zero(b"")
+    assert is_zero(bytearray(100))
+    assert is_zero(memoryview(bytes(4096))[:1000])
+    tail_dirty = bytearray(CHUNK)
+    tail_dirty[-1] = 1
+    assert not is_zero(tail_dirty)
+    assert not is_zero(memoryview(tail_dirty))
+    assert not is_zero(b"\x00\x00\x01")
+    # Many distinct lengths must not break the zero-buffer cache.
+    for n in range(1, 40):
+        assert is_zero(bytes(n))
+        assert not is_zero(bytes(n - 1) + b"\x01")
+
+
+@pytest.mark.parametrize(
+    ("spec", "level"),
+    [("zstd", 3), ("zstd:1", 1), ("zstd:22", 22), ("ZSTD:7", 7), ("none", None)],
+)
+def test_parse_compression(spec: str, level: int | None) -> None:
+    assert parse_compression(spec) == level
+
+
+@pytest.mark.parametrize("spec", ["zstd:0", "zstd:23", "zstd:x", "zstd:", "gzip", "", "lz4:3"])
+def test_parse_compression_rejects(spec: str) -> None:
+    with pytest.raises(BadInput):
+        parse_compression(spec)

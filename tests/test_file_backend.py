@@ -1,0 +1,207 @@
+"""The ``file`` backend: atomic puts, conditional creates, listing, and failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from fleece.errors import BadInput, RepositoryError
+from fleece.repo import file_backend
+from fleece.repo.backend import Backend, ObjectMissing
+from fleece.repo.file_backend import FileBackend
+from fleece.repo.url import open_backend
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> FileBackend:
+    return FileBackend(tmp_path / "repo")
+
+
+def test_is_a_backend(backend: FileBackend) -> None:
+    assert isinstance(backend, Backend)
+
+
+def test_put_get_exists_delete(backend: FileBackend) -> None:
+    assert not backend.exists("points/vm1/a.json")
+    assert backend.put("points/vm1/a.json", b"hello") is True
+    assert backend.exists("points/vm1/a.json")
+    assert backend.get("points/vm1/a.json") == b"hello"
+    assert (backend.root / "points" / "vm1" / "a.json").read_bytes() == b"hello"
+    assert backend.put("points/vm1/a.json", b"replaced") is True
+    assert backend.get("points/vm1/a.json") == b"replaced"
+    backend.delete("points/vm1/a.json")
+    assert not backend.exists("points/vm1/a.json")
+    backend.delete("points/vm1/a.json")  # absent: not an error
+    assert leftovers(backend.root) == []
+
+
+def test_missing_objects(backend: FileBackend) -> None:
+    with pytest.raises(ObjectMissing, match="config"):
+        backend.get("config")
+    with pytest.raises(ObjectMissing):
+        backend.mtime("config")
+    backend.put("chunks/ab/x", b"1")
+    with pytest.raises(ObjectMissing):
+        backend.get("chunks/ab")  # a directory is not an object
+    with pytest.raises(ObjectMissing):
+        backend.get("chunks/ab/x/y")
+
+
+def test_mtime(backend: FileBackend) -> None:
+    backend.put("config", b"{}")
+    os.utime(backend.root / "config", (1_000_000, 1_000_000))
+    assert backend.mtime("config") == 1_000_000
+
+
+def test_if_absent_keeps_the_first_object(backend: FileBackend) -> None:
+    assert backend.put("locks/vms/a", b"first", if_absent=True) is True
+    assert backend.put("locks/vms/a", b"second", if_absent=True) is False
+    assert backend.get("locks/vms/a") == b"first"
+    assert leftovers(backend.root) == []
+
+
+def race_for(backend: FileBackend, key: str, contenders: int) -> list[bytes]:
+    """``contenders`` threads create ``key`` at the same instant; returns who won."""
+    barrier = threading.Barrier(contenders)
+    wins: list[bytes] = []
+
+    def contend(me: bytes) -> None:
+        barrier.wait()
+        if backend.put(key, me * 1000, if_absent=True):
+            wins.append(me)
+
+    threads = [threading.Thread(target=contend, args=(bytes([65 + i]),)) for i in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wins
+
+
+def test_if_absent_race_has_exactly_one_winner(backend: FileBackend) -> None:
+    for round_ in range(20):
+        key = f"locks/vms/race{round_}"
+        wins = race_for(backend, key, 8)
+        assert len(wins) == 1
+        assert backend.get(key) == wins[0] * 1000
+    assert leftovers(backend.root) == []
+
+
+def test_list_under_prefix(backend: FileBackend) -> None:
+    keys = ["config", "chunks/ab/ab01", "chunks/cd/cd02", "points/vm1/p1.json",
+            "points/vm1/p2.json", "points/vm10/p3.json"]
+    for k in keys:
+        backend.put(k, b"x")
+    (backend.root / "points" / "vm1" / ".tmp-deadbeef").write_bytes(b"half")
+    assert sorted(backend.list("")) == sorted(keys)
+    assert sorted(backend.list("chunks/")) == ["chunks/ab/ab01", "chunks/cd/cd02"]
+    assert sorted(backend.list("points/vm1/")) == ["points/vm1/p1.json", "points/vm1/p2.json"]
+    assert sorted(backend.list("points/vm1")) == [
+        "points/vm1/p1.json", "points/vm1/p2.json", "points/vm10/p3.json"]
+    assert sorted(backend.list("points/vm1/p2")) == ["points/vm1/p2.json"]
+    assert list(backend.list("nothing/")) == []
+
+
+def test_list_of_a_missing_root_is_empty(tmp_path: Path) -> None:
+    assert list(FileBackend(tmp_path / "nowhere").list("")) == []
+
+
+@pytest.mark.parametrize(
+    "key", ["", "/etc/passwd", "../outside", "a/../../outside", "a//b", "a/./b", "a/", "x/.tmp-1"]
+)
+def test_keys_cannot_escape_the_root(backend: FileBackend, key: str) -> None:
+    with pytest.raises(BadInput):
+        backend.put(key, b"x")
+    with pytest.raises(BadInput):
+        backend.get(key)
+    assert not (backend.root.parent / "outside").exists()
+
+
+def test_delete_prunes_empty_directories_but_not_the_root(backend: FileBackend) -> None:
+    backend.put("indexes/p1/vda", b"x")
+    backend.put("indexes/p2/vda", b"x")
+    backend.delete("indexes/p1/vda")
+    assert not (backend.root / "indexes" / "p1").exists()
+    assert (backend.root / "indexes" / "p2").is_dir()
+    backend.delete("indexes/p2/vda")
+    assert not (backend.root / "indexes").exists()
+    assert backend.root.is_dir()
+    backend.put("indexes/p1/vda", b"again")  # directories come back on demand
+    assert backend.get("indexes/p1/vda") == b"again"
+
+
+def test_disk_full_leaves_nothing_behind(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend.put("chunks/ab/old", b"old")
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(file_backend.os, "write", full)
+    with pytest.raises(RepositoryError, match=r"cannot write .*chunks/ab/new: No space left") as e:
+        backend.put("chunks/ab/new", b"new data")
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert not backend.exists("chunks/ab/new")
+    assert leftovers(backend.root) == []
+    assert backend.get("chunks/ab/old") == b"old"
+
+
+def test_unwritable_location_is_a_repository_error(tmp_path: Path) -> None:
+    # A regular file where the repository directory should be: mkdir fails for
+    # real, even as root.
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"")
+    backend = FileBackend(blocker / "repo")
+    with pytest.raises(RepositoryError, match="blocker"):
+        backend.put("config", b"{}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_permission_denied(tmp_path: Path) -> None:
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        with pytest.raises(RepositoryError, match="Permission denied"):
+            FileBackend(root).put("config", b"{}")
+    finally:
+        root.chmod(0o700)
+
+
+def test_open_backend_urls(tmp_path: Path) -> None:
+    b = open_backend(str(tmp_path))
+    assert isinstance(b, FileBackend) and b.root == tmp_path
+    b = open_backend(f"file://{tmp_path}/with%20space")
+    assert isinstance(b, FileBackend) and b.root == tmp_path / "with space"
+    for bad in ["", "file://host/x", "http://example.com/repo", "file://relative/x"]:
+        with pytest.raises(BadInput):
+            open_backend(bad)
+    with pytest.raises(BadInput, match="bucket"):
+        open_backend("s3:///prefix")
+
+
+def test_open_backend_hands_s3_urls_to_the_s3_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleece.repo import s3_backend
+
+    made: list[tuple[str, str]] = []
+
+    class FakeS3:
+        def __init__(self, bucket: str, prefix: str) -> None:
+            made.append((bucket, prefix))
+
+    monkeypatch.setattr(s3_backend, "S3Backend", FakeS3)
+    assert isinstance(open_backend("s3://bucket/some/prefix/"), FakeS3)
+    assert isinstance(open_backend("s3://bucket"), FakeS3)
+    assert made == [("bucket", "some/prefix/"), ("bucket", "")]
+    with pytest.raises(BadInput):
+        open_backend("s3://bucket/a/../b")
