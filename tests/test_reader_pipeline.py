@@ -8,6 +8,7 @@ rest, and the index must restore to the bytes QEMU serves.
 from __future__ import annotations
 
 import hashlib
+
 import pytest
 
 from fleece.errors import ExportError
