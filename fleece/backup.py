@@ -1,0 +1,250 @@
+"""One backup of one VM: the export, a pipeline per disk, the restore point, the commit.
+
+Order matters and is the whole point of this module:
+
+1. take the VM's writer lock in the repository (before QEMU is touched);
+2. open the point-in-time export (``fleece.fleecing``), which picks full or
+   incremental per disk from the checkpoint bitmaps and from what the
+   repository holds;
+3. for each disk, plan on the chunk grid, run the pipeline, write its index;
+4. write the restore point — last, so it only ever names stored data;
+5. leave the export context normally, which commits the checkpoint bitmaps.
+   Any failure before that aborts them: the previous checkpoint keeps
+   recording, so the next incremental still sees every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleece import __version__
+from fleece.errors import BadInput
+from fleece.fleecing import DiskExport, point_in_time_export
+from fleece.fleecing.names import checkpoint_bitmap
+from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings
+from fleece.qmp import QmpSession
+from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
+from fleece.repo.index import ChunkIndex
+from fleece.repo.lock import vm_lock
+from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
+from fleece.repo.repository import Repository
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("auto", "full", "incremental")
+
+
+@dataclass
+class BackupRequest:
+    """What the user asked for."""
+
+    qmp: str
+    drives: list[str]
+    repo: Repository
+    vm: str | None = None
+    level: str = "auto"
+    compression_level: int | None = 3
+    trim: bool = True
+    """Trim stored chunks from the snapshot so the reverse delta stays small."""
+    scratch_dir: Path | None = None
+    qga: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    settings: PipelineSettings = field(default_factory=PipelineSettings)
+
+
+@dataclass
+class DiskResult:
+    """One disk's outcome."""
+
+    drive: str
+    level: str
+    size: int
+    reason: str | None
+    stats: DiskStats
+
+    def as_dict(self) -> dict[str, Any]:
+        """The per-disk entry of ``backup --json``."""
+        return {
+            "drive": self.drive,
+            "level": self.level,
+            "size": self.size,
+            **self.stats.as_dict(),
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class BackupResult:
+    """What ``fleece backup`` reports."""
+
+    point: RestorePoint
+    disks: list[DiskResult]
+    pause_ms: float | None
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``backup --json`` object."""
+        return {
+            "point": self.point.id,
+            "vm": self.point.vm,
+            "parent": self.point.parent,
+            "disks": [d.as_dict() for d in self.disks],
+            "pause_ms": self.pause_ms,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+async def vm_name(session: QmpSession) -> str:
+    """The VM's name as DESIGN.md defines it: ``-name``, else its UUID, else the socket."""
+    name = (await session.execute("query-name")).get("name")
+    if name:
+        return str(name)
+    uuid = (await session.execute("query-uuid")).get("UUID", "")
+    if uuid and uuid.strip("0-"):
+        return str(uuid)
+    address = session.address
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def check_level(level: str) -> str:
+    """Validate ``--level``."""
+    if level not in LEVELS:
+        raise BadInput(f"--level must be one of {', '.join(LEVELS)}, not {level!r}")
+    return level
+
+
+async def run_backup(
+    req: BackupRequest,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> BackupResult:
+    """Take one restore point of ``req.drives``; see the module docstring for the order.
+
+    ``progress(drive, total_bytes)`` returns a callback fed with bytes done;
+    ``say`` receives one-line notices (why a disk is full, the pause).
+    """
+    check_level(req.level)
+    say = say or log.warning
+    repo = req.repo
+    started = time.monotonic()
+    async with QmpSession.open(req.qmp) as session:
+        vm = req.vm or await vm_name(session)
+        qemu = ".".join(map(str, await session.qemu_version()))
+        with vm_lock(repo.backend, vm):
+            points = {p.id: p for p in repo.list_points(vm)}
+
+            def parent_ok(drive: str, parent: str) -> bool:
+                point = points.get(parent)
+                return point is not None and any(d.name == drive for d in point.disks)
+
+            async with point_in_time_export(
+                session,
+                req.drives,
+                level=req.level,
+                parent_ok=parent_ok,
+                discard=req.trim,
+                scratch_dir=req.scratch_dir,
+                qga=req.qga,
+                log=say,
+            ) as export:
+                results: list[DiskResult] = []
+                records: list[DiskRecord] = []
+                latest = max(points.values(), key=lambda p: p.id, default=None)
+                for disk in export.disks:
+                    result, record = await asyncio.to_thread(
+                        _back_up_disk, req, repo, export.checkpoint, disk,
+                        points.get(disk.since) if disk.since else None, latest,
+                        export.trim_alignment if disk.discard else None, progress,
+                    )
+                    results.append(result)
+                    records.append(record)
+                parents = sorted({d.since for d in export.disks if d.since})
+                point = RestorePoint(
+                    id=export.checkpoint,
+                    vm=vm,
+                    created=iso_utc(),
+                    parent=parents[-1] if parents else None,
+                    chunk_size=repo.config.chunk_size,
+                    disks=records,
+                    fleece_version=__version__,
+                    qemu_version=qemu,
+                    labels=dict(req.labels),
+                    stats={
+                        "pause_ms": export.pause_ms,
+                        "seconds": round(time.monotonic() - started, 3),
+                        "bytes_read": sum(r.stats.bytes_read for r in results),
+                        "bytes_stored": sum(r.stats.bytes_stored for r in results),
+                    },
+                )
+                # Written last: from here on the point exists. The export's
+                # normal exit then commits the checkpoint bitmaps.
+                await asyncio.to_thread(repo.write_point, point)
+    return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
+
+
+def _back_up_disk(
+    req: BackupRequest,
+    repo: Repository,
+    point_id: str,
+    disk: DiskExport,
+    parent: RestorePoint | None,
+    latest: RestorePoint | None,
+    trim_alignment: int | None,
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+) -> tuple[DiskResult, DiskRecord]:
+    """Plan, read and store one disk; write its index. Runs in a worker thread."""
+    chunk_size = repo.config.chunk_size
+    level, reason = disk.level, disk.reason
+    index = ChunkIndex.empty(chunk_size, disk.size)
+    dirty_context = disk.dirty_bitmap
+    if level == "incremental" and parent is not None:
+        parent_index = repo.read_index(parent, disk.drive)
+        if parent_index.disk_size != disk.size or parent_index.chunk_size != chunk_size:
+            level = "full"
+            reason = (
+                f"the disk is {disk.size} bytes now, {parent_index.disk_size} in point {parent.id}"
+            )
+            dirty_context = None
+        else:
+            index = parent_index.copy()
+    elif level == "incremental":
+        level, dirty_context = "full", None
+        reason = reason or "the parent point is not in the repository"
+    if level == "full":
+        dirty_context = None
+
+    # Digests we know are stored: no lookup and no upload for them.
+    known: set[bytes] = set()
+    if level == "incremental":
+        known |= index.digests()
+    if latest is not None and any(d.name == disk.drive for d in latest.disks):
+        known |= repo.read_index(latest, disk.drive).digests()
+
+    contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
+    h = connect(disk.uri, contexts)
+    try:
+        plan = plan_chunks(h, chunk_size, dirty_context)
+    finally:
+        disconnect(h)
+    advance = progress(disk.drive, plan.bytes_to_read) if progress else None
+    settings = PipelineSettings(**{**req.settings.__dict__})
+    settings.compression_level = req.compression_level
+    settings.trim_alignment = trim_alignment
+    stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance).run()
+    index_key, index_digest = repo.write_index(point_id, disk.drive, index)
+    record = DiskRecord(
+        name=disk.drive,
+        level=level,
+        virtual_size=disk.size,
+        index_key=index_key,
+        index_digest=index_digest,
+        bitmap=checkpoint_bitmap(point_id),
+        stats=stats.as_dict(),
+    )
+    return DiskResult(disk.drive, level, disk.size, reason, stats), record

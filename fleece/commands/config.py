@@ -1,0 +1,54 @@
+"""``--config FILE``: the same settings as the command line, from TOML.
+
+Keys are the long option names with ``-`` or ``_``; ``drive`` may be a list.
+The command line wins over the file. Unknown keys are an error, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fleece.errors import BadInput
+
+
+def apply_config(args: argparse.Namespace, allowed: dict[str, type], section: str) -> None:
+    """Fill unset (None) attributes of ``args`` from the TOML file in ``args.config``.
+
+    ``allowed`` maps attribute names to the type the file must hold. Settings
+    may sit at the top level or under a ``[section]`` table.
+    """
+    path = getattr(args, "config", None)
+    if not path:
+        return
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
+    settings: dict[str, Any] = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    settings.update(doc.get(section, {}))
+    for key, value in settings.items():
+        attr = key.replace("-", "_")
+        if attr == "drives":
+            attr = "drive"
+        if attr not in allowed:
+            raise BadInput(f"config file {path}: unknown setting {key!r}")
+        want = allowed[attr]
+        if want is list:
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise BadInput(f"config file {path}: {key} must be a string or a list of strings")
+        elif want is dict:
+            if not isinstance(value, dict):
+                raise BadInput(f"config file {path}: {key} must be a table")
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise BadInput(f"config file {path}: {key} must be a {want.__name__}")
+        if getattr(args, attr, None) in (None, []):
+            setattr(args, attr, value)
