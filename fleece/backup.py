@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
-from fleece.errors import BadInput
+from fleece.errors import BadInput, FleeceError
 from fleece.fleecing import DiskExport, point_in_time_export
 from fleece.fleecing.names import checkpoint_bitmap
 from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings
-from fleece.qmp import QmpSession
+from fleece.qmp import QmpSession, list_disks, resolve_drive
 from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import vm_lock
@@ -46,7 +46,8 @@ class BackupRequest:
 
     qmp: str
     drives: list[str]
-    repo: Repository
+    repo: Repository | Callable[[], Repository]
+    """The repository, or a callable that opens (or creates) it once the VM side checks out."""
     vm: str | None = None
     level: str = "auto"
     compression_level: int | None = 3
@@ -131,11 +132,21 @@ async def run_backup(
     """
     check_level(req.level)
     say = say or log.warning
-    repo = req.repo
     started = time.monotonic()
     async with QmpSession.open(req.qmp) as session:
         vm = req.vm or await vm_name(session)
         qemu = ".".join(map(str, await session.qemu_version()))
+        # Unknown drives are bad input: say so before the repository is touched
+        # (a fresh location is only initialized once the VM side checks out).
+        disks = await list_disks(session)
+        for drive in req.drives:
+            resolve_drive(disks, drive)
+        if not isinstance(req.repo, Repository) and req.level == "incremental":
+            raise FleeceError(
+                "--level incremental needs a parent restore point, and the repository does "
+                "not exist yet; nothing was changed"
+            )
+        repo = req.repo if isinstance(req.repo, Repository) else req.repo()
         with vm_lock(repo.backend, vm):
             points = {p.id: p for p in repo.list_points(vm)}
 

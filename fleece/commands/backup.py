@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fleece.backup import LEVELS, BackupRequest, BackupResult, run_backup
@@ -13,7 +14,7 @@ from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
 from fleece.pipeline import PipelineSettings
-from fleece.repo.repository import Repository
+from fleece.repo.repository import Repository, check_chunk_size
 from fleece.repo.url import open_backend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -84,7 +85,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if level not in LEVELS:
         raise BadInput(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     compression = parse_compression(args.compress or DEFAULT_COMPRESS)
-    chunk_size = parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK_SIZE
+    chunk_size = check_chunk_size(parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK_SIZE)
     settings = PipelineSettings()
     for name in ("readers", "storers"):
         value = getattr(args, name)
@@ -100,7 +101,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
         labels[key] = value
 
     backend = open_backend(args.repo)
-    repo = Repository.open_or_init(backend, chunk_size=chunk_size, compression_level=compression)
+    repo: Repository | Callable[[], Repository]
+    try:
+        repo = Repository.open(backend)
+    except BadInput:
+        if next(iter(backend.list("")), None) is not None:
+            raise  # something else lives there: not ours to write into
+
+        def repo() -> Repository:
+            return Repository.open_or_init(backend, chunk_size, compression)
+
     req = BackupRequest(
         qmp=args.qmp,
         drives=list(args.drive),

@@ -1,0 +1,241 @@
+"""`fleece backup` end to end on real VMs into a local repository.
+
+Every restore is compared with a shadow image the test keeps by applying the
+guest's writes to it as well: the disk as it was at that point.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+
+def identical(a: Path, b: Path) -> bool:
+    res = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)])
+    return res.returncode == 0
+
+
+def backup(fleece, vm, repo, *drives, level=None, extra=()):
+    args = ["backup", "--qmp", vm.qmp_path, "--repo", repo, "--json"]
+    for d in drives or ("vda",):
+        args += ["--drive", d]
+    if level:
+        args += ["--level", level]
+    res = fleece(*args, *extra)
+    assert res.rc == 0, res.err
+    return res.json()
+
+
+def restore(fleece, repo, point, drive, out: Path) -> Path:
+    res = fleece("restore", "--repo", repo, point, "--drive", drive, "--output", out)
+    assert res.rc == 0, res.err
+    return out
+
+
+def test_two_disks_full_then_incremental_restore_identical(make_vm, fleece, tmp_path):
+    vm = make_vm([("qcow2", "64M"), ("raw", "32M")])
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 5 * MiB, 0x11)
+    vm.write("vda", 50 * MiB, 64 * 1024, 0x12)
+    vm.write("vdb", 3 * MiB, 2 * MiB, 0x21)
+
+    p1 = backup(fleece, vm, repo, "vda", "vdb")
+    assert [d["level"] for d in p1["disks"]] == ["full", "full"]
+    assert p1["vm"] == vm.qmp_path  # no -name, no UUID: the socket path
+    s1 = {d: vm.snapshot_shadow(d, tmp_path / f"{d}.p1") for d in ("vda", "vdb")}
+
+    vm.write("vda", 6 * MiB, 1 * MiB, 0x13)
+    vm.write("vda", 0, 4096, 0x14)
+    vm.write("vdb", 31 * MiB, 1 * MiB, 0x22)
+    p2 = backup(fleece, vm, repo, "vda", "vdb")
+    assert p2["parent"] == p1["point"]
+    assert [d["level"] for d in p2["disks"]] == ["incremental", "incremental"]
+    by_drive = {d["drive"]: d for d in p2["disks"]}
+    assert by_drive["vda"]["bytes_read"] == 2 * CHUNK  # chunks 0 and 1
+    assert by_drive["vdb"]["bytes_read"] == CHUNK      # chunk 7
+
+    for d in ("vda", "vdb"):
+        assert identical(restore(fleece, repo, p1["point"], d, tmp_path / f"r1-{d}"), s1[d])
+        assert identical(restore(fleece, repo, p2["point"], d, tmp_path / f"r2-{d}"), vm.shadow(d))
+
+    # QEMU is left with one checkpoint bitmap per disk: the newest point's.
+    assert set(vm.bitmaps("vda")) == {f"fleece-{p2['point']}"}
+    assert vm.bitmaps("vda")[f"fleece-{p2['point']}"]["persistent"] is True
+    assert vm.bitmaps("vdb")[f"fleece-{p2['point']}"]["persistent"] is False  # raw: cannot
+    assert vm.block_graph()["exports"] == []
+
+
+def test_random_writes_over_a_chain_of_incrementals_restore_identical_at_every_point(
+    make_vm, fleece, tmp_path
+):
+    rng = random.Random(20261123)
+    size = 48 * MiB
+    vm = make_vm([("qcow2", size)])
+    repo = tmp_path / "repo"
+    points: list[tuple[str, Path]] = []
+    for n in range(7):  # one full, six incrementals
+        dirty_chunks: set[int] = set()
+        for _ in range(rng.randint(1, 12)):
+            length = rng.choice([512, 4096, 65536, 300_000, 2 * MiB])
+            offset = rng.randrange(0, size - length) // 512 * 512
+            vm.write("vda", offset, length, rng.randrange(1, 256))
+            dirty_chunks.update(range(offset // CHUNK, (offset + length - 1) // CHUNK + 1))
+        if n == 3:
+            vm.discard("vda", 8 * MiB, 4 * MiB)  # the guest trims: reads as zeroes
+            dirty_chunks.add(2)
+        point = backup(fleece, vm, repo)
+        disk = point["disks"][0]
+        if n == 0:
+            assert disk["level"] == "full"
+        else:
+            assert disk["level"] == "incremental"
+            # Reads nothing outside the chunks written since the previous point.
+            assert disk["bytes_read"] <= len(dirty_chunks) * CHUNK
+            assert disk["chunks_unchanged"] >= size // CHUNK - len(dirty_chunks)
+        points.append((point["point"], vm.snapshot_shadow("vda", tmp_path / f"p{n}.raw")))
+
+    listed = [p["id"] for p in fleece("list", "--repo", repo, "--json").json()["points"]]
+    assert listed == [p for p, _ in points]
+    for n, (point, expected) in enumerate(points):
+        out = restore(fleece, repo, point, "vda", tmp_path / f"restore{n}.raw")
+        assert identical(out, expected), f"point {n} differs"
+
+
+def test_second_full_backup_of_an_unchanged_disk_stores_no_new_chunk(make_vm, fleece, tmp_path):
+    vm = make_vm([("qcow2", "32M")])
+    for i in range(6):
+        vm.write("vda", i * 5 * MiB, MiB, 0x30 + i)
+    repo = tmp_path / "repo"
+    first = backup(fleece, vm, repo)["disks"][0]
+    assert first["chunks_new"] == 6
+    objects = sorted(p.name for p in (repo / "chunks").rglob("*") if p.is_file())
+    second = backup(fleece, vm, repo, level="full")["disks"][0]
+    assert second["level"] == "full"
+    assert second["bytes_read"] == first["bytes_read"]
+    assert (second["chunks_new"], second["bytes_stored"], second["chunks_reused"]) == (0, 0, 6)
+    assert sorted(p.name for p in (repo / "chunks").rglob("*") if p.is_file()) == objects
+
+
+def test_backup_killed_mid_read_leaves_no_point_and_the_next_one_is_correct(
+    make_vm, fleece, tmp_path
+):
+    seed = tmp_path / "random.raw"
+    with open(seed, "wb") as f:
+        f.write(random.Random(7).randbytes(48 * MiB))
+    vm = make_vm([("qcow2", "48M")], contents={"vda": seed})
+    repo = tmp_path / "repo"
+    first = backup(fleece, vm, repo, extra=("--compress", "none"))
+    vm.write("vda", 0, 48 * MiB, 0x5C)  # every chunk dirty
+    vm.write("vda", 10 * MiB, 9 * MiB, 0x5D)
+    before = vm.block_graph()
+
+    from conftest import FLEECE
+
+    # Slow on purpose (zstd level 19, one thread each) so the kill lands mid-read.
+    proc = subprocess.Popen(
+        [FLEECE, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", str(repo),
+         "--compress", "zstd:19", "--readers", "1", "--storers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    chunks_before = len(list((repo / "chunks").rglob("*")))
+    deadline = time.monotonic() + 60
+    while len(list((repo / "chunks").rglob("*"))) == chunks_before:
+        assert proc.poll() is None, "the backup finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    points = fleece("list", "--repo", repo, "--json").json()["points"]
+    assert [p["id"] for p in points] == [first["point"]]  # no half-written point
+
+    refused = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo)
+    assert refused.rc == 1
+    # (a notice that the dead backup's lock was taken over may come first)
+    assert "fleece cleanup" in refused.err.strip().splitlines()[-1], refused.err
+
+    cleaned = fleece("cleanup", "--qmp", vm.qmp_path)
+    assert cleaned.rc == 0, cleaned.err
+    assert vm.block_graph() == before  # exactly as found, first checkpoint still there
+
+    nxt = backup(fleece, vm, repo)
+    assert nxt["parent"] == first["point"]
+    assert nxt["disks"][0]["level"] == "incremental"
+    out = restore(fleece, repo, nxt["point"], "vda", tmp_path / "after.raw")
+    assert identical(out, vm.shadow("vda"))
+
+
+@pytest.mark.parametrize("case", ["unknown-drive", "not-a-repo", "bad-qmp", "bad-compress",
+                                  "bad-chunk-size", "incremental-impossible", "config-missing",
+                                  "config-unknown-key", "same-drive-twice"])
+def test_bad_backup_input_gets_one_line_and_changes_nothing(make_vm, fleece, tmp_path, case):
+    vm = make_vm([("qcow2", "16M")])
+    vm.write("vda", 0, MiB, 0x42)
+    repo = tmp_path / "repo"
+    args = ["backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", str(repo)]
+    expected_rc = 2
+    if case == "unknown-drive":
+        args[4] = "vdz"
+    elif case == "not-a-repo":
+        repo.mkdir()
+        (repo / "notes.txt").write_text("my files")
+    elif case == "bad-qmp":
+        args[2] = str(tmp_path / "no.sock")
+        expected_rc = 1
+    elif case == "bad-compress":
+        args += ["--compress", "zstd:99"]
+    elif case == "bad-chunk-size":
+        args += ["--chunk-size", "3M"]
+    elif case == "incremental-impossible":
+        args += ["--level", "incremental"]
+        expected_rc = 1
+    elif case == "config-missing":
+        args += ["--config", str(tmp_path / "none.toml")]
+    elif case == "config-unknown-key":
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('levle = "full"\n')
+        args += ["--config", str(cfg)]
+    elif case == "same-drive-twice":
+        args += ["--drive", "vda"]
+    before = vm.block_graph()
+    repo_before = sorted(str(p) for p in repo.rglob("*")) if repo.exists() else None
+
+    res = fleece(*args)
+    assert res.rc == expected_rc, res.err
+    assert res.out == ""
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fleece: error:"), res.err
+    assert vm.block_graph() == before
+    if repo_before is None:
+        assert not repo.exists(), "a failed backup must not create a repository"
+    else:
+        assert sorted(str(p) for p in repo.rglob("*")) == repo_before
+
+
+def test_backup_reads_settings_from_a_config_file(make_vm, fleece, tmp_path):
+    vm = make_vm([("qcow2", "16M")], name="cfgvm")
+    vm.write("vda", 0, MiB, 0x42)
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(
+        f'[backup]\nqmp = "{vm.qmp_path}"\ndrives = ["vda"]\nrepo = "{tmp_path / "repo"}"\n'
+        'vm = "from-config"\ncompress = "none"\nchunk-size = "1M"\nlabels = {{ tier = "gold" }}\n'
+        .replace("{{", "{").replace("}}", "}")
+    )
+    res = fleece("backup", "--config", cfg, "--json")
+    assert res.rc == 0, res.err
+    out = res.json()
+    assert out["vm"] == "from-config"
+    assert out["disks"][0]["bytes_stored"] > MiB - 4096  # uncompressed 1 MiB chunk
+    listed = fleece("list", "--repo", tmp_path / "repo", "--json").json()["points"]
+    assert listed[0]["labels"] == {"tier": "gold"}
+    # The command line wins over the file.
+    res2 = fleece("backup", "--config", cfg, "--vm", "from-cli", "--json")
+    assert res2.json()["vm"] == "from-cli"
