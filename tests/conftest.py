@@ -46,6 +46,8 @@ class DiskSpec:
     fmt: str
     size: int
     model: str = "virtio"
+    shadow: Path | None = None
+    """A sparse raw file the test keeps equal to the disk by applying every write to it."""
 
 
 def parse_size(size: int | str) -> int:
@@ -74,8 +76,17 @@ class TestVM:
     # -- the test's own QMP connection -------------------------------------------
     def _mon(self) -> QEMUMonitorProtocol:
         if self._monitor is None:
-            mon = QEMUMonitorProtocol(self.test_qmp_path)
-            mon.connect()
+            # QEMU creates the socket file at bind(), a moment before listen().
+            deadline = time.monotonic() + 10
+            while True:
+                mon = QEMUMonitorProtocol(self.test_qmp_path)
+                try:
+                    mon.connect()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             self._monitor = mon
         return self._monitor
 
@@ -106,12 +117,40 @@ class TestVM:
         return out
 
     def write(self, drive: str, offset: int, length: int, pattern: int) -> None:
-        """The guest writes ``length`` bytes of ``pattern`` at ``offset``."""
+        """The guest writes ``length`` bytes of ``pattern`` at ``offset`` (mirrored in the shadow)."""
         self.qemu_io(drive, f"write -P 0x{pattern:02x} {offset} {length}")
+        self._shadow_write(drive, offset, bytes([pattern]) * length)
+
+    def _shadow_write(self, drive: str, offset: int, data: bytes) -> None:
+        spec = self.disk(drive)
+        if spec.shadow is not None:
+            with open(spec.shadow, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+
+    def disk(self, drive: str) -> DiskSpec:
+        """The spec of disk ``drive``."""
+        return next(d for d in self.disks if d.id == drive)
+
+    def shadow(self, drive: str) -> Path:
+        """A raw image equal to what the guest sees on ``drive`` now (every write mirrored)."""
+        spec = self.disk(drive)
+        assert spec.shadow is not None, "the shadow needs a VM made from fresh images"
+        return spec.shadow
+
+    def snapshot_shadow(self, drive: str, dest: Path) -> Path:
+        """Copy the shadow of ``drive`` (sparse) to ``dest``: the disk as it is now."""
+        subprocess.run(["cp", "--sparse=always", str(self.shadow(drive)), str(dest)], check=True)
+        return dest
 
     def discard(self, drive: str, offset: int, length: int) -> None:
-        """The guest discards a range."""
-        self.qemu_io(drive, f"discard {offset} {length}")
+        """The guest zeroes a range, unmapping it where it can (reads as zeroes afterwards).
+
+        A plain ``discard`` would be ignored: the test VMs' nodes have QEMU's
+        default ``discard=ignore``, and even unmapped ranges need not read as zero.
+        """
+        self.qemu_io(drive, f"write -z -u {offset} {length}")
+        self._shadow_write(drive, offset, bytes(length))
 
     def bitmaps(self, drive: str) -> dict[str, dict[str, Any]]:
         """Named dirty bitmaps on the format node of ``drive``, by name."""
@@ -188,9 +227,12 @@ class VMFactory:
         name: str | None = None,
         models: list[str] | None = None,
         bitmaps: dict[str, list[str]] | None = None,
+        contents: dict[str, Path] | None = None,
         extra_args: list[str] | None = None,
     ) -> TestVM:
         """Create images and start a VM.
+
+        ``contents`` seeds a disk (by device id) from a raw file of its size.
 
         ``disks`` are (format, size) pairs, default one 64 MiB qcow2; ``models``
         picks the device per disk (virtio, scsi, ide, nvme); ``bitmaps`` adds
@@ -203,14 +245,25 @@ class VMFactory:
         for i, (fmt, size) in enumerate(disks):
             dev_id = "vd" + chr(ord("a") + i)
             path = d / f"{dev_id}.{fmt}"
-            subprocess.run(
-                ["qemu-img", "create", "-q", "-f", fmt, str(path), str(parse_size(size))],
-                check=True,
-            )
+            seed = (contents or {}).get(dev_id)
+            if seed is not None:
+                subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt,
+                                str(seed), str(path)], check=True)
+            else:
+                subprocess.run(
+                    ["qemu-img", "create", "-q", "-f", fmt, str(path), str(parse_size(size))],
+                    check=True,
+                )
             for bm in (bitmaps or {}).get(dev_id, []):
                 subprocess.run(["qemu-img", "bitmap", "--add", str(path), bm], check=True)
             model = (models or [])[i] if models and i < len(models) else "virtio"
-            specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model))
+            shadow = d / f"{dev_id}.shadow.raw"
+            if seed is not None:
+                subprocess.run(["cp", "--sparse=always", str(seed), str(shadow)], check=True)
+            else:
+                with open(shadow, "wb") as f:
+                    f.truncate(parse_size(size))
+            specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model, shadow))
         return self.start(d, specs, running=running, name=name, extra_args=extra_args)
 
     def start(
@@ -392,3 +445,92 @@ def s3_bucket(s3_env: S3Server) -> str:
     name = f"fleece-test-{uuid.uuid4().hex[:12]}"
     s3_env.client().create_bucket(Bucket=name)
     return name
+
+
+# -- reading a fleece export as an NBD client would -------------------------------
+GRANULE = 64 * 1024
+
+
+class NbdExport:
+    """One libnbd connection to an export: reads, and the dirty granules of its bitmap."""
+
+    def __init__(self, uri: str, dirty_bitmap: str | None = None) -> None:
+        import nbd
+
+        self.h = nbd.NBD()
+        self.h.add_meta_context("base:allocation")
+        self.dirty_bitmap = dirty_bitmap
+        if dirty_bitmap:
+            self.h.add_meta_context(dirty_bitmap)
+        self.h.connect_uri(uri)
+        self.size = int(self.h.get_size())
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.h.pread(length, offset))
+
+    def trim(self, offset: int, length: int) -> None:
+        self.h.trim(length, offset)
+
+    def dirty_granules(self, granule: int = GRANULE) -> set[int]:
+        """Offsets of every ``granule`` the exported dirty bitmap marks (flag 1)."""
+        assert self.dirty_bitmap and self.h.can_meta_context(self.dirty_bitmap)
+        dirty: set[int] = set()
+        offset = 0
+        while offset < self.size:
+            ended: list[int] = []
+
+            def cb(ctx: str, off: int, entries: list[int], err: Any, ended: list[int] = ended) -> int:
+                if ctx == self.dirty_bitmap:
+                    pos = off
+                    for length, flags in zip(entries[::2], entries[1::2], strict=True):
+                        if flags & 1:
+                            dirty.update(range(pos - pos % granule, pos + length, granule))
+                        pos += length
+                    ended.append(pos)
+                return 0
+
+            self.h.block_status(min(self.size - offset, 1 << 30), offset, cb)
+            assert ended and ended[0] > offset
+            offset = ended[0]
+        return dirty
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.h.shutdown()
+
+
+@pytest.fixture
+def nbd_connect() -> Iterator[Any]:
+    """Open NBD connections to exports; all are closed at teardown."""
+    opened: list[NbdExport] = []
+
+    def connect(uri: str, dirty_bitmap: str | None = None) -> NbdExport:
+        conn = NbdExport(uri, dirty_bitmap)
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        conn.close()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory under /tmp: unix socket paths must stay under 108 bytes."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch_tmpdir(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Path:
+    """Point ``$TMPDIR`` (fleece's default scratch parent) at a private directory.
+
+    An export whose QEMU is killed leaves its scratch directory behind; tests
+    that do so must not litter ``/var/tmp``.
+    """
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    return short_tmp

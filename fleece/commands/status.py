@@ -6,9 +6,10 @@ import argparse
 from typing import Any
 
 from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
+from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
 from fleece.fleecing.leftovers import find_leftovers
-from fleece.fleecing.names import checkpoint_of
-from fleece.qmp import QmpSession, list_disks
+from fleece.fleecing.names import checkpoint_of, is_fleece_name
+from fleece.qmp import DirtyBitmap, Disk, QmpSession
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,8 +26,11 @@ async def collect_status(qmp: str) -> dict[str, Any]:
         version = await session.qemu_version()
         name = (await session.execute("query-name")).get("name")
         runstate = (await session.execute("query-status"))["status"]
-        disks = await list_disks(session)
-        leftovers = await find_leftovers(session, disks)
+        graph = await read_graph(session)
+        leftovers = await find_leftovers(session)
+    live = [s for s in export_states(graph) if s.outcome is None]
+    export = live[0] if live and graph.exports else None
+    disks = [_disk_view(d, graph) for d in graph.disks]
     return {
         "vm": name,
         "qemu": ".".join(map(str, version)),
@@ -37,6 +41,7 @@ async def collect_status(qmp: str) -> dict[str, Any]:
                 "device": d.device_id,
                 "qdev": d.qdev,
                 "node": d.node_name,
+                "filter": on_filter,
                 "backend": d.backend or None,
                 "format": d.format,
                 "size": d.virtual_size,
@@ -51,13 +56,28 @@ async def collect_status(qmp: str) -> dict[str, Any]:
                         "inconsistent": b.inconsistent,
                         "checkpoint": checkpoint_of(b.name),
                     }
-                    for b in d.bitmaps
+                    for b in bitmaps
                 ],
             }
-            for d in disks
+            for d, on_filter, bitmaps in disks
         ],
+        "export": None if export is None else {
+            "checkpoint": export.checkpoint, "drives": [d.drive for d in export.disks],
+            "socket": export.socket,
+        },
         "leftovers": leftovers.as_dict(),
     }
+
+
+def _disk_view(disk: Disk, graph: BlockGraph) -> tuple[Disk, str | None, tuple[DirtyBitmap, ...]]:
+    """The disk as the user knows it: while fleece's filter is attached, the format node below it."""
+    node = format_node(graph, disk)
+    if not is_fleece_name(disk.node_name) or node is None:
+        return disk, None, node.bitmaps if node else disk.bitmaps
+    shown = Disk(device_id=disk.device_id, qdev=disk.qdev, backend=disk.backend, node_name=node.name,
+                 format=node.driver, virtual_size=disk.virtual_size, filename=disk.filename,
+                 bitmaps=node.bitmaps)
+    return shown, disk.node_name, node.bitmaps
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -71,6 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"  {d['drive']}: node {d['node']}, {d['format']}, {human_size(d['size'])}"
             f" ({d['size']} bytes), {d['file']}"
+            + (f", reading through {d['filter']}" if d["filter"] else "")
         )
         if not d["bitmaps"]:
             print("    no dirty bitmaps")
@@ -86,7 +107,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f" {b['count']} dirty bytes, {', '.join(flags)}"
             )
     left = status["leftovers"]
-    if any(left.values()):
+    if status["export"]:
+        e = status["export"]
+        print(f"  a fleece export is up at checkpoint {e['checkpoint']} ({', '.join(e['drives'])}, "
+              f"socket {e['socket']}): end it with 'fleece export stop' (or 'fleece cleanup' if the "
+              "process that started it is gone)")
+    elif any(left.values()):
         items = "; ".join(f"{k}: {', '.join(v)}" for k, v in left.items() if v)
         print(f"  leftovers of an interrupted fleece run: {items} (run 'fleece cleanup')")
     else:

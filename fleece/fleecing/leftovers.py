@@ -1,22 +1,29 @@
 """Find what a killed fleece run left in QEMU.
 
-A leftover is any node, export or job whose name starts with ``fleece-``, any
-non-checkpoint ``fleece-`` bitmap (the frozen copies), and, on a disk with
-more than one checkpoint bitmap, every checkpoint but the oldest (a commit
-that was cut short; DESIGN.md explains why the oldest is the one to keep).
+A leftover is any node, export or job whose name starts with ``fleece-``, a
+device still reading through a fleece filter, any non-checkpoint ``fleece-``
+bitmap (the frozen copies), an NBD server that an unfinished export's state
+file says fleece started, and, on a node with more than one checkpoint
+bitmap, every checkpoint but the oldest (a commit that was cut short;
+DESIGN.md explains why the oldest is the one to keep).
+
+Bitmaps are read per node from ``query-named-block-nodes``, not from
+``query-block``: while a device points at a filter, ``query-block`` shows the
+filter's bitmaps, and the format node's checkpoints would be missed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fleece.fleecing.graph import BlockGraph, export_states, read_graph
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
-from fleece.qmp import Disk, QmpSession, list_disks
+from fleece.qmp import Disk, QmpSession
 
 
 @dataclass
 class Leftovers:
-    """What a previous run left behind; empty when QEMU is clean."""
+    """What a previous run left behind (or what a clean-up removed); empty when none."""
 
     nodes: list[str] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)
@@ -25,15 +32,20 @@ class Leftovers:
     """(node, bitmap) pairs: frozen copies and surplus checkpoints."""
     attached: list[tuple[str, str]] = field(default_factory=list)
     """(device QOM path, fleece node) pairs: a device still pointing at a filter."""
+    nbd_server: list[str] = field(default_factory=list)
+    """Socket of an NBD server that fleece started and did not stop."""
 
     def __bool__(self) -> bool:
-        return bool(self.nodes or self.exports or self.jobs or self.bitmaps or self.attached)
+        return bool(self.nodes or self.exports or self.jobs or self.bitmaps or self.attached
+                    or self.nbd_server)
 
     def describe(self) -> str:
         """One line naming every leftover."""
         parts = []
         if self.exports:
             parts.append("exports " + ", ".join(self.exports))
+        if self.nbd_server:
+            parts.append("NBD server on " + ", ".join(self.nbd_server))
         if self.nodes:
             parts.append("nodes " + ", ".join(self.nodes))
         if self.jobs:
@@ -52,6 +64,7 @@ class Leftovers:
             "jobs": self.jobs,
             "bitmaps": [f"{n}/{b}" for n, b in self.bitmaps],
             "attached": [d for d, _ in self.attached],
+            "nbd_server": self.nbd_server,
         }
 
 
@@ -61,28 +74,29 @@ def surplus_checkpoints(disk: Disk) -> list[str]:
     return names[1:]
 
 
-async def find_leftovers(session: QmpSession, disks: list[Disk] | None = None) -> Leftovers:
-    """Scan QEMU for everything a previous fleece run may have left."""
+def leftovers_in(graph: BlockGraph) -> Leftovers:
+    """The leftovers visible in ``graph`` (without reading state files)."""
     found = Leftovers()
-    if disks is None:
-        disks = await list_disks(session)
-    for node in await session.execute("query-named-block-nodes", {"flat": True}):
-        name = node.get("node-name")
-        if is_fleece_name(name):
-            found.nodes.append(name)
-        for bm in node.get("dirty-bitmaps", []):
-            bname = bm.get("name")
-            if is_fleece_name(bname) and not checkpoint_of(bname):
-                found.bitmaps.append((name, bname))
-    for export in await session.execute("query-block-exports"):
-        if is_fleece_name(export.get("id")):
-            found.exports.append(export["id"])
-    for job in await session.execute("query-jobs"):
-        if is_fleece_name(job.get("id")):
-            found.jobs.append(job["id"])
-    for disk in disks:
-        if is_fleece_name(disk.node_name):
-            found.attached.append((disk.qdev, disk.node_name))
-        found.bitmaps.extend((disk.node_name, b) for b in surplus_checkpoints(disk))
-    found.nodes.sort()
+    found.nodes = graph.fleece_nodes()
+    found.exports = [e for e in graph.exports if is_fleece_name(e)]
+    found.jobs = [j for j in graph.jobs if is_fleece_name(j)]
+    for name, node in sorted(graph.nodes.items()):
+        found.bitmaps.extend(
+            (name, b.name) for b in node.bitmaps if is_fleece_name(b.name) and not checkpoint_of(b.name)
+        )
+        found.bitmaps.extend((name, b) for b in node.checkpoints[1:])
+    found.attached = [(d.qdev, d.node_name) for d in graph.disks if is_fleece_name(d.node_name)]
+    return found
+
+
+async def find_leftovers(session: QmpSession, disks: list[Disk] | None = None) -> Leftovers:
+    """Scan QEMU (and the state files its reverse deltas lead to) for leftovers.
+
+    ``disks`` is accepted for callers that already listed them; the scan
+    reads its own consistent view.
+    """
+    del disks
+    graph = await read_graph(session)
+    found = leftovers_in(graph)
+    found.nbd_server = [s.socket for s in export_states(graph) if s.nbd_server]
     return found

@@ -8,9 +8,25 @@ point ids start with a digit, which no other fleece name does.
 from __future__ import annotations
 
 import re
+import secrets
+from datetime import UTC, datetime
 
 PREFIX = "fleece-"
+STATE_FILE = "fleece-export.json"
+"""The export's state file in its scratch directory (see ``fleece.fleecing.state``)."""
+SOCKET_FILE = "nbd.sock"
+"""QEMU's NBD server socket in the scratch directory; short, unix socket paths are ≤ 107 bytes."""
 CHECKPOINT_RE = re.compile(r"^fleece-(\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6})$")
+
+
+def new_point_id(now: datetime | None = None) -> str:
+    """A fresh point id: UTC to the microsecond, then 6 random hex digits.
+
+    ``20261123T073600.123456Z-3f9a1c``. Ids sort by time (the tail only
+    breaks ties between hosts), which is what picks the older checkpoint.
+    """
+    now = now or datetime.now(UTC)
+    return now.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
 def checkpoint_bitmap(point_id: str) -> str:
@@ -30,23 +46,38 @@ def node_key(disk_name: str) -> str:
 
 
 def delta_node(key: str) -> str:
+    """The ``file`` node of the reverse-delta image of disk ``key``."""
     return f"{PREFIX}delta-{key}"
 
 
 def cbw_node(key: str) -> str:
+    """The copy-before-write filter above disk ``key``."""
     return f"{PREFIX}cbw-{key}"
 
 
 def snapshot_node(key: str) -> str:
+    """The snapshot-access node that the NBD export of disk ``key`` reads."""
     return f"{PREFIX}snap-{key}"
 
 
 def frozen_bitmap(key: str) -> str:
+    """The disabled, transient copy of the parent checkpoint that an incremental export shows."""
     return f"{PREFIX}tmp-{key}"
 
 
 def export_id(key: str) -> str:
+    """The ``block-export-add`` id of disk ``key`` (the NBD export name is ``key`` itself)."""
     return f"{PREFIX}export-{key}"
+
+
+def delta_file(key: str) -> str:
+    """File name of the reverse-delta image of disk ``key`` in the scratch directory."""
+    return f"delta-{key}.raw"
+
+
+def dirty_bitmap_context(bitmap: str) -> str:
+    """The NBD meta-context under which QEMU exports ``bitmap``."""
+    return f"qemu:dirty-bitmap:{bitmap}"
 
 
 def is_fleece_name(name: str | None) -> bool:

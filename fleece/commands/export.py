@@ -1,0 +1,87 @@
+"""``fleece export start`` and ``fleece export stop``: a point-in-time NBD export that outlives the command.
+
+``start`` returns once every disk's export is live and leaves it up for any
+NBD reader; ``stop``, from another process, tears it down and commits (or,
+with ``--abort``, aborts) the checkpoint bitmaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
+from fleece.fleecing import PointInTimeExport, start_export, stop_export
+from fleece.fleecing.checkpoints import LEVELS
+from fleece.qmp import QmpSession
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``export start`` and ``export stop`` to the command line."""
+    p = sub.add_parser("export", help="a point-in-time NBD export of a running VM's disks")
+    commands = p.add_subparsers(dest="export_command", metavar="start|stop", parser_class=type(p))
+    commands.required = True
+
+    start = commands.add_parser("start", help="export disks at one point in time and leave the export up")
+    add_qmp_option(start)
+    start.add_argument("--drive", action="append", required=True, metavar="NAME",
+                       help="device id, node name or block backend name; repeat for several disks")
+    start.add_argument("--level", choices=LEVELS, default="auto",
+                       help="auto: incremental where the checkpoint allows, else full (the reason is "
+                            "printed); incremental: fail rather than go full")
+    start.add_argument("--discard", action="store_true",
+                       help="allow NBD trims of whole 64 KiB-aligned chunks (shrinks the reverse delta)")
+    start.add_argument("--scratch-dir", type=Path, metavar="DIR",
+                       help="where to make the private directory for reverse deltas and the NBD socket "
+                            "(default $TMPDIR or /var/tmp)")
+    start.add_argument("--qga", metavar="SOCKET", help="guest agent socket: freeze the guest's "
+                       "filesystems around the snapshot point")
+    start.add_argument("--checkpoint", metavar="ID", help="the new point id (default: a fresh one)")
+    add_json_option(start)
+    start.set_defaults(func=cmd_start)
+
+    stop = commands.add_parser("stop", help="tear the export down and commit the checkpoint bitmaps")
+    add_qmp_option(stop)
+    stop.add_argument("--abort", action="store_true",
+                      help="drop the new checkpoint instead: the next export covers these writes again")
+    stop.set_defaults(func=cmd_stop)
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(f"fleece: {line}\n")
+
+
+async def _start(args: argparse.Namespace) -> PointInTimeExport:
+    async with QmpSession.open(args.qmp) as session:
+        return await start_export(session, args.drive, checkpoint=args.checkpoint, level=args.level,
+                                  discard=args.discard, scratch_dir=args.scratch_dir, qga=args.qga,
+                                  log=_say)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Set the export up, print where it is, and leave it up."""
+    export = run(_start(args))
+    if args.json:
+        print_json(export.as_dict())
+        return 0
+    pause = ("VM not running, no pause" if export.pause_ms is None
+             else f"guest paused {export.pause_ms:.1f} ms")
+    print(f"export up at checkpoint {export.checkpoint} ({pause})")
+    for d in export.disks:
+        what = f"incremental since {d.since}, dirty bitmap {d.dirty_bitmap}" if d.since else "full"
+        print(f"  {d.drive}: {d.uri}  {human_size(d.size)} ({d.size} bytes), {what}"
+              + ("" if d.persistent else ", checkpoint lives only while QEMU runs"))
+    print(f"end it with: fleece export stop --qmp {args.qmp} [--abort]")
+    return 0
+
+
+async def _stop(args: argparse.Namespace) -> str:
+    async with QmpSession.open(args.qmp) as session:
+        return await stop_export(session, abort=args.abort)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Tear the export down; commit or abort."""
+    print(run(_stop(args)))
+    return 0

@@ -1,0 +1,118 @@
+"""The export's state file: what one export set up, for whoever tears it down.
+
+``fleece export start`` leaves the export up and exits; ``fleece export stop``
+and ``fleece cleanup`` run later, in other processes. Most of what they need
+QEMU shows itself (every object is named ``fleece-…``), but not which
+checkpoint bitmap is the new one, whether fleece started QEMU's NBD server,
+or where the scratch directory is. So the set-up writes this small JSON file
+into the scratch directory, before it changes anything in QEMU, and tear-down
+deletes it last. It is found again through QEMU: the reverse-delta node's
+file lives next to it.
+
+Format (version 1)::
+
+    {"version": 1, "checkpoint": ID, "scratch": DIR, "socket": PATH,
+     "nbd_server": true, "outcome": null | "commit" | "abort", "pid": N,
+     "disks": [{"drive", "key", "qdev", "src", "format", "size",
+                "persistent", "parent", "level", "reason", "discard"}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from socket import gethostname
+from typing import Any
+
+from fleece.errors import ExportError
+from fleece.fleecing.names import STATE_FILE
+
+VERSION = 1
+
+
+@dataclass
+class DiskState:
+    """One exported disk: the names it was given and what fleece made for it."""
+
+    drive: str
+    """The name the user gave (``--drive``)."""
+    key: str
+    """The node-name-safe key in every ``fleece-…-<key>`` name, and the NBD export name."""
+    qdev: str
+    src: str
+    """The format node the device was attached to, and goes back to."""
+    format: str
+    size: int
+    persistent: bool
+    """Whether the new checkpoint bitmap is persistent (not on raw images)."""
+    parent: str | None
+    level: str
+    reason: str | None
+    discard: bool
+
+
+@dataclass
+class ExportState:
+    """One point-in-time export of one or more disks."""
+
+    checkpoint: str
+    scratch: str
+    socket: str
+    nbd_server: bool = False
+    """True once fleece has started QEMU's NBD server (and so must stop it)."""
+    outcome: str | None = None
+    """``commit`` or ``abort`` once tear-down has decided; a cut-short tear-down finishes the same way."""
+    pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=gethostname)
+    owner: str = "export"
+    """``export``: left up on purpose (``export start``), ended by ``export stop``;
+    ``session``: held by the process ``pid`` (a backup or the Python API) for as long as it runs."""
+    disks: list[DiskState] = field(default_factory=list)
+
+    def owner_gone(self) -> bool:
+        """Whether this is a session export whose process (on this host) no longer exists."""
+        if self.owner != "session" or self.host != gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    @property
+    def path(self) -> Path:
+        """Where this state is stored."""
+        return Path(self.scratch) / STATE_FILE
+
+    def save(self) -> None:
+        """Write the file atomically (a reader sees the old or the new state, never half)."""
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"version": VERSION, **asdict(self)}, indent=1))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, scratch: str | Path) -> ExportState | None:
+        """The state in ``scratch``, or None if there is none."""
+        path = Path(scratch) / STATE_FILE
+        try:
+            raw: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read fleece export state {path}: {exc}; nothing was changed") from None
+        if raw.pop("version", None) != VERSION:
+            raise ExportError(f"{path} is not a version {VERSION} fleece export state; nothing was changed")
+        disks = [DiskState(**d) for d in raw.pop("disks", [])]
+        return cls(disks=disks, **raw)
+
+    def remove(self) -> None:
+        """Delete the file (the last step of a tear-down)."""
+        self.path.with_suffix(".tmp").unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
