@@ -12,6 +12,7 @@ connection (QEMU's export advertises multi-conn).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,10 +100,8 @@ def connect(uri: str, contexts: tuple[str, ...] = ()) -> Any:
 
 def disconnect(h: Any) -> None:
     """Close an NBD connection politely (libnbd 1.14 handles have no ``close``)."""
-    try:
+    with contextlib.suppress(nbd.Error):  # already gone: nothing to say goodbye to
         h.shutdown()
-    except nbd.Error:
-        pass  # already gone: nothing to say goodbye to
 
 
 def _mark(flags: bytearray, chunk_size: int, start: int, end: int, value: int) -> None:

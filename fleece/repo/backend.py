@@ -12,7 +12,7 @@ Keys are ``/``-separated relative paths such as ``chunks/ab/ab12…`` or
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from fleece.errors import RepositoryError
 
@@ -62,4 +62,27 @@ class Backend(Protocol):
 
         Garbage collection uses it for its grace period.
         """
+        ...
+
+
+class ObjectInfo(NamedTuple):
+    """One listed object: its key, size in bytes and last-modified time (Unix seconds)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+@runtime_checkable
+class ListsInfo(Protocol):
+    """Optional backend extension: list keys with sizes and times in one pass.
+
+    S3 returns both in every ListObjectsV2 page, a directory in one ``stat``;
+    garbage collection uses it to report bytes freed and to age orphans
+    without a request per object. Not part of :class:`Backend`: callers fall
+    back to ``list`` and ``mtime`` when a backend (or wrapper) lacks it.
+    """
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
         ...

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from fleece.repo.backend import ObjectMissing
+from fleece.repo.backend import ObjectInfo, ObjectMissing
 
 _names = itertools.count()
 
@@ -53,6 +53,13 @@ class MemoryBackend:
         with self._lock:
             keys = [k for k in self.objects if k.startswith(prefix)]
         return iter(keys)
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """``list`` with each object's size and write time."""
+        with self._lock:
+            infos = [ObjectInfo(k, len(v), self.mtimes[k])
+                     for k, v in self.objects.items() if k.startswith(prefix)]
+        return iter(infos)
 
     def delete(self, key: str) -> None:
         """Forget ``key``; an absent key is not an error."""

@@ -1,0 +1,373 @@
+"""The ``s3`` backend: one S3 object per key, every key under the URL's prefix.
+
+Only storage lives here (see :mod:`fleece.repo.backend`). Transport policy is
+botocore's own: its ``standard``/``adaptive`` retry modes with jittered
+backoff for throttling, 5xx and connection errors, its timeouts, its
+connection pool, and its flexible checksums (CRC32 on every upload, checked
+by the server; checked again on download when the server returns it).
+Settings come from boto3's configuration chain — ``AWS_*`` environment
+variables, ``AWS_ENDPOINT_URL``, profiles, instance roles — never from the
+command line, and nothing here logs or prints a credential.
+
+An :class:`S3Backend` is safe to share between threads (boto3 clients are);
+size ``max_pool_connections`` to the number of threads that use it.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    FlexibleChecksumError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
+from fleece.repo.backend import ObjectInfo, ObjectMissing
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+log = logging.getLogger(__name__)
+# botocore's DEBUG records carry request headers, session tokens included.
+# A root logger at DEBUG (fleece -vv) must not print them, nor its INFO
+# chatter; whoever wants botocore's output sets its level by name, which
+# this leaves alone.
+if logging.getLogger("botocore").level == logging.NOTSET:
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_ATTEMPTS = 6
+"""Total attempts per request unless ``AWS_MAX_ATTEMPTS`` or a profile says otherwise.
+
+botocore's own default (3) gives up on a throttled bucket within seconds;
+a backup that has already read gigabytes deserves a little more patience.
+"""
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request may name
+
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({
+    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem",
+})
+_BAD_DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
+# The IAM action a denied operation needs, for the error message.
+_ACTIONS = {
+    "PutObject": "s3:PutObject", "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject (and s3:ListBucket, so a missing key reads as 404)",
+    "ListObjectsV2": "s3:ListBucket", "DeleteObject": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject",
+}
+# Failures while reading a GET body arrive after botocore has returned, so
+# its retry handler never sees them; s3transfer retries these too.
+_BODY_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, FlexibleChecksumError)
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b/")``; ``s3://bucket`` → ``("bucket", "")``.
+
+    Raises :class:`BadInput` for anything else, without echoing credentials
+    someone may have pasted into the URL.
+    """
+    if not url.startswith("s3://"):
+        raise BadInput(f"{url!r} is not an s3:// URL")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if "@" in bucket:
+        raise BadInput("an s3:// URL must not carry credentials: use the AWS environment "
+                       "variables, a profile or an instance role")
+    if not _BUCKET_RE.match(bucket):
+        raise BadInput(f"{url!r} does not name an S3 bucket (s3://BUCKET/PREFIX)")
+    if "?" in prefix or "#" in prefix:
+        raise BadInput(f"{url!r}: an S3 repository URL takes no query or fragment")
+    parts = prefix.strip("/").split("/") if prefix.strip("/") else []
+    if any(p in ("", ".", "..") for p in parts):
+        raise BadInput(f"{url!r}: the prefix must not contain empty, '.' or '..' components")
+    return bucket, "".join(p + "/" for p in parts)
+
+
+def _endpoint_for_messages(client: Any) -> str:
+    """The endpoint's scheme, host and port: never user information."""
+    parts = urlsplit(str(client.meta.endpoint_url))
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
+
+
+def _make_client(max_pool_connections: int, connect_timeout: float | None,
+                 read_timeout: float | None) -> S3Client:
+    """An S3 client configured by boto3's chain plus fleece's transport defaults."""
+    core = botocore.session.get_session()
+    # Respect AWS_MAX_ATTEMPTS / a profile's max_attempts; a value passed in
+    # Config would otherwise silently override them.
+    attempts = core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS
+    retries: dict[str, Any] = {"total_max_attempts": int(attempts)}
+    # "legacy" (the old default) lacks the retry quota and throttling
+    # detection; standard and adaptive are taken as configured.
+    if core.get_config_variable("retry_mode") not in ("standard", "adaptive"):
+        retries["mode"] = "standard"
+    env = os.environ
+    config = Config(
+        retries=retries,  # type: ignore[arg-type]
+        connect_timeout=connect_timeout or float(env.get("FLEECE_S3_CONNECT_TIMEOUT") or
+                                                 DEFAULT_CONNECT_TIMEOUT),
+        read_timeout=read_timeout or float(env.get("FLEECE_S3_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT),
+        max_pool_connections=max_pool_connections,
+        tcp_keepalive=True,
+    )
+    return boto3.session.Session(botocore_session=core).client("s3", config=config)
+
+
+class S3Backend:
+    """Objects in one S3 bucket under one key prefix (see module docstring)."""
+
+    def __init__(self, bucket: str, prefix: str, *, max_pool_connections: int = 32,
+                 client: Any | None = None, connect_timeout: float | None = None,
+                 read_timeout: float | None = None) -> None:
+        """Open ``s3://bucket/prefix``; no request is sent until the first operation.
+
+        ``client`` replaces the boto3 client (tests); ``connect_timeout`` and
+        ``read_timeout`` default to ``FLEECE_S3_CONNECT_TIMEOUT`` and
+        ``FLEECE_S3_READ_TIMEOUT`` from the environment, else 10 s and 60 s.
+        """
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client: S3Client = client or _make_client(max_pool_connections, connect_timeout,
+                                                       read_timeout)
+        config: Any = self.client.meta.config
+        retries = config.retries or {}
+        self.max_attempts = int(retries.get("total_max_attempts") or 3)
+        self.endpoint = _endpoint_for_messages(self.client)
+        # Without flexible checksums (AWS_REQUEST_CHECKSUM_CALCULATION=when_required,
+        # for stores that reject them) uploads still carry a Content-MD5.
+        self._send_md5 = config.request_checksum_calculation == "when_required"
+        self._conditional_writes = True  # until the server says NotImplemented
+        self._fallback_lock = threading.Lock()
+
+    # -- the Backend protocol ------------------------------------------------------
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """PutObject (atomic on S3); with ``if_absent``, ``If-None-Match: *``.
+
+        A server that answers NotImplemented to conditional writes gets
+        HEAD-then-PUT instead, which two writers racing for one key can both
+        win; fleece logs a warning once when that happens.
+        """
+        if if_absent and not self._conditional_writes:
+            return self._put_if_absent_by_head(key, data)
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        if self._send_md5:
+            extra["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
+        # S3 answers 409 ConditionalRequestConflict while another conditional
+        # write to the key is in flight; botocore does not retry it, and the
+        # answer we need is "who won", so ask again (a few times at most).
+        last: ClientError | None = None
+        for _ in range(3):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **extra)
+                return True
+            except ClientError as e:
+                code, status = _code(e), _status(e)
+                if not if_absent:
+                    raise self._error(e, "PutObject", key) from e
+                if code == "PreconditionFailed" or status == 412:
+                    # A retried attempt can meet the object its own lost first
+                    # attempt stored: that is our write, not somebody else's.
+                    retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+                    return bool(retried) and self._get_or_none(key) == data
+                if code == "NotImplemented" or status == 501:
+                    self._disable_conditional_writes()
+                    return self._put_if_absent_by_head(key, data)
+                if code != "ConditionalRequestConflict":
+                    raise self._error(e, "PutObject", key) from e
+                last = e
+            except BotoCoreError as e:
+                raise self._error(e, "PutObject", key) from e
+        assert last is not None
+        raise self._error(last, "PutObject", key) from last
+
+    def get(self, key: str) -> bytes:
+        """GetObject; :class:`ObjectMissing` if absent, :class:`RepositoryCorrupt` on a bad body."""
+        for attempt in range(1, self.max_attempts + 1):
+            resp = self._call("GetObject", key, lambda: self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + key))
+            try:
+                return resp["Body"].read()
+            except _BODY_ERRORS as e:
+                resp["Body"].close()
+                if attempt == self.max_attempts:
+                    if isinstance(e, FlexibleChecksumError):
+                        raise RepositoryCorrupt(
+                            f"S3 GetObject {self._where(key)}: the body received {attempt} times did "
+                            f"not match its checksum ({_one_line(str(e))})") from e
+                    raise self._error(e, "GetObject", key) from e
+                log.debug("re-reading %s after %s", self._where(key), type(e).__name__)
+        raise AssertionError("unreachable")
+
+    def exists(self, key: str) -> bool:
+        """HeadObject: True unless the key (or, as S3 answers HEAD, the bucket) is absent."""
+        try:
+            self._call("HeadObject", key, lambda: self.client.head_object(
+                Bucket=self.bucket, Key=self.prefix + key))
+        except ObjectMissing:
+            return False
+        return True
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """ListObjectsV2 page by page; keys come back relative to the backend's prefix."""
+        for obj in self._listed(prefix):
+            yield obj["Key"][len(self.prefix):]
+
+    def delete(self, key: str) -> None:
+        """DeleteObject; S3 itself treats an absent key as deleted."""
+        # Some S3 clones answer 404 where S3 answers 204.
+        with contextlib.suppress(ObjectMissing):
+            self._call("DeleteObject", key, lambda: self.client.delete_object(
+                Bucket=self.bucket, Key=self.prefix + key))
+
+    def mtime(self, key: str) -> float:
+        """HeadObject's LastModified, in Unix seconds."""
+        head = self._call("HeadObject", key, lambda: self.client.head_object(
+            Bucket=self.bucket, Key=self.prefix + key))
+        return head["LastModified"].timestamp()
+
+    # -- beyond the protocol -----------------------------------------------------------
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """``list`` with sizes and times, from the same pages (no HEAD per object; gc uses it)."""
+        for obj in self._listed(prefix):
+            yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]),
+                             obj["LastModified"].timestamp())
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete keys with DeleteObjects, up to 1000 per request (garbage collection)."""
+        batch: builtins.list[str] = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) == DELETE_BATCH:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, keys: builtins.list[str]) -> None:
+        resp = self._call("DeleteObjects", keys[0], lambda: self.client.delete_objects(
+            Bucket=self.bucket,
+            Delete={"Objects": [{"Key": self.prefix + k} for k in keys], "Quiet": True}))
+        failed = [e for e in resp.get("Errors", []) if e.get("Code") not in _MISSING_CODES]
+        if failed:
+            first = failed[0]
+            key = first.get("Key", "?")[len(self.prefix):]
+            raise RepositoryError(
+                f"S3 DeleteObjects could not delete {len(failed)} of {len(keys)} objects, "
+                f"first {self._where(key)}: {first.get('Code')} {_one_line(first.get('Message', ''))}")
+
+    # -- internals ---------------------------------------------------------------------
+    def _listed(self, prefix: str) -> Iterator[Any]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix)
+        it = iter(pages)
+        while True:
+            page = self._call("ListObjectsV2", prefix, lambda: next(it, None))
+            if page is None:
+                return
+            yield from page.get("Contents", [])
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def _get_or_none(self, key: str) -> bytes | None:
+        try:
+            return self.get(key)
+        except ObjectMissing:
+            return None
+
+    def _put_if_absent_by_head(self, key: str, data: bytes) -> bool:
+        if self.exists(key):
+            return False
+        self.put(key, data)
+        return True
+
+    def _disable_conditional_writes(self) -> None:
+        with self._fallback_lock:
+            if self._conditional_writes:
+                self._conditional_writes = False
+                log.warning("%s does not support conditional writes (If-None-Match); falling back "
+                            "to HEAD-then-PUT, which is not safe against concurrent writers", self.endpoint)
+
+    def _call(self, op: str, key: str, request: Callable[[], T]) -> T:
+        """Run one botocore call (retries happen inside it) and map its failure."""
+        try:
+            return request()
+        except ClientError as e:
+            if _code(e) in _MISSING_CODES or (_status(e) == 404 and _code(e) != "NoSuchBucket"):
+                raise ObjectMissing(key) from e
+            raise self._error(e, op, key) from e
+        except BotoCoreError as e:
+            raise self._error(e, op, key) from e
+
+    def _error(self, e: Exception, op: str, key: str) -> RepositoryError:
+        """One line naming the bucket, the key and the cause; never a credential."""
+        where = self._where(key)
+        if isinstance(e, ClientError):
+            code, status = _code(e), _status(e)
+            message = _one_line(e.response.get("Error", {}).get("Message", ""))
+            tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+            if code == "NoSuchBucket":
+                return RepositoryError(f"S3 bucket {self.bucket} does not exist at {self.endpoint}")
+            if code in _DENIED_CODES or status == 403:
+                return RepositoryError(
+                    f"S3 denied {op} on {where} ({code}): check the credentials and that they "
+                    f"allow {_ACTIONS.get(op, 's3:*')}")
+            if code in _BAD_DIGEST_CODES:
+                return RepositoryError(
+                    f"S3 refused {op} {where}: the body did not match its checksum ({code})")
+            cause = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
+            return RepositoryError(
+                f"S3 {op} {where} failed after {tries} attempt{'s' if tries > 1 else ''}: "
+                f"{cause}{': ' + message if message else ''}")
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return RepositoryError(
+                f"no usable AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role")
+        if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
+            return RepositoryError(
+                f"cannot reach the S3 endpoint {self.endpoint} for {op} {where} "
+                f"(retried up to {self.max_attempts} attempts): {_one_line(str(e))}")
+        return RepositoryError(
+            f"S3 {op} {where} failed after retries (up to {self.max_attempts} attempts): "
+            f"{type(e).__name__}: {_one_line(str(e))}")
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _status(e: ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
