@@ -30,10 +30,12 @@ from fleece.fleecing.names import checkpoint_bitmap
 from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings
 from fleece.qmp import QmpSession, list_disks, resolve_drive
 from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
+from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import vm_lock
 from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.repository import Repository
+from fleece.verify import require_new_point_intact
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class BackupRequest:
     qga: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     settings: PipelineSettings = field(default_factory=PipelineSettings)
+    verify: bool = False
+    """Deep-verify the stored chunks and indexes before the point is written."""
 
 
 @dataclass
@@ -147,7 +151,10 @@ async def run_backup(
                 "not exist yet; nothing was changed"
             )
         repo = req.repo if isinstance(req.repo, Repository) else req.repo()
-        with vm_lock(repo.backend, vm):
+        with vm_lock(repo.backend, vm) as lease:
+            # We will reuse chunks we do not upload: no gc may run until we
+            # commit. Our lease exists now, so a gc starting later sees it.
+            check_no_gc(repo.backend)
             points = {p.id: p for p in repo.list_points(vm)}
 
             def parent_ok(drive: str, parent: str) -> bool:
@@ -167,6 +174,9 @@ async def run_backup(
                 results: list[DiskResult] = []
                 records: list[DiskRecord] = []
                 latest = max(points.values(), key=lambda p: p.id, default=None)
+                # Prune keeps the points whose indexes we are about to read.
+                uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
+                await asyncio.to_thread(lease.record_uses, sorted(uses))
                 for disk in export.disks:
                     result, record = await asyncio.to_thread(
                         _back_up_disk, req, repo, export.checkpoint, disk,
@@ -193,8 +203,16 @@ async def run_backup(
                         "bytes_stored": sum(r.stats.bytes_stored for r in results),
                     },
                 )
+                if req.verify:
+                    # Before the point exists: damage fails the backup, which
+                    # aborts the checkpoint (the previous one keeps recording).
+                    await asyncio.to_thread(
+                        require_new_point_intact, repo, point,
+                        points.get(point.parent) if point.parent else None, progress=progress)
                 # Written last: from here on the point exists. The export's
-                # normal exit then commits the checkpoint bitmaps.
+                # normal exit then commits the checkpoint bitmaps. A lapsed
+                # lease means a gc may have run: do not commit.
+                lease.check()
                 await asyncio.to_thread(repo.write_point, point)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
 

@@ -10,13 +10,20 @@ number in flight, so memory does not grow with the disk.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
+import struct
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
+from fleece.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
 from fleece.repo.index import ChunkIndex
 from fleece.repo.point import DiskRecord, RestorePoint
@@ -25,6 +32,8 @@ from fleece.repo.repository import Repository
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 8
+BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h
+ZERO_RUN_MAX = 1 << 30
 
 
 def select_disk(point: RestorePoint, drive: str | None) -> DiskRecord:
@@ -95,10 +104,57 @@ class RestoreResult:
     size: int
     chunks_written: int
     zero_chunks: int
+    damaged: list[ByteRange] = field(default_factory=list)
+    """Byte ranges written as zeroes because their chunks are missing or damaged."""
 
 
-def _open_output(output: Path, force: bool) -> int:
-    """Open ``output`` for a fresh image; refuse to clobber without ``force``."""
+class ChunkTarget(Protocol):
+    """Where restored chunks go: a file, a block device, an NBD export."""
+
+    fresh: bool
+    """Whether the target reads as zeroes already, so zero chunks need no write."""
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (called from several threads at once)."""
+        ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeroes."""
+        ...
+
+
+class FdTarget:
+    """A file descriptor: a fresh sparse file, or a block device that must be zeroed."""
+
+    def __init__(self, fd: int, fresh: bool) -> None:
+        self.fd = fd
+        self.fresh = fresh
+
+    def write(self, offset: int, data: bytes) -> None:
+        """pwrite all of ``data``."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def zero(self, offset: int, length: int) -> None:
+        """BLKZEROOUT (the device zeroes, or unmaps where that reads back as zeroes)."""
+        try:
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
+            return
+        except OSError:
+            pass  # not a block device, or the driver refuses: write the zeroes
+        zeros = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write(offset, zeros[:n])
+            offset += n
+
+
+def _open_output(output: Path, force: bool) -> tuple[int, bool]:
+    """Open ``output``; ``(fd, is block device)``. Refuse to clobber without ``force``."""
     try:
         st = os.stat(output)
     except FileNotFoundError:
@@ -106,29 +162,25 @@ def _open_output(output: Path, force: bool) -> int:
     except OSError as exc:
         raise BadInput(f"cannot use output {output}: {exc.strerror}; nothing was written") from None
     if st is not None:
-        if not stat.S_ISREG(st.st_mode):
-            raise BadInput(
-                f"output {output} exists and is not a regular file (restoring onto block "
-                "devices is not supported yet); nothing was written"
-            )
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise BadInput(f"output {output} exists and is not a regular file or block device; "
+                           "nothing was written")
         if not force:
             raise BadInput(f"output {output} exists; use --force to overwrite it")
+        if stat.S_ISBLK(st.st_mode):
+            try:
+                return os.open(output, os.O_WRONLY | os.O_CLOEXEC | os.O_EXCL), True
+            except OSError as exc:
+                raise BadInput(f"cannot open block device {output}: {exc.strerror} (mounted or "
+                               "in use?); nothing was written") from None
     # O_EXCL without --force: a file appearing meanwhile is never clobbered.
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
     try:
-        return os.open(output, flags, 0o644)
+        return os.open(output, flags, 0o644), False
     except FileExistsError:
         raise BadInput(f"output {output} exists; use --force to overwrite it") from None
     except OSError as exc:
         raise BadInput(f"cannot create output {output}: {exc.strerror}; nothing was written") from None
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 def restore_raw(
@@ -139,38 +191,43 @@ def restore_raw(
     *,
     force: bool = False,
     workers: int = DEFAULT_WORKERS,
+    allow_damage: bool = False,
 ) -> RestoreResult:
-    """Write disk ``drive`` of ``point`` to ``output`` as a sparse raw image.
+    """Write disk ``drive`` of ``point`` to ``output`` as a sparse raw image or onto a block device.
 
-    On failure the output file is removed (it was created or truncated by us)
-    and the error says so.
+    On failure a file output is removed (it was created or truncated by us)
+    and the error says so. A damaged point fails, naming the damaged byte
+    ranges, unless ``allow_damage``: then they are written as zeroes and
+    listed in the result.
     """
     image = DiskImage(repo, point, drive)
-    fd = _open_output(output, force)
-    written = 0
+    fd, is_device = _open_output(output, force)
     try:
-        # A fresh file of the right size is all holes; only data is written.
-        os.ftruncate(fd, image.size)
-        written = _write_chunks(image, fd, workers)
+        if is_device:
+            device_size = os.lseek(fd, 0, os.SEEK_END)
+            if device_size < image.size:
+                raise BadInput(f"block device {output} holds {device_size} bytes, the disk needs "
+                               f"{image.size}; nothing was written")
+        else:
+            # A fresh file of the right size is all holes; only data is written.
+            os.ftruncate(fd, image.size)
+        result = copy_chunks(image, FdTarget(fd, fresh=not is_device), workers=workers,
+                             allow_damage=allow_damage)
         os.fsync(fd)
     except BaseException as exc:
         os.close(fd)
-        _remove_partial(output)
+        left = (f"the device {output} holds a partial restore" if is_device
+                else f"the partial output {output} was removed")
+        if not is_device:
+            _remove_partial(output)
         if isinstance(exc, OSError):
-            raise FleeceError(
-                f"writing {output} failed: {exc.strerror or exc}; the partial output was removed"
-            ) from None
+            raise FleeceError(f"writing {output} failed: {exc.strerror or exc}; {left}") from None
+        if isinstance(exc, BadInput) and is_device:
+            raise
         if isinstance(exc, FleeceError):
-            exc.args = (f"{exc}; restore aborted and the partial output {output} was removed",)
+            exc.args = (f"{exc}; restore aborted and {left}",)
         raise
     os.close(fd)
-    result = RestoreResult(
-        point=point.id,
-        disk=image.disk.name,
-        size=image.size,
-        chunks_written=written,
-        zero_chunks=image.index.n_chunks - written,
-    )
     log.info("restored %s disk %s to %s", point.id, image.disk.name, output)
     return result
 
@@ -182,31 +239,82 @@ def _remove_partial(output: Path) -> None:
         log.warning("could not remove the partial output %s: %s", output, exc.strerror)
 
 
-def _write_chunks(image: DiskImage, fd: int, workers: int) -> int:
-    """Fetch, decode and write every stored chunk; returns how many were written."""
+def copy_chunks(image: DiskImage, target: ChunkTarget, *, workers: int = DEFAULT_WORKERS,
+                allow_damage: bool = False) -> RestoreResult:
+    """Fetch, decode and write every chunk of ``image`` to ``target`` with a thread pool.
+
+    Missing or damaged chunks are collected (the pass goes on, so the error
+    names every damaged range); they raise :class:`RepositoryCorrupt` at the
+    end unless ``allow_damage``, which writes zeroes there instead.
+    """
     chunk_size = image.chunk_size
-    max_in_flight = 2 * workers
+    index = image.index
+    damaged: dict[int, str] = {}
+    lock = threading.Lock()
 
     def restore_one(i: int) -> None:
-        _pwrite_all(fd, image.read_chunk(i), i * chunk_size)
+        try:
+            data = image.read_chunk(i)
+        except RepositoryCorrupt as exc:
+            with lock:
+                damaged[i] = str(exc)
+            if not target.fresh:
+                target.zero(i * chunk_size, index.chunk_length(i))
+            return
+        target.write(i * chunk_size, data)
 
-    count = 0
+    def tasks() -> Iterator[tuple[Callable[[], None], bool]]:
+        """``(work, is a stored chunk)``; zero runs only where the target is not fresh."""
+        zero_start: int | None = None
+        for i in range(index.n_chunks):
+            start = i * chunk_size
+            if index.get(i) is not None:
+                if zero_start is not None:
+                    yield partial(target.zero, zero_start, start - zero_start), False
+                    zero_start = None
+                yield partial(restore_one, i), True
+            elif not target.fresh:
+                # One request per run of zero chunks, bounded (NBD lengths are 32-bit).
+                if zero_start is None:
+                    zero_start = start
+                elif start - zero_start >= ZERO_RUN_MAX:
+                    yield partial(target.zero, zero_start, start - zero_start), False
+                    zero_start = start
+        if zero_start is not None:
+            yield partial(target.zero, zero_start, image.size - zero_start), False
+
+    written = 0
+    max_in_flight = 2 * workers
     pending: set[Future[None]] = set()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleece-restore") as pool:
         try:
-            for i, _digest in image.index.stored():
+            for work, is_chunk in tasks():
                 if len(pending) >= max_in_flight:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         future.result()
-                pending.add(pool.submit(restore_one, i))
-                count += 1
+                pending.add(pool.submit(work))
+                written += is_chunk
             for future in pending:
                 future.result()
         except BaseException:
             # Leave the pool's exit to wait for the few chunks still running,
-            # so nothing writes to fd after the caller closes it.
+            # so nothing writes to the target after the caller closes it.
             for future in pending:
                 future.cancel()
             raise
-    return count
+    ranges = chunk_ranges(damaged, chunk_size, image.size)
+    if damaged and not allow_damage:
+        first = damaged[min(damaged)]
+        raise RepositoryCorrupt(
+            f"disk {image.disk.name} of restore point {image.point.id} is damaged at bytes "
+            f"{describe_ranges(ranges)} ({len(damaged)} chunk{'s' if len(damaged) > 1 else ''}; "
+            f"first: {first}); --allow-damage restores zeroes there instead")
+    return RestoreResult(
+        point=image.point.id,
+        disk=image.disk.name,
+        size=image.size,
+        chunks_written=written - len(damaged),
+        zero_chunks=index.n_chunks - written,
+        damaged=ranges,
+    )

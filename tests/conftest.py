@@ -534,3 +534,36 @@ def scratch_tmpdir(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Path:
     """
     monkeypatch.setenv("TMPDIR", str(short_tmp))
     return short_tmp
+
+
+# -- restore points committed straight through the repository API (no VM) ------------
+@pytest.fixture
+def store_point() -> Any:
+    """``store(repo, point_id, {disk: bytes}, parent=None, vm="vm1")``: commit a point as a
+    backup would (zero chunks unstored, index, then the point); returns the RestorePoint."""
+    import hashlib
+
+    from fleece.codec import encode_chunk
+    from fleece.repo.index import ChunkIndex
+    from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
+
+    def store(repo: Any, point_id: str, disks: dict[str, bytes], parent: str | None = None,
+              vm: str = "vm1") -> Any:
+        chunk = repo.config.chunk_size
+        records = []
+        for name, data in disks.items():
+            index = ChunkIndex.empty(chunk, len(data))
+            for i in range(index.n_chunks):
+                piece = data[i * chunk : (i + 1) * chunk]
+                if any(piece):
+                    digest = hashlib.sha256(piece).digest()
+                    repo.put_chunk(digest, encode_chunk(piece, 3))
+                    index.set(i, digest)
+            key, digest_hex = repo.write_index(point_id, name, index)
+            records.append(DiskRecord(name, "full" if parent is None else "incremental",
+                                      len(data), key, digest_hex, None, {}))
+        point = RestorePoint(point_id, vm, iso_utc(), parent, chunk, records, "0.1.0")
+        repo.write_point(point)
+        return point
+
+    return store

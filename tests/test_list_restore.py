@@ -153,7 +153,7 @@ def test_restore_with_one_worker(repo_dir: Path, tmp_path: Path, run: Run) -> No
         ([P1, "--drive", "vdz"], "has no disk 'vdz' (it has: vda)"),
         (["20990101"], "no restore point '20990101'"),
         (["2026"], "matches 2 restore points"),
-        ([P1, "--format", "qcow2"], "qcow2 is not supported yet"),
+        ([P1, "--workers", "0"], "--workers must be at least 1"),
     ],
 )
 def test_restore_bad_input(repo_dir: Path, tmp_path: Path, run: Run, args: list[str],

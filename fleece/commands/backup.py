@@ -23,7 +23,7 @@ DEFAULT_COMPRESS = "zstd:3"
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
-    "trim": bool, "labels": dict,
+    "trim": bool, "labels": dict, "verify": bool,
 }
 
 
@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--storers", type=int, default=None, help="chunks stored in parallel")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="label recorded in the restore point (repeatable)")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="deep-verify what this backup stored before committing it")
     add_json_option(p)
     p.set_defaults(func=cmd_backup)
 
@@ -123,6 +125,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         qga=args.qga,
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
+        verify=bool(args.verify),
     )
 
     def say(line: str) -> None:

@@ -1,14 +1,18 @@
-"""``fleece restore``: write one disk of a restore point to a file."""
+"""``fleece restore``: write one disk of a restore point to a raw or qcow2 image,
+a block device, or an NBD export."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from fleece.damage import damaged_bytes, describe_ranges
 from fleece.errors import BadInput
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
-from fleece.restore import DEFAULT_WORKERS, restore_raw
+from fleece.restore import DEFAULT_WORKERS, RestoreResult, restore_raw
+from fleece.restore_nbd import is_nbd_uri, restore_nbd, restore_qcow2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,25 +22,48 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="directory, file:///abs/path or s3://bucket/prefix")
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--drive", metavar="NAME", help="the disk to restore (needed if several)")
-    p.add_argument("--output", "-o", required=True, metavar="PATH", help="image file to write")
-    p.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="image format")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--output", "-o", required=True, metavar="PATH|URI",
+                   help="image file or block device to write, or an NBD URI (nbd+unix:///…)")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                   help="image format of a file output (default raw)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output file, block device or NBD export")
+    p.add_argument("--allow-damage", action="store_true",
+                   help="restore a damaged point anyway, with zeroes where chunks are lost")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks fetched in parallel (default {DEFAULT_WORKERS})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Restore; exit 2 for an unknown point or drive or an unusable output."""
-    if args.format != "raw":
-        raise BadInput("restoring to qcow2 is not supported yet; use --format raw "
-                       "(and qemu-img convert)")
+    """Restore; exit 2 for an unknown point or drive or an unusable output, 1 on damage."""
     if args.workers < 1:
         raise BadInput("--workers must be at least 1")
+    nbd_output = is_nbd_uri(args.output)
+    if nbd_output and args.format != "raw":
+        raise BadInput("an NBD export takes the disk's raw bytes; drop --format qcow2")
+    if nbd_output and not args.force:
+        raise BadInput(f"restoring onto the NBD export {args.output} overwrites it; add --force")
     repo = Repository.open(open_backend(args.repo))
     point = repo.find_point(args.point)
-    result = restore_raw(repo, point, args.drive, Path(args.output), force=args.force,
-                         workers=args.workers)
+    workers, allow_damage = args.workers, args.allow_damage
+    result: RestoreResult
+    if nbd_output:
+        result = restore_nbd(repo, point, args.drive, args.output, workers=workers,
+                             allow_damage=allow_damage)
+    elif args.format == "qcow2":
+        result = restore_qcow2(repo, point, args.drive, Path(args.output), force=args.force,
+                               workers=workers, allow_damage=allow_damage)
+    else:
+        result = restore_raw(repo, point, args.drive, Path(args.output), force=args.force,
+                             workers=workers, allow_damage=allow_damage)
+    for start, end in result.damaged:
+        sys.stderr.write(f"fleece: warning: bytes {start}-{end} of {result.disk} are damaged "
+                         "in the repository and were restored as zeroes\n")
     print(f"restored disk {result.disk} of {result.point} ({result.size} bytes, "
-          f"{result.chunks_written} chunks written, {result.zero_chunks} zero) to {args.output}")
+          f"{result.chunks_written} chunks written, {result.zero_chunks} zero) to {args.output}"
+          f" as {args.format}")
+    if result.damaged:
+        print(f"  DAMAGED: {damaged_bytes(result.damaged)} bytes restored as zeroes at "
+              f"{describe_ranges(result.damaged, limit=len(result.damaged))}")
     return 0

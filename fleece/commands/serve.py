@@ -1,0 +1,68 @@
+"""``fleece serve``: a restore point's disk as a read-only NBD export, until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+from fleece.commands.backup import parse_size
+from fleece.errors import BadInput, FleeceError
+from fleece.repo.repository import Repository
+from fleece.repo.url import open_backend
+from fleece.restore import DiskImage
+from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
+from fleece.serve.server import NbdkitServer, prepare_socket
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``serve`` command."""
+    p = subparsers.add_parser(
+        "serve", help="export a disk of a restore point read-only over NBD (nbdkit)")
+    p.add_argument("--repo", required=True, metavar="URL",
+                   help="directory, file:///abs/path or s3://bucket/prefix")
+    p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
+    p.add_argument("--vm", metavar="NAME", help="the VM whose points POINT names")
+    p.add_argument("--drive", metavar="NAME", help="the disk to serve (needed if several)")
+    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    p.add_argument("--cache-size", default=None, metavar="SIZE",
+                   help=f"decoded chunks kept in memory (default {DEFAULT_CACHE_BYTES >> 20}M)")
+    p.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
+                   help=f"chunks fetched ahead of sequential reads (default {DEFAULT_READAHEAD})")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything, start nbdkit, print the NBD URI, serve until SIGTERM/SIGINT."""
+    cache = parse_size(args.cache_size) if args.cache_size else DEFAULT_CACHE_BYTES
+    if cache < 0 or not 0 <= args.readahead <= 64:
+        raise BadInput("--cache-size must be positive and --readahead between 0 and 64")
+    repo = Repository.open(open_backend(args.repo))
+    point = repo.find_point(args.point, args.vm)
+    # Reads and checks the index too: a bad point fails here, not in a client.
+    image = DiskImage(repo, point, args.drive)
+    sock = prepare_socket(args.socket)
+    server = NbdkitServer(args.repo, point, image.disk.name, sock, cache_bytes=cache,
+                          readahead=args.readahead, verbose=args.verbose > 1)
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        server.signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        print(server.uri, flush=True)
+        sys.stderr.write(f"fleece: serving disk {image.disk.name} of {point.id} "
+                         f"({image.size} bytes) read-only on {server.uri}; stop with Ctrl-C\n")
+        rc = server.wait()
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if rc != 0 and not stopping:
+        raise FleeceError(f"nbdkit exited with status {rc}; the export is gone")
+    return 0

@@ -1,0 +1,60 @@
+"""``fleece verify``: prove that restore points still restore (exit 1 on any damage)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fleece.commands.common import add_json_option, human_size, print_json
+from fleece.commands.progress import progress_display
+from fleece.errors import BadInput
+from fleece.repo.repository import Repository
+from fleece.repo.url import open_backend
+from fleece.verify import DEFAULT_WORKERS, VerifyReport, resolve_points, verify_points
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``verify`` command."""
+    p = subparsers.add_parser(
+        "verify", help="check that restore points are complete and undamaged")
+    p.add_argument("--repo", required=True, metavar="URL",
+                   help="directory, file:///abs/path or s3://bucket/prefix")
+    p.add_argument("points", nargs="*", metavar="POINT",
+                   help="point ids, unique prefixes or 'latest' (default: every point)")
+    p.add_argument("--vm", metavar="NAME", help="only this VM's points")
+    p.add_argument("--deep", action="store_true",
+                   help="fetch, decode and hash every chunk (default: check that they exist)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                   help=f"chunks checked in parallel (default {DEFAULT_WORKERS})")
+    add_json_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify; 0 when everything holds, 1 when anything is damaged, 2 for bad input."""
+    if not 1 <= args.workers <= 256:
+        raise BadInput("--workers must be between 1 and 256")
+    repo = Repository.open(open_backend(args.repo))
+    refs = resolve_points(repo, args.points, args.vm)
+    with progress_display() as progress:
+        report = verify_points(repo, refs, deep=args.deep, workers=args.workers,
+                               progress=progress)
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
+
+
+def print_report(report: VerifyReport) -> None:
+    """One line per point, one indented line per damage, then a summary."""
+    for p in report.points:
+        print(f"{'ok' if p.ok else 'DAMAGED'}  {p.id}  {p.vm}")
+        for d in p.damage:
+            print(f"    {d.describe()}")
+    damaged = sum(not p.ok for p in report.points)
+    secs = max(report.seconds, 1e-9)
+    rate = f" ({human_size(report.bytes_checked / secs)}/s)" if report.deep else ""
+    print(f"{len(report.points)} point{'s' if len(report.points) != 1 else ''} verified"
+          f"{' deep' if report.deep else ''}: {report.chunks_checked} chunks, "
+          f"{human_size(report.bytes_checked)} hashed in {secs:.1f} s{rate}; "
+          f"{damaged} damaged")

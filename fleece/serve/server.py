@@ -1,0 +1,169 @@
+"""Run nbdkit with the fleece plugin on a unix socket, and stop it again.
+
+nbdkit is a real NBD server (handshake, multi-conn, block status, structured
+replies), so every client works — QEMU, qemu-img, nbdcopy, nbdfuse. fleece
+only supplies the data: :mod:`fleece.serve.plugin` runs inside nbdkit's
+embedded Python. The socket is created with umask 077 (mode 0600), so only
+the serving user can connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+import fleece
+from fleece.errors import BadInput, FleeceError
+from fleece.repo.point import RestorePoint
+from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
+
+PLUGIN = Path(__file__).with_name("plugin.py")
+NBDKIT = "nbdkit"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the NUL
+
+
+def nbd_uri(sock: Path) -> str:
+    """``nbd+unix:///?socket=PATH``: the default export on a unix socket."""
+    return "nbd+unix:///?socket=" + quote(str(sock), safe="/")
+
+
+def prepare_socket(path: str | Path) -> Path:
+    """An absolute, usable socket path; a stale socket nobody listens on is removed."""
+    sock = Path(os.path.abspath(path))
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+        raise BadInput(f"socket path {sock} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter one")
+    if not sock.parent.is_dir():
+        raise BadInput(f"directory {sock.parent} of the socket does not exist")
+    if sock.is_socket():
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+            except ConnectionRefusedError:
+                sock.unlink()  # left by a server that is gone
+                return sock
+        raise BadInput(f"socket {sock} is in use by another server")
+    if sock.exists() or sock.is_symlink():
+        raise BadInput(f"{sock} exists and is not a socket; choose another --socket path")
+    return sock
+
+
+def _fleece_sys_path() -> str:
+    """Where this interpreter finds fleece and its dependencies, for the plugin."""
+    root = Path(fleece.__file__).resolve().parent.parent
+    paths = [str(root), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+class NbdkitServer:
+    """One nbdkit process serving one disk of one restore point, read-only."""
+
+    def __init__(
+        self,
+        repo_url: str,
+        point: RestorePoint,
+        drive: str,
+        sock: Path,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        readahead: int = DEFAULT_READAHEAD,
+        verbose: bool = False,
+    ) -> None:
+        self.sock = sock
+        self.uri = nbd_uri(sock)
+        self.options = ["--verbose"] if verbose else []
+        self.parameters = [
+            f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
+            f"cache={cache_bytes}", f"readahead={readahead}",
+        ]
+        self.argv: list[str] = []
+        self._private: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        """Start nbdkit and wait until it accepts connections."""
+        # A private directory (0700) for the pid file, which signals readiness.
+        self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
+        pidfile = self._private / "nbdkit.pid"
+        self.argv = [
+            NBDKIT, "--foreground", "--exit-with-parent", "--readonly",
+            "--unix", str(self.sock), "--pidfile", str(pidfile), *self.options,
+            "python", str(PLUGIN), *self.parameters,
+        ]
+        env = {**os.environ, "FLEECE_SYS_PATH": _fleece_sys_path()}
+        try:
+            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, umask=0o077)
+        except FileNotFoundError:
+            self._remove_private()
+            raise FleeceError("nbdkit is not installed (Debian: apt install nbdkit "
+                              "nbdkit-plugin-python); nothing is served") from None
+        deadline = time.monotonic() + timeout
+        # nbdkit writes the pid file only once it is ready to accept connections.
+        while not pidfile.exists():
+            rc = self.proc.poll()
+            if rc is not None:
+                self._remove_private()
+                raise FleeceError(f"nbdkit exited with status {rc} before serving "
+                                  f"(its messages are above); nothing is served")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise FleeceError(f"nbdkit did not start serving within {timeout:.0f} s; stopped it")
+            time.sleep(0.02)
+        os.chmod(self.sock, 0o600)
+
+    def wait(self) -> int:
+        """Wait for nbdkit to exit; its status."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait()
+        finally:
+            self._remove_private()
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Ask nbdkit to stop (it finishes requests in progress)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """Stop nbdkit (SIGTERM, then SIGKILL after ``timeout``); its status."""
+        if self.proc is None:
+            self._remove_private()
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._remove_private()
+        with contextlib.suppress(FileNotFoundError):
+            if self.sock.is_socket():
+                self.sock.unlink()
+        return rc
+
+    def _remove_private(self) -> None:
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+    def __enter__(self) -> NbdkitServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

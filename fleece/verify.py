@@ -1,0 +1,382 @@
+"""Verification of restore points: does every point still restore?
+
+Two depths, both over the plain :class:`~fleece.repo.backend.Backend`
+protocol (so S3 works like a directory):
+
+* shallow: every restore point and chunk index is read and checked against
+  its checksums, and every chunk object an index names exists;
+* deep: additionally every chunk is fetched, decoded and hashed, and its
+  length checked against each position that uses it.
+
+Each distinct chunk is checked once per run however many points share it,
+by a thread pool with a bounded number of requests in flight (hashlib,
+zstd and backend I/O release the GIL). A bad chunk is then mapped back to
+every (point, disk, byte range) that uses it, so the report says what is
+lost, not just which object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleece.codec import decode_chunk
+from fleece.damage import ByteRange, chunk_ranges, describe_ranges
+from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
+from fleece.repo import keys
+from fleece.repo.backend import ObjectMissing
+from fleece.repo.index import ChunkIndex
+from fleece.repo.point import RestorePoint
+from fleece.repo.repository import Repository
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = 8
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class Damage:
+    """One kind of problem on one disk of one point (or on the point itself)."""
+
+    disk: str | None
+    """The disk, or None when the point object itself is unusable."""
+    problem: str
+    """Short kind: ``chunk missing``, ``chunk damaged``, ``index damaged``, …"""
+    ranges: list[ByteRange]
+    """Half-open ``[start, end)`` byte ranges of the disk that cannot be restored."""
+    objects: list[str]
+    """Keys of the objects at fault."""
+    detail: str
+    """The first fault's own message, for the operator."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` form."""
+        return {
+            "disk": self.disk,
+            "ranges": [[a, b] for a, b in self.ranges],
+            "objects": self.objects,
+            "problem": self.problem,
+            "detail": self.detail,
+        }
+
+    def describe(self) -> str:
+        """One line: ``vda: chunk damaged at bytes 0-65536 (1 object)``."""
+        where = f"{self.disk}: " if self.disk is not None else ""
+        at = f" at bytes {describe_ranges(self.ranges)}" if self.ranges else ""
+        n = len(self.objects)
+        return f"{where}{self.problem}{at} ({n} object{'s' if n != 1 else ''}; {self.detail})"
+
+
+@dataclass
+class PointReport:
+    """The verdict on one restore point."""
+
+    id: str
+    vm: str
+    damage: list[Damage] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing the point needs is missing or damaged."""
+        return not self.damage
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` form."""
+        return {"id": self.id, "vm": self.vm, "ok": self.ok,
+                "damage": [d.as_dict() for d in self.damage]}
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of one verification run."""
+
+    points: list[PointReport]
+    deep: bool
+    chunks_checked: int
+    bytes_checked: int
+    """Plaintext bytes fetched, decoded and hashed (0 without ``deep``)."""
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether every point verified."""
+        return all(p.ok for p in self.points)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``verify --json`` object."""
+        return {
+            "points": [p.as_dict() for p in self.points],
+            "ok": self.ok,
+            "deep": self.deep,
+            "chunks_checked": self.chunks_checked,
+            "bytes_checked": self.bytes_checked,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class _Loaded:
+    """A point as read back, with the indexes that could be read."""
+
+    report: PointReport
+    point: RestorePoint | None
+    indexes: dict[str, ChunkIndex] = field(default_factory=dict)
+
+
+def resolve_points(repo: Repository, selectors: Iterable[str], vm: str | None = None
+                   ) -> list[tuple[str, str]]:
+    """``(vm, point id)`` of the points named by ids, unique prefixes or ``latest``.
+
+    Resolution uses the keys alone, so a point whose object is damaged can
+    still be named (and then reported). No selectors means every point.
+    """
+    refs = repo.point_refs(vm)
+    chosen: dict[tuple[str, str], None] = {}
+    selectors = list(selectors)
+    if not selectors:
+        return refs
+    where = repo.url if vm is None else f"{repo.url} for VM {vm}"
+    for sel in selectors:
+        if sel == "latest":
+            vms = sorted({v for v, _ in refs})
+            if len(vms) > 1:
+                raise BadInput(f"'latest' is ambiguous: {repo.url} holds points of VMs "
+                               f"{', '.join(vms)} (add --vm)")
+            matches = refs[-1:]
+        else:
+            matches = [r for r in refs if r[1] == sel] or [r for r in refs if r[1].startswith(sel)]
+        if not matches:
+            raise BadInput(f"no restore point {sel!r} in {where}")
+        if len(matches) > 1:
+            raise BadInput(f"{sel!r} matches {len(matches)} restore points; give more of the id")
+        chosen[matches[0]] = None
+    return sorted(chosen, key=lambda r: (r[1], r[0]))
+
+
+def verify_points(
+    repo: Repository,
+    refs: list[tuple[str, str]],
+    *,
+    deep: bool = False,
+    workers: int = DEFAULT_WORKERS,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Verify the points ``refs`` (``(vm, id)``, see :func:`resolve_points`)."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleece-verify") as pool:
+        loaded = list(pool.map(lambda ref: _load(repo, *ref), refs))
+    checker = _ChunkChecker(repo, deep, workers)
+    checker.run(_distinct(loaded), progress)
+    for item in loaded:
+        _map_damage(item, checker)
+    return VerifyReport([item.report for item in loaded], deep, checker.chunks_checked,
+                        checker.bytes_checked, time.monotonic() - started)
+
+
+def verify_new_point(
+    repo: Repository,
+    point: RestorePoint,
+    parent: RestorePoint | None,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Deep-verify what a backup stored for ``point`` before the point is written.
+
+    The point's indexes are read back from the repository and checked; its
+    chunks are fetched and hashed, except those its parent's indexes already
+    name (they were there before this backup; ``fleece verify`` covers them).
+    """
+    started = time.monotonic()
+    item = _Loaded(PointReport(point.id, point.vm), point)
+    _load_indexes(repo, item)
+    skip: set[bytes] = set()
+    if parent is not None:
+        for disk in parent.disks:
+            try:
+                skip |= repo.read_index(parent, disk.name).digests()
+            except RepositoryError as exc:
+                log.warning("cannot read parent index %s (%s); verifying every chunk",
+                            disk.index_key, exc)
+    wanted = {d: n for d, n in _distinct([item]).items() if d not in skip}
+    checker = _ChunkChecker(repo, True, workers)
+    checker.run(wanted, progress)
+    _map_damage(item, checker)
+    return VerifyReport([item.report], True, checker.chunks_checked, checker.bytes_checked,
+                        time.monotonic() - started)
+
+
+def require_new_point_intact(
+    repo: Repository,
+    point: RestorePoint,
+    parent: RestorePoint | None,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """:func:`verify_new_point`, raising :class:`RepositoryCorrupt` when anything is damaged.
+
+    ``fleece backup --verify`` calls this before writing the point, so a
+    failure leaves no point and aborts the checkpoint.
+    """
+    report = verify_new_point(repo, point, parent, workers=workers, progress=progress)
+    if not report.ok:
+        found = "; ".join(d.describe() for d in report.points[0].damage)
+        raise RepositoryCorrupt(f"--verify found damage in what this backup stored ({found}); "
+                                f"restore point {point.id} was not written")
+    log.info("verified %d new chunks (%d bytes) of %s in %.1f s", report.chunks_checked,
+             report.bytes_checked, point.id, report.seconds)
+    return report
+
+
+def _load(repo: Repository, vm: str, point_id: str) -> _Loaded:
+    report = PointReport(point_id, vm)
+    key = keys.point_key(vm, point_id)
+    try:
+        point = repo.load_point(vm, point_id)
+    except ObjectMissing as exc:
+        report.damage.append(Damage(None, "point missing", [], [key], str(exc)))
+        return _Loaded(report, None)
+    except RepositoryCorrupt as exc:
+        report.damage.append(Damage(None, "point damaged", [], [key], str(exc)))
+        return _Loaded(report, None)
+    except RepositoryError as exc:
+        report.damage.append(Damage(None, "point unreadable", [], [key], str(exc)))
+        return _Loaded(report, None)
+    item = _Loaded(report, point)
+    _load_indexes(repo, item)
+    return item
+
+
+def _load_indexes(repo: Repository, item: _Loaded) -> None:
+    assert item.point is not None
+    for disk in item.point.disks:
+        try:
+            item.indexes[disk.name] = repo.read_index(item.point, disk.name)
+        except RepositoryError as exc:
+            # A missing index reads as corrupt; tell the two apart for the operator.
+            if not isinstance(exc, RepositoryCorrupt):
+                problem = "index unreadable"
+            elif repo.backend.exists(disk.index_key):
+                problem = "index damaged"
+            else:
+                problem = "index missing"
+            item.report.damage.append(
+                Damage(disk.name, problem, [(0, disk.virtual_size)], [disk.index_key], str(exc)))
+
+
+def _distinct(loaded: Iterable[_Loaded]) -> dict[bytes, int]:
+    """Every distinct digest named by the loaded indexes, with a plaintext length for progress."""
+    wanted: dict[bytes, int] = {}
+    for item in loaded:
+        for index in item.indexes.values():
+            for i, digest in index.stored():
+                if digest not in wanted:
+                    wanted[digest] = index.chunk_length(i)
+    return wanted
+
+
+class _ChunkChecker:
+    """Checks each distinct chunk once and remembers what was wrong with it."""
+
+    def __init__(self, repo: Repository, deep: bool, workers: int) -> None:
+        self.repo = repo
+        self.deep = deep
+        self.workers = workers
+        self.bad: dict[bytes, tuple[str, str]] = {}
+        """digest → (problem, detail)."""
+        self.lengths: dict[bytes, int] = {}
+        """Plaintext length of every chunk that decoded (deep only)."""
+        self.chunks_checked = 0
+        self.bytes_checked = 0
+
+    def check(self, digest: bytes) -> tuple[int, tuple[str, str] | None]:
+        """``(plaintext length, problem or None)`` of one chunk. Runs in a worker thread."""
+        key = keys.chunk_key(digest)
+        if not self.deep:
+            try:
+                present = self.repo.backend.exists(key)
+            except RepositoryError as exc:
+                return 0, ("chunk unreadable", str(exc))
+            return 0, None if present else ("chunk missing", f"{key} is missing")
+        try:
+            blob = self.repo.backend.get(key)
+        except ObjectMissing:
+            return 0, ("chunk missing", f"{key} is missing")
+        except RepositoryError as exc:
+            return 0, ("chunk unreadable", str(exc))
+        try:
+            return len(decode_chunk(blob, digest)), None
+        except RepositoryCorrupt as exc:
+            return 0, ("chunk damaged", str(exc))
+
+    def run(self, wanted: dict[bytes, int], progress: Progress | None) -> None:
+        """Check every digest in ``wanted`` (digest → expected length)."""
+        label = "verify (deep)" if self.deep else "verify"
+        advance = progress(label, sum(wanted.values())) if progress and wanted else None
+        for digest, expected, (length, problem) in self._checked(wanted):
+            self.chunks_checked += 1
+            self.bytes_checked += length
+            if problem is not None:
+                self.bad[digest] = problem
+            elif self.deep:
+                self.lengths[digest] = length
+            if advance is not None:
+                advance(expected)
+
+    def _checked(self, wanted: dict[bytes, int]
+                 ) -> Iterator[tuple[bytes, int, tuple[int, tuple[str, str] | None]]]:
+        """Results in completion order, at most ``2 * workers`` chunks in flight."""
+        max_in_flight = 2 * self.workers
+        pending: dict[Future[tuple[int, tuple[str, str] | None]], bytes] = {}
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="fleece-verify") as pool:
+            try:
+                for digest in wanted:
+                    while len(pending) >= max_in_flight:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            d = pending.pop(f)
+                            yield d, wanted[d], f.result()
+                    pending[pool.submit(self.check, digest)] = digest
+                for f, d in list(pending.items()):
+                    yield d, wanted[d], f.result()
+                    del pending[f]
+            finally:
+                for f in pending:
+                    f.cancel()
+
+
+def _map_damage(item: _Loaded, checker: _ChunkChecker) -> None:
+    """Turn bad digests into per-disk byte ranges of ``item``'s point."""
+    if item.point is None:
+        return
+    for disk in item.point.disks:
+        index = item.indexes.get(disk.name)
+        if index is None:
+            continue
+        # problem → (chunk numbers, object keys in order, first detail)
+        found: dict[str, tuple[list[int], dict[str, None], str]] = {}
+        for i, digest in index.stored():
+            problem = checker.bad.get(digest)
+            if problem is None and checker.deep:
+                length = checker.lengths.get(digest)
+                expected = index.chunk_length(i)
+                if length is not None and length != expected:
+                    problem = ("chunk has the wrong length",
+                               f"chunk {digest.hex()} holds {length} bytes where {expected} belong")
+            if problem is None:
+                continue
+            kind, detail = problem
+            chunks, objects, _ = found.setdefault(kind, ([], {}, detail))
+            chunks.append(i)
+            objects[keys.chunk_key(digest)] = None
+        for kind, (chunks, objects, detail) in found.items():
+            item.report.damage.append(Damage(
+                disk.name, kind, chunk_ranges(chunks, index.chunk_size, index.disk_size),
+                list(objects), detail))
