@@ -19,6 +19,16 @@ from fleece.errors import FleeceError
 # One entry per command module; each adds its own sub-parser(s).
 COMMAND_MODULES = [
     "fleece.commands.status",
+    "fleece.commands.export",
+    "fleece.commands.cleanup",
+    "fleece.commands.backup",
+    "fleece.commands.list",
+    "fleece.commands.restore",
+    "fleece.commands.verify",
+    "fleece.commands.serve",
+    "fleece.commands.prune",
+    "fleece.commands.gc",
+    "fleece.commands.protect",
 ]
 
 

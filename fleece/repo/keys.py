@@ -17,6 +17,7 @@ INDEXES_PREFIX = "indexes/"
 POINTS_PREFIX = "points/"
 VM_LOCKS_PREFIX = "locks/vms/"
 REPO_LOCKS_PREFIX = "locks/repo/"
+PROTECT_PREFIX = "protect/"
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 # Leaves room under the 255-byte component limit of common file systems.
@@ -101,3 +102,32 @@ def vm_lock_key(vm: str) -> str:
 def repo_lock_key(name: str) -> str:
     """``locks/repo/<name>``: a repository-wide exclusive lease (gc)."""
     return f"{REPO_LOCKS_PREFIX}{escape_name(name)}"
+
+
+def parse_index_key(key: str) -> tuple[str, str] | None:
+    """``(point_id, disk)`` for an ``indexes/<point-id>/<disk>`` key, or None for any other key."""
+    if not key.startswith(INDEXES_PREFIX):
+        return None
+    parts = key[len(INDEXES_PREFIX) :].split("/")
+    if len(parts) != 2 or not POINT_ID_RE.match(parts[0]) or not parts[1]:
+        return None
+    return parts[0], unescape_name(parts[1])
+
+
+_CHUNK_KEY_RE = re.compile(r"^chunks/([0-9a-f]{2})/(\1[0-9a-f]{62})$")
+
+
+def parse_chunk_key(key: str) -> bytes | None:
+    """The digest a ``chunks/<2 hex>/<64 hex>`` key names, or None for any other key."""
+    m = _CHUNK_KEY_RE.match(key)
+    return bytes.fromhex(m.group(2)) if m else None
+
+
+def protect_prefix(vm: str | None = None) -> str:
+    """The prefix of every protection marker, or of one VM's."""
+    return PROTECT_PREFIX if vm is None else f"{PROTECT_PREFIX}{escape_name(vm)}/"
+
+
+def protect_key(vm: str, point_id: str) -> str:
+    """``protect/<vm>/<point-id>``: the marker that keeps prune away from a point."""
+    return f"{protect_prefix(vm)}{check_point_id(point_id)}"

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +52,9 @@ class LeaseInfo:
     token: str
     created: str
     expires: str
+    uses: tuple[str, ...] | None = None
+    """Point ids whose indexes the holder reads (a backup's parents): prune keeps them.
+    None until the holder knows them."""
 
     def expired(self, now: float | None = None) -> bool:
         """Whether the holder stopped renewing (by this host's clock)."""
@@ -92,6 +95,7 @@ class LeaseInfo:
             token=str(doc["token"]),
             created=str(doc["created"]),
             expires=str(doc["expires"]),
+            uses=tuple(map(str, doc["uses"])) if isinstance(doc.get("uses"), list) else None,
         )
         parse_iso_utc(info.expires)
         return info
@@ -138,6 +142,7 @@ class Lease:
         self._expires_at = parse_iso_utc(info.expires).timestamp()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._write_lock = threading.Lock()  # renewals and record_uses rewrite the same object
 
     @property
     def key(self) -> str:
@@ -168,18 +173,32 @@ class Lease:
 
     def renew(self) -> None:
         """Push the expiry one lease ahead; ``LockHeld`` if someone else holds it now."""
+        with self._write_lock:
+            self._check_stored()
+            now = time.time()
+            if now >= self._expires_at:
+                # Others may have treated the lease as dead meanwhile (gc does):
+                # renewing now would hide that gap from check().
+                self.lost = "it expired before it could be renewed"
+                raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
+            info = replace(self.info, expires=_iso(now + self.lease_seconds))
+            self.backend.put(self.key, info.to_json())
+            self.info = info
+            self._expires_at = now + self.lease_seconds
+
+    def record_uses(self, point_ids: list[str]) -> None:
+        """Publish in the lease the points whose indexes the holder reads (prune keeps them)."""
+        with self._write_lock:
+            self._check_stored()
+            info = replace(self.info, uses=tuple(point_ids))
+            self.backend.put(self.key, info.to_json())
+            self.info = info
+
+    def _check_stored(self) -> None:
         current = read_lease(self.backend, self.key)
         if current is None or current.token != self.info.token:
             self.lost = "it was removed or taken over by another process"
             raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
-        now = time.time()
-        info = LeaseInfo(
-            self.key, self.info.host, self.info.pid, self.info.token, self.info.created,
-            _iso(now + self.lease_seconds),
-        )
-        self.backend.put(self.key, info.to_json())
-        self.info = info
-        self._expires_at = now + self.lease_seconds
 
     def check(self) -> None:
         """Raise ``LockHeld`` unless we still hold the lease; call before committing."""

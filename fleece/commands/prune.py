@@ -1,0 +1,87 @@
+"""``fleece prune``: remove the restore points a retention policy does not keep."""
+
+from __future__ import annotations
+
+import argparse
+
+from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
+from fleece.commands.common import add_json_option, print_json
+from fleece.commands.config import apply_config
+from fleece.errors import BadInput
+from fleece.prune import PruneReport, prune
+from fleece.repo.repository import Repository
+from fleece.repo.url import open_backend
+from fleece.retention import CALENDAR_RULES, Policy, parse_duration
+
+RULES = ("last", *CALENDAR_RULES)
+# A per-VM config file also holds the backup's settings: accept, ignore them.
+CONFIG_KEYS: dict[str, type] = {
+    **BACKUP_KEYS, **{f"keep_{r}": int for r in RULES}, "keep_within": str,
+}
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``prune`` to the command line."""
+    p = sub.add_parser("prune", help="remove restore points that no --keep-* rule keeps")
+    p.add_argument("--config", metavar="FILE", help="read settings from a TOML file ([prune] table)")
+    p.add_argument("--repo", metavar="URL", help="directory, file:///abs/path or s3://bucket/prefix")
+    p.add_argument("--vm", metavar="NAME", help="only this VM's points (default: every VM's)")
+    p.add_argument("--keep-last", type=_count, default=None, metavar="N", help="keep the N newest points")
+    for rule, period in (("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"),
+                         ("monthly", "months"), ("yearly", "years")):
+        p.add_argument(f"--keep-{rule}", type=_count, default=None, metavar="N",
+                       help=f"keep the newest point of each of the last N {period} that have one")
+    p.add_argument("--keep-within", metavar="DURATION", default=None,
+                   help="keep every point younger than DURATION (e.g. 36h, 7d)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+    add_json_option(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Parse the policy, prune, report."""
+    apply_config(args, CONFIG_KEYS, "prune")
+    if not args.repo:
+        raise BadInput("prune needs --repo URL (or repo = … in --config)")
+    policy = Policy(
+        **{r: getattr(args, f"keep_{r}") or 0 for r in RULES},
+        within=parse_duration(args.keep_within) if args.keep_within else None,
+    )
+    if policy.empty:
+        raise BadInput("prune needs at least one --keep-* rule with a count of 1 or more "
+                       "(or --keep-within); nothing was removed")
+    repo = Repository.open(open_backend(args.repo))
+
+    report = prune(repo, policy, vm=args.vm, dry_run=args.dry_run)
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        print_report(report)
+    return 0
+
+
+def print_report(report: PruneReport) -> None:
+    """Per VM, one line per point: kept and why, or removed."""
+    verb = "would remove" if report.dry_run else "removed"
+    removed = kept = 0
+    for v in report.vms:
+        print(f"VM {v.vm}:" + (f" skipped: {v.skipped}" if v.skipped else ""))
+        for d in v.decisions:
+            if d.keep:
+                print(f"  keep    {d.point_id}  ({', '.join(d.reasons)})")
+            else:
+                print(f"  {'remove' if report.dry_run else 'removed'} {d.point_id}")
+        removed += len(v.removed)
+        kept += len(v.kept)
+    print(f"{verb} {removed} point{'s' if removed != 1 else ''}, kept {kept}"
+          + ("; run fleece gc to free their chunks" if removed and not report.dry_run else ""))

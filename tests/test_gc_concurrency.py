@@ -1,0 +1,225 @@
+"""A backup and a gc at the same time, on a directory and on S3 (moto): no point loses a chunk.
+
+The hazard: a backup finds a chunk already stored (here, garbage left by a
+pruned point) and reuses it without uploading; a gc deleting it before the
+backup commits would leave the new point naming a missing chunk. Backups
+hold their VM lease and gc an exclusive lease, each checking for the other
+after creating its own (fleece.repo.gc_lock), so one of them backs off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleece.backup import BackupRequest, BackupResult, run_backup
+from fleece.codec import chunk_digest
+from fleece.errors import LockHeld
+from fleece.gc import collect_garbage
+from fleece.pipeline import PipelineSettings
+from fleece.repo import gc_lock, keys
+from fleece.repo.backend import Backend
+from fleece.repo.faults import FaultyBackend
+from fleece.repo.repository import Repository
+from fleece.repo.url import open_backend
+from fleece.verify import verify_points
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(params=["file", "s3"])
+def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the repository lives: a directory, or a prefix in a fresh moto bucket."""
+    if request.param == "file":
+        return str(tmp_path / "repo")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/fleece"
+
+
+class ProbeHook:
+    """A backend that calls ``on_probe`` right after the dedup probe of one chunk answers."""
+
+    def __init__(self, inner: Backend, key: str, on_probe: Callable[[], None]) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.key = key
+        self.on_probe = on_probe
+        self.probed = 0
+
+    def exists(self, key: str) -> bool:
+        found = self.inner.exists(key)
+        if key == self.key:
+            self.probed += 1
+            self.on_probe()
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class Guest:
+    """The VM plus what its disk should hold."""
+
+    def __init__(self, vm: Any) -> None:
+        self.vm = vm
+        self.disk = bytearray(64 * MiB)
+
+    def fill(self, chunk: int, pattern: int) -> bytes:
+        self.vm.write("vda", chunk * CHUNK, CHUNK, pattern)
+        self.disk[chunk * CHUNK:(chunk + 1) * CHUNK] = bytes([pattern]) * CHUNK
+        return bytes([pattern]) * CHUNK
+
+
+def cli_backup(fleece: Any, guest: Guest, url: str) -> str:
+    r = fleece("backup", "--qmp", guest.vm.qmp_path, "--drive", "vda", "--repo", url, "--json")
+    assert r.rc == 0, r.err
+    return str(r.json()["point"])
+
+
+def api_backup(guest: Guest, backend: Backend, storers: int = 4) -> BackupResult:
+    req = BackupRequest(qmp=guest.vm.qmp_path, drives=["vda"], repo=Repository.open(backend),
+                        settings=PipelineSettings(storers=storers))
+    return asyncio.run(run_backup(req))
+
+
+def with_garbage(fleece: Any, guest: Guest, url: str, pattern: int) -> bytes:
+    """Back up ``pattern`` in chunk 0, overwrite and back up again, prune the first point.
+
+    Returns the chunk that only the pruned point named: garbage for gc.
+    """
+    garbage = guest.fill(0, pattern)
+    cli_backup(fleece, guest, url)
+    guest.fill(0, pattern ^ 0xFF)
+    cli_backup(fleece, guest, url)
+    r = fleece("prune", "--repo", url, "--keep-last", "1")
+    assert r.rc == 0, r.err
+    assert open_backend(url).exists(keys.chunk_key(chunk_digest(garbage)))
+    return garbage
+
+
+def verify_deep(fleece: Any, url: str) -> None:
+    r = fleece("verify", "--repo", url, "--deep", "--json")
+    assert r.rc == 0, r.out + r.err
+
+
+@pytest.fixture
+def guest(make_vm: Any) -> Iterator[Guest]:
+    yield Guest(make_vm(name="web1"))
+
+
+def test_gc_in_the_window_between_the_dedup_probe_and_the_commit_backs_off(
+        guest: Guest, fleece: Any, repo_url: str) -> None:
+    garbage = with_garbage(fleece, guest, repo_url, 0xAA)
+    guest.fill(0, 0xAA)  # the guest writes the pruned data again: the backup will find it stored
+    attempts: list[BaseException | None] = []
+
+    def gc_now() -> None:
+        try:
+            collect_garbage(Repository.open(open_backend(repo_url)))
+            attempts.append(None)
+        except LockHeld as exc:
+            attempts.append(exc)
+
+    hook = ProbeHook(open_backend(repo_url), keys.chunk_key(chunk_digest(garbage)), gc_now)
+    result = api_backup(guest, hook)  # type: ignore[arg-type]
+    assert hook.probed == 1 and result.disks[0].stats.chunks_reused == 1
+    assert len(attempts) == 1 and isinstance(attempts[0], LockHeld)
+    assert "VM web1 is locked" in str(attempts[0])
+    verify_deep(fleece, repo_url)
+    # With the backup done, gc runs and the chunk is the new point's.
+    report = collect_garbage(Repository.open(open_backend(repo_url)))
+    assert report.chunks_deleted == 0
+    verify_deep(fleece, repo_url)
+
+
+def test_without_the_lease_check_the_same_race_loses_a_chunk(
+        guest: Guest, fleece: Any, repo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: proof that the test above would see the damage if gc ignored backups."""
+    garbage = with_garbage(fleece, guest, repo_url, 0xAA)
+    guest.fill(0, 0xAA)
+    monkeypatch.setattr(gc_lock, "running_backups", lambda backend: [])
+
+    def gc_now() -> None:
+        collect_garbage(Repository.open(open_backend(repo_url)))
+
+    key = keys.chunk_key(chunk_digest(garbage))
+    result = api_backup(guest, ProbeHook(open_backend(repo_url), key, gc_now))  # type: ignore[arg-type]
+    assert not open_backend(repo_url).exists(key)
+    repo = Repository.open(open_backend(repo_url))
+    report = verify_points(repo, [("web1", result.point.id)], deep=True)
+    assert not report.ok and "chunk missing" in report.points[0].damage[0].problem
+
+
+def test_gc_started_during_a_slow_backup_waits_for_it_then_frees_only_garbage(
+        guest: Guest, fleece: Any, repo_url: str) -> None:
+    garbage = with_garbage(fleece, guest, repo_url, 0xCC)
+    for chunk in range(1, 9):
+        guest.fill(chunk, 0x60 + chunk)  # none equals 0xCC ^ 0xFF
+    slow = FaultyBackend(open_backend(repo_url), delay=0.5, ops={"put"})
+    outcome: dict[str, Any] = {}
+
+    def back_up() -> None:
+        outcome["result"] = api_backup(guest, slow, storers=1)  # type: ignore[arg-type]
+
+    backup = threading.Thread(target=back_up)
+    backup.start()
+    lease_key = keys.vm_lock_key("web1")
+    deadline = time.monotonic() + 60
+    while not open_backend(repo_url).exists(lease_key):
+        assert time.monotonic() < deadline and backup.is_alive(), "the backup never took its lease"
+        time.sleep(0.05)
+
+    refused = fleece("gc", "--repo", repo_url, "--json")
+    assert backup.is_alive(), "the backup finished too soon to overlap"
+    assert refused.rc == 1 and "VM web1 is locked by" in refused.err and refused.out == ""
+    waited: dict[str, Any] = {}
+    gc = threading.Thread(target=lambda: waited.update(
+        r=fleece("gc", "--repo", repo_url, "--wait", "2m", "--json")))
+    gc.start()
+    time.sleep(1.0)
+    assert backup.is_alive() and gc.is_alive()
+    backup.join(120)
+    gc.join(120)
+    r = waited["r"]
+    assert r.rc == 0, r.err
+    assert "waiting up to 2m" in r.err
+    assert r.json()["chunks_deleted"] == 1  # the pruned point's chunk, nothing of the new one
+    assert not open_backend(repo_url).exists(keys.chunk_key(chunk_digest(garbage)))
+    point = outcome["result"].point
+    assert point.parent is not None and outcome["result"].disks[0].stats.chunks_new == 8
+    verify_deep(fleece, repo_url)
+
+
+def test_a_backup_started_during_gc_backs_off_and_leaves_the_vm_as_it_was(
+        guest: Guest, fleece: Any, repo_url: str) -> None:
+    with_garbage(fleece, guest, repo_url, 0xEE)
+    guest.fill(3, 0x42)
+    graph = guest.vm.block_graph()
+    slow = FaultyBackend(open_backend(repo_url), delay=0.4, ops={"get"})
+    outcome: dict[str, Any] = {}
+    gc = threading.Thread(target=lambda: outcome.update(report=collect_garbage(Repository.open(slow))))
+    gc.start()
+    deadline = time.monotonic() + 60
+    while not open_backend(repo_url).exists(keys.repo_lock_key("gc")):
+        assert time.monotonic() < deadline and gc.is_alive(), "gc never took its lease"
+        time.sleep(0.02)
+    r = fleece("backup", "--qmp", guest.vm.qmp_path, "--drive", "vda", "--repo", repo_url)
+    assert gc.is_alive(), "gc finished too soon to overlap"
+    assert r.rc == 1 and "garbage collection is running" in r.err, r.err
+    assert guest.vm.block_graph() == graph
+    assert not open_backend(repo_url).exists(keys.vm_lock_key("web1"))
+    gc.join(120)
+    assert outcome["report"].chunks_deleted == 1
+    point = cli_backup(fleece, guest, repo_url)
+    verify_deep(fleece, repo_url)
+    repo = Repository.open(open_backend(repo_url))
+    assert repo.find_point(point).disks[0].level == "incremental"
