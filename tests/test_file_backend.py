@@ -205,3 +205,37 @@ def test_open_backend_hands_s3_urls_to_the_s3_backend(monkeypatch: pytest.Monkey
     assert made == [("bucket", "some/prefix/"), ("bucket", "")]
     with pytest.raises(BadInput):
         open_backend("s3://bucket/a/../b")
+
+
+def test_staged_objects_appear_only_once_durable_and_failed_ones_leave_nothing(tmp_path: Path) -> None:
+    from fleece.repo import file_backend
+
+    b = FileBackend(tmp_path / "repo")
+    b.stage("chunks/aa/one", b"1" * 100)
+    b.stage("chunks/bb/two", b"2" * 100)
+    # Not visible before the barrier: another backup must not reuse a chunk
+    # whose bytes a crash could still lose.
+    assert not b.exists("chunks/aa/one")
+    assert list(b.list("chunks/")) == []
+    b.flush()
+    assert b.get("chunks/aa/one") == b"1" * 100
+    assert sorted(b.list("chunks/")) == ["chunks/aa/one", "chunks/bb/two"]
+    # Immutable: a second copy of an existing name changes nothing.
+    b.stage("chunks/aa/one", b"x" * 100)
+    b.flush()
+    assert b.get("chunks/aa/one") == b"1" * 100
+    # A failed backup's staged objects vanish, temporary files included.
+    b.stage("chunks/cc/three", b"3")
+    b.discard_staged()
+    b.flush()
+    assert not b.exists("chunks/cc/three")
+    assert not [p for p in (tmp_path / "repo").rglob(".tmp-*")]
+    # A full batch publishes itself without waiting for flush().
+    old = file_backend.STAGE_BATCH_BYTES
+    file_backend.STAGE_BATCH_BYTES = 150
+    try:
+        b.stage("chunks/dd/four", b"4" * 100)
+        b.stage("chunks/dd/five", b"5" * 100)
+        assert b.exists("chunks/dd/four") and b.exists("chunks/dd/five")
+    finally:
+        file_backend.STAGE_BATCH_BYTES = old

@@ -130,6 +130,7 @@ def test_chunks_round_trip_and_are_immutable(repo: Repository) -> None:
     assert repo.chunk_key(digest) == f"chunks/{digest.hex()[:2]}/{digest.hex()}"
     assert not repo.has_chunk(digest)
     assert repo.put_chunk(digest, encode_chunk(data, 3)) is True
+    repo.flush()  # the file backend publishes chunks once they are durable
     assert repo.has_chunk(digest)
     assert repo.put_chunk(digest, encode_chunk(data, None)) is False
     assert repo.get_chunk(digest) == data
@@ -139,6 +140,7 @@ def test_flipped_byte_in_a_stored_chunk_is_detected(repo: Repository, tmp_path: 
     data = bytes(range(256)) * 256
     digest = chunk_digest(data)
     repo.put_chunk(digest, encode_chunk(data, 3))
+    repo.flush()
     path = tmp_path / "repo" / repo.chunk_key(digest)
     flip_byte(path, path.stat().st_size - 5)
     with pytest.raises(RepositoryCorrupt):

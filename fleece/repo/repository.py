@@ -176,8 +176,32 @@ class Repository:
         return self.backend.exists(keys.chunk_key(digest))
 
     def put_chunk(self, digest: bytes, blob: bytes) -> bool:
-        """Store an encoded chunk; False when it was already there (chunks are immutable)."""
+        """Store an encoded chunk; False when it was already there (chunks are immutable).
+
+        Backends that can batch durability (``stage``/``flush``, the file
+        backend) may publish it only at the next :meth:`flush`; the restore
+        point is never written before that.
+        """
+        stage = getattr(self.backend, "stage", None)
+        if stage is not None:
+            key = keys.chunk_key(digest)
+            if self.backend.exists(key):
+                return False
+            stage(key, blob)
+            return True
         return self.backend.put(keys.chunk_key(digest), blob, if_absent=True)
+
+    def flush(self) -> None:
+        """Make every chunk stored so far durable and visible (a no-op where puts already are)."""
+        flush = getattr(self.backend, "flush", None)
+        if flush is not None:
+            flush()
+
+    def discard_staged(self) -> None:
+        """Drop chunks staged by a backup that failed before :meth:`flush`."""
+        discard = getattr(self.backend, "discard_staged", None)
+        if discard is not None:
+            discard()
 
     def get_chunk(self, digest: bytes) -> bytes:
         """The plaintext of chunk ``digest``, verified; ``RepositoryCorrupt`` if missing or damaged."""
@@ -194,6 +218,7 @@ class Repository:
         """Store a disk's index; returns ``(key, sha256 hex)`` for its :class:`DiskRecord`."""
         key = keys.index_key(point_id, disk)
         blob = index.to_bytes()
+        self.flush()  # every chunk the index names is durable before the index exists
         self.backend.put(key, blob)
         return key, hashlib.sha256(blob).hexdigest()
 
@@ -219,6 +244,7 @@ class Repository:
     def write_point(self, point: RestorePoint) -> None:
         """Commit ``point``: call this last, after its chunks and indexes are stored."""
         key = keys.point_key(point.vm, point.id)
+        self.flush()
         if not self.backend.put(key, point.to_json(), if_absent=True):
             raise RepositoryError(f"restore point {key} already exists; nothing was written")
 
