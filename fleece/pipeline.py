@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleece.codec import chunk_digest, encode_chunk, is_zero
+from fleece.codec import digest_function, encode_chunk, is_zero
 from fleece.errors import ExportError
 from fleece.reader import ChunkPlan, connect, disconnect, pread_chunk
 from fleece.repo.index import ChunkIndex
@@ -108,6 +108,7 @@ class DiskBackup:
         self.settings = settings
         self.progress = progress or (lambda n: None)
         self.stats = DiskStats()
+        self._digest = digest_function(repo.config.hash)
         self._next = plan.to_read()
         self._next_lock = threading.Lock()
         self._pending: set[bytes] = set()  # digests some storer is writing now
@@ -216,7 +217,7 @@ class DiskBackup:
             self.stats.add(chunks_zero=1)
             self._trim(offset, len(data))
             return
-        digest = chunk_digest(data)
+        digest = self._digest(data)
         with self._known_lock:
             seen = digest in self.known or digest in self._pending
             if not seen:

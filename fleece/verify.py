@@ -312,7 +312,7 @@ class _ChunkChecker:
         except RepositoryError as exc:
             return 0, ("chunk unreadable", str(exc))
         try:
-            return len(decode_chunk(blob, digest)), None
+            return len(decode_chunk(blob, digest, self.repo.config.hash)), None
         except RepositoryCorrupt as exc:
             return 0, ("chunk damaged", str(exc))
 

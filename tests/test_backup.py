@@ -239,3 +239,24 @@ def test_backup_reads_settings_from_a_config_file(make_vm, fleece, tmp_path):
     # The command line wins over the file.
     res2 = fleece("backup", "--config", cfg, "--vm", "from-cli", "--json")
     assert res2.json()["vm"] == "from-cli"
+
+
+def test_blake3_repository_backs_up_and_restores_identical(make_vm, fleece, tmp_path):
+    import json
+
+    import blake3
+
+    vm = make_vm([("qcow2", "16M")])
+    vm.write("vda", 0, 3 * MiB, 0x61)
+    repo = tmp_path / "repo"
+    p1 = backup(fleece, vm, repo, extra=("--hash", "blake3"))
+    assert json.loads((repo / "config").read_text())["hash"] == "blake3"
+    # Chunks are named by the BLAKE3 of their plaintext, not sha256.
+    names = {p.name for p in (repo / "chunks").rglob("*") if p.is_file()}
+    assert names == {blake3.blake3(b"\x61" * 3 * MiB + bytes(MiB)).hexdigest()}
+    vm.write("vda", 5 * MiB, 4096, 0x62)
+    p2 = backup(fleece, vm, repo)  # the repository's hash sticks; no --hash needed
+    assert p2["disks"][0]["level"] == "incremental"
+    assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.shadow("vda"))
+    assert fleece("verify", "--repo", repo, "--deep").rc == 0
+    assert p1["point"] != p2["point"]

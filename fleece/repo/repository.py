@@ -13,7 +13,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from fleece.codec import DEFAULT_ZSTD_LEVEL, MAX_CHUNK_SIZE, decode_chunk
+from fleece.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectMissing
@@ -93,7 +93,7 @@ class RepositoryConfig:
             check_chunk_size(config.chunk_size)
         except BadInput as exc:
             raise RepositoryCorrupt(f"{url}: config: {exc}") from None
-        if config.hash != "sha256" or config.encryption != "none":
+        if config.hash not in HASHES or config.encryption != "none":
             raise RepositoryError(
                 f"{url} uses hash {config.hash!r} / encryption {config.encryption!r}, which "
                 "this fleece does not support (upgrade fleece)"
@@ -108,6 +108,8 @@ class Repository:
         self.backend = backend
         self.config = config
         self.url = backend.url
+        self.digest = digest_function(config.hash)
+        """The chunk-naming hash of this repository (its ``config``'s ``hash``)."""
 
     # -- creating and opening -----------------------------------------------
 
@@ -118,15 +120,18 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int | None = DEFAULT_ZSTD_LEVEL,
         repository_id: str | None = None,
+        hash: str = "sha256",
     ) -> Repository:
         """Create a repository at an empty location (``BadInput`` if it is one already)."""
         check_chunk_size(chunk_size)
+        digest_function(hash)  # BadInput for an unknown name
         if compression_level is not None and not 1 <= compression_level <= 22:
             raise BadInput(f"zstd level must be 1..22, not {compression_level}")
         config = RepositoryConfig(
             id=repository_id or secrets.token_hex(16),
             chunk_size=chunk_size,
             compression_level=compression_level,
+            hash=hash,
         )
         if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
             raise BadInput(f"{backend.url} already holds a fleece repository; nothing was changed")
@@ -147,6 +152,7 @@ class Repository:
         backend: Backend,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int | None = DEFAULT_ZSTD_LEVEL,
+        hash: str = "sha256",
     ) -> Repository:
         """Open the repository, creating it only where the location holds no objects at all.
 
@@ -159,7 +165,7 @@ class Repository:
             if next(iter(backend.list("")), None) is not None:
                 raise
         try:
-            return cls.init(backend, chunk_size, compression_level)
+            return cls.init(backend, chunk_size, compression_level, hash=hash)
         except BadInput:
             # Another process initialized it between our look and our put.
             return cls.open(backend)
@@ -210,7 +216,7 @@ class Repository:
             blob = self.backend.get(key)
         except ObjectMissing:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
-        return decode_chunk(blob, digest)
+        return decode_chunk(blob, digest, self.config.hash)
 
     # -- indexes ------------------------------------------------------------
 
