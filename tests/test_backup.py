@@ -260,3 +260,20 @@ def test_blake3_repository_backs_up_and_restores_identical(make_vm, fleece, tmp_
     assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.shadow("vda"))
     assert fleece("verify", "--repo", repo, "--deep").rc == 0
     assert p1["point"] != p2["point"]
+
+
+def test_example_config_holds_only_settings_fleece_knows(tmp_path):
+    # Every key of configs/example.toml must be accepted by the command it is for.
+    import argparse
+
+    from fleece.commands import backup, gc, prune
+    from fleece.commands.config import apply_config
+
+    example = Path(__file__).parent.parent / "configs" / "example.toml"
+    for module, section in ((backup, "backup"), (prune, "prune"), (gc, "gc")):
+        args = argparse.Namespace(config=str(example), drive=[], labels=None)
+        apply_config(args, module.CONFIG_KEYS, section)
+        assert args.repo == "/srv/fleece" and args.drive == ["vda", "vdb"]
+    args = argparse.Namespace(config=str(example), drive=[], labels=None)
+    apply_config(args, backup.CONFIG_KEYS, "backup")
+    assert args.labels == {"tier": "gold", "owner": "ops"} and args.hash == "sha256"

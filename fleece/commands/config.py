@@ -32,7 +32,12 @@ def apply_config(args: argparse.Namespace, allowed: dict[str, type], section: st
         raise BadInput(f"cannot read config file {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
-    settings: dict[str, Any] = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    # A top-level table is another command's section ([prune], [gc]) unless it
+    # is a setting whose value is a table (labels).
+    settings: dict[str, Any] = {
+        k: v for k, v in doc.items()
+        if not isinstance(v, dict) or allowed.get(k.replace("-", "_")) is dict
+    }
     settings.update(doc.get(section, {}))
     for key, value in settings.items():
         attr = key.replace("-", "_")
