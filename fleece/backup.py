@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,7 +115,8 @@ async def vm_name(session: QmpSession) -> str:
     if uuid and uuid.strip("0-"):
         return str(uuid)
     address = session.address
-    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    # Absolute, so that the same VM reached from another directory keeps its name.
+    return os.path.abspath(address) if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
 def check_level(level: str) -> str:
