@@ -28,6 +28,7 @@ from typing import Any
 
 from fleece.errors import ExportError
 from fleece.fleecing.names import STATE_FILE
+from fleece.liveness import process_gone
 
 VERSION = 1
 
@@ -73,15 +74,7 @@ class ExportState:
 
     def owner_gone(self) -> bool:
         """Whether this is a session export whose process (on this host) no longer exists."""
-        if self.owner != "session" or self.host != gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return self.owner == "session" and process_gone(self.host, self.pid)
 
     @property
     def path(self) -> Path:

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleece.errors import FleeceError, LockHeld
+from fleece.liveness import process_gone
 from fleece.repo.backend import Backend, ObjectMissing
 from fleece.repo.keys import repo_lock_key, vm_lock_key
 from fleece.repo.point import iso_utc, parse_iso_utc
@@ -67,14 +68,7 @@ class LeaseInfo:
         A killed backup cannot release its lease; on the same host we can see
         that its pid is gone and need not wait for the lease to expire.
         """
-        if self.host != socket.gethostname() or self.pid <= 0:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+        return process_gone(self.host, self.pid)
         return False
 
     def to_json(self) -> bytes:
