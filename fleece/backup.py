@@ -157,7 +157,7 @@ async def run_backup(
             # We will reuse chunks we do not upload: no gc may run until we
             # commit. Our lease exists now, so a gc starting later sees it.
             check_no_gc(repo.backend)
-            points = {p.id: p for p in repo.list_points(vm)}
+            points = _PointsOfVm(repo, vm)
 
             def parent_ok(drive: str, parent: str) -> bool:
                 point = points.get(parent)
@@ -175,7 +175,7 @@ async def run_backup(
             ) as export:
                 results: list[DiskResult] = []
                 records: list[DiskRecord] = []
-                latest = max(points.values(), key=lambda p: p.id, default=None)
+                latest = points.latest()
                 # Prune keeps the points whose indexes we are about to read.
                 uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
                 await asyncio.to_thread(lease.record_uses, sorted(uses))
@@ -219,6 +219,32 @@ async def run_backup(
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
 
 
+class _PointsOfVm:
+    """The VM's restore points by id, each read only when asked for.
+
+    A backup needs its parent and the latest point; reading every point of
+    the VM would cost a request per point on S3.
+    """
+
+    def __init__(self, repo: Repository, vm: str) -> None:
+        self._repo = repo
+        self._ids = {point_id: name for name, point_id in repo.point_refs(vm)}
+        self._read: dict[str, RestorePoint] = {}
+
+    def get(self, point_id: str) -> RestorePoint | None:
+        """Point ``point_id`` of this VM, or None if the repository has no such point."""
+        name = self._ids.get(point_id)
+        if name is None:
+            return None
+        if point_id not in self._read:
+            self._read[point_id] = self._repo.load_point(name, point_id)
+        return self._read[point_id]
+
+    def latest(self) -> RestorePoint | None:
+        """The VM's newest point (ids sort by time), or None."""
+        return self.get(max(self._ids)) if self._ids else None
+
+
 def _back_up_disk(
     req: BackupRequest,
     repo: Repository,
@@ -254,7 +280,11 @@ def _back_up_disk(
     known: set[bytes] = set()
     if level == "incremental":
         known |= index.digests()
-    if latest is not None and any(d.name == disk.drive for d in latest.disks):
+    # When the parent is the latest point its digests are in already: an index
+    # of a large disk is megabytes, not worth a second download from S3.
+    parent_is_latest = (level == "incremental" and parent is not None and latest is not None
+                        and parent.id == latest.id)
+    if latest is not None and not parent_is_latest and any(d.name == disk.drive for d in latest.disks):
         known |= repo.read_index(latest, disk.drive).digests()
 
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "fleece.commands.prune",
     "fleece.commands.gc",
     "fleece.commands.protect",
+    "fleece.commands.unlock",
 ]
 
 

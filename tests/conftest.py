@@ -402,6 +402,22 @@ class S3Server:
             region_name="us-east-1",
         )
 
+    @contextlib.contextmanager
+    def checking_credentials(self) -> Iterator[None]:
+        """Inside the block, the (shared) server authenticates every request against its IAM."""
+        import urllib.request
+
+        def free_actions(count: str) -> None:
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                headers={"Content-Type": "text/plain"}), timeout=10).read()
+
+        free_actions("0")
+        try:
+            yield
+        finally:
+            free_actions("inf")
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
@@ -445,6 +461,22 @@ def s3_bucket(s3_env: S3Server) -> str:
     name = f"fleece-test-{uuid.uuid4().hex[:12]}"
     s3_env.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def s3_proxy(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fault-injecting HTTP proxy in front of the moto server (``S3FaultProxy``).
+
+    AWS_ENDPOINT_URL points at it, in-process and in subprocesses. Its
+    ``plan`` may be changed while requests flow; ``plan.requests`` counts
+    the HTTP attempts per S3 operation. A stalled request (``timeouts``)
+    hangs 1.5 s: set FLEECE_S3_READ_TIMEOUT below that.
+    """
+    from fleece.repo.s3_faults import S3FaultProxy
+
+    with S3FaultProxy(s3_env.endpoint, hang=1.5) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        yield proxy
 
 
 # -- reading a fleece export as an NBD client would -------------------------------

@@ -7,15 +7,12 @@ so what these tests show retried is retried by botocore itself.
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -24,7 +21,7 @@ import pytest
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.repo.backend import Backend, ObjectMissing
 from fleece.repo.s3_backend import S3Backend, parse_s3_url
-from fleece.repo.s3_faults import S3FaultProxy, inject_http_faults
+from fleece.repo.s3_faults import inject_http_faults
 
 pytestmark = pytest.mark.s3
 
@@ -316,22 +313,6 @@ def test_an_unreachable_endpoint_fails_quickly_with_one_line(s3_bucket, monkeypa
     assert text.startswith(f"cannot reach the S3 endpoint http://127.0.0.1:{port} for PutObject")
 
 
-@contextlib.contextmanager
-def moto_checks_credentials(server) -> Iterator[None]:
-    """Inside the block, the shared moto server authenticates every request."""
-
-    def free_actions(count: str) -> None:
-        urllib.request.urlopen(urllib.request.Request(
-            f"{server.endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
-            headers={"Content-Type": "text/plain"}), timeout=10).read()
-
-    free_actions("0")
-    try:
-        yield
-    finally:
-        free_actions("inf")
-
-
 def test_access_denied_and_wrong_credentials_are_one_line_without_secrets(
         s3_env, s3_bucket, monkeypatch, caplog):
     iam = boto3.client("iam")
@@ -339,7 +320,7 @@ def test_access_denied_and_wrong_credentials_are_one_line_without_secrets(
     iam.create_user(UserName=user)
     key = iam.create_access_key(UserName=user)["AccessKey"]
     caplog.set_level(logging.DEBUG)  # from here on, botocore's own request logs included
-    with moto_checks_credentials(s3_env):
+    with s3_env.checking_credentials():
         # A real user without any policy: moto answers 403 AccessDenied.
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
@@ -373,6 +354,21 @@ def test_debug_logging_never_shows_credentials(s3_bucket, monkeypatch, caplog):
     assert "fleece-session-token-do-not-log" not in caplog.text
 
 
+# -- connections ---------------------------------------------------------------------------
+def test_the_connection_pool_grows_to_the_threads_that_share_the_backend(s3_bucket, caplog):
+    backend = S3Backend(s3_bucket, "x")
+    assert backend.preferred_concurrency == 16  # what `fleece backup` stores with on S3
+    backend.reserve_connections(21)
+    assert backend.client.meta.config.max_pool_connections == 32  # room already
+    backend.reserve_connections(48)
+    assert backend.client.meta.config.max_pool_connections == 48
+    caplog.set_level(logging.WARNING)
+    with ThreadPoolExecutor(48) as pool:
+        list(pool.map(lambda i: backend.put(f"chunks/{i}", b"x" * 100_000), range(240)))
+    assert len(list(backend.list("chunks/"))) == 240
+    assert "Connection pool is full" not in caplog.text  # no connection opened and thrown away
+
+
 # -- requests per operation --------------------------------------------------------------
 def test_each_operation_costs_one_request(backend):
     with inject_http_faults(backend) as seen:
@@ -388,53 +384,45 @@ def test_each_operation_costs_one_request(backend):
     assert not seen.injected
 
 
-# -- real TCP faults: a proxy between fleece and the server -----------------------------------
-@pytest.fixture
-def proxy(s3_env, monkeypatch) -> Iterator[S3FaultProxy]:
-    """A fault proxy in front of moto; AWS_ENDPOINT_URL points at it (subprocesses too)."""
-    with S3FaultProxy(s3_env.endpoint, hang=1.5) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
-        yield p
-
-
-def test_real_resets_and_errors_on_the_wire_are_retried(proxy, s3_bucket):
-    proxy.plan.statuses.append((503, "ServiceUnavailable"))
-    proxy.plan.resets = 1
-    proxy.plan.lost_replies = 1
-    proxy.plan.ops = frozenset({"PutObject"})
+# -- real TCP faults: a proxy between fleece and the server (conftest's s3_proxy) -------------------
+def test_real_resets_and_errors_on_the_wire_are_retried(s3_proxy, s3_bucket):
+    s3_proxy.plan.statuses.append((503, "ServiceUnavailable"))
+    s3_proxy.plan.resets = 1
+    s3_proxy.plan.lost_replies = 1
+    s3_proxy.plan.ops = frozenset({"PutObject"})
     backend = S3Backend(s3_bucket, "wire")
     # 503, RST, stored-but-RST, then 412 for the attempt's own object: still ours.
     assert backend.put("locks/vms/vm1", b"lease mine", if_absent=True) is True
-    assert proxy.plan.requests == {"PutObject": 4, "GetObject": 1}  # the GET compares the bodies
+    assert s3_proxy.plan.requests == {"PutObject": 4, "GetObject": 1}  # the GET compares the bodies
 
     backend.put("chunks/aa/aa", b"z" * 200_000)
-    proxy.plan.requests.clear()
-    proxy.plan.ops = frozenset({"GetObject"})
-    proxy.plan.body_resets = 1
-    proxy.plan.corrupt_responses = 1
+    s3_proxy.plan.requests.clear()
+    s3_proxy.plan.ops = frozenset({"GetObject"})
+    s3_proxy.plan.body_resets = 1
+    s3_proxy.plan.corrupt_responses = 1
     assert backend.get("chunks/aa/aa") == b"z" * 200_000
-    assert proxy.plan.requests["GetObject"] == 3
-    assert proxy.plan.injected == {"status": 1, "resets": 1, "lost_replies": 1, "body_resets": 1,
-                                   "corrupt_responses": 1}
+    assert s3_proxy.plan.requests["GetObject"] == 3
+    assert s3_proxy.plan.injected == {"status": 1, "resets": 1, "lost_replies": 1, "body_resets": 1,
+                                      "corrupt_responses": 1}
 
 
-def test_a_stalled_server_is_a_read_timeout_and_retried(proxy, s3_bucket, monkeypatch):
+def test_a_stalled_server_is_a_read_timeout_and_retried(s3_proxy, s3_bucket, monkeypatch):
     monkeypatch.setenv("FLEECE_S3_READ_TIMEOUT", "0.5")
     backend = S3Backend(s3_bucket, "wire")
     backend.put("config", b"{}")
-    proxy.plan.timeouts = 1
+    s3_proxy.plan.timeouts = 1
     start = time.monotonic()
     assert backend.get("config") == b"{}"
     assert 0.5 <= time.monotonic() - start < 1.5
-    assert proxy.plan.requests["GetObject"] == 2
+    assert s3_proxy.plan.requests["GetObject"] == 2
 
 
-def test_a_persistent_outage_ends_a_fleece_command_with_one_line(proxy, s3_bucket, monkeypatch, fleece):
+def test_a_persistent_outage_ends_a_fleece_command_with_one_line(s3_proxy, s3_bucket, monkeypatch, fleece):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
-    proxy.plan.outage = 503
+    s3_proxy.plan.outage = 503
     res = fleece("list", "--repo", f"s3://{s3_bucket}/wire", timeout=60)
     assert res.rc == 1, (res.out, res.err)
     lines = res.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fleece: error: S3 "), res.err
     assert f"s3://{s3_bucket}/wire/" in lines[0] and "failed after 3 attempts: HTTP 503" in lines[0]
-    assert sum(proxy.plan.requests.values()) == 3  # one request, botocore's three attempts
+    assert sum(s3_proxy.plan.requests.values()) == 3  # one request, botocore's three attempts

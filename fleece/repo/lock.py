@@ -201,11 +201,12 @@ class Lease:
         if self.lost is not None:
             raise LockHeld(f"lost the lock on {self.what}: {self.lost}; nothing was committed")
 
-    def release(self) -> None:
+    def release(self, quiet: bool = False) -> str | None:
         """Stop renewing and delete the lease if it is still ours.
 
-        Never raises: a lease we cannot delete expires by itself, which is said
-        in a warning.
+        Never raises: a lease we cannot delete expires by itself. Returns what
+        was left behind then (None once released), also logged as a warning
+        unless ``quiet``.
         """
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -215,16 +216,24 @@ class Lease:
             if current is not None and current.token == self.info.token:
                 self.backend.delete(self.key)
         except FleeceError as exc:
-            log.warning(
-                "could not release the lock %s (%s); it expires by itself at %s",
-                self.key, exc, self.info.expires,
-            )
+            if not quiet:
+                log.warning(
+                    "could not release the lock %s (%s); it expires by itself at %s",
+                    self.key, exc, self.info.expires,
+                )
+            return f"the lock {self.key} could not be released and expires by itself at {self.info.expires}"
+        return None
 
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # Leaving on a fleece error (a store that is down, typically): the user
+        # gets one line, the error followed by the lock it left behind.
+        failing = isinstance(exc, FleeceError)
+        left = self.release(quiet=failing)
+        if left is not None and exc is not None and failing:
+            exc.args = (f"{exc}; {left}",)
 
 
 def acquire(

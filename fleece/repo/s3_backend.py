@@ -10,7 +10,9 @@ variables, ``AWS_ENDPOINT_URL``, profiles, instance roles — never from the
 command line, and nothing here logs or prints a credential.
 
 An :class:`S3Backend` is safe to share between threads (boto3 clients are);
-size ``max_pool_connections`` to the number of threads that use it.
+its connection pool must hold as many connections as threads use it at once
+(:meth:`S3Backend.reserve_connections`), or urllib3 opens and discards extra
+ones with a warning each time.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ a backup that has already read gigabytes deserves a little more patience.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request may name
+DEFAULT_POOL_CONNECTIONS = 32
+PREFERRED_CONCURRENCY = 16
+"""Chunks a backup uploads at once unless told otherwise.
+
+A request to S3 spends most of its time waiting (tens of milliseconds of
+latency for a few MiB), so it takes more requests in flight than a local
+disk's 4 to keep the link busy. Each one holds an encoded chunk in memory.
+"""
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -75,6 +85,7 @@ _DENIED_CODES = frozenset({
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem",
 })
+_ENDPOINT_URL_RE = re.compile(r'\s+(?:from|on|to)\s+(?:the\s+)?endpoint URL: "[^"]*"')
 _BAD_DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
 # The IAM action a denied operation needs, for the error message.
 _ACTIONS = {
@@ -144,7 +155,11 @@ def _make_client(max_pool_connections: int, connect_timeout: float | None,
 class S3Backend:
     """Objects in one S3 bucket under one key prefix (see module docstring)."""
 
-    def __init__(self, bucket: str, prefix: str, *, max_pool_connections: int = 32,
+    preferred_concurrency = PREFERRED_CONCURRENCY
+    """How many chunks a backup should store in parallel here (``--storers`` overrides)."""
+
+    def __init__(self, bucket: str, prefix: str, *,
+                 max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
                  client: Any | None = None, connect_timeout: float | None = None,
                  read_timeout: float | None = None) -> None:
         """Open ``s3://bucket/prefix``; no request is sent until the first operation.
@@ -156,6 +171,9 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.max_pool_connections = max_pool_connections
+        self._own_client = client is None
+        self._timeouts = (connect_timeout, read_timeout)
         self.client: S3Client = client or _make_client(max_pool_connections, connect_timeout,
                                                        read_timeout)
         config: Any = self.client.meta.config
@@ -255,6 +273,17 @@ class S3Backend:
         return head["LastModified"].timestamp()
 
     # -- beyond the protocol -----------------------------------------------------------
+    def reserve_connections(self, threads: int) -> None:
+        """Make the connection pool hold ``threads`` connections; call before sharing the backend.
+
+        Grows only, by replacing a client of our own (cheap before the first
+        requests; no request is lost, the old pool just closes).
+        """
+        if threads <= self.max_pool_connections or not self._own_client:
+            return
+        self.max_pool_connections = threads
+        self.client = _make_client(threads, *self._timeouts)
+
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         """``list`` with sizes and times, from the same pages (no HEAD per object; gc uses it)."""
         for obj in self._listed(prefix):
@@ -356,9 +385,11 @@ class S3Backend:
             return RepositoryError(
                 f"cannot reach the S3 endpoint {self.endpoint} for {op} {where} "
                 f"(retried up to {self.max_attempts} attempts): {_one_line(str(e))}")
+        # botocore repeats the request's whole URL; the line already names the object.
+        detail = _ENDPOINT_URL_RE.sub("", str(e)).rstrip(".")
         return RepositoryError(
             f"S3 {op} {where} failed after retries (up to {self.max_attempts} attempts): "
-            f"{type(e).__name__}: {_one_line(str(e))}")
+            f"{type(e).__name__}: {_one_line(detail)}")
 
 
 def _code(e: ClientError) -> str:

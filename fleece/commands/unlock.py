@@ -1,0 +1,58 @@
+"""``fleece unlock``: break a VM's (or gc's) lock lease whose holder is gone.
+
+A backup killed on another host leaves its lease behind; the next backup
+takes it over by itself once it has expired (10 minutes by default), or at
+once when the holder was a process of this host that no longer exists. This
+is for the operator who knows the holder is gone and will not wait: without
+``--force`` only a lease that could be taken over anyway is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fleece.errors import BadInput, LockHeld
+from fleece.repo.gc_lock import GC_LOCK
+from fleece.repo.keys import repo_lock_key, vm_lock_key
+from fleece.repo.lock import read_lease
+from fleece.repo.url import open_backend
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``unlock`` to the command line."""
+    p = sub.add_parser("unlock", help="remove a lock left by a backup (or gc) that is gone")
+    p.add_argument("--repo", required=True, metavar="URL",
+                   help="directory, file:///abs/path or s3://bucket/prefix")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vm", metavar="NAME", help="the VM whose writer lock to remove")
+    which.add_argument("--gc", action="store_true", help="remove the repository's gc lock")
+    p.add_argument("--force", action="store_true",
+                   help="remove it even though it has not expired (its holder must be gone)")
+    p.set_defaults(func=cmd_unlock)
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """Remove the lease if it is stale (or ``--force``); say whose it was."""
+    vm: str | None = args.vm
+    if vm is not None and not vm:
+        raise BadInput("--vm needs a name")
+    backend = open_backend(args.repo)
+    key, what = (vm_lock_key(vm), f"VM {vm}") if vm is not None else (
+        repo_lock_key(GC_LOCK), "garbage collection")
+    info = read_lease(backend, key)
+    if info is None:
+        print(f"{what} holds no lock in {backend.url}")
+        return 0
+    holder = f"{info.host} pid {info.pid} since {info.created}"
+    stale = info.expired() or info.holder_gone()
+    if not stale and not args.force:
+        raise LockHeld(
+            f"{what} is locked by {holder} (lease expires {info.expires}); if that process is "
+            "gone, run again with --force; nothing was removed")
+    # Re-read right before deleting: never remove a lease someone just took over.
+    if read_lease(backend, key) != info:
+        raise LockHeld(f"the lock of {what} changed hands meanwhile; nothing was removed")
+    backend.delete(key)
+    state = "expired" if info.expired() else "holder gone" if stale else "forced"
+    print(f"removed the lock of {what} held by {holder} ({state}, lease expires {info.expires})")
+    return 0

@@ -1,0 +1,363 @@
+"""`fleece backup` of real VMs into S3: a moto_server on loopback, over HTTP, through the CLI.
+
+The repository is ``s3://BUCKET/sites/a``: every object must land under that
+prefix. Restores are compared with the test's shadow of each disk. Faults
+come from ``S3FaultProxy`` (conftest's ``s3_proxy``) between the ``fleece``
+subprocess and moto: real 503s, throttling, TCP resets and stalls below
+botocore's retry handler, and outages switched on mid-backup.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from conftest import FLEECE
+
+from fleece.repo.lock import LeaseInfo
+from fleece.repo.s3_backend import S3Backend
+
+pytestmark = [pytest.mark.s3, pytest.mark.qemu]
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+PREFIX = "sites/a"
+
+
+# -- helpers ---------------------------------------------------------------------------
+def identical(a: Path, b: Path) -> bool:
+    res = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)])
+    return res.returncode == 0
+
+
+def backup(fleece, vm, url: str, *, level: str | None = None, extra: tuple[str, ...] = ()) -> Any:
+    args = ["backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra]
+    if level:
+        args += ["--level", level]
+    res = fleece(*args)
+    assert res.rc == 0, res.err
+    return res.json()
+
+
+def restore(fleece, url: str, point: str, out: Path) -> Path:
+    res = fleece("restore", "--repo", url, point, "--drive", "vda", "--output", out)
+    assert res.rc == 0, res.err
+    return out
+
+
+def bucket_objects(s3_env, bucket: str) -> dict[str, tuple[str, Any]]:
+    """Every object in the bucket (key → (ETag, LastModified)), listed by a client fleece does not own."""
+    pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
+
+
+def chunk_objects(s3_env, bucket: str) -> dict[str, tuple[str, Any]]:
+    return {k: v for k, v in bucket_objects(s3_env, bucket).items() if k.startswith(f"{PREFIX}/chunks/")}
+
+
+def random_seed(path: Path, size: int, seed: int) -> Path:
+    """A raw image of incompressible data, like real disk contents after compression."""
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def start_backup(vm, url: str, *extra: str) -> subprocess.Popen[str]:
+    """A ``fleece backup`` in the background, for faults switched on while it runs."""
+    return subprocess.Popen(
+        [FLEECE, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the backup ended too early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fleece: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- the happy path ----------------------------------------------------------------------
+def test_full_incremental_and_restores_are_identical_and_every_object_is_under_the_prefix(
+        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+    seed = random_seed(tmp_path / "seed.raw", 64 * MiB, 1)
+    with open(seed, "r+b") as f:  # half of the disk never written: zero chunks, not stored
+        f.truncate(32 * MiB)
+        f.truncate(64 * MiB)
+    vm = make_vm([("qcow2", "64M")], name="web1", contents={"vda": seed})
+    vm.write("vda", 40 * MiB, MiB, 0x11)
+    url = f"s3://{s3_bucket}/{PREFIX}"
+
+    p1 = backup(fleece, vm, url)
+    d1 = p1["disks"][0]
+    assert (d1["level"], d1["chunks_new"], d1["chunks_zero"]) == ("full", 9, 7)
+    assert d1["bytes_stored"] > 32 * MiB  # random data does not compress
+    s1 = vm.snapshot_shadow("vda", tmp_path / "p1.raw")
+
+    vm.write("vda", 5 * MiB, 64 * 1024, 0x22)  # chunk 1
+    vm.write("vda", 60 * MiB, 2 * MiB, 0x33)   # chunk 15, a zero chunk until now
+    p2 = backup(fleece, vm, url)
+    d2 = p2["disks"][0]
+    assert p2["parent"] == p1["point"] and d2["level"] == "incremental"
+    assert d2["bytes_read"] == 2 * CHUNK and d2["chunks_new"] == 2
+
+    assert identical(restore(fleece, url, p1["point"], tmp_path / "r1.raw"), s1)
+    assert identical(restore(fleece, url, p2["point"], tmp_path / "r2.raw"), vm.shadow("vda"))
+    listed = fleece("list", "--repo", url, "--json").json()["points"]
+    assert [p["id"] for p in listed] == [p1["point"], p2["point"]]
+
+    keys = set(bucket_objects(s3_env, s3_bucket))
+    assert keys and all(k.startswith(f"{PREFIX}/") for k in keys), keys
+    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "indexes", "points"}  # lock released
+    assert f"{PREFIX}/points/web1/{p2['point']}.json" in keys
+    assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 11
+    assert set(vm.bitmaps("vda")) == {f"fleece-{p2['point']}"}
+
+
+def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
+        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path):
+    vm = make_vm([("qcow2", "32M")], name="web1")
+    for i in range(6):
+        vm.write("vda", i * 5 * MiB, MiB, 0x30 + i)
+    url = f"s3://{s3_bucket}/{PREFIX}"
+    first = backup(fleece, vm, url)["disks"][0]
+    assert first["chunks_new"] == 6
+    chunks = chunk_objects(s3_env, s3_bucket)
+    assert len(chunks) == 6
+
+    s3_proxy.plan.requests.clear()
+    second = backup(fleece, vm, url, level="full")["disks"][0]
+    assert second["level"] == "full" and second["bytes_read"] == first["bytes_read"]
+    assert (second["chunks_new"], second["bytes_stored"], second["chunks_reused"]) == (0, 0, 6)
+    assert chunk_objects(s3_env, s3_bucket) == chunks  # same keys, same ETags, same times
+    seen = s3_proxy.plan.requests
+    # The latest point's index names every chunk: no HEAD per chunk, no chunk PUT.
+    # PUTs: the lease, the lease naming the points it reads, the index, the point.
+    assert seen["HeadObject"] == 0 and seen["PutObject"] == 4, seen
+
+    # The guest rewrites chunk 0 with the bytes it already held and chunk 7
+    # with new ones: both are read; only the new digest is probed and stored.
+    s3_proxy.plan.requests.clear()
+    vm.write("vda", 0, MiB, 0x30)
+    vm.write("vda", 28 * MiB, MiB, 0x77)
+    third = backup(fleece, vm, url)["disks"][0]
+    assert third["level"] == "incremental" and third["bytes_read"] == 2 * CHUNK
+    assert (third["chunks_new"], third["chunks_reused"]) == (1, 1)
+    assert seen["HeadObject"] == 1 and seen["PutObject"] == 5, seen
+    # GETs: config, gc's lease (absent), the parent point and its index (once,
+    # it is also the latest), our lease twice; not one per point of the VM.
+    assert seen["GetObject"] == 6, seen
+    assert len(chunk_objects(s3_env, s3_bucket)) == 7
+
+
+def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
+        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+    seed = random_seed(tmp_path / "seed.raw", 24 * MiB, 2)  # same golden image, 6 chunks
+    vms = [make_vm([("qcow2", "24M")], name=name, contents={"vda": seed}) for name in ("web1", "web2")]
+    vms[1].write("vda", 0, MiB, 0x42)  # web2 differs in its first chunk
+    url = f"s3://{s3_bucket}/{PREFIX}"
+
+    # Both start on an empty prefix: one creates the repository, both store
+    # the shared chunks (conditional creates decide who writes each object).
+    procs = [start_backup(vm, url) for vm in vms]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+    points = [json.loads(out)["point"] for out, _ in results]
+
+    chunks = chunk_objects(s3_env, s3_bucket)
+    assert len(chunks) == 7  # 6 shared + web2's own first chunk, each stored once
+    for vm, point in zip(vms, points, strict=True):
+        assert identical(restore(fleece, url, point, tmp_path / f"{vm.name}.raw"), vm.shadow("vda"))
+    listed = fleece("list", "--repo", url, "--json").json()["points"]
+    assert sorted(p["vm"] for p in listed) == ["web1", "web2"]
+
+    # A third, later VM from the same image finds every chunk in the bucket.
+    late = make_vm([("qcow2", "24M")], name="web3", contents={"vda": seed})
+    disk = backup(fleece, late, url)["disks"][0]
+    assert (disk["chunks_new"], disk["chunks_reused"]) == (0, 6)
+    assert chunk_objects(s3_env, s3_bucket) == chunks
+
+
+# -- faults ------------------------------------------------------------------------------
+def test_throttling_errors_resets_and_stalls_are_retried_and_the_point_restores_identical(
+        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEECE_S3_READ_TIMEOUT", "0.5")  # the proxy stalls 1.5 s
+    seed = random_seed(tmp_path / "seed.raw", 48 * MiB, 3)
+    vm = make_vm([("qcow2", "48M")], name="web1", contents={"vda": seed})
+    url = f"s3://{s3_bucket}/{PREFIX}"
+    plan = s3_proxy.plan
+    plan.ops = frozenset({"PutObject", "HeadObject"})
+    plan.slow = 0.02
+
+    proc = start_backup(vm, url)
+    # Once the lease is taken and the chunks flow, the server starts misbehaving.
+    wait_for(lambda: plan.requests["HeadObject"] >= 1, proc)
+    plan.statuses.extend([(503, "SlowDown"), (503, "SlowDown"), (500, "InternalError"),
+                          (503, "ServiceUnavailable")])
+    plan.resets, plan.lost_replies, plan.timeouts = 2, 1, 1
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert plan.injected == {"status": 4, "resets": 2, "lost_replies": 1, "timeouts": 1}
+    point = json.loads(out)
+    assert point["disks"][0]["chunks_new"] == 12
+    assert identical(restore(fleece, url, point["point"], tmp_path / "r.raw"), vm.shadow("vda"))
+    assert set(vm.bitmaps("vda")) == {f"fleece-{point['point']}"}
+
+
+@pytest.mark.parametrize("outage", ["puts-503", "endpoint-resets"])
+def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
+        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path, monkeypatch, outage):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    seed = random_seed(tmp_path / "seed.raw", 32 * MiB, 4)
+    vm = make_vm([("qcow2", "32M")], name="web1", contents={"vda": seed})
+    url = f"s3://{s3_bucket}/{PREFIX}"
+    first = backup(fleece, vm, url)
+    for i in range(8):  # every chunk dirty, with new data
+        vm.write("vda", i * CHUNK + 4096, 8192, 0x50 + i)
+    before = vm.block_graph()
+    assert before["bitmaps"]["vda"] == [(f"fleece-{first['point']}", True, True)]
+    objects = bucket_objects(s3_env, s3_bucket)
+
+    plan = s3_proxy.plan
+    plan.slow = 0.2  # each request takes a while, so the outage lands mid-upload
+    plan.requests.clear()
+    proc = start_backup(vm, url, "--storers", "4")
+    # The lease, the lease naming its parent, then the first chunk: the store goes down.
+    wait_for(lambda: plan.requests["PutObject"] >= 3, proc)
+    if outage == "puts-503":
+        plan.ops, plan.outage = frozenset({"PutObject"}), 503
+    else:
+        plan.outage = "reset"  # every request, the lease's release included
+    out, err = proc.communicate(timeout=120)
+    plan.outage, plan.slow = None, 0.0
+
+    assert proc.returncode == 1 and out == "", (out, err)
+    line = one_error_line(err)
+    assert line.startswith("fleece: error: S3 ") and f"s3://{s3_bucket}/{PREFIX}/" in line
+    left_behind = {f"{PREFIX}/chunks/"}
+    if outage == "puts-503":
+        assert "failed after 2 attempts: HTTP 503" in line
+    else:  # nor could the lease be deleted: the line says so, and until when it holds
+        assert "(up to 2 attempts): ConnectionClosedError" in line
+        assert line.endswith(tuple("0123456789Z")) and "the lock locks/vms/web1 could not be released" in line
+        left_behind.add(f"{PREFIX}/locks/vms/web1")
+    # QEMU exactly as found: the previous checkpoint still there and recording, no new one.
+    assert vm.block_graph() == before
+    # No point, no index: at most chunks nobody names yet (gc's to collect), and the lease.
+    new_keys = set(bucket_objects(s3_env, s3_bucket)) - set(objects)
+    assert all(k.startswith(tuple(left_behind)) for k in new_keys), new_keys
+    assert any(k.startswith(f"{PREFIX}/chunks/") for k in new_keys)  # it did fail mid-upload
+    assert [p["id"] for p in fleece("list", "--repo", url, "--json").json()["points"]] == [first["point"]]
+
+    # The store is back: the next backup is an incremental on the first point
+    # and holds every write made since it.
+    nxt = backup(fleece, vm, url)
+    assert nxt["parent"] == first["point"] and nxt["disks"][0]["level"] == "incremental"
+    assert nxt["disks"][0]["bytes_read"] == 8 * CHUNK
+    assert identical(restore(fleece, url, nxt["point"], tmp_path / "r.raw"), vm.shadow("vda"))
+
+
+@pytest.mark.parametrize("case", ["missing-bucket", "unreachable-endpoint"])
+def test_a_repository_that_cannot_be_reached_fails_in_one_line_before_qemu_is_touched(
+        make_vm, fleece, s3_env, tmp_path, monkeypatch, case):
+    vm = make_vm([("qcow2", "16M")], name="web1")
+    vm.write("vda", 0, MiB, 0x42)
+    before = vm.block_graph()
+    bucket = f"fleece-missing-{uuid.uuid4().hex[:8]}"
+    if case == "unreachable-endpoint":
+        with socket.socket() as s:  # a loopback port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    start = time.monotonic()
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", f"s3://{bucket}/{PREFIX}")
+    assert res.rc == 1 and res.out == "", res.err
+    line = one_error_line(res.err)
+    if case == "missing-bucket":
+        assert line == f"fleece: error: S3 bucket {bucket} does not exist at {s3_env.endpoint}"
+    else:
+        assert line.startswith(f"fleece: error: cannot reach the S3 endpoint http://127.0.0.1:{port}")
+        assert time.monotonic() - start < 20
+    assert vm.block_graph() == before
+
+
+def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
+        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+    vm = make_vm([("qcow2", "16M")], name="web1")
+    vm.write("vda", 0, MiB, 0x42)
+    url = f"s3://{s3_bucket}/{PREFIX}"
+    first = backup(fleece, vm, url)
+    vm.write("vda", 8 * MiB, MiB, 0x43)
+    before, objects = vm.block_graph(), bucket_objects(s3_env, s3_bucket)
+
+    iam = boto3.client("iam")  # moto's IAM, at AWS_ENDPOINT_URL
+    user = f"fleece-reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": [f"arn:aws:s3:::{s3_bucket}", f"arn:aws:s3:::{s3_bucket}/*"]}],
+    }))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    with s3_env.checking_credentials():
+        res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url,
+                     env={"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                          "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
+    assert res.rc == 1 and res.out == "", res.err
+    assert one_error_line(res.err) == (
+        f"fleece: error: S3 denied PutObject on {url}/locks/vms/web1 (AccessDenied): "
+        "check the credentials and that they allow s3:PutObject")
+    assert key["SecretAccessKey"] not in res.err
+    assert vm.block_graph() == before
+    assert bucket_objects(s3_env, s3_bucket) == objects
+    assert set(vm.bitmaps("vda")) == {f"fleece-{first['point']}"}
+
+
+def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitly(
+        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+    vm = make_vm([("qcow2", "16M")], name="web1")
+    vm.write("vda", 0, MiB, 0x42)
+    url = f"s3://{s3_bucket}/{PREFIX}"
+    first = backup(fleece, vm, url)
+    vm.write("vda", 4 * MiB, MiB, 0x43)
+    # Another host's backup died holding the lease: it has not expired yet.
+    lease = LeaseInfo(key="locks/vms/web1", host="backup-host-2", pid=4242, token="f" * 32,
+                      created="2026-11-23T07:00:00.000000Z", expires="2099-01-01T00:00:00.000000Z")
+    S3Backend(s3_bucket, PREFIX).put("locks/vms/web1", lease.to_json())
+    before = vm.block_graph()
+
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url)
+    assert res.rc == 1
+    assert one_error_line(res.err) == (
+        "fleece: error: VM web1 is locked by backup-host-2 pid 4242 since 2026-11-23T07:00:00.000000Z "
+        "(lease expires 2099-01-01T00:00:00.000000Z); nothing was changed")
+    assert vm.block_graph() == before
+
+    refused = fleece("unlock", "--repo", url, "--vm", "web1")
+    assert refused.rc == 1 and "run again with --force" in one_error_line(refused.err)
+    broken = fleece("unlock", "--repo", url, "--vm", "web1", "--force")
+    assert broken.rc == 0, broken.err
+    assert broken.out.startswith("removed the lock of VM web1 held by backup-host-2 pid 4242")
+    assert f"{PREFIX}/locks/vms/web1" not in bucket_objects(s3_env, s3_bucket)
+
+    nxt = backup(fleece, vm, url)
+    assert nxt["parent"] == first["point"] and nxt["disks"][0]["level"] == "incremental"
+    assert identical(restore(fleece, url, nxt["point"], tmp_path / "r.raw"), vm.shadow("vda"))
+    assert fleece("unlock", "--repo", url, "--vm", "web1").out.strip() == f"VM web1 holds no lock in {url}"
