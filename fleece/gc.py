@@ -22,6 +22,7 @@ chunks, 4 TiB of distinct data at 4 MiB) plus one index at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -56,6 +57,8 @@ class GcReport:
     indexes_deleted: int = 0
     indexes_spared: int = 0
     """Orphan indexes younger than the grace period (their chunks were kept too)."""
+    temporaries_deleted: int = 0
+    """Hidden ``.tmp-*`` files (file backend) that a killed writer left, older than the grace."""
     bytes_freed: int = 0
     running_backups: list[str] = field(default_factory=list)
     """VMs whose lease was live (reported by dry runs, which take no lease)."""
@@ -70,6 +73,7 @@ class GcReport:
             "chunks_deleted": self.chunks_deleted,
             "indexes_deleted": self.indexes_deleted,
             "indexes_spared": self.indexes_spared,
+            "temporaries_deleted": self.temporaries_deleted,
             "objects_deleted": self.chunks_deleted + self.indexes_deleted,
             "bytes_freed": self.bytes_freed,
             "running_backups": self.running_backups,
@@ -156,6 +160,16 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
                    "every restore point is intact; run gc again")
         raise (LockHeld(message) if isinstance(exc, LockHeld) else RepositoryError(message)) from exc
     report.bytes_freed = sweeper.bytes
+    # A killed backup's staged chunks never became objects: hidden temporary
+    # files of the file backend. Past the grace period nobody can publish them.
+    stale = getattr(backend, "stale_temporaries", None)
+    if stale is not None:
+        for path, size in stale(now() - grace.total_seconds()):
+            if lease is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            report.temporaries_deleted += 1
+            report.bytes_freed += size
 
 
 def _mark_point(repo: Repository, vm: str, point_id: str, marked: set[bytes],

@@ -4,11 +4,13 @@ Threads, because every stage is a blocking C call that releases the GIL
 (libnbd, hashlib, zstd, file and socket writes):
 
 * reader threads, one NBD connection each, take the next chunk of the plan,
-  read it, test it for zeroes, hash it, look it up, and compress the new
-  ones (compute stays with the read so a chunk crosses no queue until it
-  is small);
-* storer threads take encoded chunks from a bounded queue and store them,
-  then trim them from the snapshot when that is safe.
+  read it, test it for zeroes, hash it, skip it if an index already names
+  it, and compress the rest (compute stays with the read so a chunk crosses
+  no queue until it is small);
+* storer threads take encoded chunks from a bounded queue, ask the
+  repository whether it holds the chunk already (on S3 a round trip, which
+  must not stall the readers), store it if not, then trim it from the
+  snapshot when that is safe.
 
 Memory is bounded by (readers + queue depth + storers) chunks, whatever the
 disk size. The chunk index is filled in place: a chunk's digest is recorded
@@ -222,11 +224,6 @@ class DiskBackup:
             seen = digest in self.known or digest in self._pending
             if not seen:
                 self._pending.add(digest)
-        if not seen and self.repo.has_chunk(digest):
-            with self._known_lock:
-                self._pending.discard(digest)
-                self.known.add(digest)
-            seen = True
         if seen:
             self.index.set(i, digest)
             self.stats.add(chunks_reused=1)
@@ -249,12 +246,19 @@ class DiskBackup:
             if self._failed.is_set():
                 continue  # drop: the backup has failed; keep draining so readers never block
             i, offset, digest, blob = item
-            self.repo.put_chunk(digest, blob)
+            # The dedup probe runs here, `storers` at a time, not in the readers:
+            # on S3 it is a round trip, and readers waiting on it starve the pipeline.
+            present = self.repo.has_chunk(digest)
+            if not present:
+                self.repo.put_chunk(digest, blob)
             with self._known_lock:
                 self._pending.discard(digest)
                 self.known.add(digest)
             self.index.set(i, digest)
-            self.stats.add(chunks_new=1, bytes_stored=len(blob))
+            if present:
+                self.stats.add(chunks_reused=1)
+            else:
+                self.stats.add(chunks_new=1, bytes_stored=len(blob))
             self._trim(offset, self.plan.chunk_range(i)[1])
 
     def _trim(self, offset: int, length: int) -> None:

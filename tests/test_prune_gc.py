@@ -185,6 +185,7 @@ def test_orphan_indexes_go_after_the_grace_period_and_spare_their_chunks_before(
     # And one whose chunk never made it anywhere else.
     unreferenced = chunk_keys(repo, block(0xAB))
     repo.put_chunk(chunk_digest(block(0xAB)), encode_chunk(block(0xAB), 3))
+    repo.flush()  # as a backup does before it writes an index
 
     young = collect_garbage(repo, grace=timedelta(hours=1))
     assert (young.indexes_spared, young.indexes_deleted, young.chunks_deleted) == (1, 0, 1)
@@ -558,3 +559,21 @@ def test_the_example_units_and_config_parse_as_fleece_commands(tmp_path: Path) -
     assert commands == ["backup", "prune", "gc"]
     assert "OnSuccess=fleece-prune@%i.service" in (CONFIGS / "fleece-backup@.service").read_text()
     assert "OnCalendar=" in (CONFIGS / "fleece-backup@.timer").read_text()
+
+
+def test_gc_removes_a_killed_backups_unpublished_chunks_after_the_grace_period(
+        repo: Repository, four: list[RestorePoint], tmp_path: Path) -> None:
+    # A backup killed before its chunks were made durable leaves hidden
+    # temporary files that never became objects.
+    repo.put_chunk(chunk_digest(block(0x77)), encode_chunk(block(0x77), 3))  # staged, not flushed
+    temps = list((tmp_path / "repo").rglob(".tmp-*"))
+    assert len(temps) == 1
+    assert collect_garbage(repo, grace=timedelta(hours=1)).temporaries_deleted == 0
+    assert temps[0].exists()  # young: its backup may still be running
+    later = time.time() + 2 * 3600
+    dry = collect_garbage(repo, grace=timedelta(hours=1), dry_run=True, now=lambda: later)
+    assert dry.temporaries_deleted == 1 and temps[0].exists()
+    report = collect_garbage(repo, grace=timedelta(hours=1), now=lambda: later)
+    assert report.temporaries_deleted == 1 and report.bytes_freed > 0
+    assert not list((tmp_path / "repo").rglob(".tmp-*"))
+    assert verify_points(repo, repo.point_refs(), deep=True).ok

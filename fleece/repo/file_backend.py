@@ -201,6 +201,21 @@ class FileBackend:
                 "they were not stored"
             ) from None
 
+    def stale_temporaries(self, older_than: float) -> Iterator[tuple[Path, int]]:
+        """Hidden temporary files last written before ``older_than`` (Unix time), with sizes.
+
+        Left by a writer killed between writing and publishing; gc removes them.
+        """
+        if not self.root.is_dir():
+            return
+        for path in self.root.rglob(f"{TMP_PREFIX}*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_mtime < older_than:
+                yield path, st.st_size
+
     def discard_staged(self) -> None:
         """Forget staged objects that were never flushed (a failed backup)."""
         with self._stage_lock:
