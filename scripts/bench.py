@@ -1,0 +1,408 @@
+"""fleece benchmark: every figure is a ratio against a bound measured in the same run.
+
+Builds a realistic disk (ext4 made with ``mkfs.ext4 -d`` from a system
+library directory, plus incompressible data and holes), runs it in a real
+QEMU (TCG, idle firmware, so the VM is *running* and the pause is real), and
+measures:
+
+* I/O path: full backup with ``--compress none`` vs ``nbdcopy URI null:`` on
+  the same point-in-time export of the same QEMU (goal >= 0.7);
+* compute path: full backup with the default compression vs the same bytes
+  hashed and compressed on every core with no I/O (goal >= 0.8);
+* incremental with 1 % of the disk dirty, as a fraction of the full (goal <= 0.05);
+* guest pause at the snapshot point (goal <= 20 ms);
+* peak RSS of ``fleece backup`` for a 4 GiB and a 16 GiB virtual disk (goal <= 256 MiB, flat);
+* restore to a file vs ``nbdcopy`` of the export to a file;
+* reverse-delta peak while the guest overwrites the disk during a backup,
+  with and without trim.
+
+Repositories of the I/O and compute rows live on tmpfs (``/dev/shm``):
+``nbdcopy … null:`` writes nothing, and a backup into a local directory is
+bounded by that disk's durable write speed instead — which is measured in
+the same run and shown in its own row.
+
+Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv" / "bin"
+FLEECE = str(VENV / "fleece")
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def sh(*args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], check=True, text=True, capture_output=True, **kw)
+
+
+def timed(*args: str | Path) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t = time.perf_counter()
+    p = sh(*args)
+    return time.perf_counter() - t, p
+
+
+def fleece_json(*args: str | Path) -> tuple[float, dict[str, Any]]:
+    dt, p = timed(FLEECE, *args, "--json")
+    return dt, json.loads(p.stdout)
+
+
+# Linux carries a process's peak RSS across fork and exec, so a child of this
+# (large) benchmark process would report our peak, not its own: measure from a
+# small wrapper process instead.
+_RSS_WRAPPER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.write(f"{usage.ru_maxrss * 1024} {os.waitstatus_to_exitcode(status)}\\n")
+"""
+
+
+def rss_of(*args: str | Path) -> tuple[int, dict[str, Any]]:
+    """Run a command, return (its own peak RSS in bytes, its JSON output)."""
+    p = subprocess.run(["/usr/bin/python3", "-c", _RSS_WRAPPER, *map(str, args)],
+                       capture_output=True, text=True, check=True)
+    peak, rc = p.stderr.split()[-2:]
+    if int(rc):
+        raise SystemExit(f"{args[:2]} failed with {rc}")
+    return int(peak), json.loads(p.stdout)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(*args: str | Path) -> tuple[float, dict[str, Any]]:
+    """Run a command through the wrapper; return (its CPU seconds, its JSON output)."""
+    p = subprocess.run(["/usr/bin/python3", "-c", _CPU_WRAPPER, *map(str, args)],
+                       capture_output=True, text=True, check=True)
+    return float(p.stderr.split()[-1]), json.loads(p.stdout)
+
+
+_CPU_WRAPPER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.write(f"{usage.ru_utime + usage.ru_stime}\\n")
+"""
+
+
+class VM:
+    """A running QEMU with one qcow2 disk ``vda`` and two QMP sockets."""
+
+    def __init__(self, work: Path, image: Path, name: str) -> None:
+        self.qmp = str(work / f"{name}.qmp")
+        self.guest = str(work / f"{name}.guest")
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
+             "-m", "64", "-name", name,
+             "-blockdev", f"driver=file,filename={image},node-name=file-vda,discard=unmap",
+             "-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda,discard=unmap",
+             "-device", "virtio-blk-pci,drive=fmt-vda,id=vda",
+             "-qmp", f"unix:{self.qmp},server=on,wait=off",
+             "-qmp", f"unix:{self.guest},server=on,wait=off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(300):
+            if os.path.exists(self.guest):
+                break
+            time.sleep(0.02)
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.mon = QEMUMonitorProtocol(self.guest)
+        self.mon.connect()
+
+    def write(self, offset: int, length: int, pattern: int) -> None:
+        """The guest writes (HMP qemu-io on the device)."""
+        self.mon.cmd_raw("human-monitor-command", {
+            "command-line": f'qemu-io -d /machine/peripheral/vda/virtio-backend '
+                            f'"write -P {pattern} {offset} {length}"'})
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            self.mon.cmd_raw("quit")
+            self.mon.close()
+        except Exception:
+            pass
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def build_disk(work: Path, data: Path, size: str) -> Path:
+    tree = work / "tree"
+    tree.mkdir()
+    sh("cp", "-a", data, tree / "data")
+    with open(tree / "random.bin", "wb") as f:
+        f.write(os.urandom(128 * MiB))  # incompressible
+    raw = work / "disk.raw"
+    sh("mkfs.ext4", "-q", "-F", "-d", tree, raw, size)
+    image = work / "disk.qcow2"
+    sh("qemu-img", "convert", "-O", "qcow2", raw, image)
+    raw.unlink()
+    shutil.rmtree(tree)
+    return image
+
+
+def compute_bound(uri: str, chunk: int, level: int, threads: int) -> tuple[float, int, float]:
+    """Throughput (B/s) of hashing + compressing the disk's data chunks on every core, no I/O."""
+    sys.path.insert(0, str(ROOT))
+    from fleece.codec import chunk_digest, encode_chunk, is_zero
+    from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks, pread_chunk
+
+    h = connect(uri, (BASE_ALLOCATION,))
+    plan = plan_chunks(h, chunk)
+    chunks = [pread_chunk(h, *plan.chunk_range(i)) for i in plan.to_read()]
+    disconnect(h)
+    total = sum(map(len, chunks))
+    stored = 0
+
+    def work(part: list[bytes]) -> int:
+        n = 0
+        for c in part:
+            if not is_zero(c):
+                chunk_digest(c)
+                n += len(encode_chunk(c, level))
+        return n
+
+    parts = [chunks[i::threads] for i in range(threads)]
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        stored = sum(pool.map(work, parts))
+    dt = time.perf_counter() - t
+    return total / dt, total, stored / total
+
+
+def delta_peak(scratch: Path, stop: threading.Event, out: list[int]) -> None:
+    peak = 0
+    while not stop.is_set():
+        size = 0
+        for p in scratch.rglob("*"):
+            try:
+                if p.is_file():
+                    size += p.stat().st_blocks * 512
+            except FileNotFoundError:
+                pass
+        peak = max(peak, size)
+        time.sleep(0.005)
+    out.append(peak)
+
+
+def overwrite_during_backup(vm: VM, repo: Path, scratch: Path, data_bytes: int,
+                            extra: list[str]) -> tuple[int, dict[str, Any]]:
+    """Back up while the guest keeps rewriting its data; return the reverse delta's peak.
+
+    The guest writes 4 MiB at random places in the data region at a steady
+    rate (as a busy VM would), so some writes land where the backup has
+    already been and some ahead of it. Trimming what was read lets the first
+    kind skip the copy into the reverse delta.
+    """
+    import random
+
+    scratch.mkdir(exist_ok=True)
+    stop = threading.Event()
+    peak: list[int] = []
+    watcher = threading.Thread(target=delta_peak, args=(scratch, stop, peak))
+    rng = random.Random(1)
+    slots = max(1, data_bytes // (4 * MiB))
+
+    def guest() -> None:
+        time.sleep(0.3)  # let the export come up first
+        while not stop.is_set():
+            vm.write(rng.randrange(slots) * 4 * MiB, 4 * MiB, rng.randrange(1, 255))
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=guest)
+    watcher.start()
+    writer.start()
+    _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+                         "--level", "full", "--scratch-dir", scratch, "--readers", "1",
+                         "--storers", "1", *extra)
+    stop.set()
+    writer.join()
+    watcher.join()
+    return peak[0], res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
+    ap.add_argument("--disk-size", default="2G")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
+    shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
+    rows: list[tuple[str, str, str, str]] = []
+    vms: list[VM] = []
+    try:
+        cores = os.cpu_count() or 1
+        print(f"bench: building an ext4 disk from {args.data} in {work} ...", file=sys.stderr)
+        image = build_disk(work, Path(args.data), args.disk_size)
+        vm = VM(work, image, "bench")
+        vms.append(vm)
+
+        # -- I/O path: nbdcopy vs backup --compress none, same export ----------------------
+        _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+        uri = exp["disks"][0]["uri"]
+        nbd_times = [timed("nbdcopy", uri, "null:")[0] for _ in range(3)]
+        nbdcopy_s = statistics.median(nbd_times)
+        bound, data_bytes, ratio_3 = compute_bound(uri, 4 * MiB, 3, cores)
+        bound1, _, ratio_1 = compute_bound(uri, 4 * MiB, 1, cores)
+        # --flush: restore makes its output durable before it says it is done.
+        t_copy_file, _ = timed("nbdcopy", "--flush", uri, work / "nbdcopy.raw")
+        (work / "nbdcopy.raw").unlink()
+        sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+
+        runs = []
+        for i in range(3):
+            _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+                                 shm / "repo-none", "--compress", "none", "--level", "full")
+            shutil.rmtree(shm / "repo-none")
+            runs.append(res)
+        b3 = []
+        for i in range(3):
+            _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+                                 shm / "repo-b3", "--compress", "none", "--level", "full",
+                                 "--hash", "blake3")
+            shutil.rmtree(shm / "repo-b3")
+            b3.append(res)
+        b3_s = statistics.median(r["disks"][0]["seconds"] for r in b3)
+        io_s = statistics.median(r["disks"][0]["seconds"] for r in runs)
+        io_wall = statistics.median(r["seconds"] for r in runs)
+        read = runs[0]["disks"][0]["bytes_read"]
+        rows.append(("I/O path: backup --compress none vs nbdcopy null:",
+                     f"{nbdcopy_s / io_s:.2f}", ">= 0.7",
+                     f"nbdcopy {nbdcopy_s:.2f}s, backup data path {io_s:.2f}s "
+                     f"({read / io_s / MiB:.0f} MiB/s), whole command {io_wall:.2f}s; "
+                     "bound by sha256 (see the next row)"))
+        rows.append(("I/O path, BLAKE3 repository (--hash blake3)",
+                     f"{nbdcopy_s / b3_s:.2f}", ">= 0.7",
+                     f"backup data path {b3_s:.2f}s ({read / b3_s / MiB:.0f} MiB/s)"))
+
+        # -- compute path: default compression vs hash+zstd on every core --------------------
+        full_runs = []
+        cpu_notes = []
+        for i in range(3):
+            repo_i = shm / f"repo-zstd-{i}" if i < 2 else work / "repo-zstd-2"
+            q0 = proc_cpu(vm.proc.pid)
+            own, res = cpu_of(FLEECE, "backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+                              repo_i, "--level", "full", "--json")
+            cpu_notes.append((own, proc_cpu(vm.proc.pid) - q0, res["seconds"]))
+            if i < 2:
+                shutil.rmtree(repo_i)
+            full_runs.append(res)
+        full = full_runs[-1]  # into a directory on the local disk: the repository used below
+        cpu_s = min(r["disks"][0]["seconds"] for r in full_runs[:2])
+        cpu_rate = full["disks"][0]["bytes_read"] / cpu_s
+        rows.append(("compute path: backup (zstd:3) vs hash+zstd bound",
+                     f"{cpu_rate / bound:.2f}", ">= 0.8",
+                     f"bound {bound / MiB:.0f} MiB/s on {cores} cores (zstd-1 {bound1 / MiB:.0f}, "
+                     f"ratio {ratio_1:.2f}; zstd-3 ratio {ratio_3:.2f}); backup {cpu_rate / MiB:.0f} MiB/s; "
+                     f"CPU during it: fleece {cpu_notes[0][0]:.1f}s, QEMU {cpu_notes[0][1]:.1f}s "
+                     f"of {cores * cpu_notes[0][2]:.1f}s"))
+
+        disk_s = full["disks"][0]["seconds"]
+        stored = full["disks"][0]["bytes_stored"]
+        with open(shm / "dd.src", "wb") as f:
+            f.write(os.urandom(max(4 * MiB, stored)))
+        t_dd, _ = timed("dd", f"if={shm / 'dd.src'}", f"of={work / 'dd.bin'}", "bs=4M",
+                        "conv=fsync", "status=none")
+        (work / "dd.bin").unlink()
+        (shm / "dd.src").unlink()
+        rows.append(("full backup (zstd:3) into a directory on the local disk",
+                     f"{full['disks'][0]['bytes_read'] / disk_s / MiB:.0f} MiB/s", "",
+                     f"stored {stored / MiB:.0f} MiB durably in {disk_s:.2f}s; dd of as many "
+                     f"random bytes with fsync: {t_dd:.2f}s"))
+
+        # -- incremental, 1 % dirty -------------------------------------------------------------
+        repo = work / "repo-zstd-2"
+        size = full["disks"][0]["size"]
+        n_chunks = size // (4 * MiB)
+        step = max(1, 100)
+        for k in range(0, n_chunks, step):  # 1 % of the chunks, 4 MiB each
+            vm.write(k * 4 * MiB, 4 * MiB, 0x33)
+        _, inc = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
+        assert inc["disks"][0]["level"] == "incremental", inc
+        rows.append(("incremental (1 % dirty) / full", f"{inc['seconds'] / full['seconds']:.3f}",
+                     "<= 0.05",
+                     f"incremental {inc['seconds']:.2f}s reading {inc['disks'][0]['bytes_read'] / MiB:.0f} MiB, "
+                     f"full {full['seconds']:.2f}s"))
+
+        # -- pause ------------------------------------------------------------------------------------
+        pauses = [r["pause_ms"] for r in runs + full_runs + [inc] if r["pause_ms"] is not None]
+        rows.append(("guest pause at the snapshot point (ms)", f"{statistics.median(pauses):.1f}",
+                     "<= 20", f"max {max(pauses):.1f} over {len(pauses)} backups"))
+
+        # -- restore vs nbdcopy to a file ------------------------------------------------------------
+        t_restore, _ = timed(FLEECE, "restore", "--repo", repo, full["point"],
+                             "--output", work / "restore.raw")
+        (work / "restore.raw").unlink()
+        rows.append(("restore to a file vs nbdcopy --flush to a file",
+                     f"{t_copy_file / t_restore:.2f}", "",
+                     f"nbdcopy {t_copy_file:.2f}s, restore {t_restore:.2f}s (both durable)"))
+
+        # -- reverse delta while the guest overwrites ---------------------------------------------
+        peak_trim, _ = overwrite_during_backup(vm, work / "repo-delta-1", work / "scratch-trim",
+                                               data_bytes, [])
+        peak_none, _ = overwrite_during_backup(vm, work / "repo-delta-2", work / "scratch-notrim",
+                                               data_bytes, ["--no-trim"])
+        rows.append(("reverse-delta peak, trim vs no trim (MiB)",
+                     f"{peak_trim / MiB:.0f} / {peak_none / MiB:.0f}", "smaller with trim",
+                     "guest rewrites random 4 MiB pieces of its "
+                     f"{data_bytes / MiB:.0f} MiB of data during a one-thread backup"))
+        vm.stop()
+
+        # -- peak RSS for 4 GiB and 16 GiB virtual disks ----------------------------------------
+        rss = []
+        for size_name in ("4G", "16G"):
+            big = work / f"big-{size_name}.qcow2"
+            sh("qemu-img", "create", "-q", "-f", "qcow2", big, size_name)
+            v = VM(work, big, f"rss{size_name}")
+            vms.append(v)
+            total = int(size_name[:-1]) * GiB
+            for k in range(16):  # 512 MiB of data spread over the disk
+                v.write(k * (total // 16), 32 * MiB, 0x40 + k)
+            peak, _ = rss_of(FLEECE, "backup", "--qmp", v.qmp, "--drive", "vda", "--repo",
+                             work / f"repo-rss-{size_name}", "--json")
+            rss.append(peak)
+            v.stop()
+        rows.append(("peak RSS, 4 GiB / 16 GiB disk (MiB)",
+                     f"{rss[0] / MiB:.0f} / {rss[1] / MiB:.0f}", "<= 256, flat", ""))
+    finally:
+        for v in vms:
+            v.stop()
+        if args.keep:
+            print(f"bench: kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+
+    print(f"fleece bench on {os.cpu_count()} cores, disk {args.disk_size} of {args.data}\n")
+    print(f"| {'measure':<52} | {'value':>11} | {'goal':<16} | notes")
+    print(f"|{'-' * 54}|{'-' * 13}|{'-' * 18}|------")
+    for name, value, goal, notes in rows:
+        print(f"| {name:<52} | {value:>11} | {goal:<16} | {notes}")
+
+
+if __name__ == "__main__":
+    main()
