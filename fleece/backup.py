@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
-from fleece.errors import BadInput, FleeceError
+from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
 from fleece.fleecing import DiskExport, point_in_time_export
 from fleece.fleecing.names import checkpoint_bitmap
+from fleece.fleecing.setup import preflight
 from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings
 from fleece.qmp import QmpSession, list_disks, resolve_drive
 from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
@@ -36,6 +37,7 @@ from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import vm_lock
 from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.repository import Repository
+from fleece.testing import pause_point
 from fleece.verify import require_new_point_intact
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,9 @@ async def run_backup(
                 "--level incremental needs a parent restore point, and the repository does "
                 "not exist yet; nothing was changed"
             )
+        if not isinstance(req.repo, Repository):
+            # A fresh location becomes a repository only if the export can be set up.
+            await preflight(session, req.drives, req.scratch_dir)
         repo = req.repo if isinstance(req.repo, Repository) else req.repo()
         with vm_lock(repo.backend, vm) as lease:
             # We will reuse chunks we do not upload: no gc may run until we
@@ -173,6 +178,7 @@ async def run_backup(
                 qga=req.qga,
                 log=say,
             ) as export:
+                pause_point("export-live")  # test hook (fleece.testing); inert in production
                 results: list[DiskResult] = []
                 records: list[DiskRecord] = []
                 latest = points.latest()
@@ -187,7 +193,10 @@ async def run_backup(
                     )
                     results.append(result)
                     records.append(record)
-                parents = sorted({d.since for d in export.disks if d.since})
+                # Only disks that stayed incremental have a parent (a damaged or
+                # resized parent makes a disk full after all).
+                parents = sorted({d.since for d, r in zip(export.disks, results, strict=True)
+                                  if d.since and r.level == "incremental"})
                 point = RestorePoint(
                     id=export.checkpoint,
                     vm=vm,
@@ -214,6 +223,7 @@ async def run_backup(
                 # Written last: from here on the point exists. The export's
                 # normal exit then commits the checkpoint bitmaps. A lapsed
                 # lease means a gc may have run: do not commit.
+                pause_point("before-point")  # test hook (fleece.testing); inert in production
                 lease.check()
                 await asyncio.to_thread(repo.write_point, point)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
@@ -229,7 +239,7 @@ class _PointsOfVm:
     def __init__(self, repo: Repository, vm: str) -> None:
         self._repo = repo
         self._ids = {point_id: name for name, point_id in repo.point_refs(vm)}
-        self._read: dict[str, RestorePoint] = {}
+        self._read: dict[str, RestorePoint | None] = {}
 
     def get(self, point_id: str) -> RestorePoint | None:
         """Point ``point_id`` of this VM, or None if the repository has no such point."""
@@ -237,7 +247,13 @@ class _PointsOfVm:
         if name is None:
             return None
         if point_id not in self._read:
-            self._read[point_id] = self._repo.load_point(name, point_id)
+            try:
+                self._read[point_id] = self._repo.load_point(name, point_id)
+            except RepositoryCorrupt as exc:
+                # Damage must not stop every later backup: such a point is no
+                # parent and no source of known chunks (`fleece verify` reports it).
+                log.warning("%s; backing up without it", exc)
+                self._read[point_id] = None
         return self._read[point_id]
 
     def latest(self) -> RestorePoint | None:
@@ -260,9 +276,13 @@ def _back_up_disk(
     level, reason = disk.level, disk.reason
     index = ChunkIndex.empty(chunk_size, disk.size)
     dirty_context = disk.dirty_bitmap
+    parent_index: ChunkIndex | None = None
     if level == "incremental" and parent is not None:
-        parent_index = repo.read_index(parent, disk.drive)
-        if parent_index.disk_size != disk.size or parent_index.chunk_size != chunk_size:
+        parent_index = _readable_index(repo, parent, disk.drive)
+        if parent_index is None:
+            level, dirty_context = "full", None
+            reason = f"the index of {disk.drive} in point {parent.id} is damaged or missing"
+        elif parent_index.disk_size != disk.size or parent_index.chunk_size != chunk_size:
             level = "full"
             reason = (
                 f"the disk is {disk.size} bytes now, {parent_index.disk_size} in point {parent.id}"
@@ -285,7 +305,9 @@ def _back_up_disk(
     parent_is_latest = (level == "incremental" and parent is not None and latest is not None
                         and parent.id == latest.id)
     if latest is not None and not parent_is_latest and any(d.name == disk.drive for d in latest.disks):
-        known |= repo.read_index(latest, disk.drive).digests()
+        same = parent is not None and parent.id == latest.id  # read (or found damaged) above
+        latest_index = parent_index if same else _readable_index(repo, latest, disk.drive)
+        known |= latest_index.digests() if latest_index else set()
 
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
     h = connect(disk.uri, contexts)
@@ -309,3 +331,12 @@ def _back_up_disk(
         stats=stats.as_dict(),
     )
     return DiskResult(disk.drive, level, disk.size, reason, stats), record
+
+
+def _readable_index(repo: Repository, point: RestorePoint, drive: str) -> ChunkIndex | None:
+    """``drive``'s index in ``point``, or None (said) when it is damaged or missing."""
+    try:
+        return repo.read_index(point, drive)
+    except RepositoryCorrupt as exc:
+        log.warning("%s; backing up without it", exc)
+        return None

@@ -141,7 +141,10 @@ def plan_chunks(h: Any, chunk_size: int, dirty_context: str | None = None) -> Ch
         try:
             h.block_status(span, offset, _collector(answers))
         except nbd.Error as exc:
-            raise ExportError(f"block status at offset {offset} failed: {exc}") from None
+            # A full reverse delta breaks the snapshot (on-cbw-error=break-snapshot):
+            # from then on QEMU answers every request on it with EINVAL.
+            hint = " (a full reverse delta breaks the snapshot)" if exc.errno == "EINVAL" else ""
+            raise ExportError(f"block status at offset {offset} failed: {exc}{hint}") from None
         # Each context may answer for less than asked: trust only the part
         # that every context covered, and ask again from there.
         covered = offset + span

@@ -599,3 +599,23 @@ def store_point() -> Any:
         return point
 
     return store
+
+
+# -- backups held at a phase (fleece.testing hooks) ----------------------------------
+@pytest.fixture
+def hold_backup(tmp_path: Path) -> Iterator[Any]:
+    """``hold_backup(vm, repo, phase, *extra_args, env=None)``: a ``fleece backup`` subprocess
+    that stops at ``phase`` (see ``tests/backups.py``); any left running are killed at teardown."""
+    from backups import HeldBackup
+
+    held: list[HeldBackup] = []
+
+    def start(vm: TestVM, repo: Any, phase: str, *extra: str, env: dict[str, str] | None = None
+              ) -> HeldBackup:
+        backup = HeldBackup(vm, repo, phase, tmp_path / f"held-{len(held)}.marker", *extra, env=env)
+        held.append(backup)
+        return backup
+
+    yield start
+    for backup in held:
+        backup.close()

@@ -129,6 +129,18 @@ async def set_up(
     return SetUp(state, disks, pause_ms, version)
 
 
+async def preflight(session: QmpSession, drives: list[str], scratch_dir: Path | None) -> None:
+    """Refuse now what :func:`set_up` would refuse before changing anything; changes nothing.
+
+    For a caller that must make a change of its own first, but only if the
+    export can be set up (``fleece backup`` creating a repository).
+    """
+    graph = await read_graph(session)
+    _refuse_leftovers(graph)
+    await _preflight_disks(session, graph, drives)
+    _make_scratch(scratch_dir).rmdir()
+
+
 def _refuse_leftovers(graph: BlockGraph) -> None:
     left = leftovers_in(graph)
     if not left:

@@ -6,9 +6,11 @@ It reads what QEMU shows now, and removes every ``fleece-`` object that is
 there, in dependency order, each step even if an earlier one failed:
 exports (waiting for ``BLOCK_EXPORT_DELETED``), the NBD server if fleece
 started it, snapshot-access nodes, devices back onto their format node
-(only if they point at a filter), filters, reverse deltas and their files,
-frozen bitmaps; then the checkpoint bitmaps are committed or aborted, and
-last the state file and scratch directory go.
+(only if they point at a filter), filters, frozen bitmaps, the checkpoint
+bitmaps committed or aborted, then reverse deltas; last their files, the
+state file and the scratch directory go. The commit comes before the
+reverse deltas go because their nodes are how a later ``cleanup`` finds the
+state file (and so the decision, and the directory) of a run killed here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fleece.fleecing.leftovers import Leftovers, leftovers_in
 from fleece.fleecing.names import PREFIX, SOCKET_FILE, checkpoint_of, is_fleece_name
 from fleece.fleecing.state import ExportState
 from fleece.qmp import QmpSession
+from fleece.testing import pause_point
 
 EXPORT_DELETE_TIMEOUT = 30.0
 """Seconds to wait for ``BLOCK_EXPORT_DELETED``; a hard delete drops clients, so it is quick."""
@@ -117,12 +120,16 @@ async def tear_down(
     await _delete_nodes(run, graph, "snap-")
     await _restore_devices(run, graph, states)
     await _delete_nodes(run, graph, "cbw-")
+
+    # Commit or abort while the reverse-delta nodes are still there: they are
+    # what leads a later cleanup to the state file, so a run killed from here
+    # on is finished the way it had decided, and its scratch directory found.
+    pause_point("before-commit")  # test hook (fleece.testing); inert in production
+    await _remove_bitmaps(run, await read_graph(session), states)
+
     deltas = {n: graph.nodes[n].filename for n in graph.fleece_nodes("delta-")}
     await _delete_nodes(run, graph, "delta-")
     await _delete_nodes(run, graph, "")
-
-    graph = await read_graph(session)
-    await _remove_bitmaps(run, graph, states)
 
     left = leftovers_in(await read_graph(session))
     if run.errors or left:

@@ -19,6 +19,7 @@ from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectMissing
 from fleece.repo.index import ChunkIndex
 from fleece.repo.point import RestorePoint
+from fleece.testing import pause_point
 
 REPO_FORMAT = 1
 MIN_CHUNK_SIZE = 64 * 1024
@@ -194,8 +195,11 @@ class Repository:
             if self.backend.exists(key):
                 return False
             stage(key, blob)
+            pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
             return True
-        return self.backend.put(keys.chunk_key(digest), blob, if_absent=True)
+        stored = self.backend.put(keys.chunk_key(digest), blob, if_absent=True)
+        pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+        return stored
 
     def flush(self) -> None:
         """Make every chunk stored so far durable and visible (a no-op where puts already are)."""

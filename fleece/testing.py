@@ -1,0 +1,55 @@
+"""Test hooks: hold a fleece process at a named phase, so a test can kill it exactly there.
+
+Inert in production: :func:`pause_point` returns at once unless the
+environment variable ``FLEECE_TEST_PAUSE_AT`` names the phase it is called
+with. When it does, the process writes its pid to the marker file named by
+``FLEECE_TEST_PAUSE_FILE`` and waits until that file is deleted (the test
+lets it go on; later calls then return at once) or the process is killed
+(the test's SIGKILL). A test thus never sleeps and hopes: it waits for the
+marker, then acts.
+
+The phases of one ``fleece backup``, in order:
+
+``export-live``
+    the point-in-time export is up, nothing has been read;
+``chunk-stored``
+    a chunk has been stored (each storer thread holds after its first
+    store; readers go on until the pipeline's bounded queue is full);
+``before-point``
+    every disk's index is written, the restore point is not;
+``before-commit``
+    in tear-down: the exports, the NBD server and the device's filter are
+    gone, the checkpoint bitmaps are not committed yet (the reverse-delta
+    nodes go after the commit).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+PHASES = ("export-live", "chunk-stored", "before-point", "before-commit")
+PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
+PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
+
+_lock = threading.Lock()
+_reached: set[str] = set()
+
+
+def pause_point(phase: str) -> None:
+    """Test hook: hold here while ``$FLEECE_TEST_PAUSE_AT`` is ``phase`` (see the module docstring)."""
+    if os.environ.get(PAUSE_AT) != phase:
+        return
+    marker = os.environ.get(PAUSE_FILE)
+    if not marker:
+        raise RuntimeError(f"{PAUSE_AT}={phase} needs {PAUSE_FILE}")
+    with _lock:
+        if phase not in _reached:  # the first thread here writes the marker; others wait with it
+            _reached.add(phase)
+            tmp = f"{marker}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()} {phase}\n")
+            os.replace(tmp, marker)  # the test sees the whole marker or none
+    while os.path.exists(marker):
+        time.sleep(0.01)

@@ -1,0 +1,134 @@
+"""The agent SIGKILLed at each phase of a backup, and QEMU SIGKILLed mid-chain.
+
+A killed ``fleece backup`` leaves no restore point that names missing data;
+the next backup refuses to run over what it left and says to run ``fleece
+cleanup``, changing nothing; ``cleanup`` leaves QEMU exactly as it was found
+(plus, once the point was written, that point's checkpoint); and the next
+backup is an incremental that holds every write — none of the dirty bits of
+the killed run is lost. The guest writes while the killed backup is held,
+after its snapshot point, so those writes are what a lost bit would lose.
+"""
+
+from __future__ import annotations
+
+import pytest
+from backups import CHUNK, MiB, backup, identical, point_ids, random_image, restore
+
+from fleece.testing import PHASES
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_found(
+        make_vm, fleece, hold_backup, tmp_path, scratch_tmpdir, phase):
+    seed = random_image(tmp_path / "seed.raw", 32 * MiB, 11)
+    vm = make_vm([("qcow2", "32M")], contents={"vda": seed})
+    repo = tmp_path / "repo"
+    first = backup(fleece, vm, repo)["point"]
+    vm.write("vda", 0, 64 * 1024, 0x11)            # chunk 0
+    vm.write("vda", 5 * CHUNK + 4096, MiB, 0x12)   # chunk 5
+    before = vm.block_graph()
+    assert before["bitmaps"]["vda"] == [(f"fleece-{first}", True, True)]
+    at_snapshot = vm.snapshot_shadow("vda", tmp_path / "at-snapshot.raw")
+
+    held = hold_backup(vm, repo, phase)
+    held.wait_held()
+    # After the held backup's snapshot point: only fleece-<first> (or, once
+    # committed, the new checkpoint) can carry these bits into the next backup.
+    vm.write("vda", 2 * CHUNK, 4096, 0x13)         # chunk 2, clean until now
+    vm.write("vda", 0, 4096, 0x14)                 # chunk 0 again
+    held.kill()
+
+    points = point_ids(fleece, repo)
+    if phase == "before-commit":
+        # The point was written before the tear-down began: it exists and is whole.
+        assert points[0] == first and len(points) == 2
+        killed = points[1]
+        assert identical(restore(fleece, repo, killed, tmp_path / "killed.raw"), at_snapshot)
+    else:
+        assert points == [first], "a killed backup must leave no restore point"
+    left = vm.block_graph()
+    assert left != before  # it did leave something in QEMU
+
+    # The automatic check at the next backup: refused, nothing changed.
+    refused = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo)
+    assert refused.rc == 1 and refused.out == ""
+    assert "Traceback" not in refused.err
+    # (a notice that the dead backup's lock was taken over may come first)
+    last = refused.err.strip().splitlines()[-1]
+    assert last.startswith("fleece: error: ") and "'fleece cleanup'" in last, refused.err
+    assert "nothing was changed" in last
+    assert vm.block_graph() == left
+    assert point_ids(fleece, repo) == points
+
+    cleaned = fleece("cleanup", "--qmp", vm.qmp_path)
+    assert cleaned.rc == 0, cleaned.err
+    assert cleaned.out.startswith("removed ")
+    after = vm.block_graph()
+    if phase == "before-commit":
+        # Cleanup finishes the commit the killed run had decided on: the new
+        # point's checkpoint replaces the old one.
+        assert after == {**before, "bitmaps": {"vda": [(f"fleece-{killed}", True, True)]}}
+    else:
+        assert after == before  # exactly as found: the old checkpoint, still recording
+    assert list(scratch_tmpdir.iterdir()) == [], "the scratch directory must go with the export"
+    assert fleece("cleanup", "--qmp", vm.qmp_path).out.strip() == "nothing to clean up"
+
+    nxt = backup(fleece, vm, repo)
+    disk = nxt["disks"][0]
+    assert disk["level"] == "incremental"
+    if phase == "before-commit":
+        assert nxt["parent"] == killed
+        assert disk["bytes_read"] == 2 * CHUNK  # chunks 0 and 2: written after its point
+    else:
+        assert nxt["parent"] == first
+        assert disk["bytes_read"] == 3 * CHUNK  # chunks 0, 2 and 5: every write since first
+    assert identical(restore(fleece, repo, nxt["point"], tmp_path / "next.raw"), vm.shadow("vda"))
+    assert set(vm.bitmaps("vda")) == {f"fleece-{nxt['point']}"}
+
+
+def test_qemu_killed_mid_chain_makes_the_next_backup_full_and_it_says_why(make_vm, fleece, tmp_path):
+    vm = make_vm([("qcow2", "16M")], name="web1")  # the name, not the socket, survives a restart
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, MiB, 0x21)
+    p1 = backup(fleece, vm, repo)["point"]
+    vm = make_vm.restart(vm, kill=False)  # a clean quit stores fleece-<p1> in the image
+    vm.write("vda", CHUNK, 4096, 0x22)
+    p2 = backup(fleece, vm, repo)
+    assert (p2["parent"], p2["disks"][0]["level"]) == (p1, "incremental")
+
+    # Mid-chain: fleece-<p2> lives only in QEMU's memory; the commit removed
+    # fleece-<p1> from the image. SIGKILL, restart: no checkpoint at all.
+    vm.write("vda", 2 * CHUNK, 4096, 0x23)
+    vm.qemu_io("vda", "flush")  # the data survives the kill; bitmaps are stored only at a clean quit
+    vm = make_vm.restart(vm, kill=True)
+    assert vm.bitmaps("vda") == {}
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo, "--json")
+    assert res.rc == 0, res.err
+    p3 = res.json()
+    reason = "vda: no fleece checkpoint bitmap on node fmt-vda (first export)"
+    assert (p3["parent"], p3["disks"][0]["level"], p3["disks"][0]["reason"]) == (None, "full", reason)
+    assert f"fleece: full because {reason}" in res.err.splitlines()
+    assert identical(restore(fleece, repo, p3["point"], tmp_path / "p3.raw"), vm.shadow("vda"))
+
+    # A checkpoint stored at a clean quit, then a SIGKILL: it comes back
+    # inconsistent, so the next backup is full again, says so, and drops it.
+    vm = make_vm.restart(vm, kill=False)
+    vm.write("vda", 3 * CHUNK, 4096, 0x24)
+    vm.qemu_io("vda", "flush")
+    vm = make_vm.restart(vm, kill=True)
+    assert vm.bitmaps("vda")[f"fleece-{p3['point']}"]["inconsistent"] is True
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo)
+    assert res.rc == 0, res.err
+    assert (f"fleece: full because vda: checkpoint bitmap fleece-{p3['point']} on fmt-vda is "
+            "inconsistent (QEMU was not shut down cleanly while it was in use)") in res.err.splitlines()
+    assert "    full because vda: checkpoint bitmap" in res.out
+    p4 = point_ids(fleece, repo)[-1]
+    assert identical(restore(fleece, repo, p4, tmp_path / "p4.raw"), vm.shadow("vda"))
+    assert set(vm.bitmaps("vda")) == {f"fleece-{p4}"}
+    # The chain starts again from there.
+    vm.write("vda", 0, 4096, 0x25)
+    p5 = backup(fleece, vm, repo)
+    assert (p5["parent"], p5["disks"][0]["level"], p5["disks"][0]["bytes_read"]) == (p4, "incremental", CHUNK)
+    assert identical(restore(fleece, repo, p5["point"], tmp_path / "p5.raw"), vm.shadow("vda"))
