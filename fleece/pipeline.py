@@ -118,7 +118,10 @@ class DiskBackup:
         self._store_q: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         self._failed = threading.Event()
         self._error: BaseException | None = None
-        self._trim_handle: Any = None
+        # One trim connection per thread that trims: a shared handle behind a
+        # lock made every storer wait for the others' round trips.
+        self._trim_local = threading.local()
+        self._trim_handles: list[Any] = []
         self._trim_lock = threading.Lock()
 
     # -- driver ------------------------------------------------------------------------
@@ -129,8 +132,6 @@ class DiskBackup:
             self.index.set(i, None)
             self.stats.add(chunks_zero=1)
         self.stats.chunks_unchanged = self.plan.read.count(0)
-        if self.settings.trim_alignment:
-            self._trim_handle = connect(self.uri)
         readers = [
             threading.Thread(target=self._guard, args=(self._read_loop,), name=f"fleece-read-{n}")
             for n in range(self.settings.readers)
@@ -149,8 +150,8 @@ class DiskBackup:
             for t in storers:
                 t.join()
         finally:
-            if self._trim_handle is not None:
-                disconnect(self._trim_handle)
+            for h in self._trim_handles:
+                disconnect(h)
         self.stats.seconds = time.monotonic() - start
         if self._error is not None:
             # Chunks staged but never flushed are invisible temporary files: drop them.
@@ -268,14 +269,18 @@ class DiskBackup:
         only whole aligned chunks, never the disk's unaligned tail.
         """
         align = self.settings.trim_alignment
-        if not align or self._trim_handle is None or offset % align or length % align:
+        if not align or offset % align or length % align:
             return
-        with self._trim_lock:
-            try:
-                self._trim_handle.trim(length, offset)
-            except Exception as exc:
-                # Trim only keeps the reverse delta small; losing one is harmless.
-                log.debug("trim at %d failed: %s", offset, exc)
-                return
+        try:
+            h = getattr(self._trim_local, "handle", None)
+            if h is None:
+                h = self._trim_local.handle = connect(self.uri)
+                with self._trim_lock:
+                    self._trim_handles.append(h)
+            h.trim(length, offset)
+        except Exception as exc:
+            # Trim only keeps the reverse delta small; losing one is harmless.
+            log.debug("trim at %d failed: %s", offset, exc)
+            return
         self.stats.add(bytes_trimmed=length)
 
