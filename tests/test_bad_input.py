@@ -174,3 +174,12 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing(
     assert sorted(p.name for p in world.dir.iterdir()) == others_before  # no new repository, no output
     assert (world.dir / "precious.raw").read_text() == "mine"
 
+
+
+def test_a_regular_file_as_repository_is_bad_input(fleece, tmp_path):
+    target = tmp_path / "disk.img"
+    target.write_bytes(b"not a repository")
+    res = fleece("list", "--repo", target)
+    assert res.rc == 2 and "is not a directory" in res.err
+    assert len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err
+    assert target.read_bytes() == b"not a repository"

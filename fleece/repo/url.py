@@ -15,12 +15,20 @@ from fleece.repo.backend import Backend
 from fleece.repo.file_backend import FileBackend
 
 
+def _local(path: Path) -> FileBackend:
+    # A repository is a directory (or a place to make one); anything else is
+    # the user naming the wrong thing, not a failed operation.
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--repo {path} is not a directory (a local repository is one)")
+    return FileBackend(path)
+
+
 def open_backend(url: str) -> Backend:
     """The backend that ``url`` names; ``BadInput`` for anything unsupported."""
     if not url:
         raise BadInput("--repo needs a directory path, file:///abs/path or s3://bucket/prefix")
     if "://" not in url:
-        return FileBackend(Path(url))
+        return _local(Path(url))
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "file":
@@ -29,7 +37,7 @@ def open_backend(url: str) -> Backend:
         path = unquote(parts.path)
         if not path.startswith("/"):
             raise BadInput(f"file URL {url} needs an absolute path (file:///abs/path)")
-        return FileBackend(Path(path))
+        return _local(Path(path))
     if scheme == "s3":
         # The S3 backend owns S3 URL rules (bucket names, prefixes, no
         # credentials echoed back); imported here so local use skips boto3.
