@@ -97,7 +97,7 @@ def test_list_json(repo_dir: Path, run: Run) -> None:
     rc, out, _ = run("list", "--repo", f"file://{repo_dir}", "--json")
     assert rc == 0
     doc = json.loads(out)
-    assert list(doc) == ["points"]
+    assert list(doc) == ["points", "damaged"] and doc["damaged"] == []
     assert [p["id"] for p in doc["points"]] == [P1, P2]
     second = doc["points"][1]
     assert second == {
@@ -107,7 +107,17 @@ def test_list_json(repo_dir: Path, run: Run) -> None:
         "stats": {"seconds": 2}, "labels": {"site": "a"},
     }
     rc, out, _ = run("list", "--repo", repo_dir, "--vm", "other", "--json")
-    assert rc == 0 and json.loads(out) == {"points": []}
+    assert rc == 0 and json.loads(out) == {"points": [], "damaged": []}
+
+
+def test_list_shows_the_good_points_when_one_is_damaged(repo_dir: Path, run: Run) -> None:
+    point_file = next((repo_dir / "points").rglob(f"{P1}.json"))
+    point_file.write_bytes(point_file.read_bytes().replace(b'"vm1"', b'"vmX"', 1))
+    rc, out, err = run("list", "--repo", repo_dir, "--json")
+    assert rc == 1  # damage is an error, but the good points are still listed
+    doc = json.loads(out)
+    assert [p["id"] for p in doc["points"]] == [P2] and doc["damaged"] == [P1]
+    assert err.count("\n") == 1 and P1 in err and "fleece verify" in err
 
 
 def test_list_of_something_that_is_not_a_repository(tmp_path: Path, run: Run) -> None:

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from fleece.errors import RepositoryCorrupt
+from fleece.repo.backend import ObjectMissing
 from fleece.repo.point import RestorePoint
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
@@ -50,15 +52,27 @@ def human_size(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """List points; exit 2 when the repository does not exist."""
     repo = Repository.open(open_backend(args.repo))
-    points = repo.list_points(args.vm)
+    # One damaged point must not hide the good ones: list those, name the
+    # damaged ones on stderr, and exit 1 so that scripts notice.
+    points: list[RestorePoint] = []
+    damaged: list[str] = []
+    for vm, point_id in repo.point_refs(args.vm):
+        try:
+            points.append(repo.load_point(vm, point_id))
+        except (RepositoryCorrupt, ObjectMissing) as exc:
+            if isinstance(exc, ObjectMissing):
+                continue  # pruned while we listed
+            damaged.append(point_id)
+            sys.stderr.write(f"fleece: error: {exc} (see 'fleece verify')\n")
+    rc = 1 if damaged else 0
     if args.json:
-        json.dump({"points": [point_summary(p) for p in points]}, sys.stdout)
+        json.dump({"points": [point_summary(p) for p in points], "damaged": damaged}, sys.stdout)
         sys.stdout.write("\n")
-        return 0
+        return rc
     if not points:
         where = f" for VM {args.vm}" if args.vm else ""
         print(f"no restore points in {repo.url}{where}")
-        return 0
+        return rc
     rows = [("ID", "VM", "CREATED", "PARENT", "DISKS")]
     for p in points:
         disks = ", ".join(f"{d.name} {d.level} {human_size(d.virtual_size)}" for d in p.disks)
@@ -67,4 +81,4 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         cells = [cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)]
         print("  ".join([*cells, row[4]]))
-    return 0
+    return rc
