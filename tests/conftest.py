@@ -573,14 +573,13 @@ def scratch_tmpdir(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Path:
 def store_point() -> Any:
     """``store(repo, point_id, {disk: bytes}, parent=None, vm="vm1")``: commit a point as a
     backup would (zero chunks unstored, index, then the point); returns the RestorePoint."""
-    import hashlib
-
     from fleece.codec import encode_chunk
     from fleece.repo.index import ChunkIndex
     from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 
     def store(repo: Any, point_id: str, disks: dict[str, bytes], parent: str | None = None,
-              vm: str = "vm1") -> Any:
+              vm: str = "vm1", created: str | None = None, labels: dict[str, str] | None = None,
+              stats: dict[str, Any] | None = None) -> Any:
         chunk = repo.config.chunk_size
         records = []
         for name, data in disks.items():
@@ -588,13 +587,14 @@ def store_point() -> Any:
             for i in range(index.n_chunks):
                 piece = data[i * chunk : (i + 1) * chunk]
                 if any(piece):
-                    digest = hashlib.sha256(piece).digest()
+                    digest = repo.digest(piece)
                     repo.put_chunk(digest, encode_chunk(piece, 3))
                     index.set(i, digest)
             key, digest_hex = repo.write_index(point_id, name, index)
             records.append(DiskRecord(name, "full" if parent is None else "incremental",
                                       len(data), key, digest_hex, None, {}))
-        point = RestorePoint(point_id, vm, iso_utc(), parent, chunk, records, "0.1.0")
+        point = RestorePoint(point_id, vm, created or iso_utc(), parent, chunk, records, "0.1.0",
+                             None, labels or {}, stats or {})
         repo.write_point(point)
         return point
 

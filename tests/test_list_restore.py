@@ -12,10 +12,7 @@ from typing import Any
 import pytest
 
 from fleece.cli import main
-from fleece.codec import encode_chunk
 from fleece.repo.file_backend import FileBackend
-from fleece.repo.index import ChunkIndex
-from fleece.repo.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
 from fleece.restore import DiskImage
 
@@ -33,39 +30,24 @@ def sparse_disk(size: int, writes: dict[int, bytes]) -> bytes:
     return bytes(disk)
 
 
-def store_point(repo: Repository, point_id: str, disks: dict[str, bytes],
-                parent: str | None = None, vm: str = "vm1") -> RestorePoint:
-    """Commit a point holding ``disks``, as a backup would (zero chunks not stored)."""
-    records = []
-    for name, data in disks.items():
-        index = ChunkIndex.empty(CHUNK, len(data))
-        for i in range(index.n_chunks):
-            piece = data[i * CHUNK : (i + 1) * CHUNK]
-            if any(piece):
-                digest = hashlib.sha256(piece).digest()
-                repo.put_chunk(digest, encode_chunk(piece, 3))
-                index.set(i, digest)
-        key, digest_hex = repo.write_index(point_id, name, index)
-        level = "full" if parent is None else "incremental"
-        records.append(DiskRecord(name, level, len(data), key, digest_hex, None, {}))
-    point = RestorePoint(point_id, vm, f"2026-01-0{point_id[7]}T00:00:00.000001Z", parent,
-                         CHUNK, records, "0.1.0", None, {"site": "a"}, {"seconds": 2})
-    repo.write_point(point)
-    return point
-
-
 VDA = sparse_disk(8 * MiB, {0: b"boot" * 1000, 3 * MiB + 5: os.urandom(200_000),
                             8 * MiB - 10: b"end-marker"})
 VDB = sparse_disk(3 * CHUNK + 1000, {3 * CHUNK: b"\x99" * 1000})
 
 
+def extras(point_id: str) -> dict[str, Any]:
+    """Fixed creation time, labels and stats, so list's output can be checked exactly."""
+    return {"created": f"2026-01-0{point_id[7]}T00:00:00.000001Z", "labels": {"site": "a"},
+            "stats": {"seconds": 2}}
+
+
 @pytest.fixture
-def repo_dir(tmp_path: Path) -> Path:
+def repo_dir(tmp_path: Path, store_point: Any) -> Path:
     path = tmp_path / "repo"
     repo = Repository.init(FileBackend(path), chunk_size=CHUNK)
-    store_point(repo, P1, {"vda": VDA})
+    store_point(repo, P1, {"vda": VDA}, **extras(P1))
     store_point(repo, P2, {"vda": VDA[: 4 * MiB] + b"\x42" * CHUNK + VDA[4 * MiB + CHUNK :],
-                           "#block5": VDB}, parent=P1)
+                           "#block5": VDB}, parent=P1, **extras(P2))
     return path
 
 
