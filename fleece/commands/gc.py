@@ -71,7 +71,8 @@ def print_report(report: GcReport) -> None:
     print(f"gc {would} {report.chunks_deleted} chunks and {report.indexes_deleted} orphan indexes, "
           f"{human_size(report.bytes_freed)}{' would be' if report.dry_run else ''} freed "
           f"in {report.seconds:.1f} s")
-    print(f"kept {report.chunks_kept} chunks named by {report.points} restore points"
+    points = f"{report.points} restore point" + ("" if report.points == 1 else "s")
+    print(f"kept {report.chunks_kept} chunks named by {points}"
           + (f" and {report.indexes_spared} recent orphan indexes" if report.indexes_spared else ""))
     if report.running_backups:
         print(f"note: backups of {', '.join(report.running_backups)} are running; gc would wait "
