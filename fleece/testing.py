@@ -20,7 +20,10 @@ The phases of one ``fleece backup``, in order:
 ``before-commit``
     in tear-down: the exports, the NBD server and the device's filter are
     gone, the checkpoint bitmaps are not committed yet (the reverse-delta
-    nodes go after the commit).
+    nodes go after the commit);
+``deltas-unlinked``
+    in tear-down: committed, the reverse-delta files unlinked (QEMU still
+    holds them open), their nodes and the scratch directory not yet removed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import os
 import threading
 import time
 
-PHASES = ("export-live", "chunk-stored", "before-point", "before-commit")
+PHASES = ("export-live", "chunk-stored", "before-point", "before-commit", "deltas-unlinked")
 PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
 PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
 

@@ -34,6 +34,10 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
 
     held = hold_backup(vm, repo, phase)
     held.wait_held()
+    committed = phase in ("before-commit", "deltas-unlinked")  # the point was written
+    if phase == "deltas-unlinked":
+        # Past this phase no reverse delta (a copy of guest data) is on disk.
+        assert not list(scratch_tmpdir.rglob("delta-*")), list(scratch_tmpdir.rglob("*"))
     # After the held backup's snapshot point: only fleece-<first> (or, once
     # committed, the new checkpoint) can carry these bits into the next backup.
     vm.write("vda", 2 * CHUNK, 4096, 0x13)         # chunk 2, clean until now
@@ -41,7 +45,7 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
     held.kill()
 
     points = point_ids(fleece, repo)
-    if phase == "before-commit":
+    if committed:
         # The point was written before the tear-down began: it exists and is whole.
         assert points[0] == first and len(points) == 2
         killed = points[1]
@@ -66,7 +70,7 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
     assert cleaned.rc == 0, cleaned.err
     assert cleaned.out.startswith("removed ")
     after = vm.block_graph()
-    if phase == "before-commit":
+    if committed:
         # Cleanup finishes the commit the killed run had decided on: the new
         # point's checkpoint replaces the old one.
         assert after == {**before, "bitmaps": {"vda": [(f"fleece-{killed}", True, True)]}}
@@ -78,7 +82,7 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
     nxt = backup(fleece, vm, repo)
     disk = nxt["disks"][0]
     assert disk["level"] == "incremental"
-    if phase == "before-commit":
+    if committed:
         assert nxt["parent"] == killed
         assert disk["bytes_read"] == 2 * CHUNK  # chunks 0 and 2: written after its point
     else:

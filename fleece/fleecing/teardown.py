@@ -128,6 +128,13 @@ async def tear_down(
     await _remove_bitmaps(run, await read_graph(session), states)
 
     deltas = {n: graph.nodes[n].filename for n in graph.fleece_nodes("delta-")}
+    # Nothing writes to the reverse deltas any more. Unlink their files while
+    # QEMU still holds them open: a kill from here on leaves no guest data on
+    # disk, and the nodes (whose filenames lead cleanup to the state file) stay.
+    for path in deltas.values():
+        if path:
+            _unlink(path, run)
+    pause_point("deltas-unlinked")  # test hook (fleece.testing); inert in production
     await _delete_nodes(run, graph, "delta-")
     await _delete_nodes(run, graph, "")
 
