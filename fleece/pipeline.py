@@ -247,11 +247,10 @@ class DiskBackup:
             if self._failed.is_set():
                 continue  # drop: the backup has failed; keep draining so readers never block
             i, offset, digest, blob = item
-            # The dedup probe runs here, `storers` at a time, not in the readers:
-            # on S3 it is a round trip, and readers waiting on it starve the pipeline.
-            present = self.repo.has_chunk(digest)
-            if not present:
-                self.repo.put_chunk(digest, blob)
+            # put_chunk probes before it writes; that runs here, `storers` at a
+            # time, not in the readers: on S3 it is a round trip, and readers
+            # waiting on it starve the pipeline.
+            present = not self.repo.put_chunk(digest, blob)
             with self._known_lock:
                 self._pending.discard(digest)
                 self.known.add(digest)

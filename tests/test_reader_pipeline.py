@@ -144,9 +144,6 @@ class FailingRepo:
         self.inner, self.left = inner, fail_after
         self.config = inner.config
 
-    def has_chunk(self, digest: bytes) -> bool:
-        return False
-
     def put_chunk(self, digest: bytes, blob: bytes) -> bool:
         self.left -= 1
         if self.left < 0:

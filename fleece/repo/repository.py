@@ -183,21 +183,24 @@ class Repository:
         return self.backend.exists(keys.chunk_key(digest))
 
     def put_chunk(self, digest: bytes, blob: bytes) -> bool:
-        """Store an encoded chunk; False when it was already there (chunks are immutable).
+        """Store an encoded chunk unless it is there already; False when it was (no write).
 
-        Backends that can batch durability (``stage``/``flush``, the file
-        backend) may publish it only at the next :meth:`flush`; the restore
-        point is never written before that.
+        This is the dedup probe for chunks no index names: one existence check
+        (a stat, or a HEAD on S3 — cheaper than uploading the bytes again),
+        then a conditional create, so two writers racing for one chunk are
+        both fine (chunks are immutable). Backends that batch durability
+        (``stage``/``flush``, the file backend) publish the chunk only at the
+        next :meth:`flush`; the restore point is never written before that.
         """
+        key = keys.chunk_key(digest)
+        if self.backend.exists(key):
+            return False
         stage = getattr(self.backend, "stage", None)
         if stage is not None:
-            key = keys.chunk_key(digest)
-            if self.backend.exists(key):
-                return False
             stage(key, blob)
-            pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
-            return True
-        stored = self.backend.put(keys.chunk_key(digest), blob, if_absent=True)
+            stored = True
+        else:
+            stored = self.backend.put(key, blob, if_absent=True)
         pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
         return stored
 
