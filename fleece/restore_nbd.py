@@ -30,6 +30,7 @@ from typing import Any
 import nbd
 
 from fleece.errors import BadInput, FleeceError
+from fleece.repo.file_backend import fsync_dir
 from fleece.repo.point import RestorePoint
 from fleece.repo.repository import Repository
 from fleece.restore import DEFAULT_WORKERS, DiskImage, RestoreResult, copy_chunks
@@ -155,7 +156,7 @@ def restore_qcow2(
                 target.close()
                 raise
         os.replace(tmp, output)
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -247,11 +248,3 @@ def _qemu_nbd(image: Path, timeout: float = 30) -> Iterator[str]:
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

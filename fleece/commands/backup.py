@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fleece.backup import LEVELS, BackupRequest, BackupResult, run_backup
 from fleece.codec import HASHES, parse_compression
-from fleece.commands.common import add_json_option, human_size, print_json, run
+from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json, run
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
@@ -34,8 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT")
     p.add_argument("--drive", action="append", default=[], metavar="NAME",
                    help="disk to back up: device id, node name or block backend name (repeatable)")
-    p.add_argument("--repo", metavar="URL",
-                   help="repository: a directory, file:///path or s3://bucket/prefix")
+    add_repo_option(p, required=False)
     p.add_argument("--vm", metavar="NAME",
                    help="VM name in the repository (default: QEMU's -name, else UUID, else socket)")
     p.add_argument("--level", choices=LEVELS, default=None,

@@ -19,6 +19,14 @@ def add_qmp_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--repo URL``: the repository (not required where ``--config`` may give it)."""
+    parser.add_argument(
+        "--repo", required=required, metavar="URL",
+        help="repository: a directory, file:///abs/path or s3://bucket/prefix",
+    )
+
+
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """``--json``: one JSON object on stdout and nothing else there."""
     parser.add_argument(

@@ -7,7 +7,7 @@ import sys
 import time
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, human_size, print_json
+from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput, LockHeld
 from fleece.gc import DEFAULT_GRACE, GcReport, collect_garbage
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``gc`` to the command line."""
     p = sub.add_parser("gc", help="delete chunks that no restore point names")
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML file ([gc] table)")
-    p.add_argument("--repo", metavar="URL", help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p, required=False)
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
     p.add_argument("--grace", metavar="DURATION", default=None,
                    help="spare index objects without a point younger than this "

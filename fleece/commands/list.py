@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from fleece.commands.common import add_json_option, add_repo_option
 from fleece.errors import RepositoryCorrupt
 from fleece.repo.backend import ObjectMissing
 from fleece.repo.point import RestorePoint
@@ -17,10 +18,9 @@ from fleece.repo.url import open_backend
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``list`` command."""
     p = subparsers.add_parser("list", help="list the restore points in a repository")
-    p.add_argument("--repo", required=True, metavar="URL",
-                   help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p)
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json_option(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fleece.commands.common import add_repo_option
 from fleece.errors import BadInput
 from fleece.repo import keys
 from fleece.repo.protect import protect, unprotect
@@ -16,8 +17,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, what in (("protect", "never let prune remove a restore point"),
                        ("unprotect", "let prune remove a protected restore point again")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--repo", required=True, metavar="URL",
-                       help="directory, file:///abs/path or s3://bucket/prefix")
+        add_repo_option(p)
         p.add_argument("--vm", metavar="NAME", help="the VM, where 'latest' or a prefix needs it")
         p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
         if name == "protect":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, print_json
+from fleece.commands.common import add_json_option, add_repo_option, print_json
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput
 from fleece.prune import PruneReport, prune
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``prune`` to the command line."""
     p = sub.add_parser("prune", help="remove restore points that no --keep-* rule keeps")
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML file ([prune] table)")
-    p.add_argument("--repo", metavar="URL", help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p, required=False)
     p.add_argument("--vm", metavar="NAME", help="only this VM's points (default: every VM's)")
     p.add_argument("--keep-last", type=_count, default=None, metavar="N", help="keep the N newest points")
     for rule, period in (("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"),

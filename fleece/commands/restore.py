@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fleece.commands.common import add_repo_option
 from fleece.damage import damaged_bytes, describe_ranges
 from fleece.errors import BadInput
 from fleece.repo.repository import Repository
@@ -18,8 +19,7 @@ from fleece.restore_nbd import is_nbd_uri, restore_nbd, restore_qcow2
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``restore`` command."""
     p = subparsers.add_parser("restore", help="write a disk of a restore point to an image file")
-    p.add_argument("--repo", required=True, metavar="URL",
-                   help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--drive", metavar="NAME", help="the disk to restore (needed if several)")
     p.add_argument("--output", "-o", required=True, metavar="PATH|URI",

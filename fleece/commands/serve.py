@@ -8,6 +8,7 @@ import sys
 from types import FrameType
 
 from fleece.commands.backup import parse_size
+from fleece.commands.common import add_repo_option
 from fleece.errors import BadInput, FleeceError
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
@@ -20,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``serve`` command."""
     p = subparsers.add_parser(
         "serve", help="export a disk of a restore point read-only over NBD (nbdkit)")
-    p.add_argument("--repo", required=True, metavar="URL",
-                   help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--vm", metavar="NAME", help="the VM whose points POINT names")
     p.add_argument("--drive", metavar="NAME", help="the disk to serve (needed if several)")

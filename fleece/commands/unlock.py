@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from fleece.commands.common import add_repo_option
 from fleece.errors import BadInput, LockHeld
 from fleece.repo.gc_lock import GC_LOCK
 from fleece.repo.keys import repo_lock_key, vm_lock_key
@@ -21,8 +22,7 @@ from fleece.repo.url import open_backend
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``unlock`` to the command line."""
     p = sub.add_parser("unlock", help="remove a lock left by a backup (or gc) that is gone")
-    p.add_argument("--repo", required=True, metavar="URL",
-                   help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--vm", metavar="NAME", help="the VM whose writer lock to remove")
     which.add_argument("--gc", action="store_true", help="remove the repository's gc lock")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.common import add_json_option, human_size, print_json
+from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
 from fleece.repo.repository import Repository
@@ -16,8 +16,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``verify`` command."""
     p = subparsers.add_parser(
         "verify", help="check that restore points are complete and undamaged")
-    p.add_argument("--repo", required=True, metavar="URL",
-                   help="directory, file:///abs/path or s3://bucket/prefix")
+    add_repo_option(p)
     p.add_argument("points", nargs="*", metavar="POINT",
                    help="point ids, unique prefixes or 'latest' (default: every point)")
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")

@@ -45,7 +45,8 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (new, renamed, removed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -101,7 +102,7 @@ class FileBackend:
                 os.mkdir(d)
             except FileExistsError:
                 continue  # another writer made it
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
 
     def _write_temp(self, directory: Path, data: bytes, durable: bool = True) -> Path:
         """Write ``data`` to a new temporary file in ``directory``, fsynced if ``durable``."""
@@ -149,7 +150,7 @@ class FileBackend:
             else:
                 os.replace(tmp, path)
             tmp = None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         except OSError as exc:
             if tmp is not None:
