@@ -20,7 +20,6 @@ not hold one process open across the export (``fleece export start/stop``);
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -132,9 +131,6 @@ def _describe(done: SetUp) -> PointInTimeExport:
                              scratch_dir=st.scratch)
 
 
-_owner: contextvars.ContextVar[str] = contextvars.ContextVar("fleece_export_owner", default="export")
-
-
 async def start_export(
     session: QmpSession,
     drives: list[str],
@@ -153,8 +149,7 @@ async def start_export(
     changed in QEMU and the error is raised.
     """
     done = await set_up(session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
-                        discard=discard, scratch_dir=scratch_dir, qga=qga, log=log or _log.warning,
-                        owner=_owner.get())
+                        discard=discard, scratch_dir=scratch_dir, qga=qga, log=log or _log.warning)
     return _describe(done)
 
 
@@ -188,15 +183,12 @@ async def point_in_time_export(
     QEMU is left as found plus one checkpoint bitmap per disk.
     """
     say = log or _log.warning
-    # This process holds the export for the block's duration: a later run that
-    # finds it with this pid gone knows it was killed (cleanup), not left up.
-    token = _owner.set("session")
-    try:
-        export = await start_export(session, drives, checkpoint=checkpoint, level=level,
-                                    parent_ok=parent_ok, discard=discard, scratch_dir=scratch_dir,
-                                    qga=qga, log=say)
-    finally:
-        _owner.reset(token)
+    # owner "session": this process holds the export for the block's duration,
+    # so a later run that finds it with this pid gone knows it was killed
+    # (cleanup), not left up on purpose (export stop).
+    export = _describe(await set_up(
+        session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
+        discard=discard, scratch_dir=scratch_dir, qga=qga, log=say, owner="session"))
     state = ExportState.load(export.scratch_dir)
     try:
         yield export
