@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` as user and group nobody (65534)."""
-    return subprocess.run([sys.executable, "-c", code], user=NOBODY, group=NOBODY, extra_groups=[],
-                          capture_output=True, text=True, timeout=30)
+    # Debian's interpreter, not the venv's: the probe needs only the standard
+    # library, and the checkout (so the venv) may sit where nobody cannot enter.
+    return subprocess.run(["/usr/bin/python3", "-c", code], user=NOBODY, group=NOBODY,
+                          extra_groups=[], capture_output=True, text=True, timeout=30)
 
 
 def nobody_connects(sock: Path) -> str:
