@@ -22,11 +22,10 @@ chunks, 4 TiB of distinct data at 4 MiB) plus one index at a time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -122,7 +121,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
 
     live_ids = {point_id for _, point_id in refs}
     old_orphans: list[ObjectInfo] = []
-    for info in _list_info(backend, keys.INDEXES_PREFIX):
+    for info in backend.list_info(keys.INDEXES_PREFIX):
         parsed = keys.parse_index_key(info.key)
         if parsed is None or parsed[0] in live_ids or info.key in named_indexes:
             continue
@@ -146,7 +145,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
         for info in old_orphans:
             if sweeper.add(info):
                 report.indexes_deleted += 1
-        for info in _list_info(backend, keys.CHUNKS_PREFIX):
+        for info in backend.list_info(keys.CHUNKS_PREFIX):
             digest = keys.parse_chunk_key(info.key)
             if digest is None:
                 continue  # not ours to judge
@@ -162,14 +161,9 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
     report.bytes_freed = sweeper.bytes
     # A killed backup's staged chunks never became objects: hidden temporary
     # files of the file backend. Past the grace period nobody can publish them.
-    stale = getattr(backend, "stale_temporaries", None)
-    if stale is not None:
-        for path, size in stale(now() - grace.total_seconds()):
-            if lease is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            report.temporaries_deleted += 1
-            report.bytes_freed += size
+    count, size = backend.sweep_temporaries(now() - grace.total_seconds(), delete=lease is not None)
+    report.temporaries_deleted += count
+    report.bytes_freed += size
 
 
 def _mark_point(repo: Repository, vm: str, point_id: str, marked: set[bytes],
@@ -209,16 +203,6 @@ def _mark_orphan(backend: Backend, key: str, marked: set[bytes]) -> None:
         marked.add(digest)
 
 
-def _list_info(backend: Backend, prefix: str) -> Iterator[ObjectInfo]:
-    """Keys with sizes and times where the backend lists them; else size -1 and mtime NaN."""
-    lister = getattr(backend, "list_info", None)
-    if lister is not None:
-        yield from lister(prefix)
-        return
-    for key in backend.list(prefix):
-        yield ObjectInfo(key, -1, math.nan)
-
-
 def _mtime(backend: Backend, key: str) -> float | None:
     try:
         return backend.mtime(key)
@@ -236,7 +220,6 @@ class _Sweeper:
         self.batch: list[str] = []
         self.deleted = 0
         self.bytes = 0
-        self._delete_many: Callable[[list[str]], None] | None = getattr(backend, "delete_many", None)
 
     def add(self, info: ObjectInfo) -> bool:
         """Queue ``info`` for deletion; False when it vanished before its size was known."""
@@ -265,10 +248,6 @@ class _Sweeper:
         self.lease.renew()
         if lease_margin(self.lease) < CLOCK_SKEW:
             raise LockHeld("gc could not renew its lease in time, so it stopped deleting")
-        if self._delete_many is not None:
-            self._delete_many(self.batch)
-        else:
-            for key in self.batch:
-                self.backend.delete(key)
+        self.backend.delete_many(self.batch)
         self.deleted += len(self.batch)
         self.batch = []

@@ -155,13 +155,9 @@ class DiskBackup:
         self.stats.seconds = time.monotonic() - start
         if self._error is not None:
             # Chunks staged but never flushed are invisible temporary files: drop them.
-            discard = getattr(self.repo, "discard_staged", None)
-            if discard is not None:
-                discard()
+            self.repo.discard_staged()
             raise self._error
-        flush = getattr(self.repo, "flush", None)
-        if flush is not None:
-            flush()  # every chunk the index will name is durable when run() returns
+        self.repo.flush()  # every chunk the index will name is durable when run() returns
         return self.stats
 
     def _guard(self, loop: Callable[[], None]) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from fleece.errors import RepositoryError
+from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectMissing
 from fleece.repo.faults import FaultyBackend, InjectedFault
+from fleece.repo.file_backend import FileBackend
 from fleece.repo.memory_backend import MemoryBackend
+from fleece.repo.repository import Repository
 
 
 def test_memory_backend_keeps_the_backend_promises():
@@ -150,3 +154,21 @@ def test_an_outage_mid_way_loses_nothing_that_was_acknowledged():
 def test_unknown_operations_are_refused():
     with pytest.raises(ValueError, match="unknown backend operations"):
         FaultyBackend(MemoryBackend(), ops={"gett"})
+
+
+def test_a_faulty_file_backend_still_stages_chunks_and_publishes_them_only_at_flush(tmp_path: Path) -> None:
+    # Wrapping must not hide a capability: production's staged path (write
+    # hidden, publish once durable) is what runs under faults too.
+    faulty = FaultyBackend(FileBackend(tmp_path / "repo"), ops={"put"})
+    repo = Repository.init(faulty, chunk_size=64 * 1024)
+    faulty.fail_first = faulty.calls["put"] + 1  # the next put-like call fails
+    data = b"x" * 1000
+    digest = repo.digest(data)
+    with pytest.raises(InjectedFault):
+        repo.put_chunk(digest, b"blob")  # stage is faulted as a put
+    assert repo.put_chunk(digest, b"blob") is True
+    key = keys.chunk_key(digest)
+    assert not faulty.exists(key), "a staged chunk is visible before flush"
+    assert faulty.calls["exists"] >= 1
+    repo.flush()
+    assert faulty.exists(key) and faulty.get(key) == b"blob"

@@ -108,11 +108,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     backend = open_backend(args.repo)
     if args.storers is None:
         # S3 is latency-bound and wants more uploads in flight than a local disk.
-        settings.storers = getattr(backend, "preferred_concurrency", settings.storers)
-    reserve_connections = getattr(backend, "reserve_connections", None)
-    if reserve_connections is not None:
-        # Readers probe (HEAD) and storers upload at once; + the lease heartbeat.
-        reserve_connections(settings.readers + settings.storers + 1)
+        settings.storers = backend.preferred_concurrency or settings.storers
+    # Readers probe (HEAD) and storers upload at once; + the lease heartbeat.
+    backend.reserve_connections(settings.readers + settings.storers + 1)
     repo: Repository | Callable[[], Repository]
     try:
         repo = Repository.open(backend)

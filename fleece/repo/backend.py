@@ -1,9 +1,16 @@
-"""The storage interface every repository backend implements.
+"""The storage contract every repository backend implements, and the base for wrappers.
 
 Deliberately small (after restic's backend layer): a backend stores opaque
 objects under string keys and knows nothing of chunks or restore points.
 Retries, rate limits, fault injection and logging are wrappers around a
-``Backend``, never flags inside one.
+``Backend`` (:class:`ForwardingBackend`), never flags inside one.
+
+Everything a caller may use is declared here, with a default that is correct
+for any backend, so nobody probes for a method at run time and a wrapper can
+never hide one: six methods are abstract (``put``, ``get``, ``exists``,
+``list``, ``delete``, ``mtime``); the rest are *capabilities* a backend
+overrides where it can do better (ranged reads, listing with sizes, bulk
+deletes, staged writes with batched durability, connection pools).
 
 Keys are ``/``-separated relative paths such as ``chunks/ab/ab12…`` or
 ``points/vm1/20261123T073600.123456Z-3f9a1c.json``.
@@ -11,8 +18,10 @@ Keys are ``/``-separated relative paths such as ``chunks/ab/ab12…`` or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple, Protocol, runtime_checkable
+import abc
+import math
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from fleece.errors import RepositoryError
 
@@ -25,13 +34,33 @@ class ObjectMissing(RepositoryError):
         self.key = key
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """Opaque object storage: put, get, exists, list, delete."""
+class ObjectInfo(NamedTuple):
+    """One listed object: its key, size in bytes (-1: unknown) and last-modified time (NaN: unknown)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+class Backend(abc.ABC):
+    """Opaque object storage: the six abstract operations plus capabilities with defaults."""
 
     url: str
     """Where the objects live, for messages (no secrets)."""
 
+    @property
+    def preferred_concurrency(self) -> int | None:
+        """How many storer threads this backend wants (None: the pipeline's default)."""
+        return None
+
+    @property
+    def atomic_conditional_create(self) -> bool:
+        """Whether ``put(if_absent=True)`` is atomic against other writers (leases rely on it)."""
+        return True
+
+    # -- the contract -------------------------------------------------------------------
+
+    @abc.abstractmethod
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Store ``data`` under ``key`` atomically: readers see all of it or nothing.
 
@@ -39,50 +68,155 @@ class Backend(Protocol):
         yet (a conditional create); returns False when it already existed.
         Otherwise an existing object is replaced and True is returned.
         """
-        ...
 
+    @abc.abstractmethod
     def get(self, key: str) -> bytes:
         """Return the whole object; raise :class:`ObjectMissing` if absent."""
-        ...
 
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""
-        ...
 
+    @abc.abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
         """Every key that starts with ``prefix``, in no particular order."""
-        ...
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; removing an absent key is not an error."""
-        ...
 
+    @abc.abstractmethod
     def mtime(self, key: str) -> float:
-        """Last-modified time (Unix seconds) of ``key``; :class:`ObjectMissing` if absent.
+        """Last-modified time (Unix seconds) of ``key``; :class:`ObjectMissing` if absent."""
 
-        Garbage collection uses it for its grace period.
+    # -- capabilities (override where the store does better) ----------------------------
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (fewer at its end); :class:`ObjectMissing`.
+
+        The default fetches the whole object; stores with ranged reads fetch
+        only the part (packs hold many small deltas).
         """
-        ...
-
-
-class ObjectInfo(NamedTuple):
-    """One listed object: its key, size in bytes and last-modified time (Unix seconds)."""
-
-    key: str
-    size: int
-    mtime: float
-
-
-@runtime_checkable
-class ListsInfo(Protocol):
-    """Optional backend extension: list keys with sizes and times in one pass.
-
-    S3 returns both in every ListObjectsV2 page, a directory in one ``stat``;
-    garbage collection uses it to report bytes freed and to age orphans
-    without a request per object. Not part of :class:`Backend`: callers fall
-    back to ``list`` and ``mtime`` when a backend (or wrapper) lacks it.
-    """
+        return self.get(key)[offset : offset + length]
 
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, in no particular order."""
-        ...
+        """Every object under ``prefix`` with its size and time, where the listing has them.
+
+        The default lists keys only (size -1, time NaN); S3 and directories
+        return both in the listing itself, so gc needs no request per object.
+        """
+        for key in self.list(prefix):
+            yield ObjectInfo(key, -1, math.nan)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every key (absent ones are fine); S3 does 1000 per request."""
+        for key in keys:
+            self.delete(key)
+
+    def stage(self, key: str, data: bytes) -> bool:
+        """Write an immutable object that becomes visible (and durable) at :meth:`flush`.
+
+        Returns False when ``key`` already existed. The default is a
+        conditional create, visible at once; the file backend batches the
+        durability of many objects into one sync.
+        """
+        return self.put(key, data, if_absent=True)
+
+    def flush(self) -> None:
+        """Make every staged object durable, then visible (a no-op where puts already are)."""
+        return None
+
+    def discard_staged(self) -> None:
+        """Drop staged objects that were never flushed (a backup that failed)."""
+        return None
+
+    def sweep_temporaries(self, older_than: float, *, delete: bool) -> tuple[int, int]:
+        """Count (and with ``delete`` remove) a killed writer's temporaries older than ``older_than``.
+
+        Returns ``(objects, bytes)``. Only backends that keep hidden
+        temporaries (the file backend's staged chunks) have any.
+        """
+        return 0, 0
+
+    def reserve_connections(self, threads: int) -> None:
+        """Size connection pools for ``threads`` concurrent callers (S3); a no-op elsewhere."""
+        return None
+
+
+class ForwardingBackend(Backend):
+    """A wrapper that passes every operation and capability to ``inner``.
+
+    Wrappers (fault injection, rate limits, encryption, metrics) derive from
+    it and override only what they change, so wrapping never hides a
+    capability of the backend underneath.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    @property
+    def preferred_concurrency(self) -> int | None:
+        """The inner backend's."""
+        return self.inner.preferred_concurrency
+
+    @property
+    def atomic_conditional_create(self) -> bool:
+        """The inner backend's."""
+        return self.inner.atomic_conditional_create
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """The inner ``put``."""
+        return self.inner.put(key, data, if_absent=if_absent)
+
+    def get(self, key: str) -> bytes:
+        """The inner ``get``."""
+        return self.inner.get(key)
+
+    def exists(self, key: str) -> bool:
+        """The inner ``exists``."""
+        return self.inner.exists(key)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """The inner ``list``."""
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        """The inner ``delete``."""
+        self.inner.delete(key)
+
+    def mtime(self, key: str) -> float:
+        """The inner ``mtime``."""
+        return self.inner.mtime(key)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """The inner ``get_range``."""
+        return self.inner.get_range(key, offset, length)
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """The inner ``list_info``."""
+        return self.inner.list_info(prefix)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """The inner ``delete_many``."""
+        self.inner.delete_many(keys)
+
+    def stage(self, key: str, data: bytes) -> bool:
+        """The inner ``stage``."""
+        return self.inner.stage(key, data)
+
+    def flush(self) -> None:
+        """The inner ``flush``."""
+        self.inner.flush()
+
+    def discard_staged(self) -> None:
+        """The inner ``discard_staged``."""
+        self.inner.discard_staged()
+
+    def sweep_temporaries(self, older_than: float, *, delete: bool) -> tuple[int, int]:
+        """The inner ``sweep_temporaries``."""
+        return self.inner.sweep_temporaries(older_than, delete=delete)
+
+    def reserve_connections(self, threads: int) -> None:
+        """The inner ``reserve_connections``."""
+        self.inner.reserve_connections(threads)

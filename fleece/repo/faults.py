@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 from fleece.errors import RepositoryError
-from fleece.repo.backend import Backend, ObjectInfo
+from fleece.repo.backend import Backend, ForwardingBackend, ObjectInfo
 
 BACKEND_OPS = frozenset({"put", "get", "exists", "list", "delete", "mtime"})
 
@@ -29,8 +29,13 @@ class InjectedFault(RepositoryError):
     """The error :class:`FaultyBackend` raises in place of a real storage failure."""
 
 
-class FaultyBackend:
+class FaultyBackend(ForwardingBackend):
     """A :class:`Backend` whose operations fail or stall on demand.
+
+    Everything else is forwarded (:class:`ForwardingBackend`), so a faulty
+    file backend still stages and flushes as production does. ``stage`` is
+    faulted as a ``put`` and ``get_range`` as a ``get``: they are the same
+    requests to the store.
 
     For every call of an operation in ``ops`` (default: all of them):
     sleep ``delay`` seconds; then fail with :class:`InjectedFault` if
@@ -48,8 +53,7 @@ class FaultyBackend:
         unknown = set(ops or ()) - BACKEND_OPS - {"delete_many"}
         if unknown:
             raise ValueError(f"unknown backend operations: {sorted(unknown)}")
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.fail_rate = fail_rate
         self.fail_first = fail_first
         self.outage = outage
@@ -101,17 +105,18 @@ class FaultyBackend:
         return iter(keys)
 
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
-        """The inner ``list_info`` (or ``list`` and ``mtime``), faulted as ``list``."""
-
-        def call() -> list[ObjectInfo]:
-            lister = getattr(self.inner, "list_info", None)
-            if lister is not None:
-                return list(lister(prefix))
-            return [ObjectInfo(k, len(self.inner.get(k)), self.inner.mtime(k))
-                    for k in self.inner.list(prefix)]
-
-        infos: list[ObjectInfo] = self._run("list", prefix + "*", call)
+        """The inner ``list_info`` (materialized), faulted as ``list``."""
+        infos: list[ObjectInfo] = self._run("list", prefix + "*",
+                                            lambda: list(self.inner.list_info(prefix)))
         return iter(infos)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """The inner ``get_range``, faulted as ``get``."""
+        return bytes(self._run("get", key, lambda: self.inner.get_range(key, offset, length)))
+
+    def stage(self, key: str, data: bytes) -> bool:
+        """The inner ``stage``, faulted as ``put``."""
+        return bool(self._run("put", key, lambda: self.inner.stage(key, data)))
 
     def delete(self, key: str) -> None:
         """The inner ``delete``, unless a fault is due."""
@@ -122,15 +127,6 @@ class FaultyBackend:
         return float(self._run("mtime", key, lambda: self.inner.mtime(key)))
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        """The inner ``delete_many`` (or one ``delete`` per key), unless a fault is due."""
+        """The inner ``delete_many``, unless a fault is due."""
         keys = list(keys)
-
-        def call() -> None:
-            many = getattr(self.inner, "delete_many", None)
-            if many is not None:
-                many(keys)
-            else:
-                for key in keys:
-                    self.inner.delete(key)
-
-        self._run("delete_many", f"{len(keys)} keys", call)
+        self._run("delete_many", f"{len(keys)} keys", lambda: self.inner.delete_many(keys))

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleece.errors import BadInput, RepositoryError
-from fleece.repo.backend import ObjectInfo, ObjectMissing
+from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
 
 TMP_PREFIX = ".tmp-"
 STAGE_BATCH_BYTES = 256 << 20
@@ -59,7 +59,7 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-class FileBackend:
+class FileBackend(Backend):
     """Objects as files under ``root``; keys are relative ``/``-separated paths."""
 
     def __init__(self, root: Path) -> None:
@@ -159,12 +159,14 @@ class FileBackend:
                 f"cannot write {path}: {exc.strerror or exc}; the object was not stored"
             ) from None
 
-    def stage(self, key: str, data: bytes) -> None:
+    def stage(self, key: str, data: bytes) -> bool:
         """Store an immutable object that need not be visible before the next :meth:`flush`.
 
         It becomes visible (if no object of that name exists yet) once it is
         durable: at the latest when :meth:`flush` returns, earlier when a
-        batch of :data:`STAGE_BATCH_BYTES` fills up.
+        batch of :data:`STAGE_BATCH_BYTES` fills up. Always True: whether a
+        concurrent writer published the same name first is only known at the
+        flush, and immutable objects of one name are identical.
         """
         path = self._path(key)
         try:
@@ -179,6 +181,7 @@ class FileBackend:
             full = self._staged_bytes >= STAGE_BATCH_BYTES
         if full:
             self.flush()
+        return True
 
     def flush(self) -> None:
         """Make every staged object durable, then publish it under its name."""
@@ -202,20 +205,26 @@ class FileBackend:
                 "they were not stored"
             ) from None
 
-    def stale_temporaries(self, older_than: float) -> Iterator[tuple[Path, int]]:
-        """Hidden temporary files last written before ``older_than`` (Unix time), with sizes.
+    def sweep_temporaries(self, older_than: float, *, delete: bool) -> tuple[int, int]:
+        """Hidden temporary files last written before ``older_than`` (Unix time): count, bytes.
 
         Left by a writer killed between writing and publishing; gc removes them.
         """
+        count = size = 0
         if not self.root.is_dir():
-            return
+            return count, size
         for path in self.root.rglob(f"{TMP_PREFIX}*"):
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            if st.st_mtime < older_than:
-                yield path, st.st_size
+            if st.st_mtime >= older_than:
+                continue
+            if delete:
+                _unlink_quietly(path)
+            count += 1
+            size += st.st_size
+        return count, size
 
     def discard_staged(self) -> None:
         """Forget staged objects that were never flushed (a failed backup)."""
@@ -236,6 +245,22 @@ class FileBackend:
             raise ObjectMissing(key) from None
         except OSError as exc:
             raise RepositoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` with one ``pread``; :class:`ObjectMissing` if absent."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectMissing(key) from None
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""

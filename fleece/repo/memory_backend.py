@@ -12,12 +12,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from fleece.repo.backend import ObjectInfo, ObjectMissing
+from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
 
 _names = itertools.count()
 
 
-class MemoryBackend:
+class MemoryBackend(Backend):
     """Objects in a dict, with the time each was last written."""
 
     def __init__(self, name: str | None = None) -> None:

@@ -195,26 +195,17 @@ class Repository:
         key = keys.chunk_key(digest)
         if self.backend.exists(key):
             return False
-        stage = getattr(self.backend, "stage", None)
-        if stage is not None:
-            stage(key, blob)
-            stored = True
-        else:
-            stored = self.backend.put(key, blob, if_absent=True)
+        stored = self.backend.stage(key, blob)
         pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
         return stored
 
     def flush(self) -> None:
         """Make every chunk stored so far durable and visible (a no-op where puts already are)."""
-        flush = getattr(self.backend, "flush", None)
-        if flush is not None:
-            flush()
+        self.backend.flush()
 
     def discard_staged(self) -> None:
         """Drop chunks staged by a backup that failed before :meth:`flush`."""
-        discard = getattr(self.backend, "discard_staged", None)
-        if discard is not None:
-            discard()
+        self.backend.discard_staged()
 
     def get_chunk(self, digest: bytes) -> bytes:
         """The plaintext of chunk ``digest``, verified; ``RepositoryCorrupt`` if missing or damaged."""

@@ -46,7 +46,7 @@ from botocore.exceptions import (
 )
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo.backend import ObjectInfo, ObjectMissing
+from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -152,11 +152,13 @@ def _make_client(max_pool_connections: int, connect_timeout: float | None,
     return boto3.session.Session(botocore_session=core).client("s3", config=config)
 
 
-class S3Backend:
+class S3Backend(Backend):
     """Objects in one S3 bucket under one key prefix (see module docstring)."""
 
-    preferred_concurrency = PREFERRED_CONCURRENCY
-    """How many chunks a backup should store in parallel here (``--storers`` overrides)."""
+    @property
+    def preferred_concurrency(self) -> int | None:
+        """How many chunks a backup should store in parallel here (``--storers`` overrides)."""
+        return PREFERRED_CONCURRENCY
 
     def __init__(self, bucket: str, prefix: str, *,
                  max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
@@ -244,6 +246,32 @@ class S3Backend:
                     raise self._error(e, "GetObject", key) from e
                 log.debug("re-reading %s after %s", self._where(key), type(e).__name__)
         raise AssertionError("unreachable")
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """GetObject with a ``Range`` header: only the part travels (deltas inside packs)."""
+        if length <= 0:
+            return b""
+        end = offset + length - 1
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                resp = self._call("GetObject", key, lambda: self.client.get_object(
+                    Bucket=self.bucket, Key=self.prefix + key, Range=f"bytes={offset}-{end}"))
+            except RepositoryError as e:
+                if "InvalidRange" in str(e):  # past the end: as a slice would be
+                    return b""
+                raise
+            try:
+                return resp["Body"].read()
+            except _BODY_ERRORS as e:
+                resp["Body"].close()
+                if attempt == self.max_attempts:
+                    raise self._error(e, "GetObject", key) from e
+        raise AssertionError("unreachable")
+
+    @property
+    def atomic_conditional_create(self) -> bool:
+        """False once the store answered NotImplemented to ``If-None-Match`` (HEAD-then-PUT)."""
+        return self._conditional_writes
 
     def exists(self, key: str) -> bool:
         """HeadObject: True unless the key (or, as S3 answers HEAD, the bucket) is absent."""

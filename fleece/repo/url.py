@@ -7,6 +7,7 @@ local repositories do not pay for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -23,28 +24,41 @@ def _local(path: Path) -> FileBackend:
     return FileBackend(path)
 
 
+def _file_url(url: str) -> Backend:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise BadInput(f"file URL {url} names host {parts.netloc!r}; use file:///abs/path")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise BadInput(f"file URL {url} needs an absolute path (file:///abs/path)")
+    return _local(Path(path))
+
+
+def _s3_url(url: str) -> Backend:
+    # The S3 backend owns S3 URL rules (bucket names, prefixes, no
+    # credentials echoed back); imported here so local use skips boto3.
+    from fleece.repo.s3_backend import S3Backend, parse_s3_url
+
+    bucket, prefix = parse_s3_url(url)
+    return S3Backend(bucket, prefix)
+
+
+SCHEMES: dict[str, Callable[[str], Backend]] = {
+    "file": _file_url,
+    "s3": _s3_url,
+}
+"""URL scheme → backend factory: a new object store is one entry here."""
+
+
 def open_backend(url: str) -> Backend:
     """The backend that ``url`` names; ``BadInput`` for anything unsupported."""
     if not url:
         raise BadInput("--repo needs a directory path, file:///abs/path or s3://bucket/prefix")
     if "://" not in url:
         return _local(Path(url))
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise BadInput(f"file URL {url} names host {parts.netloc!r}; use file:///abs/path")
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise BadInput(f"file URL {url} needs an absolute path (file:///abs/path)")
-        return _local(Path(path))
-    if scheme == "s3":
-        # The S3 backend owns S3 URL rules (bucket names, prefixes, no
-        # credentials echoed back); imported here so local use skips boto3.
-        from fleece.repo.s3_backend import S3Backend, parse_s3_url
-
-        bucket, prefix = parse_s3_url(url)
-        backend: Backend = S3Backend(bucket, prefix)
-        return backend
-    raise BadInput(f"unsupported repository URL scheme {scheme!r}: use a path, file:///abs/path or "
-                   "s3://bucket/prefix")
+    scheme = urlsplit(url).scheme.lower()
+    factory = SCHEMES.get(scheme)
+    if factory is None:
+        raise BadInput(f"unsupported repository URL scheme {scheme!r}: use a path, file:///abs/path "
+                       "or s3://bucket/prefix")
+    return factory(url)
