@@ -29,7 +29,7 @@ from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
 from fleece.fleecing import DiskExport, point_in_time_export
 from fleece.fleecing.names import checkpoint_bitmap
 from fleece.fleecing.setup import preflight
-from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings
+from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
 from fleece.qmp import QmpSession, list_disks, resolve_drive
 from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.repo.gc_lock import check_no_gc
@@ -75,6 +75,8 @@ class DiskResult:
     size: int
     reason: str | None
     stats: DiskStats
+    bitmap_granularity: int | None = None
+    """The dirty bitmap's granularity in bytes (incremental), as QEMU reports it."""
 
     def as_dict(self) -> dict[str, Any]:
         """The per-disk entry of ``backup --json``."""
@@ -83,6 +85,7 @@ class DiskResult:
             "level": self.level,
             "size": self.size,
             **self.stats.as_dict(),
+            "bitmap_granularity": self.bitmap_granularity,
             "reason": self.reason,
         }
 
@@ -274,7 +277,7 @@ def _back_up_disk(
     """Plan, read and store one disk; write its index. Runs in a worker thread."""
     chunk_size = repo.config.chunk_size
     level, reason = disk.level, disk.reason
-    index = ChunkIndex.empty(chunk_size, disk.size)
+    index = ChunkIndex.empty(chunk_size, disk.size, repo.index_version)
     dirty_context = disk.dirty_bitmap
     parent_index: ChunkIndex | None = None
     if level == "incremental" and parent is not None:
@@ -290,6 +293,7 @@ def _back_up_disk(
             dirty_context = None
         else:
             index = parent_index.copy()
+            index.version = repo.index_version
     elif level == "incremental":
         level, dirty_context = "full", None
         reason = reason or "the parent point is not in the repository"
@@ -315,12 +319,19 @@ def _back_up_disk(
         plan = plan_chunks(h, chunk_size, dirty_context)
     finally:
         disconnect(h)
-    advance = progress(disk.drive, plan.bytes_to_read) if progress else None
+    deltas = level == "incremental" and repo.has_deltas
+    advance = (progress(disk.drive, planned_bytes(plan_work(plan, index, deltas)))
+               if progress else None)
     settings = PipelineSettings(**{**req.settings.__dict__})
     settings.compression_level = req.compression_level
     settings.trim_alignment = trim_alignment
-    stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance).run()
+    stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance, deltas=deltas).run()
     index_key, index_digest = repo.write_index(point_id, disk.drive, index)
+    stats.objects_written += 1  # the index
+    granularity = None
+    if level == "incremental" and disk.since:
+        bitmap = disk.disk.bitmap(checkpoint_bitmap(disk.since))
+        granularity = bitmap.granularity if bitmap is not None else None
     record = DiskRecord(
         name=disk.drive,
         level=level,
@@ -330,7 +341,7 @@ def _back_up_disk(
         bitmap=checkpoint_bitmap(point_id),
         stats=stats.as_dict(),
     )
-    return DiskResult(disk.drive, level, disk.size, reason, stats), record
+    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity), record
 
 
 def _readable_index(repo: Repository, point: RestorePoint, drive: str) -> ChunkIndex | None:

@@ -21,6 +21,8 @@ import zstandard
 from fleece.errors import BadInput, RepositoryCorrupt
 
 CHUNK_MAGIC = b"FLCK"
+DELTA_MAGIC = b"FLDT"
+"""A delta (format 2) is framed like a chunk under its own magic: docs/format.md."""
 CHUNK_VERSION = 1
 CODEC_PLAIN = 0
 CODEC_ZSTD = 1
@@ -91,7 +93,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def encode_chunk(data: Buffer, level: int | None) -> bytes:
+def encode_chunk(data: Buffer, level: int | None, magic: bytes = CHUNK_MAGIC) -> bytes:
     """Frame ``data`` as a chunk object; ``level`` None stores it uncompressed.
 
     zstd output is used only when it is smaller than the plaintext, so
@@ -103,21 +105,23 @@ def encode_chunk(data: Buffer, level: int | None) -> bytes:
     if level is not None:
         frame = _compressor(level).compress(data)
         if len(frame) < length:
-            return HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, CODEC_ZSTD, length) + frame
-    return HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, CODEC_PLAIN, length) + bytes(data)
+            return HEADER.pack(magic, CHUNK_VERSION, CODEC_ZSTD, length) + frame
+    return HEADER.pack(magic, CHUNK_VERSION, CODEC_PLAIN, length) + bytes(data)
 
 
-def decode_chunk(blob: bytes, expected_digest: bytes | None = None, hash: str = "sha256") -> bytes:
+def decode_chunk(blob: bytes, expected_digest: bytes | None = None, hash: str = "sha256",
+                 magic: bytes = CHUNK_MAGIC, what: str | None = None) -> bytes:
     """Return the plaintext of a chunk object, checking header and (if given) its ``hash`` digest.
 
     Raises :class:`RepositoryCorrupt` on any mismatch; nothing is modified.
     """
-    what = f"chunk {expected_digest.hex()}" if expected_digest is not None else "chunk"
+    if what is None:
+        what = f"chunk {expected_digest.hex()}" if expected_digest is not None else "chunk"
     if len(blob) < HEADER.size:
         raise RepositoryCorrupt(f"{what} is truncated ({len(blob)} bytes, header needs 14)")
-    magic, version, codec, length = HEADER.unpack_from(blob)
-    if magic != CHUNK_MAGIC:
-        raise RepositoryCorrupt(f"{what} has bad magic {magic!r} (expected {CHUNK_MAGIC!r})")
+    found, version, codec, length = HEADER.unpack_from(blob)
+    if found != magic:
+        raise RepositoryCorrupt(f"{what} has bad magic {found!r} (expected {magic!r})")
     if version != CHUNK_VERSION:
         raise RepositoryCorrupt(f"{what} has unknown chunk format version {version}")
     if length > MAX_CHUNK_SIZE:

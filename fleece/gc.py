@@ -1,18 +1,23 @@
-"""Garbage collection: delete the chunks and index objects no restore point needs.
+"""Garbage collection: delete the chunks, packs and index objects no restore point needs.
 
 Mark and sweep under the exclusive gc lease (:mod:`fleece.repo.gc_lock`),
 which no backup runs alongside:
 
 1. mark: read every point and every index it names (each checked against
-   its checksums) and collect every digest they name. An unreadable point
+   its checksums) and collect every chunk digest and pack they name. An unreadable point
    or index stops gc before it deletes anything: gc cannot know what that
    point needs.
 2. orphan indexes: index objects whose point does not exist. Younger than
    the grace period they are spared, and so are the chunks they name (a
    backup writes its indexes just before its point); older ones go.
-3. sweep: list ``chunks/`` and delete every chunk not marked, in batches
+3. sweep: list ``chunks/`` and ``packs/`` and delete every object not marked, in batches
    (``delete_many`` where the backend has it: 1000 keys per S3 request),
    checking before each batch that the gc lease is still ours.
+
+A pack is kept whole while any kept point names any delta in it; gc reports
+the bytes of unnamed deltas inside kept packs (``pack_bytes_unreferenced``)
+rather than rewriting packs, because a delta's reference (pack, offset) is
+written into checksummed indexes that are never rewritten (docs/format.md).
 
 gc's only side effects are deletions of objects no point names, so a gc
 that fails halfway leaves a repository that is whole, just not yet clean.
@@ -33,6 +38,7 @@ from typing import Any
 from fleece.errors import FleeceError, LockHeld, RepositoryCorrupt, RepositoryError
 from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.delta import PACK_OVERHEAD
 from fleece.repo.gc_lock import CLOCK_SKEW, gc_lock, lease_margin, running_backups
 from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import DEFAULT_LEASE_SECONDS, Lease
@@ -53,6 +59,10 @@ class GcReport:
     points: int = 0
     chunks_kept: int = 0
     chunks_deleted: int = 0
+    packs_kept: int = 0
+    packs_deleted: int = 0
+    pack_bytes_unreferenced: int = 0
+    """Bytes of deltas inside kept packs that no kept point names (packs are kept whole)."""
     indexes_deleted: int = 0
     indexes_spared: int = 0
     """Orphan indexes younger than the grace period (their chunks were kept too)."""
@@ -70,10 +80,13 @@ class GcReport:
             "points": self.points,
             "chunks_kept": self.chunks_kept,
             "chunks_deleted": self.chunks_deleted,
+            "packs_kept": self.packs_kept,
+            "packs_deleted": self.packs_deleted,
+            "pack_bytes_unreferenced": self.pack_bytes_unreferenced,
             "indexes_deleted": self.indexes_deleted,
             "indexes_spared": self.indexes_spared,
             "temporaries_deleted": self.temporaries_deleted,
-            "objects_deleted": self.chunks_deleted + self.indexes_deleted,
+            "objects_deleted": self.chunks_deleted + self.packs_deleted + self.indexes_deleted,
             "bytes_freed": self.bytes_freed,
             "running_backups": self.running_backups,
             "seconds": round(self.seconds, 3),
@@ -113,9 +126,10 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
     backend = repo.backend
     refs = repo.point_refs()
     marked: set[bytes] = set()
+    live: dict[bytes, set[tuple[int, int]]] = {}  # pack → (offset, length) of named deltas
     named_indexes: set[str] = set()
     for vm, point_id in refs:
-        if _mark_point(repo, vm, point_id, marked, named_indexes):
+        if _mark_point(repo, vm, point_id, marked, live, named_indexes):
             report.points += 1
     say(f"marked {len(marked)} chunks named by {report.points} restore points")
 
@@ -130,7 +144,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
             continue
         if now() - mtime < grace.total_seconds():
             report.indexes_spared += 1
-            _mark_orphan(backend, info.key, marked)
+            _mark_orphan(backend, info.key, marked, live)
         else:
             old_orphans.append(info)
 
@@ -153,6 +167,17 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
                 report.chunks_kept += 1
             elif sweeper.add(info):
                 report.chunks_deleted += 1
+        for info in backend.list_info(keys.PACKS_PREFIX):
+            pack = keys.parse_pack_key(info.key)
+            if pack is None:
+                continue
+            if pack in live:
+                report.packs_kept += 1
+                if info.size >= 0:
+                    used = sum(n for _, n in live[pack])
+                    report.pack_bytes_unreferenced += max(0, info.size - used - PACK_OVERHEAD)
+            elif sweeper.add(info):
+                report.packs_deleted += 1
         sweeper.flush()
     except FleeceError as exc:
         message = (f"gc stopped after deleting {sweeper.deleted} unreferenced objects: {exc}; "
@@ -167,7 +192,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
 
 
 def _mark_point(repo: Repository, vm: str, point_id: str, marked: set[bytes],
-                named_indexes: set[str]) -> bool:
+                live: dict[bytes, set[tuple[int, int]]], named_indexes: set[str]) -> bool:
     """Mark every chunk ``vm``'s point names; False when the point is gone (pruned meanwhile)."""
     try:
         point = repo.load_point(vm, point_id)
@@ -185,12 +210,20 @@ def _mark_point(repo: Repository, vm: str, point_id: str, marked: set[bytes],
                 return False  # pruned while we read it: its chunks need no mark
             raise RepositoryCorrupt(f"{exc}; gc cannot tell which chunks point {point_id} needs, "
                                     "so it deleted nothing (see fleece verify)") from exc
-        for _, digest in index.stored():
-            marked.add(digest)
+        _mark_index(index, marked, live)
     return True
 
 
-def _mark_orphan(backend: Backend, key: str, marked: set[bytes]) -> None:
+def _mark_index(index: ChunkIndex, marked: set[bytes], live: dict[bytes, set[tuple[int, int]]]) -> None:
+    """Mark the base chunks and the packs (with the deltas used in them) ``index`` names."""
+    for _, digest in index.stored():
+        marked.add(digest)
+    for _, ref in index.delta_refs():
+        live.setdefault(ref.pack, set()).add((ref.offset, ref.length))
+
+
+def _mark_orphan(backend: Backend, key: str, marked: set[bytes],
+                 live: dict[bytes, set[tuple[int, int]]]) -> None:
     """Mark the chunks a young orphan index names (it may belong to a point about to commit)."""
     try:
         index = ChunkIndex.from_bytes(backend.get(key), f"index {key}")
@@ -199,8 +232,7 @@ def _mark_orphan(backend: Backend, key: str, marked: set[bytes]) -> None:
     except RepositoryCorrupt as exc:
         log.warning("%s; its chunks are not spared", exc)
         return
-    for _, digest in index.stored():
-        marked.add(digest)
+    _mark_index(index, marked, live)
 
 
 def _mtime(backend: Backend, key: str) -> float | None:

@@ -1,20 +1,26 @@
 """The backup data path for one disk: read → hash → dedup → compress → store → trim.
 
-Threads, because every stage is a blocking C call that releases the GIL
-(libnbd, hashlib, zstd, file and socket writes):
+Each chunk position the plan touches becomes one piece of :class:`Work`:
+a *full* chunk (its data extents read, holes left zero) or, in a format-2
+repository, a *delta* of the few extents an incremental changed (read only
+those; :mod:`fleece.repo.delta` says when a position is rewritten whole
+instead). Threads, because every stage is a blocking C call that releases
+the GIL (libnbd, hashlib, zstd, file and socket writes):
 
-* reader threads, one NBD connection each, take the next chunk of the plan,
+* reader threads, one NBD connection each, take the next piece of work,
   read it, test it for zeroes, hash it, skip it if an index already names
   it, and compress the rest (compute stays with the read so a chunk crosses
   no queue until it is small);
-* storer threads take encoded chunks from a bounded queue, ask the
-  repository whether it holds the chunk already (on S3 a round trip, which
-  must not stall the readers), store it if not, then trim it from the
-  snapshot when that is safe.
+* storer threads take encoded chunks and deltas from a bounded queue; a
+  chunk is probed (on S3 a round trip, which must not stall the readers)
+  and stored if new, a delta goes into the backup's current pack (stored
+  when it fills up); then what was read is trimmed from the snapshot when
+  that is safe.
 
-Memory is bounded by (readers + queue depth + storers) chunks, whatever the
-disk size. The chunk index is filled in place: a chunk's digest is recorded
-only once its object is stored (or known to be).
+Memory is bounded by (readers + queue depth + storers) chunks plus one
+open pack, whatever the disk size. The chunk index is filled in place: a
+chunk's digest is recorded only once its object is stored (or known to
+be), a delta's reference once its pack is.
 """
 
 from __future__ import annotations
@@ -25,25 +31,88 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleece.codec import digest_function, encode_chunk, is_zero
 from fleece.errors import ExportError
-from fleece.reader import ChunkPlan, connect, disconnect, pread_chunk
+from fleece.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
+from fleece.repo.delta import MAX_DELTA_FRACTION, MAX_DEPTH, PackWriter, encode_delta, encode_delta_body
 from fleece.repo.index import ChunkIndex
 from fleece.repo.repository import Repository
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
+FULL = 1
+DELTA = 2
+
+
+class Work(NamedTuple):
+    """One chunk position to back up."""
+
+    i: int
+    kind: int
+    """:data:`FULL` (the whole chunk, as a chunk object) or :data:`DELTA`."""
+    reads: tuple[tuple[int, int, int], ...]
+    """``(disk offset, length, where in the buffer)`` of each read; holes stay zero."""
+    extents: tuple[Extent, ...]
+    """A delta's changed extents (disk offsets); empty for a full chunk."""
+
+
+def plan_work(plan: ChunkPlan, index: ChunkIndex, deltas: bool) -> Iterator[Work]:
+    """What to do with each chunk the plan reads, in disk order.
+
+    With ``deltas`` (an incremental into a format-2 repository) a position
+    whose dirty extents are few becomes a delta; it is rewritten whole once
+    it would carry more than ``MAX_DEPTH`` deltas or its deltas would cover
+    more than ``MAX_DELTA_FRACTION`` of it, so reads stay bounded.
+    """
+    for i in plan.to_read():
+        offset, length = plan.chunk_range(i)
+        data = plan.data_extents(i)
+        if deltas:
+            dirty = plan.dirty_extents(i)
+            layers = index.deltas_of(i)
+            covered = sum(r.covered for r in layers) + sum(n for _, n in dirty)
+            if dirty and len(layers) < MAX_DEPTH and covered <= length * MAX_DELTA_FRACTION:
+                yield Work(i, DELTA, _reads_within(dirty, data), tuple(dirty))
+                continue
+        yield Work(i, FULL, tuple((o, n, o - offset) for o, n in data), ())
+
+
+def _reads_within(dirty: list[Extent], data: list[Extent]) -> tuple[tuple[int, int, int], ...]:
+    """The data parts of the dirty extents, placed in the dirty bytes laid end to end."""
+    reads: list[tuple[int, int, int]] = []
+    pos = 0
+    k = 0
+    for d_off, d_len in dirty:
+        d_end = d_off + d_len
+        while k < len(data) and data[k][0] + data[k][1] <= d_off:
+            k += 1
+        j = k
+        while j < len(data) and data[j][0] < d_end:
+            a, b = max(data[j][0], d_off), min(data[j][0] + data[j][1], d_end)
+            if a < b:
+                reads.append((a, b - a, pos + a - d_off))
+            j += 1
+        pos += d_len
+    return tuple(reads)
+
+
+def planned_bytes(work: Iterator[Work]) -> int:
+    """Bytes the work will read from the export."""
+    return sum(n for w in work for _, n, _ in w.reads)
 
 
 @dataclass
 class DiskStats:
     """What one disk's backup did; the keys of ``--json``'s per-disk entry and more."""
 
+    bytes_dirty: int = 0
     bytes_read: int = 0
     bytes_stored: int = 0
+    objects_written: int = 0
+    deltas: int = 0
     chunks_new: int = 0
     chunks_reused: int = 0
     chunks_zero: int = 0
@@ -61,8 +130,11 @@ class DiskStats:
     def as_dict(self) -> dict[str, Any]:
         """Counters for the restore point and ``--json``."""
         return {
+            "bytes_dirty": self.bytes_dirty,
             "bytes_read": self.bytes_read,
             "bytes_stored": self.bytes_stored,
+            "objects_written": self.objects_written,
+            "deltas": self.deltas,
             "chunks_new": self.chunks_new,
             "chunks_reused": self.chunks_reused,
             "chunks_zero": self.chunks_zero,
@@ -100,7 +172,9 @@ class DiskBackup:
         known: set[bytes],
         settings: PipelineSettings,
         progress: Callable[[int], None] | None = None,
+        deltas: bool = False,
     ) -> None:
+        """``deltas``: store small changes as deltas (an incremental into format 2)."""
         self.repo = repo
         self.uri = uri
         self.plan = plan
@@ -111,7 +185,8 @@ class DiskBackup:
         self.progress = progress or (lambda n: None)
         self.stats = DiskStats()
         self._digest = digest_function(repo.config.hash)
-        self._next = plan.to_read()
+        self._next = plan_work(plan, index, deltas)
+        self._packs = PackWriter(repo.put_pack)
         self._next_lock = threading.Lock()
         self._pending: set[bytes] = set()  # digests some storer is writing now
         self._known_lock = threading.Lock()
@@ -132,6 +207,7 @@ class DiskBackup:
             self.index.set(i, None)
             self.stats.add(chunks_zero=1)
         self.stats.chunks_unchanged = self.plan.read.count(0)
+        self.stats.bytes_dirty = self.plan.bytes_dirty
         readers = [
             threading.Thread(target=self._guard, args=(self._read_loop,), name=f"fleece-read-{n}")
             for n in range(self.settings.readers)
@@ -157,7 +233,12 @@ class DiskBackup:
             # Chunks staged but never flushed are invisible temporary files: drop them.
             self.repo.discard_staged()
             raise self._error
+        # The last pack; then every delta has a name the index can hold.
+        for i, ref in self._packs.close():
+            self.index.add_delta(i, ref)
         self.repo.flush()  # every chunk the index will name is durable when run() returns
+        self.stats.bytes_stored += self._packs.bytes_written
+        self.stats.objects_written = self.stats.chunks_new + self._packs.packs_written
         return self.stats
 
     def _guard(self, loop: Callable[[], None]) -> None:
@@ -183,34 +264,57 @@ class DiskBackup:
                         return
                     raise _Failed from None
 
-    def _chunks(self) -> Iterator[int]:
+    def _work(self) -> Iterator[Work]:
         while not self._failed.is_set():
             with self._next_lock:
-                i = next(self._next, None)
-            if i is None:
+                w = next(self._next, None)
+            if w is None:
                 return
-            yield i
+            yield w
 
     # -- stages ------------------------------------------------------------------------
     def _read_loop(self) -> None:
         h = connect(self.uri)
         try:
-            for i in self._chunks():
-                offset, length = self.plan.chunk_range(i)
-                try:
-                    data = pread_chunk(h, offset, length)
-                except Exception as exc:
-                    raise ExportError(
-                        f"reading the snapshot at offset {offset} failed: {exc} "
-                        "(a full reverse delta breaks the snapshot)"
-                    ) from None
-                self.stats.add(bytes_read=length)
-                self._process(i, offset, data)
-                self.progress(length)
+            for w in self._work():
+                offset, length = self.plan.chunk_range(w.i)
+                if w.kind == FULL:
+                    data = self._read(h, w, length, offset)
+                    self._process(w.i, offset, data)
+                else:
+                    self._delta(h, w, offset)
+                self.progress(sum(n for _, n, _ in w.reads))
         finally:
             disconnect(h)
 
-    def _process(self, i: int, offset: int, data: bytes) -> None:
+    def _read(self, h: Any, w: Work, size: int, offset: int) -> bytes | bytearray:
+        """The bytes ``w`` reads, laid into a zeroed buffer of ``size`` (one read: as it came)."""
+        try:
+            if len(w.reads) == 1 and w.reads[0][1] == size:
+                data: bytes | bytearray = pread_chunk(h, w.reads[0][0], size)
+            else:
+                data = bytearray(size)
+                for off, n, pos in w.reads:
+                    data[pos : pos + n] = pread_chunk(h, off, n)
+        except Exception as exc:
+            raise ExportError(
+                f"reading the snapshot at offset {offset} failed: {exc} "
+                "(a full reverse delta breaks the snapshot)"
+            ) from None
+        self.stats.add(bytes_read=sum(n for _, n, _ in w.reads))
+        return data
+
+    def _delta(self, h: Any, w: Work, offset: int) -> None:
+        """Read a delta's extents, encode it and queue it for the pack."""
+        covered = sum(n for _, n in w.extents)
+        data = self._read(h, w, covered, offset)
+        body = encode_delta_body([(o - offset, n) for o, n in w.extents], data)
+        del data
+        digest = self._digest(body)
+        blob = encode_delta(body, self.settings.compression_level)
+        self._put((w.i, offset, digest, blob, w.extents))
+
+    def _process(self, i: int, offset: int, data: bytes | bytearray) -> None:
         if is_zero(data):
             self.index.set(i, None)
             self.stats.add(chunks_zero=1)
@@ -228,7 +332,7 @@ class DiskBackup:
             return
         blob = encode_chunk(data, self.settings.compression_level)
         del data
-        self._put((i, offset, digest, blob))
+        self._put((i, offset, digest, blob, None))
 
     def _store_loop(self) -> None:
         while True:
@@ -242,7 +346,13 @@ class DiskBackup:
                 return
             if self._failed.is_set():
                 continue  # drop: the backup has failed; keep draining so readers never block
-            i, offset, digest, blob = item
+            i, offset, digest, blob, extents = item
+            if extents is not None:
+                self._packs.add(i, blob, sum(n for _, n in extents), digest)
+                self.stats.add(deltas=1)
+                for off, n in extents:
+                    self._trim(off, n)
+                continue
             # put_chunk probes before it writes; that runs here, `storers` at a
             # time, not in the readers: on S3 it is a round trip, and readers
             # waiting on it starve the pipeline.
@@ -258,14 +368,20 @@ class DiskBackup:
             self._trim(offset, self.plan.chunk_range(i)[1])
 
     def _trim(self, offset: int, length: int) -> None:
-        """Discard a chunk we have stored from the snapshot, if safe.
+        """Discard what we have stored from the snapshot, if safe.
 
-        QEMU < 9.0 aborts on an unaligned trim of snapshot-access (DESIGN.md):
-        only whole aligned chunks, never the disk's unaligned tail.
+        QEMU < 9.0 aborts on an unaligned trim of snapshot-access
+        (docs/design.md): only the aligned part of the range, rounded
+        inward, so never the disk's unaligned tail.
         """
         align = self.settings.trim_alignment
-        if not align or offset % align or length % align:
+        if not align:
             return
+        start = -(-offset // align) * align
+        end = (offset + length) // align * align
+        if end <= start:
+            return
+        offset, length = start, end - start
         try:
             h = getattr(self._trim_local, "handle", None)
             if h is None:

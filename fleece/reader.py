@@ -1,10 +1,14 @@
 """Reading a point-in-time export over NBD: block-status planning and parallel reads.
 
-The plan is made on the repository's chunk grid. A full backup reads every
-chunk that holds any data (``base:allocation`` says not all zero); an
-incremental reads every chunk that the frozen dirty bitmap marks anywhere,
-unless all of it reads as zeroes. Chunks that are all zero are recorded as
-zero without a read; chunks an incremental skips keep the parent's digest.
+The plan is made on the repository's chunk grid and keeps the extents block
+status reported, at the export's own granularity: where the data is
+(``base:allocation`` says not all zero) and, for an incremental, what the
+frozen dirty bitmap marks (at the bitmap's granularity, 64 KiB by default).
+A full backup touches every chunk that holds any data and reads only its
+data extents (holes become zeroes without crossing the socket); an
+incremental touches every chunk the bitmap marks and reads only its dirty
+extents that hold data. Chunks that are all zero are recorded as zero
+without a read; chunks an incremental skips keep the parent's content.
 
 libnbd's blocking calls release the GIL, so each reader thread owns one
 connection (QEMU's export advertises multi-conn).
@@ -12,9 +16,9 @@ connection (QEMU's export advertises multi-conn).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +34,10 @@ DIRTY = 1  # qemu:dirty-bitmap:*: the range was written
 MAX_STATUS_SPAN = 1 << 31
 MAX_READ = 32 << 20  # QEMU's NBD server refuses larger reads
 
-
-class Action(enum.Enum):
-    """What the backup does with one chunk."""
-
-    READ = "read"
-    ZERO = "zero"
+Run = tuple[int, int]
+"""``[start, end)`` on the disk."""
+Extent = tuple[int, int]
+"""``(offset, length)``."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class ChunkPlan:
     size: int
     read: bytes
     """One byte per chunk: 1 = read it, 2 = record it as zero, 0 = keep the parent's."""
+    data_runs: Sequence[Run] | None = None
+    """Sorted, merged runs that may hold data; None: every byte of a chunk to read may."""
+    dirty_runs: Sequence[Run] | None = None
+    """Sorted, merged runs the dirty bitmap marks (incremental); None: whole chunks."""
 
     @property
     def n_chunks(self) -> int:
@@ -70,6 +76,22 @@ class ChunkPlan:
         while i != -1:
             yield i
             i = self.read.find(2, i + 1)
+
+    def data_extents(self, i: int) -> list[Extent]:
+        """``(disk offset, length)`` of chunk ``i``'s parts that may hold data."""
+        return _clip(self.data_runs, *self.chunk_range(i))
+
+    def dirty_extents(self, i: int) -> list[Extent]:
+        """``(disk offset, length)`` of chunk ``i``'s parts the dirty bitmap marks."""
+        return _clip(self.dirty_runs, *self.chunk_range(i))
+
+    @property
+    def bytes_dirty(self) -> int:
+        """What the bitmap marks (incremental), or what may hold data (full)."""
+        runs = self.dirty_runs if self.dirty_runs is not None else self.data_runs
+        if runs is None:
+            return self.bytes_to_read
+        return sum(end - start for start, end in runs)
 
     @property
     def bytes_to_read(self) -> int:
@@ -104,6 +126,32 @@ def disconnect(h: Any) -> None:
         h.shutdown()
 
 
+def _clip(runs: Sequence[Run] | None, offset: int, length: int) -> list[Extent]:
+    """The parts of ``runs`` inside ``[offset, offset + length)``, as extents."""
+    end = offset + length
+    if runs is None:
+        return [(offset, length)]
+    out: list[Extent] = []
+    k = bisect.bisect_right(runs, (offset, end)) - 1
+    k = max(k, 0)
+    while k < len(runs) and runs[k][0] < end:
+        a, b = max(runs[k][0], offset), min(runs[k][1], end)
+        if a < b:
+            out.append((a, b - a))
+        k += 1
+    return out
+
+
+def _add_run(runs: list[list[int]], start: int, end: int) -> None:
+    """Append ``[start, end)`` to sorted ``runs``, merging with the last one when they touch."""
+    if end <= start:
+        return
+    if runs and runs[-1][1] >= start:
+        runs[-1][1] = max(runs[-1][1], end)
+    else:
+        runs.append([start, end])
+
+
 def _mark(flags: bytearray, chunk_size: int, start: int, end: int, value: int) -> None:
     """Set ``flags`` to ``value`` for every chunk that [start, end) touches."""
     if end <= start:
@@ -133,6 +181,8 @@ def plan_chunks(h: Any, chunk_size: int, dirty_context: str | None = None) -> Ch
     data = bytearray(n)  # 1 where any byte may be non-zero
     dirty = bytearray(n) if dirty_context else None
     contexts = [BASE_ALLOCATION] + ([dirty_context] if dirty_context else [])
+    data_runs: list[list[int]] = []
+    dirty_runs: list[list[int]] = []
 
     offset = 0
     while offset < size:
@@ -161,8 +211,10 @@ def plan_chunks(h: Any, chunk_size: int, dirty_context: str | None = None) -> Ch
                 if ctx == BASE_ALLOCATION:
                     if not flags & STATE_ZERO:
                         _mark(data, chunk_size, pos, end, 1)
+                        _add_run(data_runs, pos, end)
                 elif flags & DIRTY and dirty is not None:
                     _mark(dirty, chunk_size, pos, end, 1)
+                    _add_run(dirty_runs, pos, end)
                 pos += length
                 if pos >= covered:
                     break
@@ -174,7 +226,8 @@ def plan_chunks(h: Any, chunk_size: int, dirty_context: str | None = None) -> Ch
         if dirty is not None and not dirty[i]:
             continue
         read[i] = 1 if data[i] else 2
-    return ChunkPlan(chunk_size, size, bytes(read))
+    return ChunkPlan(chunk_size, size, bytes(read), tuple((a, b) for a, b in data_runs),
+                     tuple((a, b) for a, b in dirty_runs) if dirty is not None else None)
 
 
 def pread_chunk(h: Any, offset: int, length: int) -> bytes:

@@ -1,9 +1,9 @@
 """Reading a disk back out of a restore point: random access and raw restore.
 
 :class:`DiskImage` answers "the bytes at offset X of disk D at point P" with
-one index lookup and one chunk fetch, for ``restore``, ``verify`` and
-``serve`` alike. :func:`restore_raw` writes a whole disk as a sparse raw
-image: zero chunks stay holes, stored chunks are fetched and decoded by a
+one index lookup, one chunk fetch and (format 2) at most ``MAX_DEPTH`` delta
+reads, for ``restore``, ``verify`` and ``serve`` alike. :func:`restore_raw`
+writes a whole disk as a sparse raw image: zero chunks stay holes, stored chunks are fetched and decoded by a
 thread pool (hashlib, zstd and file I/O release the GIL) with a bounded
 number in flight, so memory does not grow with the disk.
 """
@@ -61,18 +61,12 @@ class DiskImage:
         self.chunk_size = self.index.chunk_size
 
     def read_chunk(self, i: int) -> bytes:
-        """The plaintext of chunk ``i`` (all zeroes for a zero chunk), length-checked."""
-        length = self.index.chunk_length(i)
-        digest = self.index.get(i)
-        if digest is None:
-            return bytes(length)
-        data = self.repo.get_chunk(digest)
-        if len(data) != length:
-            raise RepositoryCorrupt(
-                f"chunk {digest.hex()} at chunk {i} of {self.disk.name} in point "
-                f"{self.point.id} holds {len(data)} bytes, expected {length}"
-            )
-        return data
+        """The plaintext of chunk ``i`` (base and deltas; zeroes for a zero chunk), length-checked."""
+        try:
+            return self.repo.read_position(self.index, i)
+        except RepositoryCorrupt as exc:
+            raise RepositoryCorrupt(f"{exc} (chunk {i} of {self.disk.name} in point "
+                                    f"{self.point.id})") from None
 
     def chunk_at(self, offset: int) -> tuple[int, bytes]:
         """``(chunk start offset, chunk bytes)`` of the chunk holding byte ``offset``."""
@@ -268,7 +262,7 @@ def copy_chunks(image: DiskImage, target: ChunkTarget, *, workers: int = DEFAULT
         zero_start: int | None = None
         for i in range(index.n_chunks):
             start = i * chunk_size
-            if index.get(i) is not None:
+            if not index.is_zero(i):
                 if zero_start is not None:
                     yield partial(target.zero, zero_start, start - zero_start), False
                     zero_start = None

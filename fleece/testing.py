@@ -15,6 +15,9 @@ The phases of one ``fleece backup``, in order:
 ``chunk-stored``
     a chunk has been stored (each storer thread holds after its first
     store; readers go on until the pipeline's bounded queue is full);
+``pack-stored``
+    a pack of deltas (format 2) has been stored; with one pack, every
+    chunk and delta of the disk is stored, its index is not;
 ``before-point``
     every disk's index is written, the restore point is not;
 ``before-commit``
@@ -32,7 +35,8 @@ import os
 import threading
 import time
 
-PHASES = ("export-live", "chunk-stored", "before-point", "before-commit", "deltas-unlinked")
+PHASES = ("export-live", "chunk-stored", "pack-stored", "before-point", "before-commit",
+          "deltas-unlinked")
 PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
 PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
 

@@ -6,9 +6,10 @@ protocol (so S3 works like a directory):
 * shallow: every restore point and chunk index is read and checked against
   its checksums, and every chunk object an index names exists;
 * deep: additionally every chunk is fetched, decoded and hashed, and its
-  length checked against each position that uses it.
+  length checked against each position that uses it; every delta (format 2)
+  is fetched from its pack, decoded, hashed and checked to fit its chunk.
 
-Each distinct chunk is checked once per run however many points share it,
+Each distinct chunk or delta is checked once per run however many points share it,
 by a thread pool with a bounded number of requests in flight (hashlib,
 zstd and backend I/O release the GIL). A bad chunk is then mapped back to
 every (point, disk, byte range) that uses it, so the report says what is
@@ -29,6 +30,7 @@ from fleece.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.repo import keys
 from fleece.repo.backend import ObjectMissing
+from fleece.repo.delta import DeltaRef, delta_extent_end
 from fleece.repo.index import ChunkIndex
 from fleece.repo.point import RestorePoint
 from fleece.repo.repository import Repository
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 8
 
 Progress = Callable[[str, int], Callable[[int], None]]
+Item = bytes | DeltaRef
+"""What verify checks: a chunk (by digest) or one delta in a pack."""
 
 
 @dataclass
@@ -196,11 +200,13 @@ def verify_new_point(
     started = time.monotonic()
     item = _Loaded(PointReport(point.id, point.vm), point)
     _load_indexes(repo, item)
-    skip: set[bytes] = set()
+    skip: set[Item] = set()
     if parent is not None:
         for disk in parent.disks:
             try:
-                skip |= repo.read_index(parent, disk.name).digests()
+                parent_index = repo.read_index(parent, disk.name)
+                skip |= parent_index.digests()
+                skip |= {ref for _, ref in parent_index.delta_refs()}
             except RepositoryError as exc:
                 log.warning("cannot read parent index %s (%s); verifying every chunk",
                             disk.index_key, exc)
@@ -271,14 +277,16 @@ def _load_indexes(repo: Repository, item: _Loaded) -> None:
                 Damage(disk.name, problem, [(0, disk.virtual_size)], [disk.index_key], str(exc)))
 
 
-def _distinct(loaded: Iterable[_Loaded]) -> dict[bytes, int]:
-    """Every distinct digest named by the loaded indexes, with a plaintext length for progress."""
-    wanted: dict[bytes, int] = {}
+def _distinct(loaded: Iterable[_Loaded]) -> dict[Item, int]:
+    """Every distinct chunk and delta the loaded indexes name, with a length for progress."""
+    wanted: dict[Item, int] = {}
     for item in loaded:
         for index in item.indexes.values():
             for i, digest in index.stored():
                 if digest not in wanted:
                     wanted[digest] = index.chunk_length(i)
+            for _, ref in index.delta_refs():
+                wanted.setdefault(ref, ref.covered)
     return wanted
 
 
@@ -289,15 +297,21 @@ class _ChunkChecker:
         self.repo = repo
         self.deep = deep
         self.workers = workers
-        self.bad: dict[bytes, tuple[str, str]] = {}
-        """digest → (problem, detail)."""
-        self.lengths: dict[bytes, int] = {}
-        """Plaintext length of every chunk that decoded (deep only)."""
+        self.bad: dict[Item, tuple[str, str]] = {}
+        """digest or delta → (problem, detail)."""
+        self.lengths: dict[Item, int] = {}
+        """Plaintext length of every chunk that decoded, the end of every delta's last
+        extent (deep only)."""
+        self._packs: dict[bytes, bool] = {}
+        """Shallow: whether each pack exists, asked once."""
         self.chunks_checked = 0
         self.bytes_checked = 0
 
-    def check(self, digest: bytes) -> tuple[int, tuple[str, str] | None]:
-        """``(plaintext length, problem or None)`` of one chunk. Runs in a worker thread."""
+    def check(self, item: Item) -> tuple[int, tuple[str, str] | None]:
+        """``(plaintext length, problem or None)`` of one chunk or delta. Runs in a worker thread."""
+        if isinstance(item, DeltaRef):
+            return self._check_delta(item)
+        digest = item
         key = keys.chunk_key(digest)
         if not self.deep:
             try:
@@ -316,13 +330,33 @@ class _ChunkChecker:
         except RepositoryCorrupt as exc:
             return 0, ("chunk damaged", str(exc))
 
-    def run(self, wanted: dict[bytes, int], progress: Progress | None) -> None:
+    def _check_delta(self, ref: DeltaRef) -> tuple[int, tuple[str, str] | None]:
+        key = keys.pack_key(ref.pack)
+        if not self.deep:
+            present = self._packs.get(ref.pack)
+            if present is None:
+                try:
+                    present = self._packs[ref.pack] = self.repo.backend.exists(key)
+                except RepositoryError as exc:
+                    return 0, ("pack unreadable", str(exc))
+            return 0, None if present else ("pack missing", f"{key} is missing")
+        try:
+            body = self.repo.get_delta(ref)
+            return delta_extent_end(body, f"delta at {ref.offset} of {key}"), None
+        except RepositoryCorrupt as exc:
+            if not self.repo.backend.exists(key):
+                return 0, ("pack missing", f"{key} is missing")
+            return 0, ("delta damaged", str(exc))
+        except RepositoryError as exc:
+            return 0, ("pack unreadable", str(exc))
+
+    def run(self, wanted: dict[Item, int], progress: Progress | None) -> None:
         """Check every digest in ``wanted`` (digest → expected length)."""
         label = "verify (deep)" if self.deep else "verify"
         advance = progress(label, sum(wanted.values())) if progress and wanted else None
         for digest, expected, (length, problem) in self._checked(wanted):
             self.chunks_checked += 1
-            self.bytes_checked += length
+            self.bytes_checked += expected if isinstance(digest, DeltaRef) and self.deep else length
             if problem is not None:
                 self.bad[digest] = problem
             elif self.deep:
@@ -330,11 +364,11 @@ class _ChunkChecker:
             if advance is not None:
                 advance(expected)
 
-    def _checked(self, wanted: dict[bytes, int]
-                 ) -> Iterator[tuple[bytes, int, tuple[int, tuple[str, str] | None]]]:
+    def _checked(self, wanted: dict[Item, int]
+                 ) -> Iterator[tuple[Item, int, tuple[int, tuple[str, str] | None]]]:
         """Results in completion order, at most ``2 * workers`` chunks in flight."""
         max_in_flight = 2 * self.workers
-        pending: dict[Future[tuple[int, tuple[str, str] | None]], bytes] = {}
+        pending: dict[Future[tuple[int, tuple[str, str] | None]], Item] = {}
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fleece-verify") as pool:
             try:
                 for digest in wanted:
@@ -376,6 +410,20 @@ def _map_damage(item: _Loaded, checker: _ChunkChecker) -> None:
             chunks, objects, _ = found.setdefault(kind, ([], {}, detail))
             chunks.append(i)
             objects[keys.chunk_key(digest)] = None
+        for i, ref in index.delta_refs():
+            problem = checker.bad.get(ref)
+            if problem is None and checker.deep:
+                end = checker.lengths.get(ref)
+                if end is not None and end > index.chunk_length(i):
+                    problem = ("delta does not fit its chunk",
+                               f"a delta in pack {ref.pack.hex()} writes up to byte {end} of a "
+                               f"{index.chunk_length(i)}-byte chunk")
+            if problem is None:
+                continue
+            kind, detail = problem
+            chunks, objects, _ = found.setdefault(kind, ([], {}, detail))
+            chunks.append(i)
+            objects[keys.pack_key(ref.pack)] = None
         for kind, (chunks, objects, detail) in found.items():
             item.report.damage.append(Damage(
                 disk.name, kind, chunk_ranges(chunks, index.chunk_size, index.disk_size),

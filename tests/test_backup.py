@@ -59,8 +59,15 @@ def test_two_disks_full_then_incremental_restore_identical(make_vm, fleece, tmp_
     assert p2["parent"] == p1["point"]
     assert [d["level"] for d in p2["disks"]] == ["incremental", "incremental"]
     by_drive = {d["drive"]: d for d in p2["disks"]}
-    assert by_drive["vda"]["bytes_read"] == 2 * CHUNK  # chunks 0 and 1
-    assert by_drive["vdb"]["bytes_read"] == CHUNK      # chunk 7
+    # Only the dirty extents, at the bitmap's 64 KiB granularity, are read and
+    # stored: as deltas of chunks 0 and 1 (vda) and chunk 7 (vdb).
+    vda, vdb = by_drive["vda"], by_drive["vdb"]
+    assert vda["bitmap_granularity"] == 64 * 1024
+    assert vda["bytes_dirty"] == vda["bytes_read"] == 1 * MiB + 64 * 1024
+    assert vdb["bytes_dirty"] == vdb["bytes_read"] == 1 * MiB
+    assert (vda["deltas"], vdb["deltas"]) == (2, 1)
+    assert vda["chunks_new"] == vdb["chunks_new"] == 0
+    assert vda["objects_written"] == vdb["objects_written"] == 2  # one pack + the index each
 
     for d in ("vda", "vdb"):
         assert identical(restore(fleece, repo, p1["point"], d, tmp_path / f"r1-{d}"), s1[d])

@@ -26,8 +26,8 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
     vm = make_vm([("qcow2", "32M")], contents={"vda": seed})
     repo = tmp_path / "repo"
     first = backup(fleece, vm, repo)["point"]
-    vm.write("vda", 0, 64 * 1024, 0x11)            # chunk 0
-    vm.write("vda", 5 * CHUNK + 4096, MiB, 0x12)   # chunk 5
+    vm.write("vda", 0, 64 * 1024, 0x11)            # chunk 0: a delta, into a pack
+    vm.write("vda", 5 * CHUNK + 4096, 3 * MiB, 0x12)   # chunk 5: mostly new, a whole chunk
     before = vm.block_graph()
     assert before["bitmaps"]["vda"] == [(f"fleece-{first}", True, True)]
     at_snapshot = vm.snapshot_shadow("vda", tmp_path / "at-snapshot.raw")
@@ -84,10 +84,12 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
     assert disk["level"] == "incremental"
     if committed:
         assert nxt["parent"] == killed
-        assert disk["bytes_read"] == 2 * CHUNK  # chunks 0 and 2: written after its point
+        # 64 KiB granules of chunks 0 and 2, written after its point, as deltas
+        assert disk["bytes_read"] == 2 * 64 * 1024
     else:
         assert nxt["parent"] == first
-        assert disk["bytes_read"] == 3 * CHUNK  # chunks 0, 2 and 5: every write since first
+        # every write since first: granules of chunks 0 and 2, and chunk 5 read whole
+        assert disk["bytes_read"] == 2 * 64 * 1024 + CHUNK
     assert identical(restore(fleece, repo, nxt["point"], tmp_path / "next.raw"), vm.shadow("vda"))
     assert set(vm.bitmaps("vda")) == {f"fleece-{nxt['point']}"}
 
@@ -134,5 +136,5 @@ def test_qemu_killed_mid_chain_makes_the_next_backup_full_and_it_says_why(make_v
     # The chain starts again from there.
     vm.write("vda", 0, 4096, 0x25)
     p5 = backup(fleece, vm, repo)
-    assert (p5["parent"], p5["disks"][0]["level"], p5["disks"][0]["bytes_read"]) == (p4, "incremental", CHUNK)
+    assert (p5["parent"], p5["disks"][0]["level"], p5["disks"][0]["bytes_read"]) == (p4, "incremental", 65536)
     assert identical(restore(fleece, repo, p5["point"], tmp_path / "p5.raw"), vm.shadow("vda"))

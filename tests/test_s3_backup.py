@@ -114,7 +114,8 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
     p2 = backup(fleece, vm, url)
     d2 = p2["disks"][0]
     assert p2["parent"] == p1["point"] and d2["level"] == "incremental"
-    assert d2["bytes_read"] == 2 * CHUNK and d2["chunks_new"] == 2
+    # Only the dirty extents are read, and stored as two deltas in one pack.
+    assert d2["bytes_read"] == 64 * 1024 + 2 * MiB and d2["chunks_new"] == 0 and d2["deltas"] == 2
 
     assert identical(restore(fleece, url, p1["point"], tmp_path / "r1.raw"), s1)
     assert identical(restore(fleece, url, p2["point"], tmp_path / "r2.raw"), vm.shadow("vda"))
@@ -123,9 +124,10 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
 
     keys = set(bucket_objects(s3_env, s3_bucket))
     assert keys and all(k.startswith(f"{PREFIX}/") for k in keys), keys
-    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "indexes", "points"}  # lock released
+    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points"}  # no lock
     assert f"{PREFIX}/points/web1/{p2['point']}.json" in keys
-    assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 11
+    assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 9
+    assert len([k for k in keys if k.startswith(f"{PREFIX}/packs/")]) == 1
     assert set(vm.bitmaps("vda")) == {f"fleece-{p2['point']}"}
 
 
@@ -150,13 +152,15 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     # PUTs: the lease, the lease naming the points it reads, the index, the point.
     assert seen["HeadObject"] == 0 and seen["PutObject"] == 4, seen
 
-    # The guest rewrites chunk 0 with the bytes it already held and chunk 7
-    # with new ones: both are read; only the new digest is probed and stored.
+    # The guest rewrites most of chunk 0 with the bytes it already held and
+    # most of chunk 7 with new ones: both are read whole (too much changed for
+    # a delta); only the new digest is probed and stored.
     s3_proxy.plan.requests.clear()
     vm.write("vda", 0, MiB, 0x30)
-    vm.write("vda", 28 * MiB, MiB, 0x77)
+    vm.write("vda", MiB, 2 * MiB, 0x00)
+    vm.write("vda", 28 * MiB, 3 * MiB, 0x77)
     third = backup(fleece, vm, url)["disks"][0]
-    assert third["level"] == "incremental" and third["bytes_read"] == 2 * CHUNK
+    assert third["level"] == "incremental" and third["bytes_read"] == 6 * MiB
     assert (third["chunks_new"], third["chunks_reused"]) == (1, 1)
     assert seen["HeadObject"] == 1 and seen["PutObject"] == 5, seen
     # GETs: config, gc's lease (absent), the parent point and its index (once,
@@ -228,8 +232,8 @@ def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
     vm = make_vm([("qcow2", "32M")], name="web1", contents={"vda": seed})
     url = f"s3://{s3_bucket}/{PREFIX}"
     first = backup(fleece, vm, url)
-    for i in range(8):  # every chunk dirty, with new data
-        vm.write("vda", i * CHUNK + 4096, 8192, 0x50 + i)
+    for i in range(8):  # every chunk mostly rewritten, so each is uploaded whole
+        vm.write("vda", i * CHUNK + 4096, 3 * MiB, 0x50 + i)
     before = vm.block_graph()
     assert before["bitmaps"]["vda"] == [(f"fleece-{first['point']}", True, True)]
     objects = bucket_objects(s3_env, s3_bucket)

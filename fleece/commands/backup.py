@@ -155,21 +155,26 @@ def print_summary(result: BackupResult) -> None:
     """The one-screen summary after a backup."""
     p = result.point
     print(f"restore point {p.id} of VM {p.vm}" + (f" (parent {p.parent})" if p.parent else ""))
-    total_read = total_stored = 0
+    total_dirty = total_read = total_stored = 0
     for d in result.disks:
         s = d.stats
+        total_dirty += s.bytes_dirty
         total_read += s.bytes_read
         total_stored += s.bytes_stored
+        changed = "dirty" if d.level == "incremental" else "data"
+        deltas = f", {s.deltas} deltas" if s.deltas else ""
         print(
-            f"  {d.drive}: {d.level}, {human_size(d.size)} disk, read {human_size(s.bytes_read)},"
-            f" stored {human_size(s.bytes_stored)}; chunks {s.chunks_new} new,"
-            f" {s.chunks_reused} reused, {s.chunks_zero} zero, {s.chunks_unchanged} unchanged"
+            f"  {d.drive}: {d.level}, {human_size(d.size)} disk, {changed} {human_size(s.bytes_dirty)},"
+            f" read {human_size(s.bytes_read)}, stored {human_size(s.bytes_stored)}"
+            f" in {s.objects_written} objects; chunks {s.chunks_new} new, {s.chunks_reused} reused,"
+            f" {s.chunks_zero} zero, {s.chunks_unchanged} unchanged{deltas}"
         )
         if d.reason:
             print(f"    full because {d.reason}")
     secs = max(result.seconds, 1e-9)
     pause = f", guest paused {result.pause_ms:.1f} ms" if result.pause_ms is not None else ""
     print(
-        f"  total: read {human_size(total_read)}, stored {human_size(total_stored)} in {secs:.1f} s"
+        f"  total: dirty {human_size(total_dirty)}, read {human_size(total_read)},"
+        f" stored {human_size(total_stored)} in {secs:.1f} s"
         f" ({human_size(total_read / secs)}/s){pause}"
     )

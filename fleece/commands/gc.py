@@ -68,11 +68,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def print_report(report: GcReport) -> None:
     """Two lines: what was deleted and freed, what was kept."""
     would = "would delete" if report.dry_run else "deleted"
-    print(f"gc {would} {report.chunks_deleted} chunks and {report.indexes_deleted} orphan indexes, "
+    packs = f", {report.packs_deleted} packs" if report.packs_deleted else ""
+    print(f"gc {would} {report.chunks_deleted} chunks{packs} and {report.indexes_deleted} orphan indexes, "
           f"{human_size(report.bytes_freed)}{' would be' if report.dry_run else ''} freed "
           f"in {report.seconds:.1f} s")
     points = f"{report.points} restore point" + ("" if report.points == 1 else "s")
-    print(f"kept {report.chunks_kept} chunks named by {points}"
+    kept_packs = f" and {report.packs_kept} packs" if report.packs_kept else ""
+    print(f"kept {report.chunks_kept} chunks{kept_packs} named by {points}"
           + (f" and {report.indexes_spared} recent orphan indexes" if report.indexes_spared else ""))
     if report.running_backups:
         print(f"note: backups of {', '.join(report.running_backups)} are running; gc would wait "

@@ -1,4 +1,4 @@
-"""Where each object lives: the key layout of repository format 1.
+"""Where each object lives: the key layout of repository formats 1 and 2.
 
 One place for every key, so that the layout in ``docs/format.md`` and the
 code cannot drift apart file by file. User-supplied names (VM, disk, lock)
@@ -13,6 +13,7 @@ from fleece.errors import BadInput
 
 CONFIG_KEY = "config"
 CHUNKS_PREFIX = "chunks/"
+PACKS_PREFIX = "packs/"
 INDEXES_PREFIX = "indexes/"
 POINTS_PREFIX = "points/"
 VM_LOCKS_PREFIX = "locks/vms/"
@@ -69,6 +70,14 @@ def chunk_key(digest: bytes) -> str:
     return f"{CHUNKS_PREFIX}{hexd[:2]}/{hexd}"
 
 
+def pack_key(digest: bytes) -> str:
+    """``packs/<2 hex>/<64 hex>``: a pack of deltas (format 2), named like a chunk."""
+    if len(digest) != 32:
+        raise ValueError(f"a pack digest is 32 bytes, not {len(digest)}")
+    hexd = digest.hex()
+    return f"{PACKS_PREFIX}{hexd[:2]}/{hexd}"
+
+
 def index_key(point_id: str, disk: str) -> str:
     """``indexes/<point-id>/<disk>``."""
     return f"{INDEXES_PREFIX}{check_point_id(point_id)}/{escape_name(disk)}"
@@ -121,6 +130,14 @@ def parse_chunk_key(key: str) -> bytes | None:
     """The digest a ``chunks/<2 hex>/<64 hex>`` key names, or None for any other key."""
     m = _CHUNK_KEY_RE.match(key)
     return bytes.fromhex(m.group(2)) if m else None
+
+
+def parse_pack_key(key: str) -> bytes | None:
+    """The digest a ``packs/<2 hex>/<64 hex>`` key names, or None for any other key."""
+    if not key.startswith(PACKS_PREFIX):
+        return None
+    digest = parse_chunk_key(CHUNKS_PREFIX + key[len(PACKS_PREFIX):])
+    return digest
 
 
 def protect_prefix(vm: str | None = None) -> str:

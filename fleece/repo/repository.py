@@ -17,11 +17,14 @@ from fleece.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chun
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.index import ChunkIndex
+from fleece.repo.delta import DeltaRef, apply_delta, decode_delta
+from fleece.repo.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
 from fleece.repo.point import RestorePoint
 from fleece.testing import pause_point
 
-REPO_FORMAT = 1
+REPO_FORMAT = 2
+"""What new repositories are: format 2 adds sub-chunk deltas in packs (docs/format.md)."""
+READABLE_FORMATS = (1, 2)
 MIN_CHUNK_SIZE = 64 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
@@ -69,10 +72,11 @@ class RepositoryConfig:
             raise RepositoryCorrupt(f"{url}: config is not valid JSON") from None
         if not isinstance(doc, dict):
             raise RepositoryCorrupt(f"{url}: config is not a JSON object")
-        if doc.get("format") != REPO_FORMAT:
+        if doc.get("format") not in READABLE_FORMATS:
             raise RepositoryError(
                 f"{url} has repository format {doc.get('format')!r}; this fleece reads "
-                f"format {REPO_FORMAT} (upgrade fleece); nothing was changed"
+                f"formats {' and '.join(map(str, READABLE_FORMATS))} (upgrade fleece); "
+                "nothing was changed"
             )
         try:
             compression = doc["compression"]
@@ -83,6 +87,7 @@ class RepositoryConfig:
                 compression_level=None if codec == "none" else int(level),
                 hash=str(doc["hash"]),
                 encryption=str(doc["encryption"]),
+                format=int(doc["format"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RepositoryCorrupt(f"{url}: config is missing or mangles {exc}") from None
@@ -111,6 +116,13 @@ class Repository:
         self.url = backend.url
         self.digest = digest_function(config.hash)
         """The chunk-naming hash of this repository (its ``config``'s ``hash``)."""
+        self.index_version = INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION
+        """The index version this repository's writers use (deltas only from format 2)."""
+
+    @property
+    def has_deltas(self) -> bool:
+        """Whether incrementals may store sub-chunk deltas here (format 2)."""
+        return self.config.format >= 2
 
     # -- creating and opening -----------------------------------------------
 
@@ -122,8 +134,12 @@ class Repository:
         compression_level: int | None = DEFAULT_ZSTD_LEVEL,
         repository_id: str | None = None,
         hash: str = "sha256",
+        format: int = REPO_FORMAT,
     ) -> Repository:
-        """Create a repository at an empty location (``BadInput`` if it is one already)."""
+        """Create a repository at an empty location (``BadInput`` if it is one already).
+
+        ``format`` 1 is only for tests that need a repository as older fleece wrote it.
+        """
         check_chunk_size(chunk_size)
         digest_function(hash)  # BadInput for an unknown name
         if compression_level is not None and not 1 <= compression_level <= 22:
@@ -133,6 +149,7 @@ class Repository:
             chunk_size=chunk_size,
             compression_level=compression_level,
             hash=hash,
+            format=format,
         )
         if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
             raise BadInput(f"{backend.url} already holds a fleece repository; nothing was changed")
@@ -215,6 +232,53 @@ class Repository:
         except ObjectMissing:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
         return decode_chunk(blob, digest, self.config.hash)
+
+    # -- deltas and packs (format 2) -----------------------------------------
+
+    def put_pack(self, blob: bytes) -> bytes:
+        """Store a sealed pack (:class:`~fleece.repo.delta.PackWriter`); returns its name.
+
+        Named by the repository hash of its bytes and written with a
+        conditional create, so a retried or repeated pack is one object.
+        The restore point is never written before this returns.
+        """
+        digest = self.digest(blob)
+        self.backend.put(keys.pack_key(digest), blob, if_absent=True)
+        pause_point("pack-stored")  # test hook (fleece.testing); inert in production
+        return digest
+
+    def get_delta(self, ref: DeltaRef) -> bytes:
+        """A delta's plaintext, fetched with one ranged read and checked against its digest."""
+        key = keys.pack_key(ref.pack)
+        try:
+            blob = self.backend.get_range(key, ref.offset, ref.length)
+        except ObjectMissing:
+            raise RepositoryCorrupt(f"pack {key} is missing from {self.url}") from None
+        return decode_delta(blob, ref, self.config.hash)
+
+    def read_position(self, index: ChunkIndex, i: int) -> bytes:
+        """The plaintext of chunk position ``i``: its base with its deltas applied, length-checked.
+
+        At most ``1 + MAX_DEPTH`` object reads, whatever the chain behind the point.
+        """
+        length = index.chunk_length(i)
+        digest = index.get(i)
+        layers = index.deltas_of(i)
+        if digest is None:
+            if not layers:
+                return bytes(length)
+            data = bytearray(length)
+        else:
+            base = self.get_chunk(digest)
+            if len(base) != length:
+                raise RepositoryCorrupt(f"chunk {digest.hex()} at chunk {i} holds {len(base)} "
+                                        f"bytes, expected {length}")
+            if not layers:
+                return base
+            data = bytearray(base)
+        for ref in layers:
+            apply_delta(data, self.get_delta(ref), f"delta of pack {ref.pack.hex()} at chunk {i}")
+        return bytes(data)
 
     # -- indexes ------------------------------------------------------------
 

@@ -67,7 +67,7 @@ class CachedDisk:
 
     def is_zero(self, i: int) -> bool:
         """Whether chunk ``i`` is all zeroes (a hole)."""
-        return self.image.index.get(i) is None
+        return self.image.index.is_zero(i)
 
     # -- chunks -------------------------------------------------------------
 

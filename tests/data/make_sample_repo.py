@@ -41,7 +41,7 @@ P2 = "20261124T073600.000001Z-0b7e55"
 def store(repo: Repository, point_id: str, name: str, chunks: list[bytes]) -> DiskRecord:
     """Store a disk given as its chunks; return its record."""
     size = sum(len(c) for c in chunks)
-    index = ChunkIndex.empty(CHUNK, size)
+    index = ChunkIndex.empty(CHUNK, size, repo.index_version)
     for i, data in enumerate(chunks):
         if is_zero(data):
             continue
@@ -63,7 +63,7 @@ def main() -> None:
             raise SystemExit(f"{TARGET} exists; pass --force to regenerate it")
         shutil.rmtree(TARGET)
     repo = Repository.init(FileBackend(TARGET), chunk_size=CHUNK, compression_level=3,
-                           repository_id="00112233445566778899aabbccddeeff")
+                           repository_id="00112233445566778899aabbccddeeff", format=1)
     vda1 = store(repo, P1, "vda", [A, Z, B, A])
     vda1.stats = {"bytes_read": 3 * CHUNK, "chunks_new": 2, "chunks_reused": 1}
     repo.write_point(RestorePoint(
