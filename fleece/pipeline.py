@@ -29,6 +29,7 @@ from typing import Any
 
 from fleece.codec import digest_function, encode_chunk, is_zero
 from fleece.errors import ExportError
+from fleece.fleecing.transport import ClientTls
 from fleece.reader import ChunkPlan, connect, disconnect, pread_chunk
 from fleece.repo.index import ChunkIndex
 from fleece.repo.repository import Repository
@@ -82,6 +83,8 @@ class PipelineSettings:
     compression_level: int | None = 3
     trim_alignment: int | None = None
     """Trim each stored chunk from the snapshot when set (writable export with discard)."""
+    tls: ClientTls | None = None
+    """Client credentials for an ``nbds://`` export on another host."""
 
 
 class _Failed(Exception):
@@ -197,7 +200,7 @@ class DiskBackup:
 
     # -- stages ------------------------------------------------------------------------
     def _read_loop(self) -> None:
-        h = connect(self.uri)
+        h = connect(self.uri, tls=self.settings.tls)
         try:
             for i in self._chunks():
                 offset, length = self.plan.chunk_range(i)
@@ -273,7 +276,7 @@ class DiskBackup:
         try:
             h = getattr(self._trim_local, "handle", None)
             if h is None:
-                h = self._trim_local.handle = connect(self.uri)
+                h = self._trim_local.handle = connect(self.uri, tls=self.settings.tls)
                 with self._trim_lock:
                     self._trim_handles.append(h)
             h.trim(length, offset)

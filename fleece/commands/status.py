@@ -63,7 +63,8 @@ async def collect_status(qmp: str) -> dict[str, Any]:
         ],
         "export": None if export is None else {
             "checkpoint": export.checkpoint, "drives": [d.drive for d in export.disks],
-            "socket": export.socket,
+            "socket": None if export.server.is_tcp else export.socket,
+            "listen": export.server.describe(), "insecure": export.server.insecure,
         },
         "leftovers": leftovers.as_dict(),
     }
@@ -110,8 +111,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status["export"]:
         e = status["export"]
         print(f"  a fleece export is up at checkpoint {e['checkpoint']} ({', '.join(e['drives'])}, "
-              f"socket {e['socket']}): end it with 'fleece export stop' (or 'fleece cleanup' if the "
+              f"{e['listen']}): end it with 'fleece export stop' (or 'fleece cleanup' if the "
               "process that started it is gone)")
+        if e["insecure"]:
+            print(f"  WARNING: the export listens on {e['listen']}: anyone who can reach that "
+                  "port can read these disks")
     elif any(left.values()):
         items = "; ".join(f"{k}: {', '.join(v)}" for k, v in left.items() if v)
         print(f"  leftovers of an interrupted fleece run: {items} (run 'fleece cleanup')")
