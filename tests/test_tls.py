@@ -385,3 +385,21 @@ def test_a_backup_server_backs_up_an_export_over_tls_and_restores_onto_an_nbds_t
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.qemu
+def test_a_port_in_use_fails_with_one_line_and_leaves_qemu_as_found(vm, fleece, tls_creds):
+    import socket
+
+    before = as_found(vm)
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--listen",
+                     f"tcp:{LOOPBACK}:{port}", "--tls-creds", tls_creds.server,
+                     "--tls-authz", tls_creds.client_dn)
+    assert res.rc == 1, res.err
+    assert len(res.err.strip().splitlines()) == 1 and "nbd-server-start" in res.err, res.err
+    assert as_found(vm) == before  # the TLS and authz objects made before it went again
+    assert not list(Path(os.environ["TMPDIR"]).glob("fleece-*"))
