@@ -302,9 +302,9 @@ def tls_rows(vm: VM, work: Path, shm: Path) -> list[tuple[str, str, str, str]]:
         sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
     (cu, ru, n), (ct, rt, _) = results["unix"], results["tls"]
     return [
-        ("TLS: nbdcopy null: over nbds:// (x509) vs unix socket", f"{cu / ct:.2f}", "—",
+        ("TLS/unix: nbdcopy null: over nbds:// (x509)", f"{cu / ct:.2f}", "—",
          f"unix {cu:.2f}s ({n / cu / MiB:.0f} MiB/s), TLS {ct:.2f}s ({n / ct / MiB:.0f} MiB/s)"),
-        ("TLS: backup --from-export --compress none, TLS vs unix", f"{ru / rt:.2f}", "—",
+        ("TLS/unix: backup --from-export --compress none", f"{ru / rt:.2f}", "—",
          f"unix {ru:.2f}s ({n / ru / MiB:.0f} MiB/s), TLS {rt:.2f}s ({n / rt / MiB:.0f} MiB/s)"),
     ]
 
