@@ -106,6 +106,7 @@ def test_export_over_tls_reads_the_point_and_refuses_every_other_client(
     assert set(objects(vm)) - set(before["objects"]) == {"fleece-tls-creds", "fleece-tls-authz"}
     status = fleece("status", "--qmp", vm.qmp_path, "--json").json()
     assert status["export"]["listen"] == f"{LOOPBACK}:{port}" and status["export"]["insecure"] is False
+    assert status["leftovers"]["objects"] == ["fleece-tls-authz", "fleece-tls-creds"]
 
     # The guest goes on writing; the good client still reads the point.
     vm.write("vda", 0, 2 * MiB, 0x33)
@@ -147,6 +148,16 @@ def test_export_with_a_pre_shared_key(make_vm, fleece, tls_creds: TlsCredentials
     assert read_all(uri, psk=tls_creds.psk) == point
     assert refused(uri, psk=tls_creds.wrong_psk)
     assert refused(plain(uri))
+    # fleece's own reader with the PSK: the backup restores to the point.
+    exported = tmp_path / "export.json"
+    exported.write_text(res.out)
+    repo = tmp_path / "repo"
+    backup = fleece("backup", "--from-export", exported, "--vm", "vm1", "--repo", repo,
+                    "--tls-psk", tls_creds.psk, "--json")
+    assert backup.rc == 0, backup.err
+    restored = tmp_path / "restored.raw"
+    assert fleece("restore", "--repo", repo, backup.json()["point"], "-o", restored).rc == 0
+    assert restored.read_bytes() == point
     assert fleece("export", "stop", "--qmp", vm.qmp_path).rc == 0
     assert objects(vm) == before
     scratch_parent = Path(os.environ["TMPDIR"])
@@ -403,3 +414,32 @@ def test_a_port_in_use_fails_with_one_line_and_leaves_qemu_as_found(vm, fleece, 
     assert len(res.err.strip().splitlines()) == 1 and "nbd-server-start" in res.err, res.err
     assert as_found(vm) == before  # the TLS and authz objects made before it went again
     assert not list(Path(os.environ["TMPDIR"]).glob("fleece-*"))
+
+
+def test_bad_backup_and_restore_tls_input_gets_one_line_and_creates_nothing(
+        fleece, tls_creds, tmp_path, served_point):
+    repo = tmp_path / "new-repo"
+    exported = tmp_path / "export.json"
+    exported.write_text('{"checkpoint": "20261123T073600.123456Z-3f9a1c", "disks": [{"drive": "vda", '
+                        '"uri": "nbd://127.0.0.1:1/vda", "size": 1048576, "level": "full"}]}')
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    cases = [
+        (["--from-export", garbage, "--vm", "vm1"], "is not JSON from 'fleece export start --json'"),
+        (["--from-export", exported], "needs --vm"),
+        (["--from-export", exported, "--vm", "vm1", "--qmp", "/x.sock"], "drop --qmp"),
+        (["--from-export", exported, "--vm", "vm1", "--tls-creds", tls_creds.client], "need an nbds:// URI"),
+        (["--qmp", "/x.sock", "--drive", "vda", "--tls-creds", tls_creds.client], "are for --from-export"),
+        (["--from-export", exported, "--vm", "vm1", "--tls-creds", tls_creds.client, "--tls-psk",
+          tls_creds.psk], "exclude each other"),
+    ]
+    for args, says in cases:
+        res = fleece("backup", "--repo", repo, *args)
+        assert res.rc == 2, (args, res.err)
+        lines = res.err.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], (args, res.err)
+        assert not repo.exists(), args
+    served, _ = served_point
+    out = tmp_path / "out.raw"
+    res = fleece("restore", "--repo", served, "latest", "-o", out, "--tls-creds", tls_creds.client)
+    assert res.rc == 2 and "for an nbds:// output" in res.err and not out.exists()
