@@ -314,7 +314,7 @@ def _back_up_disk(
         known |= latest_index.digests() if latest_index else set()
 
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
-    h = connect(disk.uri, contexts)
+    h = connect(disk.uri, contexts, tls=req.settings.tls)
     try:
         plan = plan_chunks(h, chunk_size, dirty_context)
     finally:

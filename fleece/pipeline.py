@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from fleece.codec import digest_function, encode_chunk, is_zero
 from fleece.errors import ExportError
+from fleece.fleecing.transport import ClientTls
 from fleece.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
 from fleece.repo.delta import MAX_DELTA_FRACTION, MAX_DEPTH, PackWriter, encode_delta, encode_delta_body
 from fleece.repo.index import ChunkIndex
@@ -154,6 +155,8 @@ class PipelineSettings:
     compression_level: int | None = 3
     trim_alignment: int | None = None
     """Trim each stored chunk from the snapshot when set (writable export with discard)."""
+    tls: ClientTls | None = None
+    """Client credentials for an ``nbds://`` export on another host."""
 
 
 class _Failed(Exception):
@@ -274,7 +277,7 @@ class DiskBackup:
 
     # -- stages ------------------------------------------------------------------------
     def _read_loop(self) -> None:
-        h = connect(self.uri)
+        h = connect(self.uri, tls=self.settings.tls)
         try:
             for w in self._work():
                 offset, length = self.plan.chunk_range(w.i)
@@ -385,7 +388,7 @@ class DiskBackup:
         try:
             h = getattr(self._trim_local, "handle", None)
             if h is None:
-                h = self._trim_local.handle = connect(self.uri)
+                h = self._trim_local.handle = connect(self.uri, tls=self.settings.tls)
                 with self._trim_lock:
                     self._trim_handles.append(h)
             h.trim(length, offset)

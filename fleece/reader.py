@@ -25,6 +25,7 @@ from typing import Any
 import nbd
 
 from fleece.errors import ExportError
+from fleece.fleecing.transport import ClientTls, configure_client
 
 BASE_ALLOCATION = "base:allocation"
 STATE_ZERO = 2  # base:allocation: the range reads as zeroes
@@ -103,10 +104,15 @@ class ChunkPlan:
         return n
 
 
-def connect(uri: str, contexts: tuple[str, ...] = ()) -> Any:
-    """An NBD handle on ``uri`` with the given meta contexts requested."""
+def connect(uri: str, contexts: tuple[str, ...] = (), *, tls: ClientTls | None = None) -> Any:
+    """An NBD handle on ``uri`` with the given meta contexts requested.
+
+    ``tls`` are the client credentials for an ``nbds://`` URI (see
+    :mod:`fleece.fleecing.transport`, which owns how fleece reaches an NBD server).
+    """
     h = nbd.NBD()
     h.set_handle_name("fleece")
+    configure_client(h, uri, tls)
     for ctx in contexts:
         h.add_meta_context(ctx)
     try:

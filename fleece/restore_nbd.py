@@ -30,6 +30,7 @@ from typing import Any
 import nbd
 
 from fleece.errors import BadInput, FleeceError
+from fleece.fleecing.transport import ClientTls, ServerTransport, configure_client
 from fleece.repo.file_backend import fsync_dir
 from fleece.repo.point import RestorePoint
 from fleece.repo.repository import Repository
@@ -48,12 +49,14 @@ def is_nbd_uri(text: str) -> bool:
 class NbdTarget:
     """One libnbd connection that chunks are written through (libnbd handles are thread-safe)."""
 
-    def __init__(self, uri: str, fresh: bool, connect_timeout: float = 0) -> None:
+    def __init__(self, uri: str, fresh: bool, connect_timeout: float = 0,
+                 tls: ClientTls | None = None) -> None:
         self.fresh = fresh
         self.uri = uri
         deadline = time.monotonic() + connect_timeout
         while True:
             self.h = nbd.NBD()
+            configure_client(self.h, uri, tls)
             try:
                 self.h.connect_uri(uri)
                 break
@@ -109,10 +112,14 @@ def restore_nbd(
     *,
     workers: int = DEFAULT_WORKERS,
     allow_damage: bool = False,
+    tls: ClientTls | None = None,
 ) -> RestoreResult:
-    """Write the disk onto an existing, writable NBD export at least as large as the disk."""
+    """Write the disk onto an existing, writable NBD export at least as large as the disk.
+
+    ``tls``: client credentials for an ``nbds://`` export on another host.
+    """
     image = DiskImage(repo, point, drive)
-    target = NbdTarget(uri, fresh=False)
+    target = NbdTarget(uri, fresh=False, tls=tls)
     if target.size < image.size:
         target.close()
         raise BadInput(f"NBD export {uri} holds {target.size} bytes, the disk needs {image.size}; "
@@ -229,7 +236,7 @@ def _qemu_nbd(image: Path, timeout: float = 30) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise FleeceError(f"qemu-nbd did not create its socket within {timeout:.0f} s")
             time.sleep(0.01)
-        yield f"nbd+unix:///?socket={sock}"
+        yield ServerTransport(socket=str(sock)).uri()
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -21,7 +21,11 @@ Repositories of the I/O and compute rows live on tmpfs (``/dev/shm``):
 bounded by that disk's durable write speed instead — which is measured in
 the same run and shown in its own row.
 
-Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep]
+``--tls`` runs only the TLS section: the same export read over TCP with TLS
+(x509, loopback) vs over the unix socket, by ``nbdcopy … null:`` and by a
+``fleece backup --from-export --compress none`` (ratios TLS / unix).
+
+Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
 """
 
 from __future__ import annotations
@@ -244,11 +248,74 @@ def overwrite_during_backup(vm: VM, repo: Path, scratch: Path, data_bytes: int,
     return peak[0], res
 
 
+def make_tls_credentials(d: Path) -> tuple[Path, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client one (certtool); (server dir, client dir)."""
+    d.mkdir(mode=0o700)
+    (d / "ca.tmpl").write_text('cn = "bench CA"\nca\ncert_signing_key\nexpiration_days = 2\n')
+    sh("certtool", "--generate-privkey", "--key-type=ecdsa", "--outfile", d / "ca-key.pem")
+    sh("certtool", "--generate-self-signed", "--load-privkey", d / "ca-key.pem", "--template",
+       d / "ca.tmpl", "--outfile", d / "ca-cert.pem")
+    dirs = []
+    for role, extra in (("server", 'ip_address = "127.0.0.1"\ntls_www_server\n'),
+                        ("client", "tls_www_client\n")):
+        out = d / role
+        out.mkdir()
+        shutil.copy(d / "ca-cert.pem", out / "ca-cert.pem")
+        (d / f"{role}.tmpl").write_text(f'cn = "{role}"\n{extra}encryption_key\nsigning_key\n'
+                                        "expiration_days = 2\n")
+        sh("certtool", "--generate-privkey", "--key-type=ecdsa", "--outfile", out / f"{role}-key.pem")
+        os.chmod(out / f"{role}-key.pem", 0o600)
+        sh("certtool", "--generate-certificate", "--load-privkey", out / f"{role}-key.pem",
+           "--load-ca-certificate", d / "ca-cert.pem", "--load-ca-privkey", d / "ca-key.pem",
+           "--template", d / f"{role}.tmpl", "--outfile", out / f"{role}-cert.pem")
+        dirs.append(out)
+    return dirs[0], dirs[1]
+
+
+def tls_rows(vm: VM, work: Path, shm: Path) -> list[tuple[str, str, str, str]]:
+    """nbdcopy and fleece's read path over TLS on loopback vs over the unix socket, same disk."""
+    import socket
+
+    server, client = make_tls_credentials(work / "tls")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results: dict[str, tuple[float, float, int]] = {}
+    for name, listen in (("unix", []), ("tls", ["--listen", f"tcp:127.0.0.1:{port}",
+                                                "--tls-creds", str(server)])):
+        p = sh(FLEECE, "export", "start", "--qmp", vm.qmp, "--drive", "vda", *listen, "--json")
+        exported = work / f"export-{name}.json"
+        exported.write_text(p.stdout)
+        uri = json.loads(p.stdout)["disks"][0]["uri"]
+        # nbdcopy takes the client's certificate directory in the URI.
+        copy_uri = uri + (f"?tls-certificates={client}" if name == "tls" else "")
+        copy_s = statistics.median(timed("nbdcopy", copy_uri, "null:")[0] for _ in range(3))
+        reads = []
+        for _ in range(3):
+            creds = ["--tls-creds", str(client)] if name == "tls" else []
+            _, res = fleece_json("backup", "--from-export", exported, "--vm", "bench", "--repo",
+                                 shm / "repo-tls", "--compress", "none", *creds)
+            shutil.rmtree(shm / "repo-tls")
+            reads.append(res)
+        read_s = statistics.median(r["disks"][0]["seconds"] for r in reads)
+        results[name] = (copy_s, read_s, reads[0]["disks"][0]["bytes_read"])
+        sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+    (cu, ru, n), (ct, rt, _) = results["unix"], results["tls"]
+    return [
+        ("TLS/unix: nbdcopy null: over nbds:// (x509)", f"{cu / ct:.2f}", "—",
+         f"unix {cu:.2f}s ({n / cu / MiB:.0f} MiB/s), TLS {ct:.2f}s ({n / ct / MiB:.0f} MiB/s)"),
+        ("TLS/unix: backup --from-export --compress none", f"{ru / rt:.2f}", "—",
+         f"unix {ru:.2f}s ({n / ru / MiB:.0f} MiB/s), TLS {rt:.2f}s ({n / rt / MiB:.0f} MiB/s)"),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
     ap.add_argument("--disk-size", default="2G")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--tls", action="store_true",
+                    help="only the TLS section: reads over nbds:// on loopback vs the unix socket")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
@@ -260,6 +327,10 @@ def main() -> None:
         image = build_disk(work, Path(args.data), args.disk_size)
         vm = VM(work, image, "bench")
         vms.append(vm)
+        if args.tls:
+            rows.extend(tls_rows(vm, work, shm))
+            print_rows(rows, args)
+            return
 
         # -- I/O path: nbdcopy vs backup --compress none, same export ----------------------
         _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
@@ -396,7 +467,11 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
+    print_rows(rows, args)
 
+
+def print_rows(rows: list[tuple[str, str, str, str]], args: argparse.Namespace) -> None:
+    """The results table (Markdown)."""
     print(f"fleece bench on {os.cpu_count()} cores, disk {args.disk_size} of {args.data}\n")
     print(f"| {'measure':<52} | {'value':>11} | {'goal':<16} | notes")
     print(f"|{'-' * 54}|{'-' * 13}|{'-' * 18}|------")

@@ -619,3 +619,105 @@ def hold_backup(tmp_path: Path) -> Iterator[Any]:
     yield start
     for backup in held:
         backup.close()
+
+
+# -- TLS credentials on loopback (certtool from gnutls-bin) --------------------------
+@dataclass
+class TlsCredentials:
+    """x509 directories in QEMU's/libnbd's layout, and a PSK file, made for one test session.
+
+    ``server``: ca-cert.pem, server-cert.pem, server-key.pem (for 127.0.0.1 and localhost).
+    Client directories (ca-cert.pem, client-cert.pem, client-key.pem):
+    ``client`` (DN ``client_dn``), ``other_dn`` (same CA, another DN),
+    ``other_ca`` (its certificate signed by another CA), ``wrong_ca`` (trusts
+    only the other CA, so not the server) and ``no_cert`` (only ca-cert.pem).
+    ``psk``/``wrong_psk``: ``USERNAME:HEXKEY`` files. Every key file is 0600.
+    """
+
+    root: Path
+    server: Path
+    client: Path
+    other_dn: Path
+    other_ca: Path
+    wrong_ca: Path
+    no_cert: Path
+    psk: Path
+    wrong_psk: Path
+    client_dn: str = "C=GB,O=Fleece Tests,CN=backup1"
+    """As QEMU (gnutls_x509_crt_get_dn) writes it for authz: C first, CN last."""
+    other_dn_name: str = "C=GB,O=Fleece Tests,CN=intruder"
+
+    def key_material(self) -> list[str]:
+        """Secret strings no output may contain: the private keys' bodies, the PSK hex keys."""
+        found = []
+        for key in self.root.rglob("*key.pem"):
+            body = [ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")]
+            found.extend(body[:3])
+        for psk in (self.psk, self.wrong_psk):
+            found.append(psk.read_text().strip().split(":", 1)[1])
+        return found
+
+
+def _certtool(*args: str) -> None:
+    subprocess.run(["certtool", *args], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+
+def _make_ca(d: Path, name: str) -> tuple[Path, Path]:
+    (d / f"{name}.tmpl").write_text(f'cn = "{name}"\norganization = "Fleece Tests"\nca\n'
+                                    "cert_signing_key\nexpiration_days = 30\n")
+    key, cert = d / f"{name}-key.pem", d / f"{name}-cert.pem"
+    _certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(key))
+    _certtool("--generate-self-signed", "--load-privkey", str(key), "--template",
+              str(d / f"{name}.tmpl"), "--outfile", str(cert))
+    return key, cert
+
+
+def _issue(d: Path, ca: tuple[Path, Path], trust: Path, role: str, template: str) -> Path:
+    """A directory holding ``trust`` as ca-cert.pem and a ``role`` certificate signed by ``ca``."""
+    d.mkdir()
+    (d / "ca-cert.pem").write_bytes(trust.read_bytes())
+    key = d / f"{role}-key.pem"
+    _certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(key))
+    key.chmod(0o600)
+    (d / "cert.tmpl").write_text(template + "encryption_key\nsigning_key\nexpiration_days = 30\n")
+    _certtool("--generate-certificate", "--load-privkey", str(key), "--load-ca-certificate",
+              str(ca[1]), "--load-ca-privkey", str(ca[0]), "--template", str(d / "cert.tmpl"),
+              "--outfile", str(d / f"{role}-cert.pem"))
+    (d / "cert.tmpl").unlink()
+    return d
+
+
+@pytest.fixture(scope="session")
+def tls_creds(tmp_path_factory: pytest.TempPathFactory) -> TlsCredentials:
+    """A CA, a server certificate for 127.0.0.1/localhost, good and bad clients, PSK files."""
+    root = tmp_path_factory.mktemp("tls")
+    cas = root / "cas"
+    cas.mkdir(mode=0o700)
+    good, other = _make_ca(cas, "Fleece Test CA"), _make_ca(cas, "Another CA")
+    client = 'cn = "backup1"\norganization = "Fleece Tests"\ncountry = "GB"\ntls_www_client\n'
+    intruder = 'cn = "intruder"\norganization = "Fleece Tests"\ncountry = "GB"\ntls_www_client\n'
+    creds = TlsCredentials(
+        root=root,
+        server=_issue(root / "server", good, good[1], "server",
+                      'cn = "localhost"\ndns_name = "localhost"\nip_address = "127.0.0.1"\n'
+                      "tls_www_server\n"),
+        client=_issue(root / "client", good, good[1], "client", client),
+        other_dn=_issue(root / "other-dn", good, good[1], "client", intruder),
+        other_ca=_issue(root / "other-ca", other, good[1], "client", client),
+        wrong_ca=_issue(root / "wrong-ca", good, other[1], "client", client),
+        no_cert=root / "no-cert",
+        psk=root / "keys.psk",
+        wrong_psk=root / "wrong.psk",
+    )
+    creds.no_cert.mkdir()
+    (creds.no_cert / "ca-cert.pem").write_bytes(good[1].read_bytes())
+    for psk in (creds.psk, creds.wrong_psk):
+        subprocess.run(["psktool", "-u", "backup1", "-p", str(psk)], check=True, capture_output=True)
+        psk.chmod(0o600)
+    return creds
+
+
+@pytest.fixture
+def free_port() -> Any:
+    """``free_port()``: a TCP port on 127.0.0.1 nobody listens on now."""
+    return _free_port

@@ -7,7 +7,8 @@
 * Credentials never appear in ``--json`` output, in ``-vvv`` logs or in the
   repository's objects.
 
-fleece has no TCP export: QEMU's NBD server listens on a unix socket only.
+By default QEMU's NBD server listens on a unix socket only; TCP needs TLS or
+an explicit ``--insecure-tcp`` (``tests/test_tls.py``).
 """
 
 from __future__ import annotations

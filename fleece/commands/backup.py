@@ -9,11 +9,20 @@ from pathlib import Path
 
 from fleece.backup import LEVELS, BackupRequest, BackupResult, run_backup
 from fleece.codec import HASHES, parse_compression
-from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json, run
+from fleece.commands.common import (
+    add_client_tls_options,
+    add_json_option,
+    add_repo_option,
+    human_size,
+    print_json,
+    run,
+)
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
+from fleece.fleecing.transport import client_tls
 from fleece.pipeline import PipelineSettings
+from fleece.remote_backup import read_export, run_backup_from_export
 from fleece.repo.repository import Repository, check_chunk_size
 from fleece.repo.url import open_backend
 
@@ -59,6 +68,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="label recorded in the restore point (repeatable)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
+    p.add_argument("--from-export", metavar="FILE",
+                   help="back up an export made on another host: FILE ('-': stdin) is the output of "
+                        "'fleece export start --json' there (needs --vm; no --qmp, --drive)")
+    add_client_tls_options(p)
     add_json_option(p)
     p.set_defaults(func=cmd_backup)
 
@@ -78,9 +91,19 @@ def parse_size(text: str) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     """Parse, back up, report."""
     apply_config(args, CONFIG_KEYS, "backup")
-    if not args.qmp:
+    tls = client_tls(args.tls_creds, args.tls_psk)
+    if args.from_export:
+        if args.qmp or args.drive or args.qga:
+            raise BadInput("--from-export reads an export made elsewhere: drop --qmp, --drive and --qga")
+        if not args.vm:
+            raise BadInput("backup --from-export needs --vm NAME")
+        # Read once (it may be stdin); bad input is refused before the repository is touched.
+        exported = read_export(args.from_export)
+    elif tls is not None:
+        raise BadInput("--tls-creds/--tls-psk are for --from-export (an nbds:// export on another host)")
+    elif not args.qmp:
         raise BadInput("backup needs --qmp SOCKET (or qmp = … in --config)")
-    if not args.drive:
+    elif not args.drive:
         raise BadInput("backup needs at least one --drive NAME")
     if not args.repo:
         raise BadInput("backup needs --repo URL")
@@ -91,7 +114,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise BadInput(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     compression = parse_compression(args.compress or DEFAULT_COMPRESS)
     chunk_size = check_chunk_size(parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK_SIZE)
-    settings = PipelineSettings()
+    settings = PipelineSettings(tls=tls)
     for name in ("readers", "storers"):
         value = getattr(args, name)
         if value is not None:
@@ -125,7 +148,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                                hash=args.hash or "sha256")
 
     req = BackupRequest(
-        qmp=args.qmp,
+        qmp=args.qmp or "",
         drives=list(args.drive),
         repo=repo,
         vm=args.vm,
@@ -143,7 +166,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fleece: {line}\n")
 
     with progress_display() as progress:
-        result = run(run_backup(req, progress, say))
+        if args.from_export:
+            result = run(run_backup_from_export(req, *exported, progress))
+        else:
+            result = run(run_backup(req, progress, say))
     if args.json:
         print_json(result.as_dict())
     else:

@@ -27,6 +27,18 @@ def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> N
     )
 
 
+def add_client_tls_options(parser: argparse.ArgumentParser) -> None:
+    """``--tls-creds DIR`` / ``--tls-psk FILE``: this side's credentials for an ``nbds://`` URI."""
+    parser.add_argument(
+        "--tls-creds", metavar="DIR",
+        help="client x509 credentials for nbds://: DIR holds ca-cert.pem, client-cert.pem and "
+             "client-key.pem (0600)",
+    )
+    parser.add_argument(
+        "--tls-psk", metavar="FILE", help="pre-shared key file (0600, USERNAME:HEXKEY) for nbds://"
+    )
+
+
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """``--json``: one JSON object on stdout and nothing else there."""
     parser.add_argument(

@@ -14,6 +14,7 @@ from pathlib import Path
 from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
 from fleece.fleecing import PointInTimeExport, start_export, stop_export
 from fleece.fleecing.checkpoints import LEVELS
+from fleece.fleecing.transport import ServerTransport, server_transport
 from fleece.qmp import QmpSession
 
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--qga", metavar="SOCKET", help="guest agent socket: freeze the guest's "
                        "filesystems around the snapshot point")
     start.add_argument("--checkpoint", metavar="ID", help="the new point id (default: a fresh one)")
+    add_listen_options(start, authz=True)
     add_json_option(start)
     start.set_defaults(func=cmd_start)
 
@@ -48,20 +50,48 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stop.set_defaults(func=cmd_stop)
 
 
+def add_listen_options(parser: argparse.ArgumentParser, *, authz: bool) -> None:
+    """``--listen tcp:HOST:PORT`` and its TLS options (default: a private unix socket)."""
+    parser.add_argument("--listen", metavar="tcp:HOST:PORT",
+                        help="listen on TCP for another host (needs --tls-creds or --tls-psk)")
+    parser.add_argument("--tls-creds", metavar="DIR",
+                        help="x509 TLS: DIR holds ca-cert.pem, server-cert.pem, server-key.pem (0600); "
+                             "clients must present a certificate signed by that CA")
+    parser.add_argument("--tls-psk", metavar="FILE",
+                        help="TLS with a pre-shared key: FILE (0600) of USERNAME:HEXKEY lines (psktool)")
+    if authz:
+        parser.add_argument("--tls-authz", metavar="IDENTITY",
+                            help="let only this client in: its certificate's DN (e.g. "
+                                 "'CN=backup1,O=Example') or its PSK user name")
+    parser.add_argument("--insecure-tcp", action="store_true",
+                        help="listen on TCP WITHOUT TLS: anyone who reaches the port reads the disks")
+
+
+def transport_from(args: argparse.Namespace, socket_path: str | None = None) -> ServerTransport:
+    """The transport the options ask for; BadInput (exit 2) before anything is changed."""
+    return server_transport(socket_path=socket_path, listen=args.listen, tls_creds=args.tls_creds,
+                            tls_psk=args.tls_psk, tls_authz=getattr(args, "tls_authz", None),
+                            insecure_tcp=args.insecure_tcp)
+
+
 def _say(line: str) -> None:
     sys.stderr.write(f"fleece: {line}\n")
 
 
-async def _start(args: argparse.Namespace) -> PointInTimeExport:
+async def _start(args: argparse.Namespace, transport: ServerTransport) -> PointInTimeExport:
     async with QmpSession.open(args.qmp) as session:
         return await start_export(session, args.drive, checkpoint=args.checkpoint, level=args.level,
                                   discard=args.discard, scratch_dir=args.scratch_dir, qga=args.qga,
-                                  log=_say)
+                                  log=_say, transport=transport if transport.is_tcp else None)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Set the export up, print where it is, and leave it up."""
-    export = run(_start(args))
+    transport = transport_from(args)
+    if transport.insecure:
+        _say(f"warning: the export listens on {transport.describe()}: anyone who can reach "
+             "that port can read these disks")
+    export = run(_start(args, transport))
     if args.json:
         print_json(export.as_dict())
         return 0
@@ -72,6 +102,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         what = f"incremental since {d.since}, dirty bitmap {d.dirty_bitmap}" if d.since else "full"
         print(f"  {d.drive}: {d.uri}  {human_size(d.size)} ({d.size} bytes), {what}"
               + ("" if d.persistent else ", checkpoint lives only while QEMU runs"))
+    if transport.is_tcp:
+        creds = transport.client_credentials()
+        print(f"  listening on {transport.describe()}; client: {creds['client']}")
     print(f"end it with: fleece export stop --qmp {args.qmp} [--abort]")
     return 0
 

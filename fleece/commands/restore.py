@@ -7,9 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from fleece.commands.common import add_repo_option
+from fleece.commands.common import add_client_tls_options, add_repo_option
 from fleece.damage import damaged_bytes, describe_ranges
 from fleece.errors import BadInput
+from fleece.fleecing.transport import check_client_uri, client_tls
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
 from fleece.restore import DEFAULT_WORKERS, RestoreResult, restore_raw
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--drive", metavar="NAME", help="the disk to restore (needed if several)")
     p.add_argument("--output", "-o", required=True, metavar="PATH|URI",
-                   help="image file or block device to write, or an NBD URI (nbd+unix:///…)")
+                   help="image file or block device to write, or an NBD URI (nbd+unix:///…, "
+                        "nbds://HOST:PORT/EXPORT)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                    help="image format of a file output (default raw)")
     p.add_argument("--force", action="store_true",
@@ -32,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="restore a damaged point anyway, with zeroes where chunks are lost")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks fetched in parallel (default {DEFAULT_WORKERS})")
+    add_client_tls_options(p)
     p.set_defaults(func=run)
 
 
@@ -40,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise BadInput("--workers must be at least 1")
     nbd_output = is_nbd_uri(args.output)
+    tls = client_tls(args.tls_creds, args.tls_psk)
+    if tls is not None and not nbd_output:
+        raise BadInput("--tls-creds/--tls-psk are for an nbds:// output")
+    if nbd_output:
+        check_client_uri(args.output, tls)
     if nbd_output and args.format != "raw":
         raise BadInput("an NBD export takes the disk's raw bytes; drop --format qcow2")
     if nbd_output and not args.force:
@@ -50,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     result: RestoreResult
     if nbd_output:
         result = restore_nbd(repo, point, args.drive, args.output, workers=workers,
-                             allow_damage=allow_damage)
+                             allow_damage=allow_damage, tls=tls)
     elif args.format == "qcow2":
         result = restore_qcow2(repo, point, args.drive, Path(args.output), force=args.force,
                                workers=workers, allow_damage=allow_damage)

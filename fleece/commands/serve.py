@@ -9,6 +9,7 @@ from types import FrameType
 
 from fleece.commands.backup import parse_size
 from fleece.commands.common import add_repo_option
+from fleece.commands.export import add_listen_options, transport_from
 from fleece.errors import BadInput, FleeceError
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--vm", metavar="NAME", help="the VM whose points POINT names")
     p.add_argument("--drive", metavar="NAME", help="the disk to serve (needed if several)")
-    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    p.add_argument("--socket", metavar="PATH", help="unix socket to listen on")
+    add_listen_options(p, authz=False)
     p.add_argument("--cache-size", default=None, metavar="SIZE",
                    help=f"decoded chunks kept in memory (default {DEFAULT_CACHE_BYTES >> 20}M)")
     p.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
@@ -38,13 +40,21 @@ def run(args: argparse.Namespace) -> int:
     cache = parse_size(args.cache_size) if args.cache_size else DEFAULT_CACHE_BYTES
     if cache < 0 or not 0 <= args.readahead <= 64:
         raise BadInput("--cache-size must be positive and --readahead between 0 and 64")
+    if (args.socket is None) == (args.listen is None):
+        raise BadInput("serve needs one of --socket PATH and --listen tcp:HOST:PORT")
+    transport = transport_from(args, socket_path=args.socket)
     repo = Repository.open(open_backend(args.repo))
     point = repo.find_point(args.point, args.vm)
     # Reads and checks the index too: a bad point fails here, not in a client.
     image = DiskImage(repo, point, args.drive)
-    sock = prepare_socket(args.socket)
+    sock = prepare_socket(args.socket) if args.socket else None
+    if sock is not None:
+        transport = transport_from(args, socket_path=str(sock))
+    elif transport.insecure:
+        sys.stderr.write(f"fleece: warning: serving on {transport.describe()}: anyone who can "
+                         "reach that port can read this disk\n")
     server = NbdkitServer(args.repo, point, image.disk.name, sock, cache_bytes=cache,
-                          readahead=args.readahead, verbose=args.verbose > 1)
+                          readahead=args.readahead, verbose=args.verbose > 1, transport=transport)
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:

@@ -9,6 +9,7 @@ from fleece.commands.common import add_json_option, add_qmp_option, human_size, 
 from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
 from fleece.fleecing.leftovers import find_leftovers
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
+from fleece.fleecing.state import ExportState
 from fleece.qmp import DirtyBitmap, Disk, QmpSession
 
 
@@ -61,12 +62,21 @@ async def collect_status(qmp: str) -> dict[str, Any]:
             }
             for d, on_filter, bitmaps in disks
         ],
-        "export": None if export is None else {
-            "checkpoint": export.checkpoint, "drives": [d.drive for d in export.disks],
-            "socket": export.socket,
-        },
+        "export": None if export is None else _export_view(export),
         "leftovers": leftovers.as_dict(),
     }
+
+
+def _export_view(export: ExportState) -> dict[str, Any]:
+    """The live export; a TCP one also says where it listens and whether that is insecure."""
+    server = export.server
+    view: dict[str, Any] = {"checkpoint": export.checkpoint, "drives": [d.drive for d in export.disks],
+                            "socket": None if server.is_tcp else export.socket}
+    if server.is_tcp:
+        view["listen"] = server.address
+        view["tls"] = server.tls
+        view["insecure"] = server.insecure
+    return view
 
 
 def _disk_view(disk: Disk, graph: BlockGraph) -> tuple[Disk, str | None, tuple[DirtyBitmap, ...]]:
@@ -109,9 +119,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     left = status["leftovers"]
     if status["export"]:
         e = status["export"]
+        where = f"socket {e['socket']}" if e["socket"] else f"TCP {e['listen']} TLS {e['tls'] or 'off'}"
         print(f"  a fleece export is up at checkpoint {e['checkpoint']} ({', '.join(e['drives'])}, "
-              f"socket {e['socket']}): end it with 'fleece export stop' (or 'fleece cleanup' if the "
+              f"{where}): end it with 'fleece export stop' (or 'fleece cleanup' if the "
               "process that started it is gone)")
+        if e.get("insecure"):
+            print(f"  WARNING: the export listens on TCP {e['listen']} WITHOUT TLS: anyone who can "
+                  "reach that port can read these disks")
     elif any(left.values()):
         items = "; ".join(f"{k}: {', '.join(v)}" for k, v in left.items() if v)
         print(f"  leftovers of an interrupted fleece run: {items} (run 'fleece cleanup')")

@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from fleece.errors import ExportError, FleeceError
 from fleece.fleecing.checkpoints import ParentOk
@@ -36,6 +35,7 @@ from fleece.fleecing.names import checkpoint_bitmap, dirty_bitmap_context, expor
 from fleece.fleecing.setup import SetUp, set_up
 from fleece.fleecing.state import ExportState
 from fleece.fleecing.teardown import tear_down
+from fleece.fleecing.transport import ServerTransport
 from fleece.qmp import Disk, QmpSession
 
 TRIM_ALIGNMENT = 65536
@@ -54,7 +54,7 @@ class DiskExport:
     disk: Disk
     """The disk as QEMU described it before the export (node name, device, format, size)."""
     uri: str
-    """``nbd+unix:///<export name>?socket=<path>``."""
+    """``nbd+unix:///<export name>?socket=<path>``, or ``nbds://HOST:PORT/<export name>`` on TCP."""
     export_name: str
     size: int
     """Virtual size in bytes."""
@@ -95,11 +95,14 @@ class PointInTimeExport:
     disks: list[DiskExport]
     pause_ms: float | None
     """The guest's pause around the snapshot point; None if the VM was not running."""
-    socket_path: str
+    socket_path: str | None
+    """QEMU's NBD server socket; None when it listens on TCP (see ``transport``)."""
     qemu_version: tuple[int, int, int]
     trim_alignment: int = TRIM_ALIGNMENT
     """Trims must be aligned to this and never cover a disk's unaligned tail."""
     scratch_dir: str = ""
+    transport: ServerTransport | None = None
+    """Where the NBD server listens and the client credentials it wants."""
 
     def disk(self, drive: str) -> DiskExport:
         """The export of ``drive`` (the name it was asked under)."""
@@ -110,25 +113,31 @@ class PointInTimeExport:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form ``fleece export start --json`` prints."""
-        return {"checkpoint": self.checkpoint, "disks": [d.as_dict() for d in self.disks],
-                "pause_ms": None if self.pause_ms is None else round(self.pause_ms, 3),
-                "socket": self.socket_path, "trim_alignment": self.trim_alignment}
+        out: dict[str, Any] = {
+            "checkpoint": self.checkpoint, "disks": [d.as_dict() for d in self.disks],
+            "pause_ms": None if self.pause_ms is None else round(self.pause_ms, 3),
+            "socket": self.socket_path, "trim_alignment": self.trim_alignment}
+        if self.transport is not None and self.transport.is_tcp:
+            # Paths and names only: which credentials a client needs, never a key.
+            out["transport"] = self.transport.client_credentials()
+        return out
 
 
 def _describe(done: SetUp) -> PointInTimeExport:
     st = done.state
+    server = st.server
     disks = []
     for d, disk in zip(st.disks, done.disks, strict=True):
         disks.append(DiskExport(
-            drive=d.drive, disk=disk, uri=f"nbd+unix:///{quote(d.key)}?socket={quote(st.socket)}",
+            drive=d.drive, disk=disk, uri=server.uri(d.key),
             export_name=d.key, size=d.size,
             dirty_bitmap=dirty_bitmap_context(frozen_bitmap(d.key)) if d.parent else None,
             checkpoint=st.checkpoint, since=d.parent, level=d.level, reason=d.reason,
             discard=d.discard, export_id=export_id(d.key), persistent=d.persistent,
         ))
     return PointInTimeExport(checkpoint=st.checkpoint, disks=disks, pause_ms=done.pause_ms,
-                             socket_path=st.socket, qemu_version=done.qemu_version,
-                             scratch_dir=st.scratch)
+                             socket_path=None if server.is_tcp else st.socket,
+                             qemu_version=done.qemu_version, scratch_dir=st.scratch, transport=server)
 
 
 async def start_export(
@@ -142,6 +151,7 @@ async def start_export(
     scratch_dir: Path | None = None,
     qga: str | None = None,
     log: Callable[[str], None] | None = None,
+    transport: ServerTransport | None = None,
 ) -> PointInTimeExport:
     """Make the export live and leave it up; end it with :func:`stop_export`.
 
@@ -149,7 +159,8 @@ async def start_export(
     changed in QEMU and the error is raised.
     """
     done = await set_up(session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
-                        discard=discard, scratch_dir=scratch_dir, qga=qga, log=log or _log.warning)
+                        discard=discard, scratch_dir=scratch_dir, qga=qga, log=log or _log.warning,
+                        transport=transport)
     return _describe(done)
 
 
@@ -165,6 +176,7 @@ async def point_in_time_export(
     scratch_dir: Path | None = None,
     qga: str | None = None,
     log: Callable[[str], None] | None = None,
+    transport: ServerTransport | None = None,
 ) -> AsyncIterator[PointInTimeExport]:
     """Export ``drives`` at one point in time over QEMU's NBD server while the block runs.
 
@@ -177,7 +189,9 @@ async def point_in_time_export(
     makes the exports writable for aligned trims. ``scratch_dir`` is where
     the private scratch directory is made (default ``$TMPDIR`` or
     ``/var/tmp``); ``qga`` a guest agent socket to freeze the guest's
-    filesystems around the snapshot point.
+    filesystems around the snapshot point. ``transport`` is where QEMU's NBD
+    server listens (default a unix socket in the scratch directory; TCP with
+    TLS: :func:`fleece.fleecing.transport.server_transport`).
 
     Normal exit commits the checkpoints; an exception aborts them; either way
     QEMU is left as found plus one checkpoint bitmap per disk.
@@ -188,7 +202,8 @@ async def point_in_time_export(
     # (cleanup), not left up on purpose (export stop).
     export = _describe(await set_up(
         session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
-        discard=discard, scratch_dir=scratch_dir, qga=qga, log=say, owner="session"))
+        discard=discard, scratch_dir=scratch_dir, qga=qga, log=say, owner="session",
+        transport=transport))
     state = ExportState.load(export.scratch_dir)
     try:
         yield export

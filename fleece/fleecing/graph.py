@@ -56,6 +56,8 @@ class BlockGraph:
     export_nodes: dict[str, str] = field(default_factory=dict)
     """export id → node it exports."""
     jobs: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)
+    """fleece's QOM objects under ``/objects``: the TLS credentials and authorization of a TCP export."""
 
     def fleece_nodes(self, kind: str = "") -> list[str]:
         """Our nodes, optionally only ``fleece-<kind>-…`` ones, sorted."""
@@ -93,12 +95,15 @@ async def read_graph(session: QmpSession) -> BlockGraph:
     for e in await session.execute("query-block-exports"):
         exports[e["id"]] = e.get("node-name", "")
     jobs = [j["id"] for j in await session.execute("query-jobs")]
+    objects = sorted(o["name"] for o in await session.execute("qom-list", {"path": "/objects"})
+                     if is_fleece_name(o.get("name")) and str(o.get("type", "")).startswith("child<"))
     return BlockGraph(
         nodes=nodes,
         disks=await list_disks(session),
         exports=sorted(exports),
         export_nodes=exports,
         jobs=jobs,
+        objects=objects,
     )
 
 

@@ -1,6 +1,7 @@
 """Find what a killed fleece run left in QEMU.
 
-A leftover is any node, export or job whose name starts with ``fleece-``, a
+A leftover is any node, export, job or QOM object (a TCP export's TLS
+credentials and authorization) whose name starts with ``fleece-``, a
 device still reading through a fleece filter, any non-checkpoint ``fleece-``
 bitmap (the frozen copies), an NBD server that an unfinished export's state
 file says fleece started, and, on a node with more than one checkpoint
@@ -33,11 +34,13 @@ class Leftovers:
     attached: list[tuple[str, str]] = field(default_factory=list)
     """(device QOM path, fleece node) pairs: a device still pointing at a filter."""
     nbd_server: list[str] = field(default_factory=list)
-    """Socket of an NBD server that fleece started and did not stop."""
+    """Socket (or TCP address) of an NBD server that fleece started and did not stop."""
+    objects: list[str] = field(default_factory=list)
+    """QOM objects (``/objects/fleece-…``): a TCP export's TLS credentials and authorization."""
 
     def __bool__(self) -> bool:
         return bool(self.nodes or self.exports or self.jobs or self.bitmaps or self.attached
-                    or self.nbd_server)
+                    or self.nbd_server or self.objects)
 
     def describe(self) -> str:
         """One line naming every leftover."""
@@ -46,6 +49,8 @@ class Leftovers:
             parts.append("exports " + ", ".join(self.exports))
         if self.nbd_server:
             parts.append("NBD server on " + ", ".join(self.nbd_server))
+        if self.objects:
+            parts.append("objects " + ", ".join(self.objects))
         if self.nodes:
             parts.append("nodes " + ", ".join(self.nodes))
         if self.jobs:
@@ -65,6 +70,7 @@ class Leftovers:
             "bitmaps": [f"{n}/{b}" for n, b in self.bitmaps],
             "attached": [d for d, _ in self.attached],
             "nbd_server": self.nbd_server,
+            "objects": self.objects,
         }
 
 
@@ -80,6 +86,7 @@ def leftovers_in(graph: BlockGraph) -> Leftovers:
     found.nodes = graph.fleece_nodes()
     found.exports = [e for e in graph.exports if is_fleece_name(e)]
     found.jobs = [j for j in graph.jobs if is_fleece_name(j)]
+    found.objects = list(graph.objects)
     for name, node in sorted(graph.nodes.items()):
         found.bitmaps.extend(
             (name, b.name) for b in node.bitmaps if is_fleece_name(b.name) and not checkpoint_of(b.name)
@@ -98,5 +105,5 @@ async def find_leftovers(session: QmpSession, disks: list[Disk] | None = None) -
     del disks
     graph = await read_graph(session)
     found = leftovers_in(graph)
-    found.nbd_server = [s.socket for s in export_states(graph) if s.nbd_server]
+    found.nbd_server = [s.server.address for s in export_states(graph) if s.nbd_server]
     return found

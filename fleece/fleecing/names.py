@@ -16,6 +16,10 @@ STATE_FILE = "fleece-export.json"
 """The export's state file in its scratch directory (see ``fleece.fleecing.state``)."""
 SOCKET_FILE = "nbd.sock"
 """QEMU's NBD server socket in the scratch directory; short, unix socket paths are ≤ 107 bytes."""
+TLS_CREDS_OBJECT = PREFIX + "tls-creds"
+"""The ``tls-creds-x509``/``tls-creds-psk`` object of a TCP export (QEMU has one NBD server)."""
+AUTHZ_OBJECT = PREFIX + "tls-authz"
+"""The ``authz-simple`` object that lets only one client identity in."""
 CHECKPOINT_RE = re.compile(r"^fleece-(\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6})$")
 
 

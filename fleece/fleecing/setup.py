@@ -44,6 +44,7 @@ from fleece.fleecing.names import (
 from fleece.fleecing.qga import GuestAgent
 from fleece.fleecing.state import DiskState, ExportState
 from fleece.fleecing.teardown import tear_down
+from fleece.fleecing.transport import ServerTransport, link_psk
 from fleece.qmp import Disk, QmpSession, resolve_drive
 
 MIN_QEMU = (7, 1, 0)
@@ -82,8 +83,13 @@ async def set_up(
     qga: str | None,
     log: Log,
     owner: str = "export",
+    transport: ServerTransport | None = None,
 ) -> SetUp:
-    """Make the export live; on failure undo everything and raise."""
+    """Make the export live; on failure undo everything and raise.
+
+    ``transport`` is where QEMU's NBD server listens (default: a unix socket
+    in the scratch directory; see :mod:`fleece.fleecing.transport`).
+    """
     version = await session.qemu_version()
     if version < MIN_QEMU:
         raise ExportError(f"QEMU {'.'.join(map(str, version))} is too old: fleece needs 7.1 or later "
@@ -98,7 +104,8 @@ async def set_up(
 
     scratch = _make_scratch(scratch_dir)
     state = ExportState(checkpoint=point, scratch=str(scratch), socket=str(scratch / SOCKET_FILE),
-                        owner=owner, disks=plans)
+                        owner=owner, disks=plans,
+                        transport=transport.as_dict() if transport and transport.is_tcp else None)
     agent = None
     try:
         # Reached before any change in QEMU, so that a wrong socket changes nothing.
@@ -235,9 +242,13 @@ def _make_scratch(parent: Path | None) -> Path:
 
 
 async def _start_nbd_server(session: QmpSession, state: ExportState) -> None:
+    server = state.server
+    # The TLS objects are named fleece-…: a failure from here on, or a kill,
+    # leaves them for the tear-down and `fleece cleanup` to find.
+    for obj in server.qemu_objects(link_psk(server, Path(state.scratch))):
+        await session.execute("object-add", obj)
     try:
-        await session.execute("nbd-server-start",
-                              {"addr": {"type": "unix", "data": {"path": state.socket}}})
+        await session.execute("nbd-server-start", server.nbd_server_start())
     except QmpCommandError as exc:
         if "already running" in exc.desc:
             # QEMU has one NBD server; fleece's own would have been found as a leftover.

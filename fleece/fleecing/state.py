@@ -13,6 +13,7 @@ Format (version 1)::
 
     {"version": 1, "checkpoint": ID, "scratch": DIR, "socket": PATH,
      "nbd_server": true, "outcome": null | "commit" | "abort", "pid": N,
+     "transport": null | {"socket", "host", "port", "tls", "creds", "authz"},
      "disks": [{"drive", "key", "qdev", "src", "format", "size",
                 "persistent", "parent", "level", "reason", "discard"}]}
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 from fleece.errors import ExportError
 from fleece.fleecing.names import STATE_FILE
+from fleece.fleecing.transport import ServerTransport
 from fleece.liveness import process_gone
 
 VERSION = 1
@@ -71,6 +73,16 @@ class ExportState:
     """``export``: left up on purpose (``export start``), ended by ``export stop``;
     ``session``: held by the process ``pid`` (a backup or the Python API) for as long as it runs."""
     disks: list[DiskState] = field(default_factory=list)
+    transport: dict[str, Any] | None = None
+    """Where QEMU's NBD server listens and how it is secured (``ServerTransport.as_dict``);
+    None: the unix socket ``socket`` (and state files written before TCP exports existed)."""
+
+    @property
+    def server(self) -> ServerTransport:
+        """The NBD server's transport."""
+        if self.transport:
+            return ServerTransport.from_dict(self.transport)
+        return ServerTransport(socket=self.socket)
 
     def owner_gone(self) -> bool:
         """Whether this is a session export whose process (on this host) no longer exists."""

@@ -5,7 +5,7 @@ Python API's ``async with`` and the undo of a set-up that failed half-way.
 It reads what QEMU shows now, and removes every ``fleece-`` object that is
 there, in dependency order, each step even if an earlier one failed:
 exports (waiting for ``BLOCK_EXPORT_DELETED``), the NBD server if fleece
-started it, snapshot-access nodes, devices back onto their format node
+started it, its TLS and authorization objects, snapshot-access nodes, devices back onto their format node
 (only if they point at a filter), filters, frozen bitmaps, the checkpoint
 bitmaps committed or aborted, then reverse deltas; last their files, the
 state file and the scratch directory go. The commit comes before the
@@ -16,6 +16,7 @@ state file (and so the decision, and the directory) of a run killed here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from fleece.fleecing.graph import BlockGraph, export_states, filter_source, read
 from fleece.fleecing.leftovers import Leftovers, leftovers_in
 from fleece.fleecing.names import PREFIX, SOCKET_FILE, checkpoint_of, is_fleece_name
 from fleece.fleecing.state import ExportState
+from fleece.fleecing.transport import PSK_DIR, PSK_FILE_IN_DIR
 from fleece.qmp import QmpSession
 from fleece.testing import pause_point
 
@@ -114,8 +116,14 @@ async def tear_down(
     for st in states:
         if st.nbd_server and await run.step("stop the NBD server", lambda: _stop_nbd(session)):
             st.nbd_server = False
-            run.removed.nbd_server.append(st.socket)
+            run.removed.nbd_server.append(st.server.address)
             _save(st, run)
+
+    # After the server that uses them: a TCP export's TLS credentials and authorization.
+    for obj in graph.objects:
+        if await run.step(f"delete object {obj}",
+                          partial(session.execute, "object-del", {"id": obj})):
+            run.removed.objects.append(obj)
 
     await _delete_nodes(run, graph, "snap-")
     await _restore_devices(run, graph, states)
@@ -246,6 +254,10 @@ def _remove_scratch(st: ExportState, deltas: dict[str, str]) -> None:
         if os.path.dirname(path) == st.scratch:
             Path(path).unlink(missing_ok=True)
     (scratch / SOCKET_FILE).unlink(missing_ok=True)
+    psk = scratch / PSK_DIR
+    (psk / PSK_FILE_IN_DIR).unlink(missing_ok=True)  # a link to the user's key, not the key
+    with contextlib.suppress(FileNotFoundError):
+        psk.rmdir()
     for leftover in scratch.glob("delta-*.raw"):
         leftover.unlink(missing_ok=True)
     st.remove()

@@ -1,10 +1,11 @@
-"""Run nbdkit with the fleece plugin on a unix socket, and stop it again.
+"""Run nbdkit with the fleece plugin on a unix socket (or TCP with TLS), and stop it again.
 
 nbdkit is a real NBD server (handshake, multi-conn, block status, structured
 replies), so every client works — QEMU, qemu-img, nbdcopy, nbdfuse. fleece
 only supplies the data: :mod:`fleece.serve.plugin` runs inside nbdkit's
 embedded Python. The socket is created with umask 077 (mode 0600), so only
-the serving user can connect.
+the serving user can connect. On TCP, nbdkit requires TLS and verifies the
+client's certificate (:mod:`fleece.fleecing.transport` builds its options).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote
 
 import fleece
 from fleece.errors import BadInput, FleeceError
+from fleece.fleecing.transport import ServerTransport
 from fleece.repo.point import RestorePoint
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 
@@ -34,7 +35,7 @@ MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the NUL
 
 def nbd_uri(sock: Path) -> str:
     """``nbd+unix:///?socket=PATH``: the default export on a unix socket."""
-    return "nbd+unix:///?socket=" + quote(str(sock), safe="/")
+    return ServerTransport(socket=str(sock)).uri()
 
 
 def prepare_socket(path: str | Path) -> Path:
@@ -72,14 +73,16 @@ class NbdkitServer:
         repo_url: str,
         point: RestorePoint,
         drive: str,
-        sock: Path,
+        sock: Path | None,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead: int = DEFAULT_READAHEAD,
         verbose: bool = False,
+        transport: ServerTransport | None = None,
     ) -> None:
         self.sock = sock
-        self.uri = nbd_uri(sock)
+        self.transport = transport or ServerTransport(socket=str(sock))
+        self.uri = self.transport.uri()
         self.options = ["--verbose"] if verbose else []
         self.parameters = [
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
@@ -96,7 +99,7 @@ class NbdkitServer:
         pidfile = self._private / "nbdkit.pid"
         self.argv = [
             NBDKIT, "--foreground", "--exit-with-parent", "--readonly",
-            "--unix", str(self.sock), "--pidfile", str(pidfile), *self.options,
+            *self.transport.nbdkit_args(), "--pidfile", str(pidfile), *self.options,
             "python", str(PLUGIN), *self.parameters,
         ]
         env = {**os.environ, "FLEECE_SYS_PATH": _fleece_sys_path()}
@@ -119,7 +122,8 @@ class NbdkitServer:
                 self.stop()
                 raise FleeceError(f"nbdkit did not start serving within {timeout:.0f} s; stopped it")
             time.sleep(0.02)
-        os.chmod(self.sock, 0o600)
+        if self.sock is not None and not self.transport.is_tcp:
+            os.chmod(self.sock, 0o600)
 
     def wait(self) -> int:
         """Wait for nbdkit to exit; its status."""
@@ -147,7 +151,7 @@ class NbdkitServer:
             rc = self.proc.wait()
         self._remove_private()
         with contextlib.suppress(FileNotFoundError):
-            if self.sock.is_socket():
+            if self.sock is not None and not self.transport.is_tcp and self.sock.is_socket():
                 self.sock.unlink()
         return rc
 
