@@ -30,6 +30,8 @@ COMMAND_MODULES = [
     "fleece.commands.gc",
     "fleece.commands.protect",
     "fleece.commands.unlock",
+    "fleece.commands.init",
+    "fleece.commands.key",
 ]
 
 

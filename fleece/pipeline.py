@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fleece.codec import digest_function, encode_chunk, is_zero
+from fleece.codec import encode_chunk, is_zero
 from fleece.errors import ExportError
 from fleece.fleecing.transport import ClientTls
 from fleece.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
@@ -187,7 +187,7 @@ class DiskBackup:
         self.settings = settings
         self.progress = progress or (lambda n: None)
         self.stats = DiskStats()
-        self._digest = digest_function(repo.config.hash)
+        self._digest = repo.digest
         self._next = plan_work(plan, index, deltas)
         self._packs = PackWriter(repo.put_pack)
         self._next_lock = threading.Lock()

@@ -323,10 +323,12 @@ class _ChunkChecker:
             blob = self.repo.backend.get(key)
         except ObjectMissing:
             return 0, ("chunk missing", f"{key} is missing")
+        except RepositoryCorrupt as exc:  # a sealed object that fails authentication
+            return 0, ("chunk damaged", str(exc))
         except RepositoryError as exc:
             return 0, ("chunk unreadable", str(exc))
         try:
-            return len(decode_chunk(blob, digest, self.repo.config.hash)), None
+            return len(decode_chunk(blob, digest, self.repo.digest)), None
         except RepositoryCorrupt as exc:
             return 0, ("chunk damaged", str(exc))
 

@@ -361,11 +361,46 @@ class Result:
         return json.loads(self.out)
 
 
+TEST_PASSPHRASE = "fleece test passphrase: correct horse battery staple"
+ENCRYPTION_UNDER_TEST = "FLEECE_TEST_REPO_ENCRYPTION"
+"""Set by :func:`repo_encryption`: the ``fleece`` fixture then creates every repository a
+backup would create as an encrypted one first (``fleece init``)."""
+
+
+@pytest.fixture(params=["plain", "aes-256-gcm"])
+def repo_encryption(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a suite twice: on plain repositories and on encrypted ones (the passphrase in the
+    environment, as an operator's job would have it). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("repo_encryption")``."""
+    if request.param != "plain":
+        monkeypatch.setenv("FLEECE_PASSPHRASE", TEST_PASSPHRASE)
+        monkeypatch.setenv(ENCRYPTION_UNDER_TEST, request.param)
+    return str(request.param)
+
+
+def open_repo(location: str | Path) -> Any:
+    """Open a repository from a test, with the suite's passphrase when it is encrypted."""
+    from fleece.repo.repository import Repository
+    from fleece.repo.url import open_backend
+
+    secret = os.environ.get("FLEECE_PASSPHRASE")
+    return Repository.open(open_backend(str(location)),
+                           None if secret is None else (lambda: secret.encode()))
+
+
 @pytest.fixture
 def fleece() -> Any:
     """Run the installed ``fleece`` console script in a subprocess."""
 
     def run(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
+        encryption = os.environ.get(ENCRYPTION_UNDER_TEST)
+        words = [str(a) for a in args]
+        if encryption and words[:1] == ["backup"] and "--repo" in words:
+            # Where the backup would create a plain repository, make an encrypted one.
+            repo = words[words.index("--repo") + 1]
+            init = subprocess.run([FLEECE, "init", "--repo", repo, "--encryption", encryption],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            assert init.returncode in (0, 2), init.stderr  # 2: it exists already
         p = subprocess.run(
             [FLEECE, *map(str, args)],
             capture_output=True,

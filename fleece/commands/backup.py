@@ -14,6 +14,7 @@ from fleece.commands.common import (
     add_json_option,
     add_repo_option,
     human_size,
+    open_repository,
     print_json,
     run,
 )
@@ -32,7 +33,7 @@ DEFAULT_COMPRESS = "zstd:3"
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
-    "trim": bool, "labels": dict, "verify": bool,
+    "trim": bool, "labels": dict, "verify": bool, "passphrase_file": str,
 }
 
 
@@ -136,12 +137,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     backend.reserve_connections(settings.readers + settings.storers + 1)
     repo: Repository | Callable[[], Repository]
     try:
-        repo = Repository.open(backend)
+        repo = open_repository(args, backend)
     except BadInput:
         if next(iter(backend.list("")), None) is not None:
             # Another host may have created it since our look (a shared
             # bucket); if there is still no config, it is not ours to write into.
-            repo = Repository.open(backend)
+            repo = open_repository(args, backend)
         else:
             def repo() -> Repository:
                 return Repository.open_or_init(backend, chunk_size, compression,

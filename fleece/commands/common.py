@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
+
+from fleece.errors import BadInput, FleeceError
+from fleece.repo.backend import Backend
+from fleece.repo.repository import Passphrase, Repository
+from fleece.repo.url import open_backend
 
 T = TypeVar("T")
 
@@ -25,6 +34,7 @@ def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> N
         "--repo", required=required, metavar="URL",
         help="repository: a directory, file:///abs/path or s3://bucket/prefix",
     )
+    add_passphrase_option(parser)
 
 
 def add_client_tls_options(parser: argparse.ArgumentParser) -> None:
@@ -65,3 +75,68 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+PASSPHRASE_ENV = "FLEECE_PASSPHRASE"
+PASSPHRASE_COMMAND_ENV = "FLEECE_PASSPHRASE_COMMAND"
+
+
+def add_passphrase_option(parser: argparse.ArgumentParser) -> None:
+    """``--passphrase-file FILE``: an encrypted repository's passphrase (never a value on the line)."""
+    parser.add_argument(
+        "--passphrase-file", metavar="FILE",
+        help="read an encrypted repository's passphrase from FILE (or set FLEECE_PASSPHRASE or "
+             "FLEECE_PASSPHRASE_COMMAND)",
+    )
+
+
+def passphrase_source(args: argparse.Namespace) -> Passphrase | None:
+    """Where the passphrase comes from: ``--passphrase-file``, else ``$FLEECE_PASSPHRASE_COMMAND``
+    (run, its standard output used), else ``$FLEECE_PASSPHRASE``; None when none is set.
+
+    Read only when an encrypted repository asks for it; one trailing newline is dropped.
+    """
+    path = getattr(args, "passphrase_file", None)
+    if path:
+        return lambda: read_passphrase_file(path)
+    command = os.environ.get(PASSPHRASE_COMMAND_ENV)
+    if command:
+        return lambda: run_passphrase_command(command)
+    if PASSPHRASE_ENV in os.environ:
+        return lambda: _non_empty(os.environ[PASSPHRASE_ENV].encode(), f"${PASSPHRASE_ENV}")
+    return None
+
+
+def read_passphrase_file(path: str) -> bytes:
+    """The passphrase in ``path``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    return _non_empty(data.removesuffix(b"\n"), f"passphrase file {path}")
+
+
+def run_passphrase_command(command: str) -> bytes:
+    """Run ``$FLEECE_PASSPHRASE_COMMAND``; its standard output is the passphrase."""
+    try:
+        done = subprocess.run(shlex.split(command), capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=120)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise FleeceError(f"{PASSPHRASE_COMMAND_ENV} could not run: {exc}") from None
+    if done.returncode != 0:
+        raise FleeceError(f"{PASSPHRASE_COMMAND_ENV} exited with status {done.returncode}; "
+                          "nothing was changed")
+    return _non_empty(done.stdout.removesuffix(b"\n"), PASSPHRASE_COMMAND_ENV)
+
+
+def _non_empty(passphrase: bytes, where: str) -> bytes:
+    if not passphrase:
+        raise BadInput(f"the passphrase from {where} is empty")
+    return passphrase
+
+
+def open_repository(args: argparse.Namespace, backend: Backend | None = None,
+                    passphrase: bytes | None = None) -> Repository:
+    """Open ``--repo`` (or ``backend``), with the passphrase options (or ``passphrase``) if encrypted."""
+    source = passphrase_source(args) if passphrase is None else (lambda: passphrase)
+    return Repository.open(backend or open_backend(args.repo), source)

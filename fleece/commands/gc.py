@@ -7,12 +7,10 @@ import sys
 import time
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json
+from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository, print_json
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput, LockHeld
 from fleece.gc import DEFAULT_GRACE, GcReport, collect_garbage
-from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 from fleece.retention import format_duration, parse_duration
 
 CONFIG_KEYS: dict[str, type] = {**BACKUP_KEYS, "grace": str, "wait": str}
@@ -41,7 +39,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         raise BadInput("gc needs --repo URL (or repo = … in --config)")
     grace = parse_duration(args.grace) if args.grace else DEFAULT_GRACE
     deadline = time.monotonic() + (parse_duration(args.wait).total_seconds() if args.wait else 0)
-    repo = Repository.open(open_backend(args.repo))
+    repo = open_repository(args)
     told = False
     pause = 1.0  # short at first (a prune ends in seconds), then every POLL_SECONDS
     while True:

@@ -7,12 +7,10 @@ import json
 import sys
 from typing import Any
 
-from fleece.commands.common import add_json_option, add_repo_option
+from fleece.commands.common import add_json_option, add_repo_option, open_repository
 from fleece.errors import RepositoryCorrupt
 from fleece.repo.backend import ObjectMissing
 from fleece.repo.point import RestorePoint
-from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,7 +49,7 @@ def human_size(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """List points; exit 2 when the repository does not exist."""
-    repo = Repository.open(open_backend(args.repo))
+    repo = open_repository(args)
     # One damaged point must not hide the good ones: list those, name the
     # damaged ones on stderr, and exit 1 so that scripts notice.
     points: list[RestorePoint] = []

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.common import add_repo_option
+from fleece.commands.common import add_repo_option, open_repository
 from fleece.errors import BadInput
 from fleece.repo import keys
 from fleece.repo.protect import protect, unprotect
-from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_protect(args: argparse.Namespace) -> int:
     """Write the marker; exit 2 for an unknown point."""
-    repo = Repository.open(open_backend(args.repo))
+    repo = open_repository(args)
     point = repo.find_point(args.point, args.vm)
     fresh = protect(repo, point, args.note)
     print(f"restore point {point.id} of VM {point.vm} "
@@ -37,7 +35,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
     """Remove the marker; exit 2 for an unknown point without a marker."""
-    repo = Repository.open(open_backend(args.repo))
+    repo = open_repository(args)
     try:
         point = repo.find_point(args.point, args.vm)
         vm, point_id = point.vm, point.id

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, add_repo_option, print_json
+from fleece.commands.common import add_json_option, add_repo_option, open_repository, print_json
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput
 from fleece.prune import PruneReport, prune
-from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 from fleece.retention import CALENDAR_RULES, Policy, parse_duration
 
 RULES = ("last", *CALENDAR_RULES)
@@ -60,7 +58,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if policy.empty:
         raise BadInput("prune needs at least one --keep-* rule with a count of 1 or more "
                        "(or --keep-within); nothing was removed")
-    repo = Repository.open(open_backend(args.repo))
+    repo = open_repository(args)
 
     report = prune(repo, policy, vm=args.vm, dry_run=args.dry_run)
     if args.json:

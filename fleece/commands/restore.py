@@ -7,12 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from fleece.commands.common import add_client_tls_options, add_repo_option
+from fleece.commands.common import add_client_tls_options, add_repo_option, open_repository
 from fleece.damage import damaged_bytes, describe_ranges
 from fleece.errors import BadInput
 from fleece.fleecing.transport import check_client_uri, client_tls
-from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 from fleece.restore import DEFAULT_WORKERS, RestoreResult, restore_raw
 from fleece.restore_nbd import is_nbd_uri, restore_nbd, restore_qcow2
 
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("an NBD export takes the disk's raw bytes; drop --format qcow2")
     if nbd_output and not args.force:
         raise BadInput(f"restoring onto the NBD export {args.output} overwrites it; add --force")
-    repo = Repository.open(open_backend(args.repo))
+    repo = open_repository(args)
     point = repo.find_point(args.point)
     workers, allow_damage = args.workers, args.allow_damage
     result: RestoreResult

@@ -8,11 +8,9 @@ import sys
 from types import FrameType
 
 from fleece.commands.backup import parse_size
-from fleece.commands.common import add_repo_option
+from fleece.commands.common import add_repo_option, open_repository, passphrase_source
 from fleece.commands.export import add_listen_options, transport_from
 from fleece.errors import BadInput, FleeceError
-from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 from fleece.restore import DiskImage
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 from fleece.serve.server import NbdkitServer, prepare_socket
@@ -43,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.socket is None) == (args.listen is None):
         raise BadInput("serve needs one of --socket PATH and --listen tcp:HOST:PORT")
     transport = transport_from(args, socket_path=args.socket)
-    repo = Repository.open(open_backend(args.repo))
+    source = passphrase_source(args)
+    passphrase = source() if source is not None else None
+    repo = open_repository(args, passphrase=passphrase)
     point = repo.find_point(args.point, args.vm)
     # Reads and checks the index too: a bad point fails here, not in a client.
     image = DiskImage(repo, point, args.drive)
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fleece: warning: serving on {transport.describe()}: anyone who can "
                          "reach that port can read this disk\n")
     server = NbdkitServer(args.repo, point, image.disk.name, sock, cache_bytes=cache,
-                          readahead=args.readahead, verbose=args.verbose > 1, transport=transport)
+                          readahead=args.readahead, verbose=args.verbose > 1, transport=transport,
+                          passphrase=passphrase if repo.master is not None else None)
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:

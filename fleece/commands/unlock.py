@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.common import add_repo_option
+from fleece.commands.common import add_repo_option, open_repository
 from fleece.errors import BadInput, LockHeld
 from fleece.repo.gc_lock import GC_LOCK
 from fleece.repo.keys import repo_lock_key, vm_lock_key
 from fleece.repo.lock import read_lease
-from fleece.repo.url import open_backend
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +35,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     vm: str | None = args.vm
     if vm is not None and not vm:
         raise BadInput("--vm needs a name")
-    backend = open_backend(args.repo)
+    backend = open_repository(args).backend
     key, what = (vm_lock_key(vm), f"VM {vm}") if vm is not None else (
         repo_lock_key(GC_LOCK), "garbage collection")
     info = read_lease(backend, key)

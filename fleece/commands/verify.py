@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json
+from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository, print_json
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
-from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
 from fleece.verify import DEFAULT_WORKERS, VerifyReport, resolve_points, verify_points
 
@@ -22,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")
     p.add_argument("--deep", action="store_true",
                    help="fetch, decode and hash every chunk (default: check that they exist)")
+    p.add_argument("--outer", action="store_true",
+                   help="encrypted repository, no key needed: check that every sealed object is "
+                        "whole (its outer checksum) — a job for the storage side")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks checked in parallel (default {DEFAULT_WORKERS})")
     add_json_option(p)
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     """Verify; 0 when everything holds, 1 when anything is damaged, 2 for bad input."""
     if not 1 <= args.workers <= 256:
         raise BadInput("--workers must be between 1 and 256")
-    repo = Repository.open(open_backend(args.repo))
+    if args.outer:
+        if args.deep or args.points or args.vm:
+            raise BadInput("--outer checks every object and takes no points, --vm or --deep")
+        return run_outer(args)
+    repo = open_repository(args)
     refs = resolve_points(repo, args.points, args.vm)
     with progress_display() as progress:
         report = verify_points(repo, refs, deep=args.deep, workers=args.workers,
@@ -42,6 +48,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(report)
     return 0 if report.ok else 1
+
+
+def run_outer(args: argparse.Namespace) -> int:
+    """Check every sealed object's outer checksum without the key; exit 1 if any fails."""
+    from fleece.repo.outer import check_outer_checksums
+
+    report = check_outer_checksums(open_backend(args.repo), workers=args.workers)
+    if args.json:
+        print_json(report)
+    else:
+        for key in report["damaged"]:
+            print(f"DAMAGED  {key}")
+        print(f"{report['objects_checked']} sealed objects checked without the key "
+              f"({human_size(report['bytes_checked'])}); {len(report['damaged'])} damaged")
+    return 0 if report["ok"] else 1
 
 
 def print_report(report: VerifyReport) -> None:

@@ -121,7 +121,7 @@ def encode_delta(body: bytes, level: int | None) -> bytes:
     return encode_chunk(body, level, magic=DELTA_MAGIC)
 
 
-def decode_delta(blob: bytes, ref: DeltaRef, hash: str) -> bytes:
+def decode_delta(blob: bytes, ref: DeltaRef, hash: str | Callable[[Buffer], bytes]) -> bytes:
     """A delta's plaintext, checked against the digest its reference records."""
     what = f"delta at {ref.offset}+{ref.length} of pack {ref.pack.hex()}"
     if len(blob) != ref.length:

@@ -19,6 +19,7 @@ POINTS_PREFIX = "points/"
 VM_LOCKS_PREFIX = "locks/vms/"
 REPO_LOCKS_PREFIX = "locks/repo/"
 PROTECT_PREFIX = "protect/"
+KEY_OBJECTS_PREFIX = "keys/"
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 # Leaves room under the 255-byte component limit of common file systems.
@@ -68,6 +69,13 @@ def chunk_key(digest: bytes) -> str:
         raise ValueError(f"a chunk digest is 32 bytes, not {len(digest)}")
     hexd = digest.hex()
     return f"{CHUNKS_PREFIX}{hexd[:2]}/{hexd}"
+
+
+def key_object_key(key_id: str) -> str:
+    """``keys/<16 hex>``: one passphrase-wrapped copy of an encrypted repository's master key."""
+    if not re.fullmatch(r"[0-9a-f]{16}", key_id):
+        raise BadInput(f"{key_id!r} is not a key id (16 hex digits)")
+    return f"{KEY_OBJECTS_PREFIX}{key_id}"
 
 
 def pack_key(digest: bytes) -> str:

@@ -11,16 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleece.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectMissing
+from fleece.repo.crypto import (
+    CIPHERS,
+    MasterKey,
+    Sealer,
+    WrongPassphrase,
+    config_auth,
+    new_key_id,
+    parse_key,
+    unwrap_key,
+    wrap_key,
+)
 from fleece.repo.delta import DeltaRef, apply_delta, decode_delta
 from fleece.repo.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
-from fleece.repo.point import RestorePoint
+from fleece.repo.point import RestorePoint, iso_utc
 from fleece.testing import pause_point
+
+Passphrase = Callable[[], bytes]
+"""Where an encrypted repository's passphrase comes from; called only when one is needed."""
 
 REPO_FORMAT = 2
 """What new repositories are: format 2 adds sub-chunk deltas in packs (docs/format.md)."""
@@ -48,12 +63,15 @@ class RepositoryConfig:
     """zstd level for new chunks, or None to store them uncompressed."""
     hash: str = "sha256"
     encryption: str = "none"
+    """``none`` or the AEAD that seals every object (docs/format.md, "Encryption")."""
     format: int = REPO_FORMAT
+    auth: str | None = None
+    """Encrypted repositories: the MAC binding this config to the master key."""
 
-    def to_json(self) -> bytes:
-        """The ``config`` object's bytes."""
+    def document(self) -> dict[str, object]:
+        """The ``config`` object as JSON data."""
         codec = "none" if self.compression_level is None else "zstd"
-        doc = {
+        doc: dict[str, object] = {
             "format": self.format,
             "id": self.id,
             "chunk_size": self.chunk_size,
@@ -61,7 +79,13 @@ class RepositoryConfig:
             "compression": {"codec": codec, "level": self.compression_level},
             "encryption": self.encryption,
         }
-        return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+        if self.auth is not None:
+            doc["auth"] = self.auth
+        return doc
+
+    def to_json(self) -> bytes:
+        """The ``config`` object's bytes."""
+        return json.dumps(self.document(), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, blob: bytes, url: str) -> RepositoryConfig:
@@ -88,6 +112,7 @@ class RepositoryConfig:
                 hash=str(doc["hash"]),
                 encryption=str(doc["encryption"]),
                 format=int(doc["format"]),
+                auth=None if doc.get("auth") is None else str(doc["auth"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RepositoryCorrupt(f"{url}: config is missing or mangles {exc}") from None
@@ -99,7 +124,11 @@ class RepositoryConfig:
             check_chunk_size(config.chunk_size)
         except BadInput as exc:
             raise RepositoryCorrupt(f"{url}: config: {exc}") from None
-        if config.hash not in HASHES or config.encryption != "none":
+        if config.encryption != "none" and (config.format < 2 or config.auth is None):
+            raise RepositoryCorrupt(f"{url}: config says {config.encryption} but is not format 2 "
+                                    "with an auth member")
+        if config.hash not in HASHES or (config.encryption != "none"
+                                         and config.encryption not in CIPHERS):
             raise RepositoryError(
                 f"{url} uses hash {config.hash!r} / encryption {config.encryption!r}, which "
                 "this fleece does not support (upgrade fleece)"
@@ -110,12 +139,20 @@ class RepositoryConfig:
 class Repository:
     """A fleece repository on a backend. Use :meth:`open`, :meth:`init` or :meth:`open_or_init`."""
 
-    def __init__(self, backend: Backend, config: RepositoryConfig) -> None:
+    def __init__(self, backend: Backend, config: RepositoryConfig, *,
+                 sealer: Sealer | None = None, raw_backend: Backend | None = None,
+                 master: MasterKey | None = None, key_id: str | None = None) -> None:
         self.backend = backend
+        """Where every object goes: the store itself, or (encrypted) the sealing wrapper on it."""
+        self.raw_backend = raw_backend or backend
+        """The store itself: ``config`` and ``keys/`` live here, in clear."""
         self.config = config
         self.url = backend.url
-        self.digest = digest_function(config.hash)
-        """The chunk-naming hash of this repository (its ``config``'s ``hash``)."""
+        self.master = master
+        self.key_id = key_id
+        """The key object the passphrase opened (encrypted repositories)."""
+        self.digest = digest_function(config.hash, sealer.id_key if sealer else None)
+        """The chunk-naming hash of this repository (its ``config``'s ``hash``; keyed when encrypted)."""
         self.index_version = INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION
         """The index version this repository's writers use (deltas only from format 2)."""
 
@@ -135,11 +172,18 @@ class Repository:
         repository_id: str | None = None,
         hash: str = "sha256",
         format: int = REPO_FORMAT,
+        encryption: str = "none",
+        passphrase: bytes | None = None,
     ) -> Repository:
         """Create a repository at an empty location (``BadInput`` if it is one already).
 
-        ``format`` 1 is only for tests that need a repository as older fleece wrote it.
+        With ``encryption`` (a cipher of :data:`~fleece.repo.crypto.CIPHERS`) a
+        master key is made and stored wrapped under ``passphrase``. ``format``
+        1 is only for tests that need a repository as older fleece wrote it.
         """
+        if encryption != "none":
+            return cls._init_encrypted(backend, chunk_size, compression_level, repository_id, hash,
+                                       encryption, passphrase)
         check_chunk_size(chunk_size)
         digest_function(hash)  # BadInput for an unknown name
         if compression_level is not None and not 1 <= compression_level <= 22:
@@ -156,13 +200,62 @@ class Repository:
         return cls(backend, config)
 
     @classmethod
-    def open(cls, backend: Backend) -> Repository:
-        """Open an existing repository; ``BadInput`` if ``backend`` holds none."""
+    def _init_encrypted(cls, backend: Backend, chunk_size: int, compression_level: int | None,
+                        repository_id: str | None, hash: str, encryption: str,
+                        passphrase: bytes | None) -> Repository:
+        if encryption not in CIPHERS:
+            raise BadInput(f"unknown encryption {encryption!r} (choose from {', '.join(CIPHERS)}, none)")
+        if not passphrase:
+            raise BadInput("an encrypted repository needs a passphrase: FLEECE_PASSPHRASE, "
+                           "--passphrase-file or FLEECE_PASSPHRASE_COMMAND")
+        check_chunk_size(chunk_size)
+        digest_function(hash)
+        if next(iter(backend.list("")), None) is not None:
+            raise BadInput(f"{backend.url} is not empty; an encrypted repository is made in an "
+                           "empty location; nothing was changed")
+        master = MasterKey.generate()
+        config = RepositoryConfig(id=repository_id or secrets.token_hex(16), chunk_size=chunk_size,
+                                  compression_level=compression_level, hash=hash,
+                                  encryption=encryption)
+        config = RepositoryConfig(**{**config.__dict__, "auth": config_auth(master, config.document())})
+        key_id = new_key_id()
+        backend.put(keys.key_object_key(key_id), wrap_key(master, passphrase, key_id, iso_utc()),
+                    if_absent=True)
+        if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
+            backend.delete(keys.key_object_key(key_id))
+            raise BadInput(f"{backend.url} already holds a fleece repository; nothing was changed")
+        return cls._unlocked(backend, config, master, key_id)
+
+    @classmethod
+    def _unlocked(cls, backend: Backend, config: RepositoryConfig, master: MasterKey,
+                  key_id: str) -> Repository:
+        from fleece.repo.encrypted_backend import EncryptedBackend
+
+        sealer = Sealer(master, config.encryption)
+        return cls(EncryptedBackend(backend, sealer), config, sealer=sealer, raw_backend=backend,
+                   master=master, key_id=key_id)
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: Passphrase | None = None) -> Repository:
+        """Open an existing repository; ``BadInput`` if ``backend`` holds none.
+
+        An encrypted one needs ``passphrase``: without it, or when no key object
+        opens with it, a :class:`RepositoryError` says so (exit 1) and nothing
+        is read beyond ``config`` and ``keys/``.
+        """
         try:
             blob = backend.get(keys.CONFIG_KEY)
         except ObjectMissing:
             raise BadInput(f"{backend.url} is not a fleece repository (no config)") from None
-        return cls(backend, RepositoryConfig.from_json(blob, backend.url))
+        config = RepositoryConfig.from_json(blob, backend.url)
+        if config.encryption == "none":
+            return cls(backend, config)
+        if passphrase is None:
+            raise RepositoryError(
+                f"repository {backend.url} is encrypted: give its passphrase with FLEECE_PASSPHRASE, "
+                "--passphrase-file or FLEECE_PASSPHRASE_COMMAND; nothing was changed")
+        master, key_id = unlock(backend, config, passphrase())
+        return cls._unlocked(backend, config, master, key_id)
 
     @classmethod
     def open_or_init(
@@ -231,7 +324,7 @@ class Repository:
             blob = self.backend.get(key)
         except ObjectMissing:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
-        return decode_chunk(blob, digest, self.config.hash)
+        return decode_chunk(blob, digest, self.digest)
 
     # -- deltas and packs (format 2) -----------------------------------------
 
@@ -254,7 +347,7 @@ class Repository:
             blob = self.backend.get_range(key, ref.offset, ref.length)
         except ObjectMissing:
             raise RepositoryCorrupt(f"pack {key} is missing from {self.url}") from None
-        return decode_delta(blob, ref, self.config.hash)
+        return decode_delta(blob, ref, self.digest)
 
     def read_position(self, index: ChunkIndex, i: int) -> bytes:
         """The plaintext of chunk position ``i``: its base with its deltas applied, length-checked.
@@ -367,3 +460,27 @@ class Repository:
         for disk in point.disks:
             self.backend.delete(disk.index_key)
 
+
+
+def unlock(backend: Backend, config: RepositoryConfig, passphrase: bytes) -> tuple[MasterKey, str]:
+    """The master key and the id of the key object ``passphrase`` opens; :class:`WrongPassphrase`.
+
+    A key that opens but whose master key does not authenticate ``config``
+    belongs to another repository (an imported key, a swapped config): it is
+    passed over like a wrong passphrase.
+    """
+    found = False
+    for key in sorted(backend.list(keys.KEY_OBJECTS_PREFIX)):
+        found = True
+        try:
+            doc = parse_key(backend.get(key), f"key {key}")
+        except (ObjectMissing, RepositoryCorrupt):
+            continue  # removed meanwhile, or not a key: the others may open
+        master = unwrap_key(doc, passphrase)
+        if master is not None and config.auth is not None and secrets.compare_digest(
+                config_auth(master, config.document()), config.auth):
+            return master, str(doc["id"])
+    if not found:
+        raise RepositoryCorrupt(f"repository {backend.url} is encrypted but holds no key; nothing "
+                                "was changed (restore a key with 'fleece key import')")
+    raise WrongPassphrase(f"wrong passphrase for repository {backend.url}, nothing was changed")

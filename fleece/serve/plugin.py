@@ -66,7 +66,9 @@ def config_complete() -> None:
         if key not in _settings:
             raise ValueError(f"missing parameter {key}=")
     try:
-        repo = Repository.open(open_backend(_settings["repo"]))
+        secret = os.environ.pop("FLEECE_PASSPHRASE", None)
+        passphrase = None if secret is None else (lambda: secret.encode("utf-8", errors="surrogateescape"))
+        repo = Repository.open(open_backend(_settings["repo"]), passphrase)
         point = repo.load_point(_settings["vm"], _settings["point"])
         image = DiskImage(repo, point, _settings.get("drive"))
     except FleeceError as exc:

@@ -79,8 +79,12 @@ class NbdkitServer:
         readahead: int = DEFAULT_READAHEAD,
         verbose: bool = False,
         transport: ServerTransport | None = None,
+        passphrase: bytes | None = None,
     ) -> None:
+        """``passphrase`` opens an encrypted repository in the plugin (passed in nbdkit's
+        environment only, never on its command line)."""
         self.sock = sock
+        self._passphrase = passphrase
         self.transport = transport or ServerTransport(socket=str(sock))
         self.uri = self.transport.uri()
         self.options = ["--verbose"] if verbose else []
@@ -103,6 +107,9 @@ class NbdkitServer:
             "python", str(PLUGIN), *self.parameters,
         ]
         env = {**os.environ, "FLEECE_SYS_PATH": _fleece_sys_path()}
+        env.pop("FLEECE_PASSPHRASE_COMMAND", None)
+        if self._passphrase is not None:
+            env["FLEECE_PASSPHRASE"] = self._passphrase.decode("utf-8", errors="surrogateescape")
         try:
             self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, umask=0o077)
