@@ -244,7 +244,7 @@ def test_unlock_force_and_gc_in_the_window_between_the_dedup_probe_and_the_commi
         ran.append(fleece("gc", "--repo", repo_url, "--json"))
 
     key = keys.chunk_key(chunk_digest(garbage))
-    with pytest.raises(LockHeld, match="lost the lock on VM web1.*nothing was committed"):
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
         api_backup(guest, ProbeHook(open_backend(repo_url), key, break_and_collect))  # type: ignore[arg-type]
     assert [r.rc for r in ran] == [0, 0], [r.err for r in ran]
     assert ran[1].json()["chunks_deleted"] == 1 and not open_backend(repo_url).exists(key)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from backups import point_ids
+
 from fleece.errors import LockHeld
 from fleece.repo.backend import Backend
 from fleece.repo.file_backend import FileBackend
@@ -50,7 +50,7 @@ def stored_token(url: str) -> str:
     return str(json.loads(open_backend(url).get(KEY))["token"])
 
 
-def before_lease_write(backend: Backend, action: Callable[[], None]) -> list[int]:
+def before_lease_write(backend: Backend, action: Callable[[], object]) -> list[int]:
     """Run ``action`` once, just before ``backend``'s next write of the lease reaches the store.
 
     That is after every read the holder makes first. Returns a list that
@@ -85,7 +85,7 @@ def test_the_pre_commit_check_rereads_the_lease_and_sees_a_takeover(store: str) 
     holder = acquire(open_backend(store), KEY, "VM web1", heartbeat=False)
     holder.check()
     taker = take_over(store)
-    with pytest.raises(LockHeld, match="lost the lock on VM web1.*nothing was committed"):
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
         holder.check()
     assert stored_token(store) == taker.info.token
     holder.release()  # not ours any more: the taker's lease stays
@@ -143,7 +143,7 @@ def test_file_replace_if_is_atomic_between_processes(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path / "repo")
     backend.put("counter", b"0")
     ctx = multiprocessing.get_context("fork")
-    wins = ctx.Array("i", 4)
+    wins: Any = ctx.Array("i", 4)
     procs = [ctx.Process(target=_swap_many, args=(str(backend.root), w, 150, wins))
              for w in range(4)]
     for p in procs:
@@ -200,3 +200,27 @@ def test_unlock_force_and_gc_while_a_backup_is_held_commit_nothing(
     again = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", store, "--json")
     assert again.rc == 0, again.err
     assert again.json()["disks"][0]["level"] == "incremental"
+
+
+def test_file_a_break_between_the_compare_and_the_swap_is_not_undone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compare holds only against other swaps (flock): a delete can still land before the
+    swap, which then must fail rather than recreate the object."""
+    from fleece.repo import file_backend
+
+    backend = FileBackend(tmp_path / "repo")
+    holder = acquire(backend, KEY, "VM web1", heartbeat=False)
+    exchange = file_backend._exchange
+    ran: list[int] = []
+
+    def break_first(a: Path, b: Path) -> None:
+        if not ran:
+            ran.append(1)
+            break_lock(FileBackend(tmp_path / "repo"), "web1")
+        exchange(a, b)
+
+    monkeypatch.setattr(file_backend, "_exchange", break_first)
+    with pytest.raises(LockHeld, match="removed or taken over"):
+        holder.renew()
+    assert ran and not backend.exists(KEY)
+    assert not list((tmp_path / "repo").rglob(".tmp-*"))

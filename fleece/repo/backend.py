@@ -27,7 +27,7 @@ class ObjectMissing(RepositoryError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Opaque object storage: put, get, exists, list, delete."""
+    """Opaque object storage: put, replace_if, get, exists, list, delete."""
 
     url: str
     """Where the objects live, for messages (no secrets)."""
@@ -38,6 +38,19 @@ class Backend(Protocol):
         With ``if_absent`` the write happens only when ``key`` does not exist
         yet (a conditional create); returns False when it already existed.
         Otherwise an existing object is replaced and True is returned.
+        """
+        ...
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Replace the object at ``key`` with ``data`` only if it holds exactly ``expected``.
+
+        A compare-and-swap, for lock leases: returns False and changes nothing
+        when ``key`` is absent (it is never created) or holds other bytes. No
+        write by another ``replace_if``, ``put`` or ``delete`` can land between
+        the compare and the swap and be overwritten: S3 sends ``If-Match``
+        with the ETag it compared; the file backend compares under an
+        ``flock`` and swaps with ``RENAME_EXCHANGE`` (atomic between processes
+        of one host, see :mod:`fleece.repo.file_backend` for its limits).
         """
         ...
 
