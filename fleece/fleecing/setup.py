@@ -253,6 +253,13 @@ async def _start_nbd_server(session: QmpSession, state: ExportState) -> None:
             # QEMU has one NBD server; fleece's own would have been found as a leftover.
             raise ExportError("an NBD server that fleece did not start is already running in this QEMU; "
                               "fleece will not take it over; nothing was changed") from None
+        if "No such file or directory" in exc.desc and os.path.isdir(state.scratch):
+            # It exists for us: QEMU looks at another /tmp (a systemd unit's PrivateTmp=yes).
+            raise ExportError(
+                f"QEMU cannot see the scratch directory {state.scratch} that fleece made: they run "
+                "in different mount namespaces (a systemd unit with PrivateTmp=yes?); set "
+                "scratch_dir (--scratch-dir) to a directory both see, outside /tmp and /var/tmp; "
+                "nothing was changed") from None
         raise
     state.nbd_server = True
     state.save()
