@@ -224,3 +224,47 @@ def test_file_a_break_between_the_compare_and_the_swap_is_not_undone(
         holder.renew()
     assert ran and not backend.exists(KEY)
     assert not list((tmp_path / "repo").rglob(".tmp-*"))
+
+
+class BeforeWrite:
+    """A backend that runs ``action`` once, just before its first delete or swap of the lease."""
+
+    def __init__(self, inner: Backend, action: Callable[[], object]) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.action = action
+        self.ran = False
+
+    def _fire(self, key: str) -> None:
+        if key == KEY and not self.ran:
+            self.ran = True
+            self.action()
+
+    def delete(self, key: str) -> None:
+        self._fire(key)
+        self.inner.delete(key)
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        self._fire(key)
+        return self.inner.replace_if(key, data, expected)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_two_takers_of_one_stale_lease_do_not_both_win(store: str) -> None:
+    """Both read the dead holder's lease; one takes it over first. The other must not then
+    remove the winner's fresh lease and take it too."""
+    from fleece.repo.lock import LeaseInfo
+
+    dead = LeaseInfo(key=KEY, host="gone-host", pid=4242, token="d" * 32,
+                     created="2026-01-01T00:00:00.000000Z", expires="2026-01-01T00:10:00.000000Z")
+    open_backend(store).put(KEY, dead.to_json())
+    first: list[Lease] = []
+    late = BeforeWrite(open_backend(store), lambda: first.append(
+        acquire(open_backend(store), KEY, "VM web1", heartbeat=False)))
+    with pytest.raises(LockHeld, match="VM web1 is locked by"):
+        acquire(late, KEY, "VM web1", heartbeat=False)  # type: ignore[arg-type]
+    assert late.ran and len(first) == 1
+    assert stored_token(store) == first[0].info.token
+    first[0].check()
