@@ -239,8 +239,13 @@ def _confirm_lease_after_commit(repo: Repository, lease: Lease, point: RestorePo
     """
     try:
         lease.check()
-    except LockHeld:
-        repo.delete_point(point)
+    except LockHeld as lost:
+        try:
+            repo.delete_point(point)
+        except FleeceError as exc:
+            raise LockHeld(f"{lost}, but point {point.id} was written and could not be deleted "
+                           f"again ({exc}); run fleece verify and remove it with fleece prune "
+                           "if it is damaged") from exc
         raise
 
 
