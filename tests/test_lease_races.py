@@ -268,3 +268,23 @@ def test_two_takers_of_one_stale_lease_do_not_both_win(store: str) -> None:
     assert late.ran and len(first) == 1
     assert stored_token(store) == first[0].info.token
     first[0].check()
+
+
+def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
+        s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    from fleece.repo.s3_faults import inject_http_faults
+
+    backend = S3Backend(s3_bucket, "fleece")
+    backend.put("locks/x", b"old")
+    # The swap happened but its reply was lost: botocore's retry meets 412 (the ETag moved on)
+    # and that is our own write, not someone else's.
+    with inject_http_faults(backend, lost_replies=1, ops={"PutObject"}) as faults:
+        assert backend.replace_if("locks/x", b"new", b"old")
+    assert faults.injected["lost_replies"] == 1 and backend.get("locks/x") == b"new"
+    # A store without If-Match: read, compare, write, read again, with one warning.
+    with inject_http_faults(backend, statuses=[(501, "NotImplemented")], ops={"PutObject"}):
+        assert backend.replace_if("locks/x", b"newer", b"new")
+    assert backend.get("locks/x") == b"newer"
+    assert "does not support If-Match" in caplog.text
+    assert not backend.replace_if("locks/x", b"x", b"new")  # the compare still holds
+    assert backend.get("locks/x") == b"newer"
