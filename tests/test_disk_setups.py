@@ -96,6 +96,8 @@ def test_a_read_only_drive_is_backed_up_and_left_as_found(
     first = backup(fleece, vm, repo)
     assert identical(restore(fleece, repo, first["point"], tmp_path / "r1.raw"), seed)
     second = backup(fleece, vm, repo)
+    # Nothing can write it: the next backup is an incremental that reads nothing.
+    assert second["disks"][0]["level"] == "incremental" and second["disks"][0]["bytes_read"] == 0
     assert identical(restore(fleece, repo, second["point"], tmp_path / "r2.raw"), seed)
     after = vm.block_graph()
     assert after["nodes"] == graph["nodes"] and after["exports"] == [] and after["jobs"] == []
