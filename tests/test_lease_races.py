@@ -288,3 +288,43 @@ def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
     assert "does not support If-Match" in caplog.text
     assert not backend.replace_if("locks/x", b"x", b"new")  # the compare still holds
     assert backend.get("locks/x") == b"newer"
+
+
+def test_a_renewal_whose_reply_was_lost_is_still_ours_at_the_next_renewal() -> None:
+    """The swap happened, the holder was told it failed: its next renewal and check must
+    recognise its own write rather than call the lease stolen."""
+    from fleece.repo.faults import FaultyBackend, InjectedFault
+    from fleece.repo.memory_backend import MemoryBackend
+
+    mem = MemoryBackend()
+    faulty = FaultyBackend(mem, fail_first=1, lose_replies=True, ops={"replace_if"})
+    holder = acquire(faulty, KEY, "VM web1", heartbeat=False)
+    with pytest.raises(InjectedFault):
+        holder.renew()
+    assert json.loads(mem.get(KEY))["expires"] != holder.info.expires  # it did happen
+    holder.check()
+    holder.renew()
+    holder.check()
+    assert json.loads(mem.get(KEY))["token"] == holder.info.token
+    holder.release()
+    assert not mem.exists(KEY)
+
+
+def test_file_replace_if_without_rename_exchange_still_compares(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system without RENAME_EXCHANGE (NFS) the swap is a plain rename after the
+    compare under the flock: a changed object is still never overwritten."""
+    import errno
+
+    from fleece.repo import file_backend
+
+    def no_exchange(a: Path, b: Path) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(file_backend, "_exchange", no_exchange)
+    backend = FileBackend(tmp_path / "repo")
+    backend.put("locks/x", b"old")
+    assert not backend.replace_if("locks/x", b"new", b"other")
+    assert backend.replace_if("locks/x", b"new", b"old")
+    assert backend.get("locks/x") == b"new"
+    assert not list((tmp_path / "repo").rglob(".tmp-*"))
