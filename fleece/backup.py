@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
-from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
+from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
 from fleece.fleecing import DiskExport, point_in_time_export
 from fleece.fleecing.names import checkpoint_bitmap
 from fleece.fleecing.setup import preflight
@@ -34,7 +34,7 @@ from fleece.qmp import QmpSession, list_disks, resolve_drive
 from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.index import ChunkIndex
-from fleece.repo.lock import vm_lock
+from fleece.repo.lock import Lease, vm_lock
 from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.repository import Repository
 from fleece.testing import pause_point
@@ -227,9 +227,29 @@ async def run_backup(
                 # normal exit then commits the checkpoint bitmaps. A lapsed
                 # lease means a gc may have run: do not commit.
                 pause_point("before-point")  # test hook (fleece.testing); inert in production
-                lease.check()
+                await asyncio.to_thread(lease.check)
                 await asyncio.to_thread(repo.write_point, point)
+                await asyncio.to_thread(_confirm_lease_after_commit, repo, lease, point)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
+
+
+def _confirm_lease_after_commit(repo: Repository, lease: Lease, point: RestorePoint) -> None:
+    """Withdraw ``point`` if our lease was broken between the pre-commit check and the write.
+
+    Only then can a gc have run meanwhile (it saw no lease) and deleted
+    chunks the point names; a lease still ours now was there all along
+    (:mod:`fleece.repo.lock`).
+    """
+    try:
+        lease.check()
+    except LockHeld as lost:
+        try:
+            repo.delete_point(point)
+        except FleeceError as exc:
+            raise LockHeld(f"{lost}, but point {point.id} was written and could not be deleted "
+                           f"again ({exc}); run fleece verify and remove it with fleece prune "
+                           "if it is damaged") from exc
+        raise
 
 
 class _PointsOfVm:

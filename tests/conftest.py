@@ -48,6 +48,10 @@ class DiskSpec:
     model: str = "virtio"
     shadow: Path | None = None
     """A sparse raw file the test keeps equal to the disk by applying every write to it."""
+    node_opts: str = ""
+    """Extra ``-blockdev`` options of both its nodes, e.g. ``,read-only=on``."""
+    device_opts: str = ""
+    """Extra ``-device`` options, e.g. ``,iothread=io0``."""
 
 
 def parse_size(size: int | str) -> int:
@@ -229,8 +233,13 @@ class VMFactory:
         bitmaps: dict[str, list[str]] | None = None,
         contents: dict[str, Path] | None = None,
         extra_args: list[str] | None = None,
+        node_opts: dict[str, str] | None = None,
+        device_opts: dict[str, str] | None = None,
     ) -> TestVM:
         """Create images and start a VM.
+
+        ``node_opts`` and ``device_opts`` append options (``",read-only=on"``,
+        ``",iothread=io0"``) to a disk's ``-blockdev`` nodes and ``-device``.
 
         ``contents`` seeds a disk (by device id) from a raw file of its size.
 
@@ -263,7 +272,9 @@ class VMFactory:
             else:
                 with open(shadow, "wb") as f:
                     f.truncate(parse_size(size))
-            specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model, shadow))
+            specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model, shadow,
+                                  (node_opts or {}).get(dev_id, ""),
+                                  (device_opts or {}).get(dev_id, "")))
         return self.start(d, specs, running=running, name=name, extra_args=extra_args)
 
     def start(
@@ -295,11 +306,13 @@ class VMFactory:
                 args += ["-device", controller]
                 controllers.add(controller)
             args += [
-                "-blockdev", f"driver=file,filename={spec.path},node-name=file-{spec.id}",
-                "-blockdev", f"driver={spec.fmt},file=file-{spec.id},node-name=fmt-{spec.id}",
+                "-blockdev",
+                f"driver=file,filename={spec.path},node-name=file-{spec.id}{spec.node_opts}",
+                "-blockdev",
+                f"driver={spec.fmt},file=file-{spec.id},node-name=fmt-{spec.id}{spec.node_opts}",
             ]
             extra = ",serial=fleece" + spec.id if spec.model == "nvme" else ""
-            args += ["-device", f"{driver},drive=fmt-{spec.id},id={spec.id}{extra}"]
+            args += ["-device", f"{driver},drive=fmt-{spec.id},id={spec.id}{extra}{spec.device_opts}"]
         args += ["-qmp", f"unix:{qmp_path},server=on,wait=off",
                  "-qmp", f"unix:{test_qmp_path},server=on,wait=off"]
         args += extra_args or []

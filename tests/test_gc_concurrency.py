@@ -223,3 +223,75 @@ def test_a_backup_started_during_gc_backs_off_and_leaves_the_vm_as_it_was(
     verify_deep(fleece, repo_url)
     repo = Repository.open(open_backend(repo_url))
     assert repo.find_point(point).disks[0].level == "incremental"
+
+
+def test_unlock_force_and_gc_in_the_window_between_the_dedup_probe_and_the_commit(
+        guest: Guest, fleece: Any, repo_url: str) -> None:
+    """The operator breaks a running backup's lease and gc runs at the worst moment.
+
+    The backup has just decided to reuse a garbage chunk; gc, seeing no VM
+    lease, deletes it. The backup must notice its lease is gone and commit
+    nothing (the point would name the deleted chunk); QEMU is left as found.
+    """
+    garbage = with_garbage(fleece, guest, repo_url, 0xAA)
+    guest.fill(0, 0xAA)
+    before = sorted(Repository.open(open_backend(repo_url)).point_refs())
+    graph = guest.vm.block_graph()
+    ran: list[Any] = []
+
+    def break_and_collect() -> None:
+        ran.append(fleece("unlock", "--repo", repo_url, "--vm", "web1", "--force"))
+        ran.append(fleece("gc", "--repo", repo_url, "--json"))
+
+    key = keys.chunk_key(chunk_digest(garbage))
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
+        api_backup(guest, ProbeHook(open_backend(repo_url), key, break_and_collect))  # type: ignore[arg-type]
+    assert [r.rc for r in ran] == [0, 0], [r.err for r in ran]
+    assert ran[1].json()["chunks_deleted"] == 1 and not open_backend(repo_url).exists(key)
+    assert sorted(Repository.open(open_backend(repo_url)).point_refs()) == before
+    assert guest.vm.block_graph() == graph
+    verify_deep(fleece, repo_url)
+    point = cli_backup(fleece, guest, repo_url)  # the next backup uploads the chunk again
+    verify_deep(fleece, repo_url)
+    assert point not in {p for _, p in before}
+
+
+class PointHook:
+    """A backend that calls ``before`` just before the restore point's object is written."""
+
+    def __init__(self, inner: Backend, before: Callable[[], None]) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.before = before
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if key.startswith(keys.POINTS_PREFIX):
+            self.before()
+        return self.inner.put(key, data, if_absent=if_absent)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_lease_broken_between_the_pre_commit_check_and_the_point_withdraws_the_point(
+        guest: Guest, fleece: Any, repo_url: str) -> None:
+    """The break lands after the backup's check, just before its point is written, and gc runs:
+    the re-read after the write sees the lease gone and deletes the point again."""
+    guest.fill(0, 0x11)
+    first = cli_backup(fleece, guest, repo_url)
+    guest.fill(1, 0x22)
+    graph = guest.vm.block_graph()
+    ran: list[Any] = []
+
+    def break_and_collect() -> None:
+        ran.append(fleece("unlock", "--repo", repo_url, "--vm", "web1", "--force"))
+        ran.append(fleece("gc", "--repo", repo_url, "--json"))
+
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
+        api_backup(guest, PointHook(open_backend(repo_url), break_and_collect))  # type: ignore[arg-type]
+    assert [r.rc for r in ran] == [0, 0], [r.err for r in ran]
+    assert [p for _, p in Repository.open(open_backend(repo_url)).point_refs()] == [first]
+    assert guest.vm.block_graph() == graph
+    verify_deep(fleece, repo_url)
+    point = cli_backup(fleece, guest, repo_url)
+    assert Repository.open(open_backend(repo_url)).find_point(point).disks[0].level == "incremental"

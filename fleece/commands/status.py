@@ -9,6 +9,7 @@ from fleece.commands.common import add_json_option, add_qmp_option, human_size, 
 from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
 from fleece.fleecing.leftovers import find_leftovers
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
+from fleece.fleecing.stale_scratch import scratch_parents, survey
 from fleece.fleecing.state import ExportState
 from fleece.qmp import DirtyBitmap, Disk, QmpSession
 
@@ -64,6 +65,7 @@ async def collect_status(qmp: str) -> dict[str, Any]:
         ],
         "export": None if export is None else _export_view(export),
         "leftovers": leftovers.as_dict(),
+        "stale_scratch": [d.path for d in survey(scratch_parents()) if d.stale],
     }
 
 
@@ -131,4 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  leftovers of an interrupted fleece run: {items} (run 'fleece cleanup')")
     else:
         print("  no fleece leftovers")
+    if status["stale_scratch"]:
+        print(f"  stale scratch directories of exports whose QEMU and fleece are gone: "
+              f"{', '.join(status['stale_scratch'])} (run 'fleece cleanup --stale')")
     return 0

@@ -54,4 +54,11 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     backend.delete(key)
     state = "expired" if info.expired() else "holder gone" if stale else "forced"
     print(f"removed the lock of {what} held by {holder} ({state}, lease expires {info.expires})")
+    if not stale:
+        # Its holder cannot renew it back (renewals are compare-and-swaps) and
+        # re-reads it before and after committing: it will commit nothing.
+        print("if that gc is still running, it stops before its next batch of deletions"
+              if vm is None else
+              "if that backup is still running, it notices before it commits and "
+              "commits nothing")
     return 0

@@ -31,6 +31,8 @@ class Node:
     bitmaps: tuple[DirtyBitmap, ...] = ()
     children: tuple[tuple[str, str], ...] = ()
     """(role, child node name) pairs, e.g. ``("file", "fmt-vda")``; empty if unknown."""
+    active: bool = True
+    """False for a node QEMU inactivated (after a migration); QEMU < 10 does not say."""
 
     def bitmap(self, name: str) -> DirtyBitmap | None:
         """The named bitmap on this node, if present."""
@@ -90,6 +92,7 @@ async def read_graph(session: QmpSession) -> BlockGraph:
             # QEMU's own bitmaps (copy-before-write's, for example) have no name.
             bitmaps=tuple(DirtyBitmap.from_qmp(b) for b in info.get("dirty-bitmaps", []) if b.get("name")),
             children=tuple(edges.get(name, ())),
+            active=info.get("active", True) is not False,
         )
     exports: dict[str, str] = {}
     for e in await session.execute("query-block-exports"):

@@ -45,10 +45,17 @@ from fleece.fleecing.qga import GuestAgent
 from fleece.fleecing.state import DiskState, ExportState
 from fleece.fleecing.teardown import tear_down
 from fleece.fleecing.transport import ServerTransport, link_psk
+from fleece.fleecing.vm_checks import refuse_inactive_disks, refuse_unsafe_iothreads
 from fleece.qmp import Disk, QmpSession, resolve_drive
 
 MIN_QEMU = (7, 1, 0)
 """``snapshot-access`` and ``on-cbw-error`` appeared in QEMU 7.1."""
+CBW_TIMEOUT_SINCE = (9, 1, 0)
+"""First QEMU whose ``cbw-timeout`` is safe above 4 s."""
+CBW_TIMEOUT_SECONDS = 10
+"""How long a guest write may wait for its old data to reach the reverse delta before the
+snapshot breaks instead (the backup then fails; the guest never sees an error). Well below
+the 30 s after which a Linux guest starts its own SCSI error handling."""
 MAX_SOCKET_PATH = 107
 """Longest unix socket path (sun_path is 108 bytes with the NUL)."""
 
@@ -100,6 +107,7 @@ async def set_up(
     if not CHECKPOINT_RE.match(checkpoint_bitmap(point)):
         raise BadInput(f"checkpoint id {point!r} is not of the form 20261123T073600.123456Z-3f9a1c")
     disks = await _preflight_disks(session, graph, drives)
+    await refuse_unsafe_iothreads(session, disks, version)
     plans = _plan(graph, disks, drives, point, level, parent_ok, discard, log)
 
     scratch = _make_scratch(scratch_dir)
@@ -113,7 +121,7 @@ async def set_up(
         state.save()
         await _start_nbd_server(session, state)
         for d in plans:
-            await _insert_filter(session, state, d)
+            await _insert_filter(session, state, d, version)
         await add_checkpoints(session, plans, point)
         pause_ms = await _snapshot_point(session, plans, agent, log)
         await freeze_parents(session, plans)
@@ -144,7 +152,8 @@ async def preflight(session: QmpSession, drives: list[str], scratch_dir: Path | 
     """
     graph = await read_graph(session)
     _refuse_leftovers(graph)
-    await _preflight_disks(session, graph, drives)
+    disks = await _preflight_disks(session, graph, drives)
+    await refuse_unsafe_iothreads(session, disks, await session.qemu_version())
     _make_scratch(scratch_dir).rmdir()
 
 
@@ -185,6 +194,7 @@ async def _preflight_disks(session: QmpSession, graph: BlockGraph, drives: list[
         if attached != disk.node_name or disk.node_name not in graph.nodes:
             raise ExportError(f"device {disk.qdev} is attached to {attached!r}, not to {disk.node_name!r} "
                               "as query-block says; nothing was changed")
+    await refuse_inactive_disks(session, graph, disks)
     return disks
 
 
@@ -254,12 +264,20 @@ async def _start_nbd_server(session: QmpSession, state: ExportState) -> None:
             # QEMU has one NBD server; fleece's own would have been found as a leftover.
             raise ExportError("an NBD server that fleece did not start is already running in this QEMU; "
                               "fleece will not take it over; nothing was changed") from None
+        if "No such file or directory" in exc.desc and os.path.isdir(state.scratch):
+            # It exists for us: QEMU looks at another /tmp (a systemd unit's PrivateTmp=yes).
+            raise ExportError(
+                f"QEMU cannot see the scratch directory {state.scratch} that fleece made: they run "
+                "in different mount namespaces (a systemd unit with PrivateTmp=yes?); set "
+                "scratch_dir (--scratch-dir) to a directory both see, outside /tmp and /var/tmp; "
+                "nothing was changed") from None
         raise
     state.nbd_server = True
     state.save()
 
 
-async def _insert_filter(session: QmpSession, state: ExportState, d: DiskState) -> None:
+async def _insert_filter(session: QmpSession, state: ExportState, d: DiskState,
+                         version: tuple[int, int, int]) -> None:
     """The reverse-delta file and node, and the copy-before-write filter on ``SRC`` (not yet attached)."""
     path = Path(state.scratch) / delta_file(d.key)
     try:
@@ -270,10 +288,23 @@ async def _insert_filter(session: QmpSession, state: ExportState, d: DiskState) 
         raise ExportError(f"cannot create reverse delta {path}: {exc.strerror}") from None
     await session.execute("blockdev-add", {"driver": "file", "node-name": delta_node(d.key),
                                            "filename": str(path), "discard": "unmap"})
-    # cbw-timeout stays unset: above 4 s it wraps around on QEMU < 9.1.
-    await session.execute("blockdev-add", {"driver": "copy-before-write", "node-name": cbw_node(d.key),
-                                           "file": d.src, "target": delta_node(d.key),
-                                           "on-cbw-error": "break-snapshot"})
+    await session.execute("blockdev-add", copy_before_write_options(d, version))
+
+
+def copy_before_write_options(d: DiskState, version: tuple[int, int, int]) -> dict[str, object]:
+    """``blockdev-add`` arguments of ``d``'s copy-before-write filter on QEMU ``version``.
+
+    From 9.1 on, ``cbw-timeout``: a guest write waits at most that long for
+    its copy into the reverse delta (a stalled scratch disk), then the
+    snapshot breaks and the write goes on. Older QEMU (7.2 included) keeps it
+    unset: its timeout arithmetic wraps around above 4 s.
+    """
+    options: dict[str, object] = {"driver": "copy-before-write", "node-name": cbw_node(d.key),
+                                  "file": d.src, "target": delta_node(d.key),
+                                  "on-cbw-error": "break-snapshot"}
+    if version >= CBW_TIMEOUT_SINCE:
+        options["cbw-timeout"] = CBW_TIMEOUT_SECONDS
+    return options
 
 
 async def _snapshot_point(session: QmpSession, plans: list[DiskState], agent: GuestAgent | None,

@@ -43,7 +43,7 @@ class ObjectInfo(NamedTuple):
 
 
 class Backend(abc.ABC):
-    """Opaque object storage: the six abstract operations plus capabilities with defaults."""
+    """Opaque object storage: the seven abstract operations plus capabilities with defaults."""
 
     url: str
     """Where the objects live, for messages (no secrets)."""
@@ -67,6 +67,19 @@ class Backend(abc.ABC):
         With ``if_absent`` the write happens only when ``key`` does not exist
         yet (a conditional create); returns False when it already existed.
         Otherwise an existing object is replaced and True is returned.
+        """
+
+    @abc.abstractmethod
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Replace the object at ``key`` with ``data`` only if it holds exactly ``expected``.
+
+        A compare-and-swap, for lock leases: returns False and changes nothing
+        when ``key`` is absent (it is never created) or holds other bytes. No
+        write by another ``replace_if``, ``put`` or ``delete`` can land between
+        the compare and the swap and be overwritten: S3 sends ``If-Match``
+        with the ETag it compared; the file backend compares under an
+        ``flock`` and swaps with ``RENAME_EXCHANGE`` (atomic between processes
+        of one host, see :mod:`fleece.repo.file_backend` for its limits).
         """
 
     @abc.abstractmethod
@@ -168,6 +181,10 @@ class ForwardingBackend(Backend):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """The inner ``put``."""
         return self.inner.put(key, data, if_absent=if_absent)
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """The inner ``replace_if``."""
+        return self.inner.replace_if(key, data, expected)
 
     def get(self, key: str) -> bytes:
         """The inner ``get``."""

@@ -88,6 +88,18 @@ class EncryptedBackend(ForwardingBackend):
         self._forget(stored)
         return self.inner.put(stored, self.sealer.seal(key, data), if_absent=if_absent)
 
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Compare-and-swap on plaintext: the swap itself compares the sealed bytes we opened."""
+        stored = self.stored_key(key)
+        try:
+            current = self.inner.get(stored)
+        except ObjectMissing:
+            return False
+        if self.sealer.open(key, current) != expected:
+            return False
+        self._forget(stored)
+        return self.inner.replace_if(stored, self.sealer.seal(key, data), current)
+
     def stage(self, key: str, data: bytes) -> bool:
         """Seal and stage."""
         return self.inner.stage(self.stored_key(key), self.sealer.seal(key, data))

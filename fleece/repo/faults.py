@@ -22,7 +22,7 @@ from typing import Any
 from fleece.errors import RepositoryError
 from fleece.repo.backend import Backend, ForwardingBackend, ObjectInfo
 
-BACKEND_OPS = frozenset({"put", "get", "exists", "list", "delete", "mtime"})
+BACKEND_OPS = frozenset({"put", "replace_if", "get", "exists", "list", "delete", "mtime"})
 
 
 class InjectedFault(RepositoryError):
@@ -90,6 +90,10 @@ class FaultyBackend(ForwardingBackend):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """The inner ``put``, unless a fault is due."""
         return bool(self._run("put", key, lambda: self.inner.put(key, data, if_absent=if_absent)))
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """The inner ``replace_if``, unless a fault is due."""
+        return bool(self._run("replace_if", key, lambda: self.inner.replace_if(key, data, expected)))
 
     def get(self, key: str) -> bytes:
         """The inner ``get``, unless a fault is due."""

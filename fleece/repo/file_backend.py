@@ -12,12 +12,25 @@ staged objects are written to hidden temporary files without fsync and made
 durable in batches by one ``syncfs`` — and only then linked into place. A
 visible object is therefore always a durable one, which matters because
 another backup may find it by name and reuse it without reading it.
+
+Lock leases need a compare-and-swap (:meth:`FileBackend.replace_if`): it
+compares under an ``flock`` of the object's directory, so two swaps of one key
+never interleave, and swaps with ``renameat2(RENAME_EXCHANGE)``, which fails
+when the object was deleted meanwhile (a broken lease is never brought back)
+and hands back what it displaced, so a plain ``put`` or a conditional create
+that slipped in between is noticed and put back. This is atomic between
+processes of one host on a local file system. On a file system without
+``RENAME_EXCHANGE`` (NFS, for one) the swap is an ``os.replace`` after the
+compare, and a ``delete`` landing between the two is undone: the lease comes
+back. Hosts sharing a repository directory over NFS are not covered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import os
 import secrets
 import threading
@@ -32,6 +45,22 @@ STAGE_BATCH_BYTES = 256 << 20
 """Staged bytes after which a batch is made durable and published."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the directory entries ``a`` and ``b`` atomically; ``OSError`` as ``renameat2`` fails.
+
+    ``FileNotFoundError`` when either is absent; ``errno.EINVAL`` (or
+    ``ENOSYS``) where the file system or the C library cannot exchange.
+    """
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(b))
 
 
 def _syncfs(path: Path) -> None:
@@ -52,6 +81,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _flocked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (every process of this host waits for it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -158,6 +198,55 @@ class FileBackend(Backend):
             raise RepositoryError(
                 f"cannot write {path}: {exc.strerror or exc}; the object was not stored"
             ) from None
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Replace ``key``'s bytes by ``data`` if they are ``expected`` (see the module docstring)."""
+        path = self._path(key)
+        tmp: Path | None = None
+        try:
+            # The new bytes go in first, so the directory cannot be pruned as
+            # empty under the flock we take on it.
+            tmp = self._write_temp(path.parent, data)
+            with _flocked(path.parent):
+                try:
+                    if path.read_bytes() != expected:
+                        return False
+                except (FileNotFoundError, NotADirectoryError):
+                    return False
+                swapped = self._swap(tmp, path, expected)
+            if swapped:
+                fsync_dir(path.parent)
+            return swapped
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot replace {path}: {exc.strerror or exc}; the object was not changed"
+            ) from None
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+
+    @staticmethod
+    def _swap(tmp: Path, path: Path, expected: bytes) -> bool:
+        """Put ``tmp`` in ``path``'s place if ``path`` still holds ``expected``; True if done."""
+        try:
+            _exchange(tmp, path)
+        except FileNotFoundError:
+            return False  # deleted since we compared: do not bring it back
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            os.replace(tmp, path)  # no exchange here: see the module docstring
+            return True
+        # ``tmp`` now holds what we displaced: a writer that does not take the
+        # flock (a put, a conditional create) may have slipped in.
+        if tmp.read_bytes() == expected:
+            return True
+        try:
+            _exchange(tmp, path)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        return False
 
     def stage(self, key: str, data: bytes) -> bool:
         """Store an immutable object that need not be visible before the next :meth:`flush`.

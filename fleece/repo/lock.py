@@ -5,10 +5,15 @@ rewrites it every lease/3 with a later expiry, and deletes it when done. A
 lease nobody renewed past its expiry belongs to a dead process and may be
 taken over. The format is in docs/format.md ("Lock leases").
 
-Backends offer no compare-and-delete, so a takeover re-reads the lease just
-before deleting it; two hosts taking over the same stale lease in the same
-instant could still both win. The holder therefore checks its token on every
-renewal and in :meth:`Lease.check`, which a writer calls before committing.
+Every rewrite of a lease — the holder's renewal and ``uses`` record, a
+takeover of a stale one — is a compare-and-swap
+(:meth:`~fleece.repo.backend.Backend.replace_if`) against the exact bytes the
+writer last saw, so a takeover or a break landing in between is never
+overwritten and a broken lease is never brought back. The holder also
+re-reads its lease in :meth:`Lease.check`, which a writer calls just before
+committing and once more just after (see :func:`fleece.backup.run_backup`):
+a lease that stayed byte for byte ours from acquisition to that last read
+existed all along, so no gc can have run meanwhile.
 """
 
 from __future__ import annotations
@@ -109,26 +114,38 @@ def read_lease(backend: Backend, key: str) -> LeaseInfo | None:
     by an unknown holder that expires one default lease after its mtime, so
     it blocks for a while and then can be taken over.
     """
+    found = read_lease_bytes(backend, key)
+    return None if found is None else found[0]
+
+
+def read_lease_bytes(backend: Backend, key: str) -> tuple[LeaseInfo, bytes] | None:
+    """:func:`read_lease` and the exact bytes it parsed (what a compare-and-swap compares)."""
     try:
         blob = backend.get(key)
     except ObjectMissing:
         return None
     try:
-        return LeaseInfo.from_json(blob)
+        return LeaseInfo.from_json(blob), blob
     except (ValueError, KeyError, TypeError):
         try:
             mtime = backend.mtime(key)
         except ObjectMissing:
             return None
-        return LeaseInfo(key, "unknown host", 0, "", _iso(mtime), _iso(mtime + DEFAULT_LEASE_SECONDS))
+        return (LeaseInfo(key, "unknown host", 0, "", _iso(mtime),
+                          _iso(mtime + DEFAULT_LEASE_SECONDS)), blob)
 
 
 class Lease:
     """A lease we hold; a heartbeat thread keeps renewing it until :meth:`release`."""
 
-    def __init__(self, backend: Backend, info: LeaseInfo, what: str, lease_seconds: float) -> None:
+    def __init__(self, backend: Backend, info: LeaseInfo, what: str, lease_seconds: float,
+                 stored: bytes | None = None) -> None:
         self.backend = backend
         self.info = info
+        self._stored = info.to_json() if stored is None else stored
+        """The bytes of our lease as we last wrote them: what every rewrite compares."""
+        self._unsure: bytes | None = None
+        """A rewrite whose reply was lost: it may be what is stored now."""
         self.what = what
         self.lease_seconds = lease_seconds
         self.lost: str | None = None
@@ -168,38 +185,61 @@ class Lease:
     def renew(self) -> None:
         """Push the expiry one lease ahead; ``LockHeld`` if someone else holds it now."""
         with self._write_lock:
-            self._check_stored()
+            if self.lost is not None:
+                raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
             now = time.time()
             if now >= self._expires_at:
                 # Others may have treated the lease as dead meanwhile (gc does):
                 # renewing now would hide that gap from check().
                 self.lost = "it expired before it could be renewed"
                 raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
-            info = replace(self.info, expires=_iso(now + self.lease_seconds))
-            self.backend.put(self.key, info.to_json())
-            self.info = info
+            self._rewrite(replace(self.info, expires=_iso(now + self.lease_seconds)))
             self._expires_at = now + self.lease_seconds
 
     def record_uses(self, point_ids: list[str]) -> None:
         """Publish in the lease the points whose indexes the holder reads (prune keeps them)."""
         with self._write_lock:
-            self._check_stored()
-            info = replace(self.info, uses=tuple(point_ids))
-            self.backend.put(self.key, info.to_json())
-            self.info = info
+            if self.lost is not None:
+                raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
+            self._rewrite(replace(self.info, uses=tuple(point_ids)))
 
-    def _check_stored(self) -> None:
-        current = read_lease(self.backend, self.key)
-        if current is None or current.token != self.info.token:
+    def _rewrite(self, info: LeaseInfo) -> None:
+        """Store ``info`` in place of our lease by compare-and-swap; ``LockHeld`` if it is not ours."""
+        new = info.to_json()
+        try:
+            swapped = self.backend.replace_if(self.key, new, self._stored)
+            if not swapped and self._unsure is not None:
+                swapped = self.backend.replace_if(self.key, new, self._unsure)
+        except FleeceError:
+            self._unsure = new  # the write may have happened and only its reply was lost
+            raise
+        if not swapped:
             self.lost = "it was removed or taken over by another process"
             raise LockHeld(f"lost the lock on {self.what}: {self.lost}")
+        self._stored, self._unsure, self.info = new, None, info
 
     def check(self) -> None:
-        """Raise ``LockHeld`` unless we still hold the lease; call before committing."""
-        if self.lost is None and time.time() >= self._expires_at:
-            self.lost = "it expired without being renewed"
-        if self.lost is not None:
-            raise LockHeld(f"lost the lock on {self.what}: {self.lost}; nothing was committed")
+        """Raise ``LockHeld`` unless the stored lease is still exactly ours.
+
+        Re-reads the lease object: call it just before committing (and just
+        after, see the module docstring). A backend error propagates: a
+        writer that cannot tell must not commit either.
+        """
+        with self._write_lock:
+            if self.lost is None and time.time() >= self._expires_at:
+                self.lost = "it expired without being renewed"
+            if self.lost is None:
+                try:
+                    current: bytes | None = self.backend.get(self.key)
+                except ObjectMissing:
+                    current = None
+                if current is not None and current == self._unsure:
+                    self._stored, self._unsure = current, None
+                    self.info = LeaseInfo.from_json(current)
+                elif current != self._stored:
+                    self.lost = "it was removed or taken over by another process"
+            if self.lost is not None:
+                raise LockHeld(f"lost the lock on {self.what}: {self.lost}; nothing was committed")
 
     def release(self, quiet: bool = False) -> str | None:
         """Stop renewing and delete the lease if it is still ours.
@@ -212,9 +252,12 @@ class Lease:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         try:
-            current = read_lease(self.backend, self.key)
-            if current is not None and current.token == self.info.token:
+            # Backends have no compare-and-delete: a break and a new holder
+            # landing between this read and the delete lose their lease.
+            if self.backend.get(self.key) in (self._stored, self._unsure):
                 self.backend.delete(self.key)
+        except ObjectMissing:
+            pass
         except FleeceError as exc:
             if not quiet:
                 log.warning(
@@ -259,22 +302,25 @@ def acquire(
             if heartbeat:
                 lease.start_heartbeat()
             return lease
-        holder = read_lease(backend, key)
-        if holder is None:
+        found = read_lease_bytes(backend, key)
+        if found is None:
             continue  # released between our put and our read
+        holder, blob = found
         if not holder.expired() and not holder.holder_gone():
             raise holder.held_error(what)
-        # Re-read right before deleting so that we remove the dead holder's
-        # lease and not a fresh one that someone else just took over.
-        again = read_lease(backend, key)
-        if again is None or again != holder:
+        # One compare-and-swap: of two takers of the same stale lease one
+        # wins, and a holder that renewed meanwhile keeps its lease.
+        if not backend.replace_if(key, info.to_json(), blob):
             continue
         log.warning(
-            "taking over the stale lock on %s (held by %s pid %d, %s)",
+            "took over the stale lock on %s (held by %s pid %d, %s)",
             what, holder.host, holder.pid,
             "which has exited" if holder.holder_gone() else f"expired {holder.expires}",
         )
-        backend.delete(key)
+        lease = Lease(backend, info, what, lease_seconds)
+        if heartbeat:
+            lease.start_heartbeat()
+        return lease
     raise LockHeld(f"{what}: the lock changed hands {_TAKEOVER_ATTEMPTS} times while we "
                    "tried to take it; nothing was changed")
 
@@ -301,7 +347,7 @@ def break_lock(backend: Backend, vm: str) -> LeaseInfo | None:
     """Remove VM ``vm``'s lock whoever holds it; returns what was removed.
 
     Only for when its holder is known to be gone: a live holder notices at its
-    next renewal and refuses to commit.
+    next renewal or check and commits nothing (its renewal cannot recreate it).
     """
     key = vm_lock_key(vm)
     info = read_lease(backend, key)

@@ -35,6 +35,15 @@ class MemoryBackend(Backend):
             self.mtimes[key] = time.time()
             return True
 
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Swap in ``data`` if ``key`` holds ``expected`` (atomic: one lock)."""
+        with self._lock:
+            if self.objects.get(key) != expected:
+                return False
+            self.objects[key] = bytes(data)
+            self.mtimes[key] = time.time()
+            return True
+
     def get(self, key: str) -> bytes:
         """The stored bytes; :class:`ObjectMissing` if absent."""
         with self._lock:

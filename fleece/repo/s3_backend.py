@@ -186,6 +186,7 @@ class S3Backend(Backend):
         # for stores that reject them) uploads still carry a Content-MD5.
         self._send_md5 = config.request_checksum_calculation == "when_required"
         self._conditional_writes = True  # until the server says NotImplemented
+        self._conditional_replace = True  # If-Match, likewise
         self._fallback_lock = threading.Lock()
 
     # -- the Backend protocol ------------------------------------------------------
@@ -228,6 +229,45 @@ class S3Backend(Backend):
                 raise self._error(e, "PutObject", key) from e
         assert last is not None
         raise self._error(last, "PutObject", key) from last
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """GetObject, compare, then PutObject with ``If-Match: <the ETag compared>``.
+
+        S3 (since 2024) and moto refuse the put with 412 when the object
+        changed after our read, and with 404 when it was deleted, so neither
+        is overwritten or brought back. A store that answers NotImplemented
+        gets read, compare, put, read again: a write landing between our read
+        and our put is then lost, which fleece logs once as a warning.
+        """
+        for _ in range(3):
+            found = self._get_with_etag(key)
+            if found is None or found[0] != expected:
+                return False
+            if not self._conditional_replace:
+                return self._replace_by_rereading(key, data)
+            extra: dict[str, Any] = {"IfMatch": found[1]}
+            if self._send_md5:
+                extra["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **extra)
+                return True
+            except ClientError as e:
+                code, status = _code(e), _status(e)
+                if code == "PreconditionFailed" or status == 412:
+                    # As for if_absent: a retried attempt may meet its own first write.
+                    retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+                    return bool(retried) and self._get_or_none(key) == data
+                if code in _MISSING_CODES or status == 404:
+                    return False
+                if code == "NotImplemented" or status == 501:
+                    self._disable_conditional_replace()
+                    continue
+                if code != "ConditionalRequestConflict":
+                    raise self._error(e, "PutObject", key) from e
+                # Another conditional write to the key is in flight: compare again.
+            except BotoCoreError as e:
+                raise self._error(e, "PutObject", key) from e
+        return False
 
     def get(self, key: str) -> bytes:
         """GetObject; :class:`ObjectMissing` if absent, :class:`RepositoryCorrupt` on a bad body."""
@@ -360,6 +400,31 @@ class S3Backend(Backend):
             return self.get(key)
         except ObjectMissing:
             return None
+
+    def _get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None when it is absent."""
+        try:
+            resp = self._call("GetObject", key, lambda: self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + key))
+        except ObjectMissing:
+            return None
+        try:
+            return resp["Body"].read(), str(resp["ETag"])
+        except _BODY_ERRORS as e:
+            resp["Body"].close()
+            raise self._error(e, "GetObject", key) from e
+
+    def _replace_by_rereading(self, key: str, data: bytes) -> bool:
+        self.put(key, data)
+        return self._get_or_none(key) == data
+
+    def _disable_conditional_replace(self) -> None:
+        with self._fallback_lock:
+            if self._conditional_replace:
+                self._conditional_replace = False
+                log.warning("%s does not support If-Match on PutObject; lock renewals fall back to "
+                            "read, compare, write, read again, which a takeover landing in between "
+                            "can defeat", self.endpoint)
 
     def _put_if_absent_by_head(self, key: str, data: bytes) -> bool:
         if self.exists(key):
