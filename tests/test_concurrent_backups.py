@@ -13,7 +13,8 @@ import json
 import pytest
 from backups import CHUNK, MiB, backup, identical, point_ids, random_image, repo_files, restore
 
-pytestmark = pytest.mark.qemu
+# Each test runs on a plain and on an encrypted repository (conftest.repo_encryption).
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("repo_encryption")]
 
 
 def test_a_second_backup_of_a_vm_while_one_runs_is_refused_with_one_line(

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 from backups import MiB, backup, identical, point_ids, random_image, repo_files, restore, write_from_file
+from conftest import open_repo
 from test_serve import serving
 
 from fleece.repo import keys
 from fleece.repo.delta import MAX_DEPTH
 from fleece.repo.file_backend import FileBackend
 from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
 
 pytestmark = pytest.mark.qemu
 
@@ -103,13 +103,14 @@ def named_packs(repo: Repository) -> set[str]:
     return named
 
 
+@pytest.mark.usefixtures("repo_encryption")  # plain and encrypted repositories
 def test_a_chain_of_20_random_incrementals_restores_verifies_and_serves_identical_then_gc_frees_the_rest(
         make_vm: Any, fleece: Any, tmp_path: Path, short_tmp: Path) -> None:
     vm = make_vm([("qcow2", SIZE)], contents={"vda": seed_image(tmp_path / "seed.raw", SIZE, 24 * MiB, 5)})
     repo = tmp_path / "repo"
     points = run_chain(fleece, vm, repo, tmp_path, 20, seed=20261130)
 
-    r = Repository.open(FileBackend(repo))
+    r = open_repo(repo)
     last = r.read_index(r.find_point(points[-1][0]), "vda")
     assert last.version == 2
     depths = [len(last.deltas_of(i)) for i in range(last.n_chunks)]
@@ -159,6 +160,7 @@ def test_a_chain_of_20_random_incrementals_restores_verifies_and_serves_identica
     assert restores_to(fleece, repo, whole["point"], vm.shadow("vda"), tmp_path)
 
 
+@pytest.mark.usefixtures("repo_encryption")  # plain and encrypted repositories
 def test_an_incremental_of_scattered_writes_reads_and_stores_about_the_dirty_bytes(
         make_vm: Any, fleece: Any, tmp_path: Path) -> None:
     """The goal of the issue on a small scale: 1 % of the disk in scattered 64 KiB random writes."""
@@ -226,7 +228,7 @@ def test_a_damaged_pack_is_named_by_verify_and_refused_by_restore(make_vm: Any, 
 def test_a_missing_pack_and_a_damaged_base_under_deltas_are_named(make_vm: Any, fleece: Any,
                                                                     tmp_path: Path) -> None:
     repo, points = small_chain(make_vm, fleece, tmp_path)
-    r = Repository.open(FileBackend(repo))
+    r = open_repo(repo)
     last = r.read_index(r.find_point(points[2][0]), "vda")
     second_pack = last.deltas_of(2)[1].pack
     (repo / keys.pack_key(second_pack)).unlink()
@@ -250,6 +252,7 @@ def test_a_missing_pack_and_a_damaged_base_under_deltas_are_named(make_vm: Any, 
     assert refused.rc == 1 and not (tmp_path / "o.raw").exists()
 
 
+@pytest.mark.usefixtures("repo_encryption")  # plain and encrypted repositories
 def test_a_backup_killed_after_storing_its_pack_leaves_no_point_and_gc_collects_the_pack(
         make_vm: Any, fleece: Any, hold_backup: Any, tmp_path: Path) -> None:
     vm = make_vm([("qcow2", "16M")], contents={"vda": random_image(tmp_path / "seed.raw", 16 * MiB, 2)})
@@ -274,6 +277,7 @@ def test_a_backup_killed_after_storing_its_pack_leaves_no_point_and_gc_collects_
 
 
 @pytest.mark.s3
+@pytest.mark.usefixtures("repo_encryption")
 def test_the_chain_on_s3(make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: str,
                          tmp_path: Path) -> None:
     vm = make_vm([("qcow2", SIZE)], contents={"vda": seed_image(tmp_path / "seed.raw", SIZE, 16 * MiB, 6)})
@@ -284,7 +288,7 @@ def test_the_chain_on_s3(make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: str,
     assert fleece("verify", "--repo", url, "--deep").rc == 0
     assert fleece("prune", "--repo", url, "--keep-last", "3").rc == 0
     assert fleece("gc", "--repo", url).rc == 0
-    r = Repository.open(open_backend(url))
+    r = open_repo(url)
     assert pack_keys(r) == named_packs(r)
     for point, expected in points[-3:]:
         assert restores_to(fleece, url, point, expected, tmp_path)

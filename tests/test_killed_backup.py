@@ -16,7 +16,8 @@ from backups import CHUNK, MiB, backup, identical, point_ids, random_image, rest
 
 from fleece.testing import PHASES
 
-pytestmark = pytest.mark.qemu
+# Each test runs on a plain and on an encrypted repository (conftest.repo_encryption).
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("repo_encryption")]
 
 
 @pytest.mark.parametrize("phase", PHASES)

@@ -28,7 +28,8 @@ from backups import (
     write_from_file,
 )
 
-pytestmark = pytest.mark.qemu
+# Each test runs on a plain and on an encrypted repository (conftest.repo_encryption).
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("repo_encryption")]
 
 
 @pytest.fixture
