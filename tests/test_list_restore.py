@@ -72,7 +72,7 @@ def test_list_table(repo_dir: Path, run: Run) -> None:
     assert lines[0].split() == ["ID", "VM", "CREATED", "PARENT", "DISKS"]
     assert lines[1].startswith(P1) and "vda full 8.0 MiB" in lines[1]
     assert lines[2].startswith(P2) and P1 in lines[2]
-    assert "vda incremental 8 MiB, #block5 incremental 193" in lines[2]
+    assert "vda incremental 8.0 MiB, #block5 incremental 193.0 KiB" in lines[2]
 
 
 def test_list_json(repo_dir: Path, run: Run) -> None:
