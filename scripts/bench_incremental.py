@@ -138,8 +138,8 @@ def main() -> None:
                      f"{chain_read / MiB:.0f} MiB for {chain_dirty_writes / MiB:.0f} MiB of guest writes"))
         try:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from fleece.repo.delta import MAX_DEPTH
-            from fleece.repo.file_backend import FileBackend
+            from fleece.repo.backends.file import FileBackend
+            from fleece.repo.format.delta import MAX_DEPTH
             from fleece.repo.repository import Repository
 
             r = Repository.open(FileBackend(repo))

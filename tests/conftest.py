@@ -393,8 +393,8 @@ def repo_encryption(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 
 def open_repo(location: str | Path) -> Any:
     """Open a repository from a test, with the suite's passphrase when it is encrypted."""
+    from fleece.repo.backends.url import open_backend
     from fleece.repo.repository import Repository
-    from fleece.repo.url import open_backend
 
     secret = os.environ.get("FLEECE_PASSPHRASE")
     return Repository.open(open_backend(str(location)),
@@ -520,7 +520,7 @@ def s3_proxy(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
     the HTTP attempts per S3 operation. A stalled request (``timeouts``)
     hangs 1.5 s: set FLEECE_S3_READ_TIMEOUT below that.
     """
-    from fleece.repo.s3_faults import S3FaultProxy
+    from fleece.testing.s3_faults import S3FaultProxy
 
     with S3FaultProxy(s3_env.endpoint, hang=1.5) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
@@ -621,9 +621,9 @@ def scratch_tmpdir(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Path:
 def store_point() -> Any:
     """``store(repo, point_id, {disk: bytes}, parent=None, vm="vm1")``: commit a point as a
     backup would (zero chunks unstored, index, then the point); returns the RestorePoint."""
-    from fleece.codec import encode_chunk
-    from fleece.repo.index import ChunkIndex
-    from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
+    from fleece.repo.format.codec import encode_chunk
+    from fleece.repo.format.index import ChunkIndex
+    from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 
     def store(repo: Any, point_id: str, disks: dict[str, bytes], parent: str | None = None,
               vm: str = "vm1", created: str | None = None, labels: dict[str, str] | None = None,

@@ -1,6 +1,6 @@
 """Bad input to every command: one line on stderr, no traceback, the right exit status, nothing changed.
 
-The contract (DESIGN.md, "Command line"): exit 2 for bad usage or input, 1
+The contract (docs/design.md §4.1): exit 2 for bad usage or input, 1
 for an operation that failed; the one line says why. Every case here runs
 against one VM and one repository holding two restore points, and after
 each the VM's block graph and the repository's files must be exactly as

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from fleece.codec import chunk_digest, decode_chunk, encode_chunk, is_zero, parse_compression
 from fleece.errors import BadInput, RepositoryCorrupt
+from fleece.repo.format.codec import chunk_digest, decode_chunk, encode_chunk, is_zero, parse_compression
 
 CHUNK = 64 * 1024
 

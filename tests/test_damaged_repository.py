@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fleece.repo.file_backend import FileBackend
+from fleece.repo.backends.file import FileBackend
 from fleece.repo.repository import Repository
 
 CHUNK = 64 * 1024

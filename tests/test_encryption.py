@@ -20,7 +20,7 @@ import pytest
 from backups import MiB, identical, repo_files, write_from_file
 from conftest import FLEECE, TEST_PASSPHRASE
 
-from fleece.repo import keys
+from fleece.repo.format import keys
 
 pytestmark = pytest.mark.qemu
 

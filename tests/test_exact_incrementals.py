@@ -19,9 +19,9 @@ from backups import MiB, backup, identical, point_ids, random_image, repo_files,
 from conftest import open_repo
 from test_serve import serving
 
-from fleece.repo import keys
-from fleece.repo.delta import MAX_DEPTH
-from fleece.repo.file_backend import FileBackend
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.format import keys
+from fleece.repo.format.delta import MAX_DEPTH
 from fleece.repo.repository import Repository
 
 pytestmark = pytest.mark.qemu

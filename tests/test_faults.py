@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from fleece.errors import RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.faults import FaultyBackend, InjectedFault
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.memory_backend import MemoryBackend
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.format import keys
 from fleece.repo.repository import Repository
+from fleece.testing.faults import FaultyBackend, InjectedFault
+from fleece.testing.memory_backend import MemoryBackend
 
 
 def test_memory_backend_keeps_the_backend_promises():

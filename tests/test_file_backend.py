@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from fleece.errors import BadInput, RepositoryError
-from fleece.repo import file_backend
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.url import open_backend
+from fleece.repo.backends import file as file_backend
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.backends.url import open_backend
 
 
 def leftovers(root: Path) -> list[Path]:
@@ -191,7 +191,7 @@ def test_open_backend_urls(tmp_path: Path) -> None:
 
 
 def test_open_backend_hands_s3_urls_to_the_s3_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleece.repo import s3_backend
+    from fleece.repo.backends import s3 as s3_backend
 
     made: list[tuple[str, str]] = []
 
@@ -208,7 +208,7 @@ def test_open_backend_hands_s3_urls_to_the_s3_backend(monkeypatch: pytest.Monkey
 
 
 def test_staged_objects_appear_only_once_durable_and_failed_ones_leave_nothing(tmp_path: Path) -> None:
-    from fleece.repo import file_backend
+    from fleece.repo.backends import file as file_backend
 
     b = FileBackend(tmp_path / "repo")
     b.stage("chunks/aa/one", b"1" * 100)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fleece.cli import main
-from fleece.repo.file_backend import FileBackend
+from fleece.repo.backends.file import FileBackend
 from fleece.repo.repository import Repository
 
 SAMPLE = Path(__file__).parent / "data" / "sample-repo-v1"

@@ -18,17 +18,18 @@ from typing import Any
 
 import pytest
 
-from fleece.backup import BackupRequest, BackupResult, run_backup
-from fleece.codec import chunk_digest
+from fleece.backup.job import BackupRequest, BackupResult, run_backup
+from fleece.backup.pipeline import PipelineSettings
 from fleece.errors import LockHeld
-from fleece.gc import collect_garbage
-from fleece.pipeline import PipelineSettings
-from fleece.repo import gc_lock, keys
-from fleece.repo.backend import Backend
-from fleece.repo.faults import FaultyBackend
+from fleece.maintenance.gc import collect_garbage
+from fleece.maintenance.verify import verify_points
+from fleece.repo import gc_lock
+from fleece.repo.backends.base import Backend
+from fleece.repo.backends.url import open_backend
+from fleece.repo.format import keys
+from fleece.repo.format.codec import chunk_digest
 from fleece.repo.repository import Repository
-from fleece.repo.url import open_backend
-from fleece.verify import verify_points
+from fleece.testing.faults import FaultyBackend
 
 MiB = 1 << 20
 CHUNK = 4 * MiB

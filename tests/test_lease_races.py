@@ -20,12 +20,12 @@ import pytest
 from backups import point_ids
 
 from fleece.errors import LockHeld
-from fleece.repo.backend import Backend
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.keys import vm_lock_key
+from fleece.repo.backends.base import Backend
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.backends.s3 import S3Backend
+from fleece.repo.backends.url import open_backend
+from fleece.repo.format.keys import vm_lock_key
 from fleece.repo.lock import Lease, acquire, break_lock
-from fleece.repo.s3_backend import S3Backend
-from fleece.repo.url import open_backend
 
 KEY = vm_lock_key("web1")
 
@@ -206,7 +206,7 @@ def test_file_a_break_between_the_compare_and_the_swap_is_not_undone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compare holds only against other swaps (flock): a delete can still land before the
     swap, which then must fail rather than recreate the object."""
-    from fleece.repo import file_backend
+    from fleece.repo.backends import file as file_backend
 
     backend = FileBackend(tmp_path / "repo")
     holder = acquire(backend, KEY, "VM web1", heartbeat=False)
@@ -272,7 +272,7 @@ def test_two_takers_of_one_stale_lease_do_not_both_win(store: str) -> None:
 
 def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
         s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
-    from fleece.repo.s3_faults import inject_http_faults
+    from fleece.testing.s3_faults import inject_http_faults
 
     backend = S3Backend(s3_bucket, "fleece")
     backend.put("locks/x", b"old")
@@ -293,8 +293,8 @@ def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
 def test_a_renewal_whose_reply_was_lost_is_still_ours_at_the_next_renewal() -> None:
     """The swap happened, the holder was told it failed: its next renewal and check must
     recognise its own write rather than call the lease stolen."""
-    from fleece.repo.faults import FaultyBackend, InjectedFault
-    from fleece.repo.memory_backend import MemoryBackend
+    from fleece.testing.faults import FaultyBackend, InjectedFault
+    from fleece.testing.memory_backend import MemoryBackend
 
     mem = MemoryBackend()
     faulty = FaultyBackend(mem, fail_first=1, lose_replies=True, ops={"replace_if"})
@@ -316,7 +316,7 @@ def test_file_replace_if_without_rename_exchange_still_compares(
     compare under the flock: a changed object is still never overwritten."""
     import errno
 
-    from fleece.repo import file_backend
+    from fleece.repo.backends import file as file_backend
 
     def no_exchange(a: Path, b: Path) -> None:
         raise OSError(errno.EINVAL, "Invalid argument")

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from fleece.cli import main
-from fleece.repo.file_backend import FileBackend
+from fleece.repo.backends.file import FileBackend
 from fleece.repo.repository import Repository
-from fleece.restore import DiskImage
+from fleece.restore.image import DiskImage
 
 CHUNK = 64 * 1024
 MiB = 1 << 20
@@ -70,9 +70,9 @@ def test_list_table(repo_dir: Path, run: Run) -> None:
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == ["ID", "VM", "CREATED", "PARENT", "DISKS"]
-    assert lines[1].startswith(P1) and "vda full 8 MiB" in lines[1]
+    assert lines[1].startswith(P1) and "vda full 8.0 MiB" in lines[1]
     assert lines[2].startswith(P2) and P1 in lines[2]
-    assert "vda incremental 8 MiB, #block5 incremental 193" in lines[2]
+    assert "vda incremental 8.0 MiB, #block5 incremental 193.0 KiB" in lines[2]
 
 
 def test_list_json(repo_dir: Path, run: Run) -> None:

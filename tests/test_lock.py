@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from fleece.errors import LockHeld
-from fleece.repo.backend import Backend
-from fleece.repo.file_backend import FileBackend
+from fleece.repo.backends.base import Backend
+from fleece.repo.backends.file import FileBackend
 from fleece.repo.lock import Lease, acquire, break_lock, repo_lock, vm_lock
-from fleece.repo.memory_backend import MemoryBackend
+from fleece.testing.memory_backend import MemoryBackend
 
 
 @pytest.fixture(params=["file", "memory"])

@@ -17,20 +17,20 @@ from typing import Any
 
 import pytest
 
-from fleece.codec import chunk_digest, encode_chunk
 from fleece.errors import BadInput, LockHeld, RepositoryCorrupt, RepositoryError
-from fleece.gc import collect_garbage
-from fleece.prune import prune
-from fleece.repo import keys
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.index import ChunkIndex
+from fleece.maintenance.gc import collect_garbage
+from fleece.maintenance.prune import prune
+from fleece.maintenance.retention import Policy
+from fleece.maintenance.verify import verify_points
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.format import keys
+from fleece.repo.format.codec import chunk_digest, encode_chunk
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.lock import acquire, vm_lock
-from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.protect import protect
 from fleece.repo.repository import Repository
-from fleece.restore import restore_raw
-from fleece.retention import Policy
-from fleece.verify import verify_points
+from fleece.restore.image import restore_raw
 
 CS = 64 * 1024
 
@@ -259,10 +259,10 @@ def test_gc_deletes_nothing_when_a_point_or_index_cannot_be_read(
 
 def test_gc_stops_deleting_when_its_lease_is_lost(
         repo: Repository, four: list[RestorePoint], monkeypatch: pytest.MonkeyPatch) -> None:
-    import fleece.gc
+    import fleece.maintenance.gc
 
     prune(repo, Policy(last=1))
-    monkeypatch.setattr(fleece.gc, "DELETE_BATCH", 1)
+    monkeypatch.setattr(fleece.maintenance.gc, "DELETE_BATCH", 1)
     real_delete = repo.backend.delete
     calls: list[str] = []
 
@@ -499,9 +499,9 @@ def test_four_backups_keep_last_two_gc_and_the_rest_restores_identical(
 @pytest.mark.s3
 def test_on_s3_gc_lists_with_sizes_and_deletes_in_batches(s3_bucket: str, monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
-    import fleece.gc
-    from fleece.repo.s3_backend import S3Backend
-    from fleece.repo.s3_faults import inject_http_faults
+    import fleece.maintenance.gc
+    from fleece.repo.backends.s3 import S3Backend
+    from fleece.testing.s3_faults import inject_http_faults
 
     backend = S3Backend(s3_bucket, "repo")
     repo = Repository.init(backend, chunk_size=CS)
@@ -509,7 +509,7 @@ def test_on_s3_gc_lists_with_sizes_and_deletes_in_batches(s3_bucket: str, monkey
     prune(repo, Policy(last=1))
     sizes = {i.key: i.size for i in backend.list_info(keys.CHUNKS_PREFIX)}
     assert len(sizes) == 8
-    monkeypatch.setattr(fleece.gc, "DELETE_BATCH", 4)
+    monkeypatch.setattr(fleece.maintenance.gc, "DELETE_BATCH", 4)
     with inject_http_faults(backend) as seen:
         report = collect_garbage(repo)
     assert report.chunks_deleted == 6

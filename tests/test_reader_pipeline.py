@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from fleece.backup.pipeline import DiskBackup, PipelineSettings
+from fleece.backup.reader import BASE_ALLOCATION, ChunkPlan, connect, disconnect, plan_chunks, pread_chunk
 from fleece.errors import ExportError
-from fleece.pipeline import DiskBackup, PipelineSettings
-from fleece.reader import BASE_ALLOCATION, ChunkPlan, connect, disconnect, plan_chunks, pread_chunk
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.index import ChunkIndex
-from fleece.repo.memory_backend import MemoryBackend
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.format.index import ChunkIndex
 from fleece.repo.repository import Repository
+from fleece.testing.memory_backend import MemoryBackend
 
 MiB = 1 << 20
 CHUNK = 1 * MiB

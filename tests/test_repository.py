@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from fleece.codec import chunk_digest, encode_chunk
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.index import ChunkIndex
-from fleece.repo.keys import escape_name, unescape_name
-from fleece.repo.point import DiskRecord, RestorePoint, new_point_id
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.format.codec import chunk_digest, encode_chunk
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.keys import escape_name, unescape_name
+from fleece.repo.format.point import DiskRecord, RestorePoint, new_point_id
 from fleece.repo.repository import Repository
 
 CHUNK = 64 * 1024

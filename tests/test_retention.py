@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from fleece.errors import BadInput
-from fleece.retention import Decision, Policy, parse_duration, point_time, select
+from fleece.maintenance.retention import Decision, Policy, parse_duration, point_time, select
 
 
 def pid(when: str, tail: str = "000000") -> str:

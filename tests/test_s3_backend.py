@@ -19,9 +19,9 @@ import boto3
 import pytest
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.s3_backend import S3Backend, parse_s3_url
-from fleece.repo.s3_faults import inject_http_faults
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.backends.s3 import S3Backend, parse_s3_url
+from fleece.testing.s3_faults import inject_http_faults
 
 pytestmark = pytest.mark.s3
 

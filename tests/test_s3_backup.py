@@ -23,8 +23,8 @@ import boto3
 import pytest
 from conftest import FLEECE
 
+from fleece.repo.backends.s3 import S3Backend
 from fleece.repo.lock import LeaseInfo
-from fleece.repo.s3_backend import S3Backend
 
 pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 

@@ -89,7 +89,7 @@ def test_the_export_scratch_directory_and_nbd_socket_are_private(make_vm, fleece
 
 
 def test_the_served_socket_is_0600(tmp_path, open_dir, store_point):
-    from fleece.repo.file_backend import FileBackend
+    from fleece.repo.backends.file import FileBackend
     from fleece.repo.repository import Repository
 
     repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=64 * 1024)

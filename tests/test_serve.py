@@ -21,10 +21,10 @@ import nbd
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from fleece.repo.memory_backend import MemoryBackend
 from fleece.repo.repository import Repository
-from fleece.restore import DiskImage
+from fleece.restore.image import DiskImage
 from fleece.serve.cache import CachedDisk
+from fleece.testing.memory_backend import MemoryBackend
 
 KiB = 1024
 MiB = 1 << 20
@@ -175,7 +175,7 @@ def test_a_damaged_chunk_is_an_io_error_and_the_rest_still_reads(
 
 def test_bad_input_is_refused_before_nbdkit_starts(tmp_path: Path, short_tmp: Path,
                                                     store_point: Any, fleece: Any) -> None:
-    from fleece.repo.file_backend import FileBackend
+    from fleece.repo.backends.file import FileBackend
 
     repo_dir = tmp_path / "repo"
     repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK)
@@ -204,7 +204,7 @@ def test_bad_input_is_refused_before_nbdkit_starts(tmp_path: Path, short_tmp: Pa
 @pytest.mark.s3
 def test_serve_from_s3(s3_env: Any, s3_bucket: str, store_point: Any, short_tmp: Path,
                        tmp_path: Path) -> None:
-    from fleece.repo.url import open_backend
+    from fleece.repo.backends.url import open_backend
 
     url = f"s3://{s3_bucket}/r"
     repo = Repository.init(open_backend(url), chunk_size=CHUNK)

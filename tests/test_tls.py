@@ -275,7 +275,7 @@ def _serve(repo: Path, port: int, *args: str | Path) -> subprocess.Popen[str]:
 
 @pytest.fixture
 def served_point(tmp_path, store_point) -> tuple[Path, bytes]:
-    from fleece.repo.file_backend import FileBackend
+    from fleece.repo.backends.file import FileBackend
     from fleece.repo.repository import Repository
 
     data = bytes(range(256)) * (4 * MiB // 256) + bytes(4 * MiB) + b"\x5a" * (4 * MiB)

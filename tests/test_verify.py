@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from fleece.repo.backend import Backend
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.memory_backend import MemoryBackend
+from fleece.maintenance.verify import resolve_points, verify_points
+from fleece.repo.backends.base import Backend
+from fleece.repo.backends.file import FileBackend
 from fleece.repo.repository import Repository
-from fleece.verify import resolve_points, verify_points
+from fleece.testing.memory_backend import MemoryBackend
 
 KiB = 1024
 MiB = 1 << 20
@@ -200,7 +200,7 @@ def test_deep_verify_catches_a_chunk_whose_length_does_not_fit(tmp_path: Path,
 
 @pytest.mark.s3
 def test_verify_on_s3(s3_env: Any, s3_bucket: str, store_point: Any, fleece: Any) -> None:
-    from fleece.repo.url import open_backend
+    from fleece.repo.backends.url import open_backend
 
     url = f"s3://{s3_bucket}/repo"
     repo = Repository.init(open_backend(url), chunk_size=CHUNK)
@@ -255,7 +255,7 @@ def test_backups_of_a_vm_verify_until_one_byte_of_a_shared_chunk_flips(
 @pytest.mark.qemu
 def test_backup_verify_refuses_to_commit_a_damaged_chunk(make_vm: Any, fleece: Any,
                                                           tmp_path: Path) -> None:
-    from fleece.codec import encode_chunk
+    from fleece.repo.format.codec import encode_chunk
 
     vm = make_vm([("qcow2", "32M")])
     repo = tmp_path / "repo"

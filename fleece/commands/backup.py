@@ -7,8 +7,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fleece.backup import LEVELS, BackupRequest, BackupResult, run_backup
-from fleece.codec import HASHES, parse_compression
+from fleece.backup.job import BackupRequest, BackupResult, run_backup
+from fleece.backup.pipeline import PipelineSettings
+from fleece.backup.remote import read_export, run_backup_from_export
 from fleece.commands.common import (
     add_client_tls_options,
     add_json_option,
@@ -21,11 +22,11 @@ from fleece.commands.common import (
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
+from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
-from fleece.pipeline import PipelineSettings
-from fleece.remote_backup import read_export, run_backup_from_export
+from fleece.repo.backends.url import open_backend
+from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.repository import Repository, check_chunk_size
-from fleece.repo.url import open_backend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESS = "zstd:3"

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from fleece.commands.common import add_json_option, print_json, run
+from fleece.commands.common import add_json_option, print_json, run, say
 from fleece.errors import BadInput
 from fleece.fleecing import Leftovers, cleanup
 from fleece.fleecing.stale_scratch import scratch_parents, sweep
@@ -27,13 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_cleanup)
 
 
-def _say(line: str) -> None:
-    sys.stderr.write(f"fleece: {line}\n")
-
-
 async def _cleanup(qmp: str) -> Leftovers:
     async with QmpSession.open(qmp) as session:
-        return await cleanup(session, log=_say)
+        return await cleanup(session, log=say)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleece.errors import BadInput, FleeceError
-from fleece.repo.backend import Backend
+from fleece.repo.backends.base import Backend
+from fleece.repo.backends.url import open_backend
 from fleece.repo.repository import Passphrase, Repository
-from fleece.repo.url import open_backend
 
 T = TypeVar("T")
 
@@ -66,6 +66,11 @@ def print_json(obj: Any) -> None:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one coroutine to completion on a fresh event loop."""
     return asyncio.run(coro)
+
+
+def say(line: str) -> None:
+    """A one-line notice on stderr, in fleece's voice."""
+    sys.stderr.write(f"fleece: {line}\n")
 
 
 def human_size(n: float) -> str:

@@ -8,10 +8,9 @@ with ``--abort``, aborts) the checkpoint bitmaps.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
+from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run, say
 from fleece.fleecing import PointInTimeExport, start_export, stop_export
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import ServerTransport, server_transport
@@ -74,22 +73,18 @@ def transport_from(args: argparse.Namespace, socket_path: str | None = None) -> 
                             insecure_tcp=args.insecure_tcp)
 
 
-def _say(line: str) -> None:
-    sys.stderr.write(f"fleece: {line}\n")
-
-
 async def _start(args: argparse.Namespace, transport: ServerTransport) -> PointInTimeExport:
     async with QmpSession.open(args.qmp) as session:
         return await start_export(session, args.drive, checkpoint=args.checkpoint, level=args.level,
                                   discard=args.discard, scratch_dir=args.scratch_dir, qga=args.qga,
-                                  log=_say, transport=transport if transport.is_tcp else None)
+                                  log=say, transport=transport if transport.is_tcp else None)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Set the export up, print where it is, and leave it up."""
     transport = transport_from(args)
     if transport.insecure:
-        _say(f"warning: the export listens on {transport.describe()}: anyone who can reach "
+        say(f"warning: the export listens on {transport.describe()}: anyone who can reach "
              "that port can read these disks")
     export = run(_start(args, transport))
     if args.json:

@@ -10,8 +10,8 @@ from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository, print_json
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput, LockHeld
-from fleece.gc import DEFAULT_GRACE, GcReport, collect_garbage
-from fleece.retention import format_duration, parse_duration
+from fleece.maintenance.gc import DEFAULT_GRACE, GcReport, collect_garbage
+from fleece.maintenance.retention import format_duration, parse_duration
 
 CONFIG_KEYS: dict[str, type] = {**BACKUP_KEYS, "grace": str, "wait": str}
 POLL_SECONDS = 10.0

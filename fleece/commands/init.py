@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.codec import DEFAULT_ZSTD_LEVEL, parse_compression
 from fleece.commands.backup import DEFAULT_CHUNK_SIZE, parse_size
 from fleece.commands.common import add_json_option, add_repo_option, passphrase_source, print_json
 from fleece.errors import BadInput
-from fleece.repo.crypto import CIPHERS
+from fleece.repo.backends.url import open_backend
+from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, parse_compression
+from fleece.repo.format.crypto import CIPHERS
 from fleece.repo.repository import Repository, check_chunk_size
-from fleece.repo.url import open_backend
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

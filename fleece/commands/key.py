@@ -17,8 +17,8 @@ from fleece.commands.common import (
 )
 from fleece.errors import BadInput
 from fleece.repo import keyring
+from fleece.repo.backends.url import open_backend
 from fleece.repo.repository import Passphrase
-from fleece.repo.url import open_backend
 
 NEW_PASSPHRASE_ENV = "FLEECE_NEW_PASSPHRASE"
 

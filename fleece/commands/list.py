@@ -7,10 +7,10 @@ import json
 import sys
 from typing import Any
 
-from fleece.commands.common import add_json_option, add_repo_option, open_repository
+from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository
 from fleece.errors import RepositoryCorrupt
-from fleece.repo.backend import ObjectMissing
-from fleece.repo.point import RestorePoint
+from fleece.repo.backends.base import ObjectMissing
+from fleece.repo.format.point import RestorePoint
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,16 +35,6 @@ def point_summary(point: RestorePoint) -> dict[str, Any]:
         "stats": point.stats,
         "labels": point.labels,
     }
-
-
-def human_size(n: int) -> str:
-    """``10 GiB``, ``1.5 MiB``, ``512 B``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}".replace(".0 ", " ") if unit != "B" else f"{n} B"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def run(args: argparse.Namespace) -> int:

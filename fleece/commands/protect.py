@@ -6,7 +6,7 @@ import argparse
 
 from fleece.commands.common import add_repo_option, open_repository
 from fleece.errors import BadInput
-from fleece.repo import keys
+from fleece.repo.format import keys
 from fleece.repo.protect import protect, unprotect
 
 

@@ -8,8 +8,8 @@ from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import add_json_option, add_repo_option, open_repository, print_json
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput
-from fleece.prune import PruneReport, prune
-from fleece.retention import CALENDAR_RULES, Policy, parse_duration
+from fleece.maintenance.prune import PruneReport, prune
+from fleece.maintenance.retention import CALENDAR_RULES, Policy, parse_duration
 
 RULES = ("last", *CALENDAR_RULES)
 # A per-VM config file also holds the backup's settings: accept, ignore them.

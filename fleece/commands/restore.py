@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from fleece.commands.common import add_client_tls_options, add_repo_option, open_repository
-from fleece.damage import damaged_bytes, describe_ranges
 from fleece.errors import BadInput
 from fleece.fleecing.transport import check_client_uri, client_tls
-from fleece.restore import DEFAULT_WORKERS, RestoreResult, restore_raw
-from fleece.restore_nbd import is_nbd_uri, restore_nbd, restore_qcow2
+from fleece.maintenance.damage import damaged_bytes, describe_ranges
+from fleece.restore.image import DEFAULT_WORKERS, RestoreResult, restore_raw
+from fleece.restore.targets import is_nbd_uri, restore_nbd, restore_qcow2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,7 +11,7 @@ from fleece.commands.backup import parse_size
 from fleece.commands.common import add_repo_option, open_repository, passphrase_source
 from fleece.commands.export import add_listen_options, transport_from
 from fleece.errors import BadInput, FleeceError
-from fleece.restore import DiskImage
+from fleece.restore.image import DiskImage
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 from fleece.serve.server import NbdkitServer, prepare_socket
 

@@ -13,8 +13,8 @@ import argparse
 
 from fleece.commands.common import add_repo_option, open_repository
 from fleece.errors import BadInput, LockHeld
+from fleece.repo.format.keys import repo_lock_key, vm_lock_key
 from fleece.repo.gc_lock import GC_LOCK
-from fleece.repo.keys import repo_lock_key, vm_lock_key
 from fleece.repo.lock import read_lease
 
 

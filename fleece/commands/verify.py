@@ -7,8 +7,8 @@ import argparse
 from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository, print_json
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
-from fleece.repo.url import open_backend
-from fleece.verify import DEFAULT_WORKERS, VerifyReport, resolve_points, verify_points
+from fleece.maintenance.verify import DEFAULT_WORKERS, VerifyReport, resolve_points, verify_points
+from fleece.repo.backends.url import open_backend
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

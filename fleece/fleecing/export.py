@@ -39,7 +39,7 @@ from fleece.fleecing.transport import ServerTransport
 from fleece.qmp import Disk, QmpSession
 
 TRIM_ALIGNMENT = 65536
-"""The copy-before-write cluster: an NBD trim not aligned to it aborts QEMU < 9.0 (DESIGN.md).
+"""The copy-before-write cluster: an NBD trim not aligned to it aborts QEMU < 9.0 (docs/design.md §2.4).
 Kept on later versions too: a smaller trim frees nothing in the reverse delta."""
 
 _log = logging.getLogger(__name__)

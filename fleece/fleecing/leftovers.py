@@ -6,7 +6,7 @@ device still reading through a fleece filter, any non-checkpoint ``fleece-``
 bitmap (the frozen copies), an NBD server that an unfinished export's state
 file says fleece started, and, on a node with more than one checkpoint
 bitmap, every checkpoint but the oldest (a commit that was cut short;
-DESIGN.md explains why the oldest is the one to keep).
+docs/design.md §3.3 explains why the oldest is the one to keep).
 
 Bitmaps are read per node from ``query-named-block-nodes``, not from
 ``query-block``: while a device points at a filter, ``query-block`` shows the

@@ -1,4 +1,4 @@
-"""Set up a point-in-time export of one or more disks (DESIGN.md, "QMP sequence").
+"""Set up a point-in-time export of one or more disks (docs/design.md §2.2).
 
 Preflight changes nothing and refuses early: unknown drives, leftovers, an
 export already up, an incremental that cannot be honoured. Then, for every
@@ -355,6 +355,6 @@ async def _add_export(session: QmpSession, d: DiskState) -> None:
     export: dict[str, object] = {"type": "nbd", "id": export_id(d.key), "node-name": snapshot_node(d.key),
                                  "name": d.key, "writable": d.discard}
     if d.parent:
-        # The exported bitmap must be disabled and named as {node, name} (DESIGN.md).
+        # The exported bitmap must be disabled and named as {node, name} (docs/design.md §2.4).
         export["bitmaps"] = [{"node": d.src, "name": frozen_bitmap(d.key)}]
     await session.execute("block-export-add", export)

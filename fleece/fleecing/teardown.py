@@ -236,7 +236,7 @@ async def _remove_bitmaps(run: _Teardown, graph: BlockGraph, states: list[Export
     for name, node in graph.nodes.items():
         doomed = [b.name for b in node.bitmaps if is_fleece_name(b.name) and not checkpoint_of(b.name)]
         # Without a state to say which checkpoint is new, keep the oldest:
-        # it has recorded everything since its point (DESIGN.md).
+        # it has recorded everything since its point (docs/design.md §3.3).
         doomed += decided[name] if name in decided else node.checkpoints[1:]
         for bitmap in doomed:
 

@@ -74,7 +74,7 @@ def qom_path(qdev: str) -> str:
     """Turn ``query-block``'s ``qdev`` into a full QOM path.
 
     QEMU 7.2 gives a full path for virtio-blk but only the id for IDE and
-    NVMe, and ``qom-set`` on a bare id fails for NVMe (DESIGN.md).
+    NVMe, and ``qom-set`` on a bare id fails for NVMe (docs/design.md §2.4).
     """
     return qdev if qdev.startswith("/") else PERIPHERAL + qdev
 

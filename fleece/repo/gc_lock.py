@@ -27,10 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fleece.errors import LockHeld
-from fleece.repo.backend import Backend
-from fleece.repo.keys import VM_LOCKS_PREFIX, repo_lock_key, unescape_name
+from fleece.repo.backends.base import Backend
+from fleece.repo.format.keys import VM_LOCKS_PREFIX, repo_lock_key, unescape_name
+from fleece.repo.format.point import parse_iso_utc
 from fleece.repo.lock import DEFAULT_LEASE_SECONDS, Lease, LeaseInfo, read_lease, repo_lock
-from fleece.repo.point import parse_iso_utc
 
 GC_LOCK = "gc"
 CLOCK_SKEW = 60.0

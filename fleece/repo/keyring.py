@@ -1,7 +1,7 @@
 """The passphrases of an encrypted repository: list, add, remove, export and import key objects.
 
 Every ``keys/<id>`` object wraps the same master key under one passphrase
-(:mod:`fleece.repo.crypto`). Changing a passphrase is adding a key under the
+(:mod:`fleece.repo.format.crypto`). Changing a passphrase is adding a key under the
 new one and removing the old one; nothing else in the repository changes,
 so every point stays restorable. Key objects live on the store itself, in
 clear (they hold nothing but the wrapped key and its scrypt parameters).
@@ -13,10 +13,17 @@ import secrets
 from dataclasses import dataclass
 
 from fleece.errors import BadInput, RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.crypto import WrongPassphrase, config_auth, new_key_id, parse_key, unwrap_key, wrap_key
-from fleece.repo.point import iso_utc
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.crypto import (
+    WrongPassphrase,
+    config_auth,
+    new_key_id,
+    parse_key,
+    unwrap_key,
+    wrap_key,
+)
+from fleece.repo.format.point import iso_utc
 from fleece.repo.repository import Repository, RepositoryConfig
 
 

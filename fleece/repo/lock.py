@@ -33,9 +33,9 @@ from typing import Any
 
 from fleece.errors import FleeceError, LockHeld
 from fleece.liveness import process_gone
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.keys import repo_lock_key, vm_lock_key
-from fleece.repo.point import iso_utc, parse_iso_utc
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.format.keys import repo_lock_key, vm_lock_key
+from fleece.repo.format.point import iso_utc, parse_iso_utc
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fleece.errors import BadInput, RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.crypto import check_outer
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.crypto import check_outer
 from fleece.repo.repository import RepositoryConfig
 
 

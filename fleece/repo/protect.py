@@ -12,9 +12,9 @@ import json
 import socket
 
 from fleece.errors import BadInput
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.point import RestorePoint, iso_utc
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.repo.repository import Repository
 
 MARKER_FORMAT = 1

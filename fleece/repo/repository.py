@@ -1,7 +1,7 @@
 """The repository: config, chunks, chunk indexes and restore points over a backend.
 
 This is the only module that knows where objects live and how they are
-checked on the way in and out; the layout itself is in :mod:`fleece.repo.keys`
+checked on the way in and out; the layout itself is in :mod:`fleece.repo.format.keys`
 and docs/format.md. Locking is separate (:mod:`fleece.repo.lock`): callers
 that write points hold the VM's lock.
 """
@@ -14,11 +14,11 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleece.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ObjectMissing
-from fleece.repo.crypto import (
+from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
+from fleece.repo.format.crypto import (
     CIPHERS,
     MasterKey,
     Sealer,
@@ -29,9 +29,9 @@ from fleece.repo.crypto import (
     unwrap_key,
     wrap_key,
 )
-from fleece.repo.delta import DeltaRef, apply_delta, decode_delta
-from fleece.repo.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
-from fleece.repo.point import RestorePoint, iso_utc
+from fleece.repo.format.delta import DeltaRef, apply_delta, decode_delta
+from fleece.repo.format.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
+from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.testing import pause_point
 
 Passphrase = Callable[[], bytes]
@@ -229,7 +229,7 @@ class Repository:
     @classmethod
     def _unlocked(cls, backend: Backend, config: RepositoryConfig, master: MasterKey,
                   key_id: str) -> Repository:
-        from fleece.repo.encrypted_backend import EncryptedBackend
+        from fleece.repo.backends.encrypted import EncryptedBackend
 
         sealer = Sealer(master, config.encryption)
         return cls(EncryptedBackend(backend, sealer), config, sealer=sealer, raw_backend=backend,

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
-from fleece.restore import DiskImage
+from fleece.restore.image import DiskImage
 
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_READAHEAD = 4

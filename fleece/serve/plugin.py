@@ -3,7 +3,7 @@
 Run by ``fleece serve`` as ``nbdkit … python …/plugin.py repo=URL vm=VM
 point=ID [drive=NAME] [cache=BYTES] [readahead=N]``. nbdkit embeds the
 system's Python, whose ``dist-packages`` hold old copies of libraries fleece
-uses (DESIGN.md), so before anything else is imported this file puts
+uses (docs/design.md §6), so before anything else is imported this file puts
 fleece's own package root and environment first on ``sys.path``: the
 entries named by ``FLEECE_SYS_PATH`` (set by ``fleece serve``), else a
 ``.venv`` beside the package root of a source checkout.
@@ -40,9 +40,9 @@ from typing import Any  # noqa: E402
 import nbdkit  # noqa: E402
 
 from fleece.errors import FleeceError  # noqa: E402
+from fleece.repo.backends.url import open_backend  # noqa: E402
 from fleece.repo.repository import Repository  # noqa: E402
-from fleece.repo.url import open_backend  # noqa: E402
-from fleece.restore import DiskImage  # noqa: E402
+from fleece.restore.image import DiskImage  # noqa: E402
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD, CachedDisk  # noqa: E402
 
 API_VERSION = 2

@@ -25,7 +25,7 @@ from types import TracebackType
 import fleece
 from fleece.errors import BadInput, FleeceError
 from fleece.fleecing.transport import ServerTransport
-from fleece.repo.point import RestorePoint
+from fleece.repo.format.point import RestorePoint
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 
 PLUGIN = Path(__file__).with_name("plugin.py")

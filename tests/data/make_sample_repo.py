@@ -24,6 +24,7 @@ from fleece.codec import chunk_digest, encode_chunk, is_zero
 from fleece.repo.file_backend import FileBackend
 from fleece.repo.index import ChunkIndex
 from fleece.repo.point import DiskRecord, RestorePoint
+
 from fleece.repo.repository import Repository
 
 HERE = Path(__file__).resolve().parent

@@ -28,6 +28,7 @@ from fleece.repo.delta import PackWriter, encode_delta, encode_delta_body
 from fleece.repo.file_backend import FileBackend
 from fleece.repo.index import ChunkIndex
 from fleece.repo.point import DiskRecord, RestorePoint
+
 from fleece.repo.repository import Repository
 
 HERE = Path(__file__).resolve().parent

@@ -5,7 +5,7 @@ for 1 TiB at 4 MiB chunks) rather than a list of objects, so memory stays
 small and the binary form is a single copy. All-zero chunks carry the zero
 marker (32 zero bytes) and are never stored. Format 2 adds, for the few
 positions an incremental changed a little, the deltas that apply on top of
-the base (:mod:`fleece.repo.delta`), kept in a dict by position.
+the base (:mod:`fleece.repo.format.delta`), kept in a dict by position.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 
 from fleece.errors import RepositoryCorrupt
-from fleece.repo.delta import MAX_DEPTH, DeltaRef
+from fleece.repo.format.delta import MAX_DEPTH, DeltaRef
 
 INDEX_MAGIC = b"FLIX"
 INDEX_VERSION = 1

@@ -7,7 +7,7 @@ the points that backup uses (its parents, published with
 yet (the backup is just starting) makes prune skip that VM.
 
 Removing a point deletes the point object first, so it stops existing as a
-whole, then its index objects. Chunks are left to :mod:`fleece.gc`.
+whole, then its index objects. Chunks are left to :mod:`fleece.maintenance.gc`.
 Every index is complete on its own, so removing a parent never harms the
 points after it.
 """
@@ -22,13 +22,13 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend
+from fleece.maintenance.retention import Decision, Policy, select
+from fleece.repo.backends.base import Backend
+from fleece.repo.format import keys
 from fleece.repo.gc_lock import lease_live
 from fleece.repo.lock import LeaseInfo, acquire, read_lease
 from fleece.repo.protect import is_protected, protected_ids
 from fleece.repo.repository import Repository
-from fleece.retention import Decision, Policy, select
 
 log = logging.getLogger(__name__)
 

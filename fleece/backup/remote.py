@@ -7,7 +7,7 @@ disk over ``nbds://`` (the dirty bitmap too, for an incremental) and writes
 the restore point under the export's checkpoint id; then the hypervisor runs
 ``fleece export stop`` (which commits the checkpoint bitmaps) — or ``stop
 --abort`` if this backup failed, so that the next export covers these writes
-again. The order is the same as a local backup's (``fleece.backup``): chunks,
+again. The order is the same as a local backup's (``fleece.backup.job``): chunks,
 indexes, then the point, all before the checkpoint is committed.
 
 An export whose parent checkpoint this repository does not hold is backed up
@@ -24,18 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
-from fleece.backup import BackupRequest, BackupResult, DiskResult, _back_up_disk, _PointsOfVm
+from fleece.backup.job import BackupRequest, BackupResult, DiskResult, _back_up_disk, _PointsOfVm
 from fleece.errors import BadInput
 from fleece.fleecing import DiskExport
 from fleece.fleecing.export import TRIM_ALIGNMENT
 from fleece.fleecing.names import CHECKPOINT_RE, checkpoint_bitmap
 from fleece.fleecing.transport import check_client_uri
+from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import Disk
+from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.lock import vm_lock
-from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.repository import Repository
-from fleece.verify import require_new_point_intact
 
 
 def read_export(source: str) -> tuple[str, list[DiskExport]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta, tzinfo
 
 from fleece.errors import BadInput
-from fleece.repo.keys import check_point_id
+from fleece.repo.format.keys import check_point_id
 
 CALENDAR_RULES = ("hourly", "daily", "weekly", "monthly", "yearly")
 

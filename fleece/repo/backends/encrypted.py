@@ -23,9 +23,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
 from fleece.errors import RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ForwardingBackend, ObjectInfo, ObjectMissing
-from fleece.repo.crypto import ENVELOPE_HEADER, Sealer
+from fleece.repo.backends.base import Backend, ForwardingBackend, ObjectInfo, ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.crypto import ENVELOPE_HEADER, Sealer
 
 # Which components of a logical key are user-supplied names, by its first component.
 _NAME_AT = {

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from fleece.codec import DELTA_MAGIC, Buffer, decode_chunk, encode_chunk
 from fleece.errors import RepositoryCorrupt
+from fleece.repo.format.codec import DELTA_MAGIC, Buffer, decode_chunk, encode_chunk
 
 MAX_DEPTH = 4
 """Deltas one chunk position may carry before the next change rewrites it as a full chunk."""

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.backends.base import Backend, ObjectInfo, ObjectMissing
 
 _names = itertools.count()
 

@@ -3,7 +3,7 @@
 Each chunk position the plan touches becomes one piece of :class:`Work`:
 a *full* chunk (its data extents read, holes left zero) or, in a format-2
 repository, a *delta* of the few extents an incremental changed (read only
-those; :mod:`fleece.repo.delta` says when a position is rewritten whole
+those; :mod:`fleece.repo.format.delta` says when a position is rewritten whole
 instead). Threads, because every stage is a blocking C call that releases
 the GIL (libnbd, hashlib, zstd, file and socket writes):
 
@@ -33,12 +33,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fleece.codec import encode_chunk, is_zero
+from fleece.backup.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
 from fleece.errors import ExportError
 from fleece.fleecing.transport import ClientTls
-from fleece.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
-from fleece.repo.delta import MAX_DELTA_FRACTION, MAX_DEPTH, PackWriter, encode_delta, encode_delta_body
-from fleece.repo.index import ChunkIndex
+from fleece.repo.format.codec import encode_chunk, is_zero
+from fleece.repo.format.delta import (
+    MAX_DELTA_FRACTION,
+    MAX_DEPTH,
+    PackWriter,
+    encode_delta,
+    encode_delta_body,
+)
+from fleece.repo.format.index import ChunkIndex
 from fleece.repo.repository import Repository
 
 log = logging.getLogger(__name__)

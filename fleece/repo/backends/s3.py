@@ -1,6 +1,6 @@
 """The ``s3`` backend: one S3 object per key, every key under the URL's prefix.
 
-Only storage lives here (see :mod:`fleece.repo.backend`). Transport policy is
+Only storage lives here (see :mod:`fleece.repo.backends.base`). Transport policy is
 botocore's own: its ``standard``/``adaptive`` retry modes with jittered
 backoff for throttling, 5xx and connection errors, its timeouts, its
 connection pool, and its flexible checksums (CRC32 on every upload, checked
@@ -46,7 +46,7 @@ from botocore.exceptions import (
 )
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.backends.base import Backend, ObjectInfo, ObjectMissing
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

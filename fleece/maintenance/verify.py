@@ -25,14 +25,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleece.codec import decode_chunk
-from fleece.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import ObjectMissing
-from fleece.repo.delta import DeltaRef, delta_extent_end
-from fleece.repo.index import ChunkIndex
-from fleece.repo.point import RestorePoint
+from fleece.maintenance.damage import ByteRange, chunk_ranges, describe_ranges
+from fleece.repo.backends.base import ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.codec import decode_chunk
+from fleece.repo.format.delta import DeltaRef, delta_extent_end
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.point import RestorePoint
 from fleece.repo.repository import Repository
 
 log = logging.getLogger(__name__)

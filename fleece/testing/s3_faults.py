@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 if TYPE_CHECKING:
     from botocore.awsrequest import AWSResponse
 
-    from fleece.repo.s3_backend import S3Backend
+    from fleece.repo.backends.s3 import S3Backend
 
 CODES = {400: "BadRequest", 403: "AccessDenied", 409: "Conflict", 500: "InternalError",
          501: "NotImplemented", 502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}

@@ -36,11 +36,11 @@ from datetime import timedelta
 from typing import Any
 
 from fleece.errors import FleeceError, LockHeld, RepositoryCorrupt, RepositoryError
-from fleece.repo import keys
-from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
-from fleece.repo.delta import PACK_OVERHEAD
+from fleece.repo.backends.base import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.format import keys
+from fleece.repo.format.delta import PACK_OVERHEAD
+from fleece.repo.format.index import ChunkIndex
 from fleece.repo.gc_lock import CLOCK_SKEW, gc_lock, lease_margin, running_backups
-from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import DEFAULT_LEASE_SECONDS, Lease
 from fleece.repo.repository import Repository
 

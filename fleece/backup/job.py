@@ -25,24 +25,24 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
+from fleece.backup.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
+from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
 from fleece.fleecing import DiskExport, point_in_time_export
+from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
 from fleece.fleecing.setup import preflight
-from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
+from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession, list_disks, resolve_drive
-from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.gc_lock import check_no_gc
-from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import Lease, vm_lock
-from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.repository import Repository
 from fleece.testing import pause_point
-from fleece.verify import require_new_point_intact
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("auto", "full", "incremental")
 
 
 @dataclass
@@ -112,7 +112,7 @@ class BackupResult:
 
 
 async def vm_name(session: QmpSession) -> str:
-    """The VM's name as DESIGN.md defines it: ``-name``, else its UUID, else the socket."""
+    """The VM's name as docs/design.md §4.2 defines it: ``-name``, else its UUID, else the socket."""
     name = (await session.execute("query-name")).get("name")
     if name:
         return str(name)

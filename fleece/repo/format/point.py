@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fleece.errors import RepositoryCorrupt, RepositoryError
-from fleece.repo.keys import POINT_ID_RE
+from fleece.repo.format.keys import POINT_ID_RE
 
 POINT_FORMAT = 1
 LEVELS = ("full", "incremental")
@@ -28,11 +27,6 @@ def _utc(now: datetime | None) -> datetime:
         return datetime.now(UTC)
     # A naive datetime is taken to be UTC already (as datetime.utcnow() gives).
     return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
-
-
-def new_point_id(now: datetime | None = None) -> str:
-    """A fresh id such as ``20261123T073600.123456Z-3f9a1c`` (UTC, sorts by time)."""
-    return _utc(now).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
 def iso_utc(now: datetime | None = None) -> str:

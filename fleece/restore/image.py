@@ -23,10 +23,10 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from fleece.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
-from fleece.repo.index import ChunkIndex
-from fleece.repo.point import DiskRecord, RestorePoint
+from fleece.maintenance.damage import ByteRange, chunk_ranges, describe_ranges
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
 
 log = logging.getLogger(__name__)

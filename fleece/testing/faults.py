@@ -7,7 +7,7 @@ backup pipeline, locks — are tested against it: a persistent outage must end
 a backup with one clear error and leave nothing half-written.
 
 Faults below botocore's retry handler, to prove that S3 retries really
-happen, are in :mod:`fleece.repo.s3_faults`.
+happen, are in :mod:`fleece.testing.s3_faults`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 from fleece.errors import RepositoryError
-from fleece.repo.backend import Backend, ForwardingBackend, ObjectInfo
+from fleece.repo.backends.base import Backend, ForwardingBackend, ObjectInfo
 
 BACKEND_OPS = frozenset({"put", "replace_if", "get", "exists", "list", "delete", "mtime"})
 

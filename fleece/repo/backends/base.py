@@ -79,7 +79,7 @@ class Backend(abc.ABC):
         the compare and the swap and be overwritten: S3 sends ``If-Match``
         with the ETag it compared; the file backend compares under an
         ``flock`` and swaps with ``RENAME_EXCHANGE`` (atomic between processes
-        of one host, see :mod:`fleece.repo.file_backend` for its limits).
+        of one host, see :mod:`fleece.repo.backends.file` for its limits).
         """
 
     @abc.abstractmethod

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleece.errors import BadInput, RepositoryError
-from fleece.repo.backend import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.backends.base import Backend, ObjectInfo, ObjectMissing
 
 TMP_PREFIX = ".tmp-"
 STAGE_BATCH_BYTES = 256 << 20

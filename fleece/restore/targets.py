@@ -31,10 +31,10 @@ import nbd
 
 from fleece.errors import BadInput, FleeceError
 from fleece.fleecing.transport import ClientTls, ServerTransport, configure_client
-from fleece.repo.file_backend import fsync_dir
-from fleece.repo.point import RestorePoint
+from fleece.repo.backends.file import fsync_dir
+from fleece.repo.format.point import RestorePoint
 from fleece.repo.repository import Repository
-from fleece.restore import DEFAULT_WORKERS, DiskImage, RestoreResult, copy_chunks
+from fleece.restore.image import DEFAULT_WORKERS, DiskImage, RestoreResult, copy_chunks
 
 log = logging.getLogger(__name__)
 

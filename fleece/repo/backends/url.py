@@ -12,8 +12,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from fleece.errors import BadInput
-from fleece.repo.backend import Backend
-from fleece.repo.file_backend import FileBackend
+from fleece.repo.backends.base import Backend
+from fleece.repo.backends.file import FileBackend
 
 
 def _local(path: Path) -> FileBackend:
@@ -37,7 +37,7 @@ def _file_url(url: str) -> Backend:
 def _s3_url(url: str) -> Backend:
     # The S3 backend owns S3 URL rules (bucket names, prefixes, no
     # credentials echoed back); imported here so local use skips boto3.
-    from fleece.repo.s3_backend import S3Backend, parse_s3_url
+    from fleece.repo.backends.s3 import S3Backend, parse_s3_url
 
     bucket, prefix = parse_s3_url(url)
     return S3Backend(bucket, prefix)

@@ -1,0 +1,1 @@
+"""Backing up: plan on the export's block status, read, hash, compress, store, commit."""

@@ -1,0 +1,1 @@
+"""Keeping a repository healthy: verify, prune with retention rules, gc, damage reports."""
