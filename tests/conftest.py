@@ -558,6 +558,29 @@ def short_tmp() -> Iterator[Path]:
 
 
 @pytest.fixture
+def tmpfs(short_tmp: Path) -> Iterator[Any]:
+    """``tmpfs(name, size)``: a fresh tmpfs of ``size`` (e.g. ``8M``) under ``short_tmp``; unmounted at
+    teardown. Needs root (CI runs as root): elsewhere the test skips, and a guarantee test that
+    skips fails the whole run (``tests/test_guarantees.py``)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        mnt = short_tmp / name
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
 def scratch_tmpdir(monkeypatch: pytest.MonkeyPatch, short_tmp: Path) -> Path:
     """Point ``$TMPDIR`` (fleece's default scratch parent) at a private directory.
 
