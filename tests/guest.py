@@ -60,8 +60,9 @@ class Guest:
     qga: Path | None
     drives: list[str]
     slots: int = 32
-    """The workload overwrites ``slots`` slots of ``slotkb`` KiB in turn."""
+    """The workload overwrites ``slots`` slots of ``slotkb`` KiB, ``stride`` KiB apart, in turn."""
     slotkb: int = 64
+    stride: int = 64
 
     def text(self) -> str:
         """Everything the guest wrote on its console so far."""
@@ -103,7 +104,7 @@ class Guest:
 
 
 def boot_guest(make_vm: Any, short_tmp: Path, drives: int = 1, *, size: str = "128M",
-               qga: bool = False, slots: int = 32, slotkb: int = 64) -> Guest:
+               qga: bool = False, slots: int = 32, slotkb: int = 64, stride: int = 64) -> Guest:
     """Boot the guest on ``drives`` fresh ext4 disks (qcow2), vda, vdb, …; return once it writes."""
     kernel = build_guest()
     seeds = {}
@@ -114,6 +115,7 @@ def boot_guest(make_vm: Any, short_tmp: Path, drives: int = 1, *, size: str = "1
     args = ["-m", "256",
             "-kernel", str(kernel / "vmlinuz"), "-initrd", str(kernel / "initrd.img"),
             "-append", f"console=ttyS0 quiet panic=-1 fleece.slots={slots} fleece.slotkb={slotkb} "
+                       f"fleece.stride={stride} "
                        f"fleece.keep={KEEP}",
             "-chardev", f"file,id=console,path={console}", "-device", "isa-serial,chardev=console"]
     socket = None
@@ -125,7 +127,7 @@ def boot_guest(make_vm: Any, short_tmp: Path, drives: int = 1, *, size: str = "1
     vm = make_vm([("qcow2", size)] * drives, running=True, contents=seeds, extra_args=args)
     for seed in seeds.values():
         seed.unlink()
-    guest = Guest(vm, console, socket, names, slots, slotkb)
+    guest = Guest(vm, console, socket, names, slots, slotkb, stride)
     deadline = time.monotonic() + 120
     while not re.search(r"^FLEECE-READY", guest.text(), re.M):
         guest.check_alive()
@@ -227,7 +229,7 @@ def check_point(guest: Guest, disks: list[Disk], committed: int, at_most: int | 
     began, so the point holds it. ``at_most``: a bound from the console
     after the point (the point cannot hold a later sequence).
     """
-    slots, size = guest.slots, guest.slotkb * 1024
+    slots, size, stride = guest.slots, guest.slotkb * 1024, guest.stride * 1024
     lasts = [d.last for d in disks]
     cut = max(lasts)
     # The guest appends sequence n to the journals in disk order, each after
@@ -250,12 +252,13 @@ def check_point(guest: Guest, disks: list[Disk], committed: int, at_most: int | 
             assert len(disk.files[n]) == (n % 16 + 1) * 4096, f"disk {i}: file {n} is short"
         # Nothing after the one sequence that may have been in flight.
         assert max(disk.files, default=0) <= cut + 1, f"disk {i}: holds file {max(disk.files)}, after {cut}"
-        assert len(disk.slots) == slots * size, f"disk {i}: slots file is {len(disk.slots)} bytes"
+        assert len(disk.slots) == slots * stride, f"disk {i}: slots file is {len(disk.slots)} bytes"
         for s in range(slots):
             allowed = {expected_slot(s, cut, slots)}
             if (cut + 1) % slots == s:
                 allowed.add(cut + 1)  # being overwritten at the point
-            base = s * size
+            base = s * stride
+            assert not disk.slots[base + size:base + stride].strip(b"\0"), f"disk {i}: slot {s} spills"
             for b in range(base, base + size, BLOCK):
                 seq = block_sequence(disk.slots[b:b + BLOCK])
                 assert seq in allowed, (f"disk {i}: slot {s} block {(b - base) // BLOCK} holds "

@@ -132,15 +132,15 @@ def test_qga_freezes_the_real_guest_around_the_point_and_its_filesystem_needs_no
 
 def test_trim_after_read_races_guest_overwrites_and_the_point_stays_exact(
         make_vm, fleece, hold_backup, short_tmp, tmp_path):
-    # Slots of 4 MiB (one chunk each) over most of the disk: each sequence overwrites one
-    # chunk the backup has read and trimmed, has queued, or has not read yet.
-    guest = boot_guest(make_vm, short_tmp, size="160M", slots=24, slotkb=4096)
+    # Slots 4 MiB apart (one a chunk) over most of the disk: each sequence overwrites part of
+    # a chunk the backup has read and trimmed, has queued, or has not read yet.
+    guest = boot_guest(make_vm, short_tmp, size="96M", slots=16, slotkb=256, stride=4096)
     repo = tmp_path / "repo"
-    full, before, bound = held_while_writing(hold_backup, guest, repo, "chunk-stored", 26,
+    full, before, bound = held_while_writing(hold_backup, guest, repo, "chunk-stored", 18,
                                              "--storers", "1", "--readers", "1")
     assert full["disks"][0]["level"] == "full"
     check_point(guest, restored_disks(fleece, guest, repo, full["point"], tmp_path), before, bound)
-    incr, before, bound = held_while_writing(hold_backup, guest, repo, "chunk-stored", 26,
+    incr, before, bound = held_while_writing(hold_backup, guest, repo, "chunk-stored", 18,
                                              "--storers", "1", "--readers", "1")
     assert incr["disks"][0]["level"] == "incremental"
     check_point(guest, restored_disks(fleece, guest, repo, incr["point"], tmp_path), before, bound)
