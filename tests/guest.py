@@ -157,7 +157,7 @@ class Disk:
 
 E2FSCK_BENIGN = re.compile(
     r"^(e2fsck \d|Pass \d|fleece-\w+: (recovering journal|clearing orphan|\d+/\d+ files|\*+ FILE SYSTEM)|"
-    r"Free (blocks|inodes) count wrong|Fix\? yes|Clearing orphaned inode|"
+    r"Free (blocks|inodes) count wrong|Fix\? yes|(Clearing|Truncating) orphaned inode|"
     r"Setting free (blocks|inodes) count|\s*$)")
 
 
