@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guarantee_check import (  # noqa: F401 - hooks: a skipped guarantee test fails the run
+    pytest_collection_modifyitems,
+    pytest_deselected,
+    pytest_report_teststatus,
+    pytest_sessionfinish,
+)
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 VENV_BIN = Path(sys.executable).parent
@@ -603,6 +609,29 @@ def short_tmp() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpfs(short_tmp: Path) -> Iterator[Any]:
+    """``tmpfs(name, size)``: a fresh tmpfs of ``size`` (e.g. ``8M``) under ``short_tmp``; unmounted at
+    teardown. Needs root (CI runs as root): elsewhere the test skips, and a guarantee test that
+    skips fails the whole run (``tests/test_guarantees.py``)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        mnt = short_tmp / name
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

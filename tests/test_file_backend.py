@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -166,14 +168,24 @@ def test_unwritable_location_is_a_repository_error(tmp_path: Path) -> None:
         backend.put("config", b"{}")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_permission_denied(tmp_path: Path) -> None:
     root = tmp_path / "ro"
     root.mkdir()
     root.chmod(0o500)
+    # Root ignores directory modes (CAP_DAC_OVERRIDE): as root, the probe runs
+    # without that capability, so the kernel refuses it as it refuses any user.
+    drop = (["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+            if os.geteuid() == 0 else [])
+    probe = ("import sys; from pathlib import Path; from fleece.errors import RepositoryError; "
+             "from fleece.repo.file_backend import FileBackend\n"
+             "try:\n    FileBackend(Path(sys.argv[1])).put('config', b'{}')\n"
+             "except RepositoryError as exc:\n    print('refused:', exc)")
     try:
-        with pytest.raises(RepositoryError, match="Permission denied"):
-            FileBackend(root).put("config", b"{}")
+        res = subprocess.run([*drop, sys.executable, "-c", probe, str(root)], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("refused: ") and "Permission denied" in res.stdout, res.stdout
+        assert list(root.iterdir()) == []
     finally:
         root.chmod(0o700)
 

@@ -1,28 +1,22 @@
-"""Every line of "What fleece guarantees" names tests, and every test it names exists."""
+"""Every line of "What fleece guarantees" names tests, every test it names exists, and a
+guarantee whose test skipped or did not run fails the run (``tests/guarantee_check.py``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+from guarantee_check import REFERENCE, guarantee_sections
+
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).parent.parent
-REFERENCE = re.compile(r"`(tests/test_\w+\.py)::(test_\w+)`")
-
-
-def guarantee_sections() -> list[tuple[Path, str]]:
-    """The section in docs/guarantees.md, and in README.md once it is merged there."""
-    found = []
-    for doc in (ROOT / "docs" / "guarantees.md", ROOT / "README.md"):
-        text = doc.read_text() if doc.exists() else ""
-        start = text.find("## What fleece guarantees")
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            found.append((doc, text[start : end if end >= 0 else None]))
-    return found
+TESTS = Path(__file__).parent
 
 
 def test_each_guarantee_names_a_test_that_exists() -> None:
-    sections = guarantee_sections()
+    sections = guarantee_sections(ROOT)
     assert sections, "no 'What fleece guarantees' section"
     for doc, section in sections:
         bullets = re.split(r"\n- ", section)[1:]
@@ -35,3 +29,52 @@ def test_each_guarantee_names_a_test_that_exists() -> None:
                 assert source.exists(), f"{doc} names {path}, which does not exist"
                 assert re.search(rf"^def {name}\(", source.read_text(), re.M), (
                     f"{doc} names {path}::{name}, which does not exist")
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A small project: two guarantees, one proved by a test that skips as this user would."""
+    pytester.syspathinsert(TESTS)
+    pytester.makefile(".md", README="# p\n\n## What fleece guarantees\n\n"
+                      "- one\n  `tests/test_a.py::test_proves`\n"
+                      "- two\n  `tests/test_b.py::test_skips`, `tests/test_b.py::test_param`\n\n## after\n")
+    pytester.mkdir("tests")
+    pytester.path.joinpath("tests/conftest.py").write_text(
+        "from guarantee_check import (pytest_collection_modifyitems, pytest_deselected,\n"
+        "    pytest_report_teststatus, pytest_sessionfinish)\n")
+    pytester.path.joinpath("tests/test_a.py").write_text(
+        "def test_proves():\n    assert 1 + 1 == 2\n\ndef test_other():\n    assert True\n")
+    pytester.path.joinpath("tests/test_b.py").write_text(
+        "import os, pytest\n\n"
+        "def test_skips():\n    if not os.environ.get('PROVE'):\n        pytest.skip('needs PROVE')\n\n"
+        "@pytest.mark.parametrize('x', [1, 2])\ndef test_param(x):\n    assert x\n")
+    return pytester
+
+
+def test_a_skipped_guarantee_test_fails_the_run_and_is_named(project: pytest.Pytester,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROVE", raising=False)
+    res = project.runpytest("tests")
+    assert res.ret == pytest.ExitCode.TESTS_FAILED
+    res.assert_outcomes(passed=4, skipped=1)
+    res.stdout.fnmatch_lines(["*unproved guarantees*", "  tests/test_b.py::test_skips: skipped"])
+    # Run alone, its file is held to the same rule.
+    assert project.runpytest("tests/test_b.py").ret == pytest.ExitCode.TESTS_FAILED
+    monkeypatch.setenv("PROVE", "1")
+    res = project.runpytest("tests")
+    assert res.ret == pytest.ExitCode.OK
+    assert "unproved" not in res.stdout.str()
+
+
+def test_a_whole_run_must_run_every_guarantee_test_but_a_chosen_subset_need_not(
+        project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVE", "1")
+    # A subset of files, or of tests (-k), is not held to the guarantees it leaves out.
+    assert project.runpytest("tests/test_a.py").ret == pytest.ExitCode.OK
+    assert project.runpytest("tests", "-k", "other").ret == pytest.ExitCode.OK
+    # A whole run in which a named test never ran (here: it vanished at collection) fails.
+    project.path.joinpath("tests/test_b.py").write_text(
+        "def test_skips():\n    pass\n\ndef test_param_renamed():\n    pass\n")
+    res = project.runpytest("tests")
+    assert res.ret == pytest.ExitCode.TESTS_FAILED
+    res.stdout.fnmatch_lines(["*unproved guarantees*", "  tests/test_b.py::test_param: did not run"])

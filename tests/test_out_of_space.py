@@ -10,10 +10,7 @@ bit is lost), and the next backup is an incremental that restores identical.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from backups import (
@@ -30,27 +27,6 @@ from backups import (
 
 # Each test runs on a plain and on an encrypted repository (conftest.repo_encryption).
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("repo_encryption")]
-
-
-@pytest.fixture
-def tmpfs(short_tmp: Path) -> Iterator[Callable[[str, str], Path]]:
-    """``tmpfs(name, size)``: a fresh tmpfs of ``size`` (e.g. ``8M``); unmounted at teardown."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        mnt = short_tmp / name
-        mnt.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-        mounted.append(mnt)
-        return mnt
-
-    yield mount
-    for mnt in mounted:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def error_line(err: str) -> str:

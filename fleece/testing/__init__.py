@@ -27,6 +27,10 @@ The phases of one ``fleece backup``, in order:
 ``deltas-unlinked``
     in tear-down: committed, the reverse-delta files unlinked (QEMU still
     holds them open), their nodes and the scratch directory not yet removed.
+
+With ``--qga`` one more phase comes first (not in :data:`PHASES`, which every
+backup reaches): ``guest-frozen``, the guest's filesystems are frozen and
+the snapshot point is not taken yet.
 """
 
 from __future__ import annotations
