@@ -177,7 +177,7 @@ def test_permission_denied(tmp_path: Path) -> None:
     drop = (["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
             if os.geteuid() == 0 else [])
     probe = ("import sys; from pathlib import Path; from fleece.errors import RepositoryError; "
-             "from fleece.repo.file_backend import FileBackend\n"
+             "from fleece.repo.backends.file import FileBackend\n"
              "try:\n    FileBackend(Path(sys.argv[1])).put('config', b'{}')\n"
              "except RepositoryError as exc:\n    print('refused:', exc)")
     try:
