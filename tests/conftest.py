@@ -229,8 +229,12 @@ class VMFactory:
         bitmaps: dict[str, list[str]] | None = None,
         contents: dict[str, Path] | None = None,
         extra_args: list[str] | None = None,
+        device_options: str = "",
     ) -> TestVM:
         """Create images and start a VM.
+
+        ``device_options`` is appended to every disk's ``-device`` (e.g.
+        ``rerror=stop,werror=stop``); blank images serve as live restores' placeholders.
 
         ``contents`` seeds a disk (by device id) from a raw file of its size.
 
@@ -264,7 +268,8 @@ class VMFactory:
                 with open(shadow, "wb") as f:
                     f.truncate(parse_size(size))
             specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model, shadow))
-        return self.start(d, specs, running=running, name=name, extra_args=extra_args)
+        return self.start(d, specs, running=running, name=name, extra_args=extra_args,
+                          device_options=device_options)
 
     def start(
         self,
@@ -274,6 +279,7 @@ class VMFactory:
         running: bool = False,
         name: str | None = None,
         extra_args: list[str] | None = None,
+        device_options: str = "",
     ) -> TestVM:
         """Start QEMU on existing images (also used to restart after a kill)."""
         n = len(self.vms)
@@ -299,6 +305,7 @@ class VMFactory:
                 "-blockdev", f"driver={spec.fmt},file=file-{spec.id},node-name=fmt-{spec.id}",
             ]
             extra = ",serial=fleece" + spec.id if spec.model == "nvme" else ""
+            extra += f",{device_options}" if device_options else ""
             args += ["-device", f"{driver},drive=fmt-{spec.id},id={spec.id}{extra}"]
         args += ["-qmp", f"unix:{qmp_path},server=on,wait=off",
                  "-qmp", f"unix:{test_qmp_path},server=on,wait=off"]

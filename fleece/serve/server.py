@@ -77,6 +77,7 @@ class NbdkitServer:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead: int = DEFAULT_READAHEAD,
         verbose: bool = False,
+        zeroes_unallocated: bool = False,
     ) -> None:
         self.sock = sock
         self.uri = nbd_uri(sock)
@@ -85,6 +86,9 @@ class NbdkitServer:
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
             f"cache={cache_bytes}", f"readahead={readahead}",
         ]
+        if zeroes_unallocated:
+            # For block-stream: zero chunks are skipped, not copied (plugin.py).
+            self.parameters.append("zeroes=unallocated")
         self.argv: list[str] = []
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None

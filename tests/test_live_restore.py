@@ -1,0 +1,186 @@
+"""``fleece restore --live``: a VM runs on a restore point at once while the point streams home.
+
+Every test drives the real command against a real QEMU started with ``-S``
+on blank qcow2 placeholders, and the "guest" writes through the device
+(HMP ``qemu-io -d``) while the stream runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleece.repo.repository import Repository
+from fleece.repo.url import open_backend
+
+KiB = 1024
+MiB = 1 << 20
+CHUNK = 256 * KiB
+SIZE = 64 * MiB
+P1 = "20260101T000000.000001Z-aaaaaa"
+ERROR_POLICY = "rerror=stop,werror=stop"
+
+
+def point_disk(seed: int, size: int = SIZE) -> bytes:
+    """A disk with random data in several places and zero chunks between them."""
+    rnd = __import__("random").Random(seed)
+    disk = bytearray(size)
+    for start, length in ((0, 3 * MiB), (10 * MiB + 4096, 5 * MiB), (40 * MiB, 8 * MiB),
+                          (size - CHUNK, CHUNK)):
+        disk[start : start + length] = rnd.randbytes(length)
+    return bytes(disk)
+
+
+@pytest.fixture(params=["file", "s3"])
+def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A file repository, or one on the moto S3 server over HTTP."""
+    if request.param == "file":
+        return str(tmp_path / "repo")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/fleece"
+
+
+def make_repo(url: str, store_point: Any, disks: dict[str, bytes]) -> Repository:
+    repo = Repository.init(open_backend(url), chunk_size=CHUNK)
+    store_point(repo, P1, disks)
+    return repo
+
+
+class LiveRestore:
+    """``fleece restore --live`` running in the background, its JSON events read as they come."""
+
+    def __init__(self, *args: str | Path) -> None:
+        from conftest import FLEECE
+
+        self.proc = subprocess.Popen([FLEECE, "restore", "--live", "--json", *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdin=subprocess.DEVNULL)
+        self.events: list[dict[str, Any]] = []
+
+    def next_event(self, timeout: float = 60) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"no event; stderr: {self.stderr()}"
+        event: dict[str, Any] = json.loads(line)
+        self.events.append(event)
+        return event
+
+    def wait_for(self, kind: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (event := self.next_event(deadline - time.monotonic()))["event"] != kind:
+            pass
+        return event
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.events += [json.loads(line) for line in out.splitlines() if line]
+        return self.proc.returncode, err
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def live() -> Any:
+    started: list[LiveRestore] = []
+
+    def start(*args: str | Path) -> LiveRestore:
+        lr = LiveRestore(*args)
+        started.append(lr)
+        return lr
+
+    yield start
+    for lr in started:
+        lr.kill()
+
+
+def apply(disk: bytearray, offset: int, data: bytes) -> None:
+    disk[offset : offset + len(data)] = data
+
+
+def job_running(vm: Any) -> bool:
+    return any(j["id"].startswith("fleece-live-") and j["status"] == "running"
+               for j in vm.qmp("query-jobs"))
+
+
+def flushed(vm: Any, drive: str) -> None:
+    """Make QEMU write its cached qcow2 metadata, so qemu-img sees what the guest sees."""
+    vm.hmp(f'qemu-io -d {vm.qdev(drive)} "flush"')
+
+
+def identical(image: Path, expected: bytes, tmp_path: Path) -> bool:
+    raw = tmp_path / f"expected-{image.name}.raw"
+    raw.write_bytes(expected)
+    res = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", str(image),
+                          str(raw)], capture_output=True, text=True)
+    return res.returncode == 0
+
+
+def qemu_img_info(image: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)],
+                         capture_output=True, text=True, check=True).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def only_the_targets(vm: Any, drives: list[str]) -> None:
+    """QEMU holds each device's restored image and nothing else of fleece's or the placeholder's."""
+    nodes = sorted(n["node-name"] for n in vm.qmp("query-named-block-nodes", flat=True))
+    assert nodes == sorted(n for d in drives for n in (f"restored-{d}", f"restored-{d}-file"))
+    assert vm.qmp("query-jobs") == [] and vm.qmp("query-block-exports") == []
+    assert {d: vm.attached_node(d) for d in drives} == {d: f"restored-{d}" for d in drives}
+
+
+@pytest.mark.qemu
+def test_live_restore_runs_the_vm_at_once_and_ends_on_a_local_image_with_the_guests_writes(
+        make_vm: Any, live: Any, repo_url: str, store_point: Any, tmp_path: Path) -> None:
+    data = point_disk(1)
+    make_repo(repo_url, store_point, {"vda": data})
+    vm = make_vm([("qcow2", "64M")], device_options=ERROR_POLICY)
+    out = tmp_path / "vda.qcow2"
+    lr = live("--repo", repo_url, P1, "--drive", "vda", "--output", out, "--qmp", vm.qmp_path,
+              "--speed", "4M")
+    running = lr.wait_for("running")
+    assert running["status"] == "running"
+    assert vm.qmp("query-status")["status"] == "running"
+
+    # The guest writes while the stream runs: over streamed and unstreamed data,
+    # unaligned (QEMU copies the rest of the cluster from the point), and into a hole.
+    expected = bytearray(data)
+    writes = [(0, b"\x55" * 64 * KiB), (33 * MiB + 512, b"\x66" * 4 * KiB),
+              (44 * MiB + 100, b"\x77" * 300 * KiB), (SIZE - 4 * KiB, b"\x88" * 4 * KiB)]
+    for offset, payload in writes:
+        assert job_running(vm), "the stream ended before the guest's writes"
+        vm.qemu_io("vda", f"write -P 0x{payload[0]:02x} {offset} {len(payload)}")
+        apply(expected, offset, payload)
+    assert job_running(vm)
+
+    rc, err = lr.finish()
+    assert rc == 0, err
+    assert [e["event"] for e in lr.events][-2:] == ["finished", "done"]
+    assert any(e["event"] == "progress" for e in lr.events)
+    assert vm.qmp("query-status")["status"] == "running"
+    only_the_targets(vm, ["vda"])
+    flushed(vm, "vda")
+    assert "backing-filename" not in qemu_img_info(out)
+    assert identical(out, bytes(expected), tmp_path)
+    # Zero chunks of the point were skipped, not copied: they are unallocated in the image.
+    layout = json.loads(subprocess.run(["qemu-img", "map", "-U", "--output=json", str(out)],
+                                       capture_output=True, text=True, check=True).stdout)
+    hole = next(e for e in layout if e["start"] <= 20 * MiB < e["start"] + e["length"])
+    assert not hole["data"]
