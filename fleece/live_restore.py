@@ -4,12 +4,13 @@ The VM is started paused (``-S``) with each device on a placeholder node of
 the point's disk size. For every disk fleece then
 
 1. serves the point's disk on a private unix socket (nbdkit with fleece's
-   plugin, as ``fleece serve``; zero chunks reported unallocated, so the
-   stream skips them),
-2. creates the output qcow2 (its header names the NBD socket as backing
-   file, so that an image cut off mid-stream never passes for a whole one),
-   and ``blockdev-add``\\ s an NBD node ``fleece-live-nbd-<key>-<n>`` and the
-   qcow2 node on top of it (backing: the NBD node),
+   plugin, as ``fleece serve``),
+2. creates the output qcow2 with the point's zero chunks already marked as
+   zero clusters (so nothing reads them from the point), its header naming
+   the NBD socket as backing file (so that an image cut off mid-stream never
+   passes for a whole one), and ``blockdev-add``\\ s an NBD node
+   ``fleece-live-nbd-<key>-<n>`` and the qcow2 node on top of it (backing:
+   the NBD node),
 3. points the device at the qcow2 node (``qom-set drive``, as fleecing does;
    the VM is paused, so the guest never sees the swap),
 4. starts ``block-stream`` (job ``fleece-live-<key>``, copy-on-read filter
@@ -20,6 +21,15 @@ only fills clusters the image does not have); guest reads of what is not
 streamed yet are copied in on the way. When a job concludes the image has
 no backing (QEMU rewrites its header), and fleece deletes the NBD node and
 the placeholder nodes and stops the server: the VM runs on local images only.
+
+The server speaks NBD without structured replies, so QEMU never asks it for
+block status. That matters: QEMU's copy-on-read filter (which the stream job
+puts above the image) treats a failed block-status query as "nothing left
+to read" and completes the guest's read without data (QEMU 7.2, seen here),
+so with a dead server the guest would read stale memory instead of failing.
+Without block status the read itself is sent, fails, and the failure policy
+below applies. The stream skips the zero chunks all the same: they are
+already allocated (as zeroes) in the image.
 
 Failure policy. Until its stream is done a disk depends on fleece's server.
 If fleece or the server dies, or a read fails, the stream job pauses, fleece
@@ -182,7 +192,7 @@ def make_scratch(parent: Path | None) -> Path:
 def _serve(req: LiveRequest, d: LiveDisk) -> NbdkitServer:
     # Started from this (the main) thread: nbdkit's --exit-with-parent follows the
     # thread that forked it, and it must die with fleece, never outlive it.
-    server = NbdkitServer(req.repo_url, req.point, d.drive, Path(d.socket), zeroes_unallocated=True)
+    server = NbdkitServer(req.repo_url, req.point, d.drive, Path(d.socket), block_status=False)
     server.start()
     return server
 
@@ -200,18 +210,54 @@ def _qcow2_options(d: LiveDisk) -> dict[str, Any]:
     return {"driver": "qcow2", "node-name": d.node, "file": d.file_node, "backing": d.nbd_node}
 
 
-def create_image(d: LiveDisk) -> None:
-    """The output qcow2, its header naming the point's socket as backing file."""
+def create_image(d: LiveDisk, image: DiskImage) -> None:
+    """The output qcow2: the point's zero chunks as zero clusters, its header naming the point's
+    socket as backing file; built under a temporary name and renamed into place whole."""
     output = Path(d.output)
     tmp = output.with_name(f".{output.name}.fleece-{secrets.token_hex(4)}")
-    proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", nbd_uri(Path(d.socket)), "-F", "raw",
-         str(tmp), str(d.size)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
+    zeroes = "".join(f"write -z {start} {length}\n" for start, length in _zero_runs(image))
+    try:
+        _tool(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(d.size)], output)
+        if zeroes:
+            # Offline, before QEMU opens it: later these would be guest-visible writes.
+            _tool(["qemu-io", "-f", "qcow2", str(tmp)], output, stdin=zeroes + "quit\n")
+        _tool(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", nbd_uri(Path(d.socket)), "-F", "raw",
+               str(tmp)], output)
+        os.replace(tmp, output)  # --force replaces an old file only now, whole
+    finally:
         tmp.unlink(missing_ok=True)
-        message = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise FleeceError(f"cannot create {output}: {message}")
-    os.replace(tmp, output)  # --force replaces an old file only now, whole
+
+
+ZERO_RUN_MAX = 1 << 30
+"""qemu-io writes at most 2 GiB at once."""
+
+
+def _zero_runs(image: DiskImage) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of zero chunks, each at most :data:`ZERO_RUN_MAX`."""
+    runs: list[tuple[int, int]] = []
+    index = image.index
+    for i in range(index.n_chunks):
+        if index.get(i) is not None:
+            continue
+        start, length = i * index.chunk_size, index.chunk_length(i)
+        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][1] + length <= ZERO_RUN_MAX:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length)
+        else:
+            runs.append((start, length))
+    return runs
+
+
+def _tool(argv: list[str], output: Path, stdin: str | None = None) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, input=stdin,
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise FleeceError(f"{argv[0]} is not installed (Debian: qemu-utils)") from None
+    out = proc.stdout.lower()
+    failed = proc.returncode != 0 or (argv[0] == "qemu-io" and ("error" in out or "failed" in out))
+    if failed:
+        message = ((proc.stderr + proc.stdout).strip().splitlines() or ["no message"])[-1]
+        raise FleeceError(f"cannot create {output}: {argv[0]}: {message}")
 
 
 async def _attach(session: QmpSession, d: LiveDisk) -> None:
@@ -388,8 +434,8 @@ async def live_restore(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
             for d in plans:
                 servers[d.key] = _serve(req, d)
                 d.save()
-            for d in plans:
-                create_image(d)
+            for d, (image, _, _) in zip(plans, req.disks, strict=True):
+                create_image(d, image)
                 created.append(Path(d.output))
             for d in plans:
                 await _add_nbd_node(session, d)

@@ -626,3 +626,22 @@ def hold_backup(tmp_path: Path) -> Iterator[Any]:
     yield start
     for backup in held:
         backup.close()
+
+
+# -- live restores running in the background (tests/live.py) -------------------------
+@pytest.fixture
+def live() -> Iterator[Any]:
+    """``live(*args)``: ``fleece restore --live --json ARGS`` in the background, its events
+    readable as they come (``tests/live.py``); any still running are killed at teardown."""
+    from live import LiveRestore
+
+    started: list[LiveRestore] = []
+
+    def start(*args: str | Path) -> LiveRestore:
+        lr = LiveRestore(*args)
+        started.append(lr)
+        return lr
+
+    yield start
+    for lr in started:
+        lr.kill()

@@ -8,10 +8,7 @@ on blank qcow2 placeholders, and the "guest" writes through the device
 from __future__ import annotations
 
 import json
-import os
-import select
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,62 +48,6 @@ def make_repo(url: str, store_point: Any, disks: dict[str, bytes]) -> Repository
     repo = Repository.init(open_backend(url), chunk_size=CHUNK)
     store_point(repo, P1, disks)
     return repo
-
-
-class LiveRestore:
-    """``fleece restore --live`` running in the background, its JSON events read as they come."""
-
-    def __init__(self, *args: str | Path) -> None:
-        from conftest import FLEECE
-
-        self.proc = subprocess.Popen([FLEECE, "restore", "--live", "--json", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     stdin=subprocess.DEVNULL)
-        self.events: list[dict[str, Any]] = []
-
-    def next_event(self, timeout: float = 60) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        assert line, f"no event; stderr: {self.stderr()}"
-        event: dict[str, Any] = json.loads(line)
-        self.events.append(event)
-        return event
-
-    def wait_for(self, kind: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while (event := self.next_event(deadline - time.monotonic()))["event"] != kind:
-            pass
-        return event
-
-    def finish(self, timeout: float = 120) -> tuple[int, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        self.events += [json.loads(line) for line in out.splitlines() if line]
-        return self.proc.returncode, err
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read() if self.proc.stderr else ""
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def live() -> Any:
-    started: list[LiveRestore] = []
-
-    def start(*args: str | Path) -> LiveRestore:
-        lr = LiveRestore(*args)
-        started.append(lr)
-        return lr
-
-    yield start
-    for lr in started:
-        lr.kill()
 
 
 def apply(disk: bytearray, offset: int, data: bytes) -> None:

@@ -77,18 +77,19 @@ class NbdkitServer:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead: int = DEFAULT_READAHEAD,
         verbose: bool = False,
-        zeroes_unallocated: bool = False,
+        block_status: bool = True,
     ) -> None:
         self.sock = sock
         self.uri = nbd_uri(sock)
         self.options = ["--verbose"] if verbose else []
+        if not block_status:
+            # No structured replies, so no base:allocation: clients take every byte
+            # as data and never ask the server where holes are (fleece.live_restore).
+            self.options.append("--no-sr")
         self.parameters = [
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
             f"cache={cache_bytes}", f"readahead={readahead}",
         ]
-        if zeroes_unallocated:
-            # For block-stream: zero chunks are skipped, not copied (plugin.py).
-            self.parameters.append("zeroes=unallocated")
         self.argv: list[str] = []
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
