@@ -105,7 +105,9 @@ class LiveRestore:
         return [int(p) for p in path.read_text().split()]
 
     def stderr(self) -> str:
-        if self.proc.poll() is None:
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
             return "(still running)"
         return self.proc.stderr.read() if self.proc.stderr else ""
 
