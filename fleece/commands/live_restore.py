@@ -1,7 +1,7 @@
 """``fleece restore --live``: boot a VM from a restore point at once and stream the point home.
 
 Reached through ``fleece restore`` (:mod:`fleece.commands.restore`); the work
-is in :mod:`fleece.live_restore`. ``--drive``, ``--output`` and ``--device``
+is in :mod:`fleece.live`. ``--drive``, ``--output`` and ``--device``
 pair up in the order given. With ``--json``, stdout carries one JSON object
 per line: ``running`` once the VM runs on the new images, ``progress`` about
 once a second per disk, ``finished`` per disk and ``done`` at the end.
@@ -23,8 +23,8 @@ from fleece.commands.backup import parse_size
 from fleece.commands.common import human_size, run
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
-from fleece.live_restore import LiveRequest, live_restore, resume
-from fleece.live_state import LiveDisk
+from fleece.live import LiveRequest, live_restore, resume
+from fleece.live.state import LiveDisk
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
 from fleece.restore import DiskImage

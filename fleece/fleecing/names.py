@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 PREFIX = "fleece-"
 LIVE_PREFIX = "fleece-live-"
 """Objects of a live restore (``fleece restore --live``): its own, resumed by ``--resume``,
-never taken for an export's leftovers (see ``fleece.live_restore``)."""
+never taken for an export's leftovers (see ``fleece.live``)."""
 STATE_FILE = "fleece-export.json"
 """The export's state file in its scratch directory (see ``fleece.fleecing.state``)."""
 SOCKET_FILE = "nbd.sock"

@@ -84,7 +84,7 @@ class NbdkitServer:
         self.options = ["--verbose"] if verbose else []
         if not block_status:
             # No structured replies, so no base:allocation: clients take every byte
-            # as data and never ask the server where holes are (fleece.live_restore).
+            # as data and never ask the server where holes are (fleece.live).
             self.options.append("--no-sr")
         self.parameters = [
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",

@@ -1,6 +1,6 @@
-"""What a live restore made for one disk, kept on disk so that ``--resume`` can carry on.
+"""What a live restore calls what it makes in QEMU, and what it made, kept for ``--resume``.
 
-A live restore (:mod:`fleece.live_restore`) may be cut short with the VM
+A live restore (:mod:`fleece.live`) may be cut short with the VM
 already running on its new image: fleece killed, its NBD server gone, a
 read error. QEMU shows most of what is left (every node it added is named,
 the NBD node names the server's socket), but not which nodes were the
@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from socket import gethostname
@@ -30,8 +31,24 @@ from typing import Any
 from urllib.parse import unquote
 
 from fleece.errors import FleeceError
+from fleece.fleecing.names import LIVE_PREFIX
 
 VERSION = 1
+
+
+def job_id(key: str) -> str:
+    """The ``block-stream`` job of disk ``key``."""
+    return f"{LIVE_PREFIX}{key}"
+
+
+def cor_node(key: str) -> str:
+    """The copy-on-read filter the stream job puts above the qcow2 node."""
+    return f"{LIVE_PREFIX}cor-{key}"
+
+
+def new_nbd_node(key: str) -> str:
+    """A fresh name for the NBD node of disk ``key`` (each resume adds a new one)."""
+    return f"{LIVE_PREFIX}nbd-{key}-{secrets.token_hex(2)}"
 
 
 @dataclass
