@@ -6,6 +6,7 @@ See :mod:`fleece.live` for the sequence and the failure policy.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from fleece.qmp import QmpSession, resolve_drive
 from fleece.repo.point import RestorePoint
 from fleece.restore import DiskImage
 from fleece.serve.server import NbdkitServer
+
+log = logging.getLogger(__name__)
 
 PAUSED_STATES = ("prelaunch", "paused")
 """Run states in which a device may be moved onto the restored image."""
@@ -110,6 +113,20 @@ async def _run_state(session: QmpSession) -> str:
     return str((await session.execute("query-status"))["status"])
 
 
+async def _warn_of_error_policy(session: QmpSession, d: LiveDisk) -> None:
+    """Say so when the device would hand the guest I/O errors rather than pause, should the
+    point's server die mid-stream (rerror/werror are fixed when the device is created)."""
+    policy = {}
+    for prop in ("rerror", "werror"):
+        with contextlib.suppress(FleeceError):
+            policy[prop] = await session.execute("qom-get", {"path": d.qdev, "property": prop})
+    if policy.get("rerror") != "stop" or policy.get("werror") != "stop":
+        found = ", ".join(f"{k}={v}" for k, v in policy.items()) or "no rerror/werror"
+        log.warning("warning: device %s has %s: if the point's server dies mid-stream, the guest "
+                    "gets I/O errors instead of pausing (create it with rerror=stop,werror=stop)",
+                    d.qdev, found)
+
+
 def make_scratch(parent: Path | None) -> Path:
     """A private (0700) directory for the servers' sockets and the state files."""
     parent = parent or Path(os.environ.get("TMPDIR") or "/var/tmp")
@@ -194,6 +211,8 @@ async def live_restore(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
         except BaseException:
             scratch.rmdir()
             raise
+        for d in plans:
+            await _warn_of_error_policy(session, d)
         servers: dict[str, NbdkitServer] = {}
         created: list[Path] = []
         try:
