@@ -132,7 +132,7 @@ def test_live_restore_runs_the_vm_at_once_and_ends_on_a_local_image_with_the_gue
 
 
 @pytest.mark.qemu
-def test_several_drives_pair_with_their_outputs_and_devices_in_order(
+def test_several_drives_pair_with_their_outputs_and_devices_in_order_and_no_start_leaves_it_paused(
         make_vm: Any, live: Any, store_point: Any, tmp_path: Path, short_tmp: Path) -> None:
     sys_disk, data_disk = point_disk(2), point_disk(3, 32 * MiB)
     repo = tmp_path / "repo"
@@ -141,10 +141,11 @@ def test_several_drives_pair_with_their_outputs_and_devices_in_order(
     vm = make_vm([("qcow2", "32M"), ("qcow2", "64M")])
     outs = [tmp_path / "sys.qcow2", tmp_path / "data.qcow2"]
     # "sys" goes to the second device and "data" to the first: pairing is by order.
-    lr = live("--repo", repo, P1, "--qmp", vm.qmp_path, "--speed", "8M",
+    lr = live("--repo", repo, P1, "--qmp", vm.qmp_path, "--speed", "8M", "--no-start",
               "--drive", "sys", "--device", "vdb", "--output", outs[0],
               "--drive", "data", "--device", "vda", "--output", outs[1])
     running = lr.wait_for("running")
+    assert running["status"] == "prelaunch"  # --no-start: streaming, the VM left paused
     assert [(d["drive"], d["output"]) for d in running["disks"]] == [
         ("sys", str(outs[0])), ("data", str(outs[1]))]
     expected = {"sys": bytearray(sys_disk), "data": bytearray(data_disk)}
@@ -155,8 +156,9 @@ def test_several_drives_pair_with_their_outputs_and_devices_in_order(
     rc, err = lr.finish()
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if "create it with rerror=stop,werror=stop" in line]
-    assert len(warnings) == 2 and "rerror=report" in warnings[0], err
+    assert len(warnings) == 2 and "rerror=auto" in warnings[0], err
     assert sorted(e["drive"] for e in lr.events if e["event"] == "finished") == ["data", "sys"]
+    assert vm.qmp("query-status")["status"] == "prelaunch"
     only_the_targets(vm, ["vdb", "vda"], ["sys", "data"])
     for device, name, out in (("vdb", "sys", outs[0]), ("vda", "data", outs[1])):
         flushed(vm, device)

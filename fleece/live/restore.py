@@ -122,9 +122,10 @@ async def _warn_of_error_policy(session: QmpSession, d: LiveDisk) -> None:
             policy[prop] = await session.execute("qom-get", {"path": d.qdev, "property": prop})
     if policy.get("rerror") != "stop" or policy.get("werror") != "stop":
         found = ", ".join(f"{k}={v}" for k, v in policy.items()) or "no rerror/werror"
-        log.warning("warning: device %s has %s: if the point's server dies mid-stream, the guest "
+        unless = " (auto: the -drive's policy, report unless it says stop)" if "auto" in found else ""
+        log.warning("warning: device %s has %s%s: if the point's server dies mid-stream, the guest "
                     "gets I/O errors instead of pausing (create it with rerror=stop,werror=stop)",
-                    d.qdev, found)
+                    d.qdev, found, unless)
 
 
 def make_scratch(parent: Path | None) -> Path:
@@ -138,10 +139,11 @@ def make_scratch(parent: Path | None) -> Path:
 
 
 def _serve(req: LiveRequest, d: LiveDisk) -> NbdkitServer:
+    """Launch the server of ``d``'s point (not waiting for it to be ready)."""
     # Started from this (the main) thread: nbdkit's --exit-with-parent follows the
     # thread that forked it, and it must die with fleece, never outlive it.
     server = NbdkitServer(req.repo_url, req.point, d.drive, Path(d.socket), block_status=False)
-    server.start()
+    server.launch()
     return server
 
 
@@ -219,9 +221,12 @@ async def live_restore(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
             for d in plans:
                 servers[d.key] = _serve(req, d)
                 d.save()
+            # The images are made while the servers start (each takes a few hundred ms).
             for d, (image, _, _) in zip(plans, req.disks, strict=True):
                 create_image(d, image)
                 created.append(Path(d.output))
+            for server in servers.values():
+                server.wait_ready()
             for d in plans:
                 await _add_nbd_node(session, d)
                 await _attach(session, d)
@@ -262,6 +267,7 @@ async def resume(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
                 d.socket = str(scratch / f"{d.key}.sock")
                 d.pid = os.getpid()
                 servers[d.key] = _serve(req, d)
+                servers[d.key].wait_ready()
                 await _reattach(session, d, req.speed)
                 d.save()
                 old.remove()

@@ -96,6 +96,11 @@ class NbdkitServer:
 
     def start(self, timeout: float = 30) -> None:
         """Start nbdkit and wait until it accepts connections."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start nbdkit without waiting for it (:meth:`wait_ready` does), to overlap its start-up."""
         # A private directory (0700) for the pid file, which signals readiness.
         self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
         pidfile = self._private / "nbdkit.pid"
@@ -112,6 +117,11 @@ class NbdkitServer:
             self._remove_private()
             raise FleeceError("nbdkit is not installed (Debian: apt install nbdkit "
                               "nbdkit-plugin-python); nothing is served") from None
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until the launched nbdkit accepts connections; raise if it exits or is too slow."""
+        assert self.proc is not None and self._private is not None
+        pidfile = self._private / "nbdkit.pid"
         deadline = time.monotonic() + timeout
         # nbdkit writes the pid file only once it is ready to accept connections.
         while not pidfile.exists():
