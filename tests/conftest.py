@@ -154,11 +154,12 @@ class TestVM:
 
     def bitmaps(self, drive: str) -> dict[str, dict[str, Any]]:
         """Named dirty bitmaps on the format node of ``drive``, by name."""
-        node = self.format_node(drive)
-        for n in self.qmp("query-named-block-nodes", flat=True):
-            if n["node-name"] == node:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if b.get("name")}
-        raise KeyError(drive)
+        nodes = {n["node-name"]: n for n in self.qmp("query-named-block-nodes", flat=True)}
+        # After a live restore the device runs on a new node and fmt-<drive> is gone.
+        n = nodes.get(self.format_node(drive)) or nodes.get(self.attached_node(drive))
+        if n is None:
+            raise KeyError(drive)
+        return {b["name"]: b for b in n.get("dirty-bitmaps", []) if b.get("name")}
 
     def format_node(self, drive: str) -> str:
         return f"fmt-{drive}"

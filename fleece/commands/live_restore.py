@@ -105,7 +105,7 @@ def _request(args: argparse.Namespace) -> LiveRequest:
     if len(set(names)) != len(names):
         raise BadInput("a disk is named by two --drives")
     return LiveRequest(
-        repo_url=args.repo, point=point, qmp=args.qmp, start=not args.no_start, force=args.force,
+        repo_url=args.repo, point=point, qmp=args.qmp, start=not args.no_start,
         speed=speed,
         disks=[(img, devices[i] if devices else img.disk.name, outputs[i])
                for i, img in enumerate(images)])

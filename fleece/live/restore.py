@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from socket import gethostname
 from typing import Any
 
 from fleece.errors import BadInput, FleeceError
@@ -42,7 +43,6 @@ class LiveRequest:
     qmp: str
     start: bool = True
     """``cont`` the VM once its devices run on the new images (not with ``--no-start``)."""
-    force: bool = False
     speed: int = 0
     """Stream rate limit in bytes/s (0: none)."""
     scratch_parent: Path | None = None
@@ -265,7 +265,7 @@ async def resume(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
             for d in plans:
                 old = LiveDisk(**{**d.__dict__})
                 d.socket = str(scratch / f"{d.key}.sock")
-                d.pid = os.getpid()
+                d.pid, d.host = os.getpid(), gethostname()
                 servers[d.key] = _serve(req, d)
                 servers[d.key].wait_ready()
                 await _reattach(session, d, req.speed)
@@ -328,6 +328,7 @@ async def _reattach(session: QmpSession, d: LiveDisk, speed: int) -> None:
     old = d.nbd_node
     d.nbd_node = new_nbd_node(d.key)
     await _add_nbd_node(session, d)
+    d.save()  # the new node (and its socket) lead to this state from now on
     # The job is gone, so the chain is no longer frozen and the backing may change.
     await session.execute("blockdev-reopen", {"options": [_qcow2_options(d)]})
     await delete_node(session, old)
