@@ -93,7 +93,8 @@ def only_the_targets(vm: Any, drives: list[str], disks: list[str] | None = None)
 
 @pytest.mark.qemu
 def test_live_restore_runs_the_vm_at_once_and_ends_on_a_local_image_with_the_guests_writes(
-        make_vm: Any, live: Any, repo_url: str, store_point: Any, tmp_path: Path) -> None:
+        make_vm: Any, live: Any, repo_url: str, store_point: Any, tmp_path: Path,
+        scratch_tmpdir: Path) -> None:
     data = point_disk(1)
     make_repo(repo_url, store_point, {"vda": data})
     vm = make_vm([("qcow2", "64M")], device_options=ERROR_POLICY)
@@ -129,6 +130,7 @@ def test_live_restore_runs_the_vm_at_once_and_ends_on_a_local_image_with_the_gue
                                        capture_output=True, text=True, check=True).stdout)
     hole = next(e for e in layout if e["start"] <= 20 * MiB < e["start"] + e["length"])
     assert not hole["data"]
+    assert list(scratch_tmpdir.iterdir()) == []  # sockets, state files, pid files: all gone
 
 
 @pytest.mark.qemu

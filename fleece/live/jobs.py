@@ -58,6 +58,19 @@ async def end_job(session: QmpSession, key: str) -> None:
         await asyncio.sleep(POLL_SECONDS)
 
 
+async def backing_filename(session: QmpSession, node: str) -> str | None:
+    """The filename of ``node``'s backing image as QEMU shows it; None when it has none.
+
+    Read from ``query-named-block-nodes`` rather than the debug graph, which a
+    QEMU may lack: whether the image still needs the point must never be a guess.
+    """
+    for info in await session.execute("query-named-block-nodes"):
+        if info.get("node-name") == node:
+            backing = (info.get("image") or {}).get("backing-image")
+            return str(backing.get("filename") or "?") if backing else None
+    return None
+
+
 async def delete_node(session: QmpSession, name: str) -> bool:
     """``blockdev-del`` one node; whether QEMU did (it refuses nodes in use or not its monitor's)."""
     try:
@@ -118,7 +131,7 @@ class Streams:
         if dismiss:
             await self.session.execute("job-dismiss", {"id": job_id(d.key)})
         graph = await read_graph(self.session)
-        if graph.nodes.get(d.node) and graph.nodes[d.node].child("backing"):
+        if await backing_filename(self.session, d.node):
             raise FleeceError(f"the stream of {d.drive} ended but {d.output} still has a backing node; "
                               "carry on with 'fleece restore --live --resume'")
         for node in graph.live_restore_nodes():

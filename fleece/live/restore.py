@@ -18,7 +18,7 @@ from fleece.errors import BadInput, FleeceError
 from fleece.fleecing.graph import BlockGraph, read_graph
 from fleece.fleecing.names import LIVE_PREFIX, is_fleece_name, is_live_name, node_key
 from fleece.live.image import create_image
-from fleece.live.jobs import Emit, Streams, delete_node, end_job, stop_servers
+from fleece.live.jobs import Emit, Streams, backing_filename, delete_node, end_job, stop_servers
 from fleece.live.state import LiveDisk, cor_node, job_id, new_nbd_node, socket_of
 from fleece.liveness import process_gone
 from fleece.qmp import QmpSession, resolve_drive
@@ -142,7 +142,8 @@ def _serve(req: LiveRequest, d: LiveDisk) -> NbdkitServer:
     """Launch the server of ``d``'s point (not waiting for it to be ready)."""
     # Started from this (the main) thread: nbdkit's --exit-with-parent follows the
     # thread that forked it, and it must die with fleece, never outlive it.
-    server = NbdkitServer(req.repo_url, req.point, d.drive, Path(d.socket), block_status=False)
+    server = NbdkitServer(req.repo_url, req.point, d.drive, Path(d.socket), block_status=False,
+                          private_dir=d.server_dir)
     server.launch()
     return server
 
@@ -210,6 +211,10 @@ async def live_restore(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
         scratch = make_scratch(req.scratch_parent)
         try:
             plans = _plan(graph, req, scratch)
+            for d in plans:
+                if "/fleece-live-" in (await backing_filename(session, d.placeholder[0]) or ""):
+                    raise BadInput(f"device {d.qdev} is being live-restored already; carry on with "
+                                   "--resume; nothing was changed")
         except BaseException:
             scratch.rmdir()
             raise
@@ -320,10 +325,9 @@ async def _reattach(session: QmpSession, d: LiveDisk, speed: int) -> None:
     """End the stopped job; if the image still needs the point, back it by a new NBD node."""
     await end_job(session, d.key)
     graph = await read_graph(session)
-    node = graph.nodes.get(d.node)
-    if node is None:
+    if d.node not in graph.nodes:
         raise FleeceError(f"node {d.node} of {d.output} is gone from QEMU; cannot resume")
-    if not node.child("backing"):
+    if not await backing_filename(session, d.node):
         return  # the stream had completed; only the clean-up was cut short
     old = d.nbd_node
     d.nbd_node = new_nbd_node(d.key)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from socket import gethostname
@@ -80,6 +81,11 @@ class LiveDisk:
     host: str = field(default_factory=gethostname)
 
     @property
+    def server_dir(self) -> Path:
+        """nbdkit's private directory (its pid file), beside the socket."""
+        return Path(self.socket).with_suffix(".nbdkit")
+
+    @property
     def path(self) -> Path:
         """Where this state is stored: beside the socket."""
         return Path(self.socket).with_suffix(".json")
@@ -97,6 +103,7 @@ class LiveDisk:
         """Delete the file (and a socket its dead server left), then the scratch directory once empty."""
         self.path.unlink(missing_ok=True)
         Path(self.socket).unlink(missing_ok=True)
+        shutil.rmtree(self.server_dir, ignore_errors=True)  # left by a server killed with fleece
         with contextlib.suppress(OSError):  # other disks' files are still there
             self.path.parent.rmdir()
 

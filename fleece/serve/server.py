@@ -78,6 +78,7 @@ class NbdkitServer:
         readahead: int = DEFAULT_READAHEAD,
         verbose: bool = False,
         block_status: bool = True,
+        private_dir: Path | None = None,
     ) -> None:
         self.sock = sock
         self.uri = nbd_uri(sock)
@@ -91,6 +92,7 @@ class NbdkitServer:
             f"cache={cache_bytes}", f"readahead={readahead}",
         ]
         self.argv: list[str] = []
+        self._private_dir = private_dir
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -102,7 +104,11 @@ class NbdkitServer:
     def launch(self) -> None:
         """Start nbdkit without waiting for it (:meth:`wait_ready` does), to overlap its start-up."""
         # A private directory (0700) for the pid file, which signals readiness.
-        self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
+        if self._private_dir is not None:
+            self._private_dir.mkdir(mode=0o700)
+            self._private = self._private_dir
+        else:
+            self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
         pidfile = self._private / "nbdkit.pid"
         self.argv = [
             NBDKIT, "--foreground", "--exit-with-parent", "--readonly",
