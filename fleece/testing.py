@@ -24,6 +24,12 @@ The phases of one ``fleece backup``, in order:
 ``deltas-unlinked``
     in tear-down: committed, the reverse-delta files unlinked (QEMU still
     holds them open), their nodes and the scratch directory not yet removed.
+
+The phase of one ``fleece restore --live`` (:data:`LIVE_PHASES`):
+
+``live-streamed``
+    a disk's stream job has completed and been dismissed (its image needs the
+    point no more); its NBD node, placeholder nodes and server are still there.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 import time
 
 PHASES = ("export-live", "chunk-stored", "before-point", "before-commit", "deltas-unlinked")
+LIVE_PHASES = ("live-streamed",)
 PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
 PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
 

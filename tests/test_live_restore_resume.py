@@ -91,3 +91,33 @@ def test_losing_the_server_mid_stream_pauses_the_guest_at_an_unstreamed_read_and
     assert identical(out, bytes(expected), tmp_path)
     # The live restore's scratch directories (sockets, state files, nbdkit's pid files) are gone.
     assert list(scratch_tmpdir.iterdir()) == []
+
+
+@pytest.mark.qemu
+def test_fleece_killed_after_the_stream_completed_is_finished_by_resume(
+        make_vm: Any, live: Any, fleece: Any, store_point: Any, tmp_path: Path,
+        scratch_tmpdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = random.Random(8).randbytes(SIZE // 2) + bytes(SIZE // 2)
+    repo = tmp_path / "repo"
+    make_repo(str(repo), store_point, {"vda": data})
+    vm = make_vm([("qcow2", "64M")], device_options=ERROR_POLICY)
+    out = tmp_path / "vda.qcow2"
+    marker = tmp_path / "held"
+    monkeypatch.setenv("FLEECE_TEST_PAUSE_AT", "live-streamed")
+    monkeypatch.setenv("FLEECE_TEST_PAUSE_FILE", str(marker))
+    lr = live("--repo", repo, P1, "--drive", "vda", "--output", out, "--qmp", vm.qmp_path)
+    wait_until("the stream to complete", marker.exists)
+    lr.kill()
+    # Killed between the job's end and the clean-up: the NBD node and the placeholder remain.
+    nodes = {n["node-name"] for n in vm.qmp("query-named-block-nodes", flat=True)}
+    assert "fmt-vda" in nodes and any(n.startswith("fleece-live-nbd-vda-") for n in nodes)
+    monkeypatch.delenv("FLEECE_TEST_PAUSE_AT")
+    res = fleece("restore", "--live", "--resume", "--repo", repo, P1, "--drive", "vda",
+                 "--output", out, "--qmp", vm.qmp_path)
+    assert res.rc == 0, res.err
+    assert vm.qmp("query-status")["status"] == "running"
+    only_the_targets(vm, ["vda"])
+    flushed(vm, "vda")
+    assert "backing-filename" not in qemu_img_info(out)
+    assert identical(out, data, tmp_path)
+    assert list(scratch_tmpdir.iterdir()) == []

@@ -20,6 +20,7 @@ from fleece.fleecing.names import LIVE_PREFIX
 from fleece.live.state import LiveDisk, job_id
 from fleece.qmp import QmpSession
 from fleece.serve.server import NbdkitServer
+from fleece.testing import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class Streams:
     async def _finish(self, d: LiveDisk, dismiss: bool) -> None:
         if dismiss:
             await self.session.execute("job-dismiss", {"id": job_id(d.key)})
+            pause_point("live-streamed")  # test hook (fleece.testing); inert in production
         graph = await read_graph(self.session)
         if await backing_filename(self.session, d.node):
             raise FleeceError(f"the stream of {d.drive} ended but {d.output} still has a backing node; "
