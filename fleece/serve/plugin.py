@@ -1,11 +1,7 @@
 """nbdkit Python plugin: one disk of a restore point as a read-only NBD export.
 
 Run by ``fleece serve`` as ``nbdkit … python …/plugin.py repo=URL vm=VM
-point=ID [drive=NAME] [cache=BYTES] [readahead=N] [zeroes=unallocated]``.
-``zeroes=unallocated`` (for ``fleece restore --live``) reports zero chunks as
-holes without the zero flag: QEMU's ``block-stream`` then counts them as
-unallocated and skips them instead of reading and writing zeroes (they read
-as zeroes either way). nbdkit embeds the
+point=ID [drive=NAME] [cache=BYTES] [readahead=N]``. nbdkit embeds the
 system's Python, whose ``dist-packages`` hold old copies of libraries fleece
 uses (DESIGN.md), so before anything else is imported this file puts
 fleece's own package root and environment first on ``sys.path``: the
@@ -58,7 +54,7 @@ _disk: CachedDisk | None = None
 
 def config(key: str, value: str) -> None:
     """Collect ``key=value`` parameters."""
-    if key not in ("repo", "vm", "point", "drive", "cache", "readahead", "zeroes"):
+    if key not in ("repo", "vm", "point", "drive", "cache", "readahead"):
         raise ValueError(f"unknown parameter {key!r}")
     _settings[key] = value
 
@@ -154,9 +150,7 @@ def cache(h: CachedDisk, count: int, offset: int, flags: int) -> None:
 
 def extents(h: CachedDisk, count: int, offset: int, flags: int) -> list[tuple[int, int, Any]]:
     """Zero chunks as holes that read as zeroes, stored chunks as data."""
-    hole = nbdkit.EXTENT_HOLE
-    if _settings.get("zeroes") != "unallocated":
-        hole |= nbdkit.EXTENT_ZERO
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
     limit = 1 if flags & nbdkit.FLAG_REQ_ONE else 1024
     return [(start, length, hole if is_hole else 0)
             for start, length, is_hole in h.extents(offset, count, limit)]
