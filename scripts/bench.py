@@ -29,6 +29,7 @@ the same run and shown in its own row.
 ``fleece backup --from-export --compress none`` (ratios TLS / unix).
 
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
+       scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
 """
 
 from __future__ import annotations
@@ -328,7 +329,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--tls", action="store_true",
                     help="only the TLS section: reads over nbds:// on loopback vs the unix socket")
+    ap.add_argument("--live-restore", action="store_true",
+                    help="run only the live-restore benchmark (scripts/bench_live.py)")
     args = ap.parse_args()
+    if args.live_restore:
+        live_restore_main(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
     rows: list[tuple[str, str, str, str]] = []
@@ -494,6 +500,44 @@ def print_rows(rows: list[tuple[str, str, str, str]], args: argparse.Namespace) 
     print(f"|{'-' * 54}|{'-' * 13}|{'-' * 18}|------")
     for name, value, goal, notes in rows:
         print(f"| {name:<52} | {value:>11} | {goal:<16} | {notes}")
+
+
+def live_restore_main(args: argparse.Namespace) -> None:
+    """Back up the realistic disk and a sparse 16 GiB one, then live-restore each (bench_live.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_live import bench_live
+
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
+    vms: list[VM] = []
+    try:
+        print(f"bench: building an ext4 disk from {args.data} in {work} ...", file=sys.stderr)
+        points = []
+        image = build_disk(work, Path(args.data), args.disk_size)
+        big = work / "big-16G.qcow2"
+        sh("qemu-img", "create", "-q", "-f", "qcow2", big, "16G")
+        for label, img, name in ((args.disk_size, image, "live"), ("16G sparse", big, "live16")):
+            vm = VM(work, img, name)
+            vms.append(vm)
+            if img == big:
+                for k in range(16):  # 512 MiB of data spread over the disk
+                    vm.write(k * GiB, 32 * MiB, 0x40 + k)
+            _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+                                 work / "repo-live")
+            points.append((label, work / "repo-live", res["point"], res["disks"][0]["size"]))
+            vm.stop()
+        rows = bench_live(FLEECE, work, points)
+    finally:
+        for v in vms:
+            v.stop()
+        if args.keep:
+            print(f"bench: kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"fleece live-restore bench on {os.cpu_count()} cores\n")
+    print(f"| {'measure':<58} | {'value':>9} | {'goal':<7} | notes")
+    print(f"|{'-' * 60}|{'-' * 11}|{'-' * 9}|------")
+    for name, value, goal, notes in rows:
+        print(f"| {name:<58} | {value:>9} | {goal:<7} | {notes}")
 
 
 if __name__ == "__main__":

@@ -164,11 +164,12 @@ class TestVM:
 
     def bitmaps(self, drive: str) -> dict[str, dict[str, Any]]:
         """Named dirty bitmaps on the format node of ``drive``, by name."""
-        node = self.format_node(drive)
-        for n in self.qmp("query-named-block-nodes", flat=True):
-            if n["node-name"] == node:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if b.get("name")}
-        raise KeyError(drive)
+        nodes = {n["node-name"]: n for n in self.qmp("query-named-block-nodes", flat=True)}
+        # After a live restore the device runs on a new node and fmt-<drive> is gone.
+        n = nodes.get(self.format_node(drive)) or nodes.get(self.attached_node(drive))
+        if n is None:
+            raise KeyError(drive)
+        return {b["name"]: b for b in n.get("dirty-bitmaps", []) if b.get("name")}
 
     def format_node(self, drive: str) -> str:
         return f"fmt-{drive}"
@@ -241,11 +242,14 @@ class VMFactory:
         extra_args: list[str] | None = None,
         node_opts: dict[str, str] | None = None,
         device_opts: dict[str, str] | None = None,
+        device_options: str = "",
     ) -> TestVM:
         """Create images and start a VM.
 
         ``node_opts`` and ``device_opts`` append options (``",read-only=on"``,
         ``",iothread=io0"``) to a disk's ``-blockdev`` nodes and ``-device``.
+        ``device_options`` is appended to every disk's ``-device`` (e.g.
+        ``rerror=stop,werror=stop``); blank images serve as live restores' placeholders.
 
         ``contents`` seeds a disk (by device id) from a raw file of its size.
 
@@ -281,7 +285,8 @@ class VMFactory:
             specs.append(DiskSpec(dev_id, path, fmt, parse_size(size), model, shadow,
                                   (node_opts or {}).get(dev_id, ""),
                                   (device_opts or {}).get(dev_id, "")))
-        return self.start(d, specs, running=running, name=name, extra_args=extra_args)
+        return self.start(d, specs, running=running, name=name, extra_args=extra_args,
+                          device_options=device_options)
 
     def start(
         self,
@@ -291,6 +296,7 @@ class VMFactory:
         running: bool = False,
         name: str | None = None,
         extra_args: list[str] | None = None,
+        device_options: str = "",
     ) -> TestVM:
         """Start QEMU on existing images (also used to restart after a kill)."""
         n = len(self.vms)
@@ -318,6 +324,7 @@ class VMFactory:
                 f"driver={spec.fmt},file=file-{spec.id},node-name=fmt-{spec.id}{spec.node_opts}",
             ]
             extra = ",serial=fleece" + spec.id if spec.model == "nvme" else ""
+            extra += f",{device_options}" if device_options else ""
             args += ["-device", f"{driver},drive=fmt-{spec.id},id={spec.id}{extra}{spec.device_opts}"]
         args += ["-qmp", f"unix:{qmp_path},server=on,wait=off",
                  "-qmp", f"unix:{test_qmp_path},server=on,wait=off"]
@@ -798,3 +805,20 @@ def tls_creds(tmp_path_factory: pytest.TempPathFactory) -> TlsCredentials:
 def free_port() -> Any:
     """``free_port()``: a TCP port on 127.0.0.1 nobody listens on now."""
     return _free_port
+# -- live restores running in the background (tests/live.py) -------------------------
+@pytest.fixture
+def live() -> Iterator[Any]:
+    """``live(*args)``: ``fleece restore --live --json ARGS`` in the background, its events
+    readable as they come (``tests/live.py``); any still running are killed at teardown."""
+    from live import LiveRestore
+
+    started: list[LiveRestore] = []
+
+    def start(*args: str | Path) -> LiveRestore:
+        lr = LiveRestore(*args)
+        started.append(lr)
+        return lr
+
+    yield start
+    for lr in started:
+        lr.kill()

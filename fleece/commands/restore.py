@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fleece.commands.common import add_client_tls_options, add_repo_option, open_repository
+from fleece.commands.live_restore import add_live_options, refuse_live_options, run_live
 from fleece.errors import BadInput
 from fleece.fleecing.transport import check_client_uri, client_tls
 from fleece.maintenance.damage import damaged_bytes, describe_ranges
@@ -20,12 +21,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("restore", help="write a disk of a restore point to an image file")
     add_repo_option(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
-    p.add_argument("--drive", metavar="NAME", help="the disk to restore (needed if several)")
-    p.add_argument("--output", "-o", required=True, metavar="PATH|URI",
+    p.add_argument("--drive", metavar="NAME", action="append",
+                   help="the disk to restore (needed if several; --live takes several)")
+    p.add_argument("--output", "-o", required=True, metavar="PATH|URI", action="append",
                    help="image file or block device to write, or an NBD URI (nbd+unix:///…, "
-                        "nbds://HOST:PORT/EXPORT)")
-    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
-                   help="image format of a file output (default raw)")
+                        "nbds://HOST:PORT/EXPORT); "
+                        "with --live one qcow2 image per --drive, in order")
+    p.add_argument("--format", choices=("raw", "qcow2"), default=None,
+                   help="image format of a file output (default raw; --live: qcow2)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file, block device or NBD export")
     p.add_argument("--allow-damage", action="store_true",
@@ -33,11 +36,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks fetched in parallel (default {DEFAULT_WORKERS})")
     add_client_tls_options(p)
+    add_live_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Restore; exit 2 for an unknown point or drive or an unusable output, 1 on damage."""
+    if args.live:
+        return run_live(args)
+    refuse_live_options(args)
+    if len(args.drive or []) > 1 or len(args.output) > 1:
+        raise BadInput("one --drive and one --output at a time (several need --live)")
+    args.drive = args.drive[0] if args.drive else None
+    args.output = args.output[0]
+    args.format = args.format or "raw"
     if args.workers < 1:
         raise BadInput("--workers must be at least 1")
     nbd_output = is_nbd_uri(args.output)

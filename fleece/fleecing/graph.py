@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleece.errors import ExportError, QmpCommandError
-from fleece.fleecing.names import PREFIX, checkpoint_of, is_fleece_name
+from fleece.fleecing.names import PREFIX, checkpoint_of, is_fleece_name, is_live_name
 from fleece.fleecing.state import ExportState
 from fleece.qmp import DirtyBitmap, Disk, QmpSession, list_disks
 
@@ -62,8 +62,12 @@ class BlockGraph:
     """fleece's QOM objects under ``/objects``: the TLS credentials and authorization of a TCP export."""
 
     def fleece_nodes(self, kind: str = "") -> list[str]:
-        """Our nodes, optionally only ``fleece-<kind>-…`` ones, sorted."""
-        return sorted(n for n in self.nodes if n.startswith(PREFIX + kind))
+        """Our nodes, optionally only ``fleece-<kind>-…`` ones, sorted (a live restore's are not ours)."""
+        return sorted(n for n in self.nodes if n.startswith(PREFIX + kind) and not is_live_name(n))
+
+    def live_restore_nodes(self) -> list[str]:
+        """Nodes of a live restore in progress (``fleece restore --live``), sorted."""
+        return sorted(n for n in self.nodes if is_live_name(n))
 
     def attached_to(self, node: str) -> list[Disk]:
         """The disks whose device reads and writes through ``node``."""

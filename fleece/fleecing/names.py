@@ -12,6 +12,9 @@ import secrets
 from datetime import UTC, datetime
 
 PREFIX = "fleece-"
+LIVE_PREFIX = "fleece-live-"
+"""Objects of a live restore (``fleece restore --live``): its own, resumed by ``--resume``,
+never taken for an export's leftovers (see ``fleece.restore.live``)."""
 STATE_FILE = "fleece-export.json"
 """The export's state file in its scratch directory (see ``fleece.fleecing.state``)."""
 SOCKET_FILE = "nbd.sock"
@@ -85,5 +88,10 @@ def dirty_bitmap_context(bitmap: str) -> str:
 
 
 def is_fleece_name(name: str | None) -> bool:
-    """Whether QEMU object ``name`` was made by fleece."""
-    return bool(name) and str(name).startswith(PREFIX)
+    """Whether QEMU object ``name`` was made by fleece's export (a live restore's are not)."""
+    return bool(name) and str(name).startswith(PREFIX) and not is_live_name(name)
+
+
+def is_live_name(name: str | None) -> bool:
+    """Whether QEMU object ``name`` belongs to a live restore in progress."""
+    return bool(name) and str(name).startswith(LIVE_PREFIX)

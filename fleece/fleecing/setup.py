@@ -159,6 +159,11 @@ async def preflight(session: QmpSession, drives: list[str], scratch_dir: Path | 
 
 
 def _refuse_leftovers(graph: BlockGraph) -> None:
+    if graph.live_restore_nodes():
+        raise ExportError(
+            "a live restore (fleece restore --live) is streaming into this VM (nodes "
+            f"{', '.join(graph.live_restore_nodes())}); back it up once the stream has finished; "
+            "nothing was changed")
     left = leftovers_in(graph)
     if not left:
         return

@@ -80,6 +80,8 @@ class NbdkitServer:
         verbose: bool = False,
         transport: ServerTransport | None = None,
         passphrase: bytes | None = None,
+        block_status: bool = True,
+        private_dir: Path | None = None,
     ) -> None:
         """``passphrase`` opens an encrypted repository in the plugin (passed in nbdkit's
         environment only, never on its command line)."""
@@ -88,18 +90,32 @@ class NbdkitServer:
         self.transport = transport or ServerTransport(socket=str(sock))
         self.uri = self.transport.uri()
         self.options = ["--verbose"] if verbose else []
+        if not block_status:
+            # No structured replies, so no base:allocation: clients take every byte
+            # as data and never ask the server where holes are (fleece.restore.live).
+            self.options.append("--no-sr")
         self.parameters = [
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
             f"cache={cache_bytes}", f"readahead={readahead}",
         ]
         self.argv: list[str] = []
+        self._private_dir = private_dir
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> None:
         """Start nbdkit and wait until it accepts connections."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start nbdkit without waiting for it (:meth:`wait_ready` does), to overlap its start-up."""
         # A private directory (0700) for the pid file, which signals readiness.
-        self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
+        if self._private_dir is not None:
+            self._private_dir.mkdir(mode=0o700)
+            self._private = self._private_dir
+        else:
+            self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
         pidfile = self._private / "nbdkit.pid"
         self.argv = [
             NBDKIT, "--foreground", "--exit-with-parent", "--readonly",
@@ -117,6 +133,11 @@ class NbdkitServer:
             self._remove_private()
             raise FleeceError("nbdkit is not installed (Debian: apt install nbdkit "
                               "nbdkit-plugin-python); nothing is served") from None
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until the launched nbdkit accepts connections; raise if it exits or is too slow."""
+        assert self.proc is not None and self._private is not None
+        pidfile = self._private / "nbdkit.pid"
         deadline = time.monotonic() + timeout
         # nbdkit writes the pid file only once it is ready to accept connections.
         while not pidfile.exists():

@@ -31,6 +31,11 @@ The phases of one ``fleece backup``, in order:
 With ``--qga`` one more phase comes first (not in :data:`PHASES`, which every
 backup reaches): ``guest-frozen``, the guest's filesystems are frozen and
 the snapshot point is not taken yet.
+The phase of one ``fleece restore --live`` (:data:`LIVE_PHASES`):
+
+``live-streamed``
+    a disk's stream job has completed and been dismissed (its image needs the
+    point no more); its NBD node, placeholder nodes and server are still there.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import time
 
 PHASES = ("export-live", "chunk-stored", "pack-stored", "before-point", "before-commit",
           "deltas-unlinked")
+LIVE_PHASES = ("live-streamed",)
 PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
 PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
 
