@@ -18,6 +18,14 @@ class BadInput(FleeceError):
     exit_code = 2
 
 
+class NotARepository(BadInput):
+    """``--repo`` names a location that holds no fleece repository (no ``config``)."""
+
+
+class RepositoryExists(BadInput):
+    """A repository was to be created where one exists already."""
+
+
 class QmpConnectError(FleeceError):
     """The QMP socket is missing, refuses us, or is not a QMP server."""
 

@@ -21,7 +21,7 @@ from fleece.commands.common import (
 )
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
-from fleece.errors import BadInput
+from fleece.errors import BadInput, NotARepository
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
 from fleece.repo.backends.url import open_backend
@@ -139,7 +139,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     repo: Repository | Callable[[], Repository]
     try:
         repo = open_repository(args, backend)
-    except BadInput:
+    except NotARepository:
         if next(iter(backend.list("")), None) is not None:
             # Another host may have created it since our look (a shared
             # bucket); if there is still no config, it is not ours to write into.

@@ -24,7 +24,7 @@ from fleece.repo.format.crypto import (
     wrap_key,
 )
 from fleece.repo.format.point import iso_utc
-from fleece.repo.repository import Repository, RepositoryConfig
+from fleece.repo.repository import Repository, read_config
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,7 @@ def import_key(backend: Backend, blob: bytes, passphrase: bytes) -> str:
     Works on the store alone, so a repository whose every key was removed can
     be opened again from a paper or vault copy.
     """
-    try:
-        config = RepositoryConfig.from_json(backend.get(keys.CONFIG_KEY), backend.url)
-    except ObjectMissing:
-        raise BadInput(f"{backend.url} is not a fleece repository (no config)") from None
+    config = read_config(backend)
     if config.encryption == "none" or config.auth is None:
         raise BadInput(f"repository {backend.url} is not encrypted: it has no keys")
     doc = parse_key(blob, "the key file")

@@ -16,15 +16,12 @@ from fleece.errors import BadInput, RepositoryError
 from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format import keys
 from fleece.repo.format.crypto import check_outer
-from fleece.repo.repository import RepositoryConfig
+from fleece.repo.repository import read_config
 
 
 def check_outer_checksums(backend: Backend, workers: int = 8) -> dict[str, Any]:
     """``{"ok", "objects_checked", "bytes_checked", "damaged": [stored keys]}``."""
-    try:
-        config = RepositoryConfig.from_json(backend.get(keys.CONFIG_KEY), backend.url)
-    except ObjectMissing:
-        raise BadInput(f"{backend.url} is not a fleece repository (no config)") from None
+    config = read_config(backend)
     if config.encryption == "none":
         raise BadInput(f"repository {backend.url} is not encrypted: use 'fleece verify --deep'")
     sealed = [k for k in backend.list("")

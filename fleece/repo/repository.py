@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
+from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError, RepositoryExists
 from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format import keys
 from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
@@ -196,7 +196,7 @@ class Repository:
             format=format,
         )
         if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
-            raise BadInput(f"{backend.url} already holds a fleece repository; nothing was changed")
+            raise RepositoryExists(f"{backend.url} already holds a fleece repository; nothing was changed")
         return cls(backend, config)
 
     @classmethod
@@ -223,7 +223,7 @@ class Repository:
                     if_absent=True)
         if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
             backend.delete(keys.key_object_key(key_id))
-            raise BadInput(f"{backend.url} already holds a fleece repository; nothing was changed")
+            raise RepositoryExists(f"{backend.url} already holds a fleece repository; nothing was changed")
         return cls._unlocked(backend, config, master, key_id)
 
     @classmethod
@@ -243,11 +243,7 @@ class Repository:
         opens with it, a :class:`RepositoryError` says so (exit 1) and nothing
         is read beyond ``config`` and ``keys/``.
         """
-        try:
-            blob = backend.get(keys.CONFIG_KEY)
-        except ObjectMissing:
-            raise BadInput(f"{backend.url} is not a fleece repository (no config)") from None
-        config = RepositoryConfig.from_json(blob, backend.url)
+        config = read_config(backend)
         if config.encryption == "none":
             return cls(backend, config)
         if passphrase is None:
@@ -272,12 +268,12 @@ class Repository:
         """
         try:
             return cls.open(backend)
-        except BadInput:
+        except NotARepository:
             if next(iter(backend.list("")), None) is not None:
                 raise
         try:
             return cls.init(backend, chunk_size, compression_level, hash=hash)
-        except BadInput:
+        except RepositoryExists:
             # Another process initialized it between our look and our put.
             return cls.open(backend)
 
@@ -460,6 +456,15 @@ class Repository:
         for disk in point.disks:
             self.backend.delete(disk.index_key)
 
+
+
+def read_config(backend: Backend) -> RepositoryConfig:
+    """The repository's ``config``; :class:`NotARepository` where there is none."""
+    try:
+        blob = backend.get(keys.CONFIG_KEY)
+    except ObjectMissing:
+        raise NotARepository(f"{backend.url} is not a fleece repository (no config)") from None
+    return RepositoryConfig.from_json(blob, backend.url)
 
 
 def unlock(backend: Backend, config: RepositoryConfig, passphrase: bytes) -> tuple[MasterKey, str]:
