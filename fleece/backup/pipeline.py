@@ -46,6 +46,7 @@ from fleece.repo.format.delta import (
 )
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.repository import Repository
+from fleece.testing import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,7 @@ class DiskBackup:
             i, offset, digest, blob, extents = item
             if extents is not None:
                 self._packs.add(i, blob, sum(n for _, n in extents), digest)
+                pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
                 self.stats.add(deltas=1)
                 for off, n in extents:
                     self._trim(off, n)

@@ -13,8 +13,9 @@ The phases of one ``fleece backup``, in order:
 ``export-live``
     the point-in-time export is up, nothing has been read;
 ``chunk-stored``
-    a chunk has been stored (each storer thread holds after its first
-    store; readers go on until the pipeline's bounded queue is full);
+    a chunk has been stored, or a delta added to the backup's open pack
+    (each storer thread holds after its first; readers go on until the
+    pipeline's bounded queue is full);
 ``pack-stored``
     a pack of deltas (format 2) has been stored; with one pack, every
     chunk and delta of the disk is stored, its index is not;
