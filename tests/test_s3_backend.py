@@ -28,7 +28,8 @@ pytestmark = pytest.mark.s3
 
 @pytest.fixture
 def backend(s3_bucket: str) -> S3Backend:
-    return S3Backend(s3_bucket, "repos/one")
+    # The protocol itself; the store check has tests of its own (test_store_check.py).
+    return S3Backend(s3_bucket, "repos/one", check_store=False)
 
 
 def raw_keys(s3_env, bucket: str) -> set[str]:
@@ -390,7 +391,7 @@ def test_real_resets_and_errors_on_the_wire_are_retried(s3_proxy, s3_bucket):
     s3_proxy.plan.resets = 1
     s3_proxy.plan.lost_replies = 1
     s3_proxy.plan.ops = frozenset({"PutObject"})
-    backend = S3Backend(s3_bucket, "wire")
+    backend = S3Backend(s3_bucket, "wire", check_store=False)
     # 503, RST, stored-but-RST, then 412 for the attempt's own object: still ours.
     assert backend.put("locks/vms/vm1", b"lease mine", if_absent=True) is True
     assert s3_proxy.plan.requests == {"PutObject": 4, "GetObject": 1}  # the GET compares the bodies

@@ -14,7 +14,7 @@ from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
 from fleece.pipeline import PipelineSettings
-from fleece.repo.repository import Repository, check_chunk_size
+from fleece.repo.repository import Repository, check_chunk_size, holds_objects
 from fleece.repo.url import open_backend
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -23,7 +23,7 @@ DEFAULT_COMPRESS = "zstd:3"
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
-    "trim": bool, "labels": dict, "verify": bool,
+    "trim": bool, "labels": dict, "verify": bool, "unsafe_locks": bool,
 }
 
 
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
     add_json_option(p)
-    p.set_defaults(func=cmd_backup)
+    p.set_defaults(func=cmd_backup, unsafe_locks=None)
 
 
 def parse_size(text: str) -> int:
@@ -105,7 +105,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise BadInput(f"--label wants KEY=VALUE, not {item!r}")
         labels[key] = value
 
-    backend = open_backend(args.repo)
+    backend = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks))
     if args.storers is None:
         # S3 is latency-bound and wants more uploads in flight than a local disk.
         settings.storers = getattr(backend, "preferred_concurrency", settings.storers)
@@ -117,7 +117,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     try:
         repo = Repository.open(backend)
     except BadInput:
-        if next(iter(backend.list("")), None) is not None:
+        if holds_objects(backend):
             # Another host may have created it since our look (a shared
             # bucket); if there is still no config, it is not ours to write into.
             repo = Repository.open(backend)
@@ -147,7 +147,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     with progress_display() as progress:
         result = run(run_backup(req, progress, say))
     if args.json:
-        print_json(result.as_dict())
+        out = result.as_dict()
+        check = getattr(backend, "store_check", None)
+        if check is not None:
+            out["store"] = check.as_dict()
+        print_json(out)
     else:
         print_summary(result)
     return 0

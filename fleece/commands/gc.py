@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--wait", metavar="DURATION", default=None,
                    help="while backups (or another gc) hold their locks, retry for up to DURATION")
     add_json_option(p)
-    p.set_defaults(func=cmd_gc)
+    p.set_defaults(func=cmd_gc, unsafe_locks=None)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         raise BadInput("gc needs --repo URL (or repo = … in --config)")
     grace = parse_duration(args.grace) if args.grace else DEFAULT_GRACE
     deadline = time.monotonic() + (parse_duration(args.wait).total_seconds() if args.wait else 0)
-    repo = Repository.open(open_backend(args.repo))
+    repo = Repository.open(open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)))
     told = False
     pause = 1.0  # short at first (a prune ends in seconds), then every POLL_SECONDS
     while True:

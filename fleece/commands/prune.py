@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep every point younger than DURATION (e.g. 36h, 7d)")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
     add_json_option(p)
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, unsafe_locks=None)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -60,7 +60,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if policy.empty:
         raise BadInput("prune needs at least one --keep-* rule with a count of 1 or more "
                        "(or --keep-within); nothing was removed")
-    repo = Repository.open(open_backend(args.repo))
+    repo = Repository.open(open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)))
 
     report = prune(repo, policy, vm=args.vm, dry_run=args.dry_run)
     if args.json:

@@ -19,6 +19,7 @@ from fleece.repo import keys
 from fleece.repo.backend import Backend, ObjectMissing
 from fleece.repo.index import ChunkIndex
 from fleece.repo.point import RestorePoint
+from fleece.repo.store_check import STORE_PREFIX
 from fleece.testing import pause_point
 
 REPO_FORMAT = 1
@@ -102,6 +103,15 @@ class RepositoryConfig:
         return config
 
 
+def holds_objects(backend: Backend) -> bool:
+    """Whether the location holds anything but the store check's own objects.
+
+    Another host's store check (``store/``) may run while this one decides
+    whether to create a repository there; that is not "someone's data".
+    """
+    return any(not key.startswith(STORE_PREFIX) for key in backend.list(""))
+
+
 class Repository:
     """A fleece repository on a backend. Use :meth:`open`, :meth:`init` or :meth:`open_or_init`."""
 
@@ -163,7 +173,7 @@ class Repository:
         try:
             return cls.open(backend)
         except BadInput:
-            if next(iter(backend.list("")), None) is not None:
+            if holds_objects(backend):
                 raise
         try:
             return cls.init(backend, chunk_size, compression_level, hash=hash)

@@ -23,8 +23,12 @@ def _local(path: Path) -> FileBackend:
     return FileBackend(path)
 
 
-def open_backend(url: str) -> Backend:
-    """The backend that ``url`` names; ``BadInput`` for anything unsupported."""
+def open_backend(url: str, *, unsafe_locks: bool = False) -> Backend:
+    """The backend that ``url`` names; ``BadInput`` for anything unsupported.
+
+    ``unsafe_locks`` lets an S3 store that does not enforce conditional
+    creates hold leases anyway (the operator's explicit opt-in).
+    """
     if not url:
         raise BadInput("--repo needs a directory path, file:///abs/path or s3://bucket/prefix")
     if "://" not in url:
@@ -44,7 +48,7 @@ def open_backend(url: str) -> Backend:
         from fleece.repo.s3_backend import S3Backend, parse_s3_url
 
         bucket, prefix = parse_s3_url(url)
-        backend: Backend = S3Backend(bucket, prefix)
+        backend: Backend = S3Backend(bucket, prefix, unsafe_locks=unsafe_locks)
         return backend
     raise BadInput(f"unsupported repository URL scheme {scheme!r}: use a path, file:///abs/path or "
                    "s3://bucket/prefix")
