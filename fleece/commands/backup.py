@@ -9,7 +9,15 @@ from pathlib import Path
 
 from fleece.backup import LEVELS, BackupRequest, BackupResult, run_backup
 from fleece.codec import HASHES, parse_compression
-from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json, run
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_repo_option,
+    human_size,
+    limited_backend,
+    print_json,
+    run,
+)
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
@@ -23,7 +31,8 @@ DEFAULT_COMPRESS = "zstd:3"
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
-    "trim": bool, "labels": dict, "verify": bool, "unsafe_locks": bool,
+    "trim": bool, "labels": dict, "verify": bool, "unsafe_locks": bool, "limit_upload": str,
+    "limit_download": str,
 }
 
 
@@ -59,6 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="label recorded in the restore point (repeatable)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
+    add_limit_options(p)
     add_json_option(p)
     p.set_defaults(func=cmd_backup, unsafe_locks=None)
 
@@ -105,7 +115,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise BadInput(f"--label wants KEY=VALUE, not {item!r}")
         labels[key] = value
 
-    backend = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks))
+    store = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks))
+    backend = limited_backend(store, args)
     if args.storers is None:
         # S3 is latency-bound and wants more uploads in flight than a local disk.
         settings.storers = getattr(backend, "preferred_concurrency", settings.storers)
@@ -148,7 +159,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         result = run(run_backup(req, progress, say))
     if args.json:
         out = result.as_dict()
-        check = getattr(backend, "store_check", None)
+        check = getattr(store, "store_check", None)
         if check is not None:
             out["store"] = check.as_dict()
         print_json(out)

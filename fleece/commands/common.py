@@ -9,6 +9,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from fleece.repo.backend import Backend
+from fleece.repo.ratelimit import limit_backend, parse_rate
+
 T = TypeVar("T")
 
 
@@ -25,6 +28,21 @@ def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> N
         "--repo", required=required, metavar="URL",
         help="repository: a directory, file:///abs/path or s3://bucket/prefix",
     )
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """``--limit-upload RATE`` and ``--limit-download RATE`` (config ``limit_upload``/``limit_download``)."""
+    parser.add_argument("--limit-upload", metavar="RATE", default=None,
+                        help="at most RATE bytes/s to the repository (20M = 20 MiB/s)")
+    parser.add_argument("--limit-download", metavar="RATE", default=None,
+                        help="at most RATE bytes/s from the repository (20M = 20 MiB/s)")
+
+
+def limited_backend(backend: Backend, args: argparse.Namespace) -> Backend:
+    """``backend`` paced by the command's ``--limit-upload``/``--limit-download`` (if given)."""
+    up, down = getattr(args, "limit_upload", None), getattr(args, "limit_download", None)
+    return limit_backend(backend, parse_rate(up, "--limit-upload") if up else None,
+                         parse_rate(down, "--limit-download") if down else None)
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,14 @@ import sys
 import time
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_repo_option,
+    human_size,
+    limited_backend,
+    print_json,
+)
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput, LockHeld
 from fleece.gc import DEFAULT_GRACE, GcReport, collect_garbage
@@ -30,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         f"(default {format_duration(DEFAULT_GRACE)})")
     p.add_argument("--wait", metavar="DURATION", default=None,
                    help="while backups (or another gc) hold their locks, retry for up to DURATION")
+    add_limit_options(p)
     add_json_option(p)
     p.set_defaults(func=cmd_gc, unsafe_locks=None)
 
@@ -41,7 +49,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         raise BadInput("gc needs --repo URL (or repo = … in --config)")
     grace = parse_duration(args.grace) if args.grace else DEFAULT_GRACE
     deadline = time.monotonic() + (parse_duration(args.wait).total_seconds() if args.wait else 0)
-    repo = Repository.open(open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)))
+    repo = Repository.open(limited_backend(
+        open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)), args))
     told = False
     pause = 1.0  # short at first (a prune ends in seconds), then every POLL_SECONDS
     while True:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, add_repo_option, print_json
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_repo_option,
+    limited_backend,
+    print_json,
+)
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput
 from fleece.prune import PruneReport, prune
@@ -44,6 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--keep-within", metavar="DURATION", default=None,
                    help="keep every point younger than DURATION (e.g. 36h, 7d)")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+    add_limit_options(p)
     add_json_option(p)
     p.set_defaults(func=cmd_prune, unsafe_locks=None)
 
@@ -60,7 +67,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if policy.empty:
         raise BadInput("prune needs at least one --keep-* rule with a count of 1 or more "
                        "(or --keep-within); nothing was removed")
-    repo = Repository.open(open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)))
+    repo = Repository.open(limited_backend(
+        open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)), args))
 
     report = prune(repo, policy, vm=args.vm, dry_run=args.dry_run)
     if args.json:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fleece.commands.common import add_repo_option
+from fleece.commands.common import add_limit_options, add_repo_option, limited_backend
 from fleece.damage import damaged_bytes, describe_ranges
 from fleece.errors import BadInput
 from fleece.repo.repository import Repository
@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``restore`` command."""
     p = subparsers.add_parser("restore", help="write a disk of a restore point to an image file")
     add_repo_option(p)
+    add_limit_options(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--drive", metavar="NAME", help="the disk to restore (needed if several)")
     p.add_argument("--output", "-o", required=True, metavar="PATH|URI",
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("an NBD export takes the disk's raw bytes; drop --format qcow2")
     if nbd_output and not args.force:
         raise BadInput(f"restoring onto the NBD export {args.output} overwrites it; add --force")
-    repo = Repository.open(open_backend(args.repo))
+    repo = Repository.open(limited_backend(open_backend(args.repo), args))
     point = repo.find_point(args.point)
     workers, allow_damage = args.workers, args.allow_damage
     result: RestoreResult

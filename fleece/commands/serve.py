@@ -10,6 +10,7 @@ from types import FrameType
 from fleece.commands.backup import parse_size
 from fleece.commands.common import add_repo_option
 from fleece.errors import BadInput, FleeceError
+from fleece.repo.ratelimit import parse_rate
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
 from fleece.restore import DiskImage
@@ -30,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"decoded chunks kept in memory (default {DEFAULT_CACHE_BYTES >> 20}M)")
     p.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
                    help=f"chunks fetched ahead of sequential reads (default {DEFAULT_READAHEAD})")
+    p.add_argument("--limit-download", metavar="RATE", default=None,
+                   help="at most RATE bytes/s from the repository (20M = 20 MiB/s)")
     p.set_defaults(func=run)
 
 
@@ -38,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
     cache = parse_size(args.cache_size) if args.cache_size else DEFAULT_CACHE_BYTES
     if cache < 0 or not 0 <= args.readahead <= 64:
         raise BadInput("--cache-size must be positive and --readahead between 0 and 64")
+    limit = parse_rate(args.limit_download, "--limit-download") if args.limit_download else None
     repo = Repository.open(open_backend(args.repo))
     point = repo.find_point(args.point, args.vm)
     # Reads and checks the index too: a bad point fails here, not in a client.
     image = DiskImage(repo, point, args.drive)
     sock = prepare_socket(args.socket)
     server = NbdkitServer(args.repo, point, image.disk.name, sock, cache_bytes=cache,
-                          readahead=args.readahead, verbose=args.verbose > 1)
+                          readahead=args.readahead, verbose=args.verbose > 1, limit_download=limit)
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:

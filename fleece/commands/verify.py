@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.common import add_json_option, add_repo_option, human_size, print_json
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_repo_option,
+    human_size,
+    limited_backend,
+    print_json,
+)
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
 from fleece.repo.repository import Repository
@@ -24,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="fetch, decode and hash every chunk (default: check that they exist)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks checked in parallel (default {DEFAULT_WORKERS})")
+    add_limit_options(p)
     add_json_option(p)
     p.set_defaults(func=run)
 
@@ -32,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """Verify; 0 when everything holds, 1 when anything is damaged, 2 for bad input."""
     if not 1 <= args.workers <= 256:
         raise BadInput("--workers must be between 1 and 256")
-    repo = Repository.open(open_backend(args.repo))
+    repo = Repository.open(limited_backend(open_backend(args.repo), args))
     refs = resolve_points(repo, args.points, args.vm)
     with progress_display() as progress:
         report = verify_points(repo, refs, deep=args.deep, workers=args.workers,

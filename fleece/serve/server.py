@@ -77,6 +77,7 @@ class NbdkitServer:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead: int = DEFAULT_READAHEAD,
         verbose: bool = False,
+        limit_download: float | None = None,
     ) -> None:
         self.sock = sock
         self.uri = nbd_uri(sock)
@@ -85,6 +86,8 @@ class NbdkitServer:
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
             f"cache={cache_bytes}", f"readahead={readahead}",
         ]
+        if limit_download is not None:
+            self.parameters.append(f"limit_download={int(limit_download)}")
         self.argv: list[str] = []
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
