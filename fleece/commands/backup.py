@@ -12,6 +12,7 @@ from fleece.codec import HASHES, parse_compression
 from fleece.commands.common import (
     add_json_option,
     add_limit_options,
+    add_metrics_option,
     add_repo_option,
     human_size,
     limited_backend,
@@ -21,6 +22,7 @@ from fleece.commands.common import (
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
+from fleece.metrics import Run, recorded
 from fleece.pipeline import PipelineSettings
 from fleece.repo.repository import Repository, check_chunk_size, holds_objects
 from fleece.repo.url import open_backend
@@ -32,7 +34,7 @@ CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
     "trim": bool, "labels": dict, "verify": bool, "unsafe_locks": bool, "limit_upload": str,
-    "limit_download": str,
+    "limit_download": str, "metrics_file": str,
 }
 
 
@@ -69,6 +71,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
     add_limit_options(p)
+    add_metrics_option(p)
     add_json_option(p)
     p.set_defaults(func=cmd_backup, unsafe_locks=None)
 
@@ -86,8 +89,25 @@ def parse_size(text: str) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Parse, back up, report."""
+    """Parse, back up, report (and record the outcome in ``--metrics-file``)."""
     apply_config(args, CONFIG_KEYS, "backup")
+    with recorded(args.metrics_file, "backup", args.repo or "", args.vm) as record:
+        return _backup(args, record)
+
+
+def backup_metrics(result: BackupResult) -> dict[str, float]:
+    """The ``--metrics-file`` gauges of a backup."""
+    disks = result.disks
+    return {
+        "fleece_backup_bytes_dirty": sum(d.stats.bytes_read for d in disks if d.level == "incremental"),
+        "fleece_backup_bytes_read": sum(d.stats.bytes_read for d in disks),
+        "fleece_backup_bytes_stored": sum(d.stats.bytes_stored for d in disks),
+        # new chunks, one index per disk, the point
+        "fleece_backup_objects_written": sum(d.stats.chunks_new for d in disks) + len(disks) + 1,
+    }
+
+
+def _backup(args: argparse.Namespace, record: Run) -> int:
     if not args.qmp:
         raise BadInput("backup needs --qmp SOCKET (or qmp = … in --config)")
     if not args.drive:
@@ -150,6 +170,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
         verify=bool(args.verify),
+        on_vm=lambda name: setattr(record, "vm", name),
     )
 
     def say(line: str) -> None:
@@ -157,6 +178,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     with progress_display() as progress:
         result = run(run_backup(req, progress, say))
+    record.vm = result.point.vm
+    record.values = backup_metrics(result)
     if args.json:
         out = result.as_dict()
         check = getattr(store, "store_check", None)

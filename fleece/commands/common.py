@@ -45,6 +45,13 @@ def limited_backend(backend: Backend, args: argparse.Namespace) -> Backend:
                          parse_rate(down, "--limit-download") if down else None)
 
 
+def add_metrics_option(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-file PATH`` (config ``metrics_file``): see :mod:`fleece.metrics`."""
+    parser.add_argument("--metrics-file", metavar="PATH", default=None,
+                        help="after the run, update this Prometheus text-format file (node_exporter's "
+                             "textfile collector)")
+
+
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """``--json``: one JSON object on stdout and nothing else there."""
     parser.add_argument(

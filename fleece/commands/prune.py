@@ -8,12 +8,14 @@ from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import (
     add_json_option,
     add_limit_options,
+    add_metrics_option,
     add_repo_option,
     limited_backend,
     print_json,
 )
 from fleece.commands.config import apply_config
 from fleece.errors import BadInput
+from fleece.metrics import Run, recorded
 from fleece.prune import PruneReport, prune
 from fleece.repo.repository import Repository
 from fleece.repo.url import open_backend
@@ -51,13 +53,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep every point younger than DURATION (e.g. 36h, 7d)")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
     add_limit_options(p)
+    add_metrics_option(p)
     add_json_option(p)
     p.set_defaults(func=cmd_prune, unsafe_locks=None)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Parse the policy, prune, report."""
+    """Parse the policy, prune, report (and record the outcome in ``--metrics-file``)."""
     apply_config(args, CONFIG_KEYS, "prune")
+    metrics = None if args.dry_run else args.metrics_file
+    with recorded(metrics, "prune", args.repo or "", args.vm) as record:
+        return _prune(args, record)
+
+
+def _prune(args: argparse.Namespace, record: Run) -> int:
     if not args.repo:
         raise BadInput("prune needs --repo URL (or repo = … in --config)")
     policy = Policy(
@@ -71,6 +80,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks)), args))
 
     report = prune(repo, policy, vm=args.vm, dry_run=args.dry_run)
+    record.values = {"fleece_prune_points_kept": sum(len(v.kept) for v in report.vms),
+                     "fleece_prune_points_removed": sum(len(v.removed) for v in report.vms)}
     if args.json:
         print_json(report.as_dict())
     else:
