@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "fleece.commands.gc",
     "fleece.commands.protect",
     "fleece.commands.unlock",
+    "fleece.commands.copy",
 ]
 
 

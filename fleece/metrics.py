@@ -1,6 +1,6 @@
 """``--metrics-file PATH``: the outcome of a run for Prometheus (node_exporter's textfile collector).
 
-After ``backup``, ``prune``, ``gc`` and ``verify`` fleece rewrites one
+After ``backup``, ``prune``, ``gc``, ``verify`` and ``copy`` fleece rewrites one
 Prometheus text-format file: it reads the samples already there, replaces
 those of this command, VM and repository, and writes the whole file to a
 temporary name in the same directory and renames it over the old one, so
@@ -51,6 +51,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "fleece_gc_objects_deleted": ("gauge", "Chunks and indexes the last gc deleted."),
     "fleece_gc_bytes_freed": ("gauge", "Bytes the last gc freed."),
     "fleece_gc_chunks_kept": ("gauge", "Chunks the last gc kept."),
+    "fleece_copy_points_copied": ("gauge", "Restore points the last copy wrote to the destination."),
+    "fleece_copy_bytes_copied": ("gauge", "Bytes of chunks the last copy sent to the destination."),
+    "fleece_copy_objects_written": ("gauge", "Chunks, indexes and points the last copy wrote."),
     "fleece_verify_points_checked": ("gauge", "Restore points the last verify checked."),
     "fleece_verify_damaged_points": ("gauge", "Restore points the last verify found damaged."),
     "fleece_verify_bytes_checked": ("gauge", "Bytes of chunks the last (deep) verify fetched and checked."),
