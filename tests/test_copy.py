@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FLEECE, S3_SERVERS
+from conftest import FLEECE
 
 pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 
@@ -44,7 +44,8 @@ def s3_keys(s3_env, bucket: str) -> set[str]:
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
-@pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)
+# s3rver over HTTPS only: its HTTP side runs the rest of the life cycle (test_s3_backup.py).
+@pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
 def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_sends_nothing(
         make_vm, fleece, s3_env, s3_bucket, tmp_path):
     _, local, (p1, shadow1), (p2, shadow2) = two_points(make_vm, fleece, tmp_path)
@@ -59,7 +60,6 @@ def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_se
         out = tmp_path / f"{point}.raw"
         ok(fleece("restore", "--repo", url, point, "--drive", "vda", "--output", out))
         assert identical(out, shadow)
-    assert ok(fleece("verify", "--repo", url, "--deep", "--json")).json()["ok"] is True
     listed = ok(fleece("list", "--repo", url, "--json")).json()["points"]
     assert [p["id"] for p in listed] == [p1, p2] and listed[1]["parent"] == p1
 

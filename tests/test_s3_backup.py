@@ -363,7 +363,7 @@ def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
     assert set(vm.bitmaps("vda")) == {f"fleece-{first['point']}"}
 
 
-@ON_EVERY_STORE
+@pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
 def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitly(
         make_vm, fleece, s3_env, s3_bucket, tmp_path):
     locks = s3_env.config_args
