@@ -188,3 +188,20 @@ def test_the_bucket_is_thread_safe_under_contention():
         t.join()
     assert total[0] == 8 * 200 * 64 * 1024
     assert time.monotonic() - start >= total[0] / (1024 * MiB) * 0.9
+
+
+@pytest.mark.qemu
+def test_serve_is_held_to_the_download_limit(make_vm, fleece, tmp_path, short_tmp):
+    from test_serve import serving
+
+    seed = random_disk(tmp_path / "seed.raw", 8 * MiB, 13)
+    vm = make_vm([("qcow2", "8M")], name="web1", contents={"vda": seed})
+    repo = tmp_path / "repo"
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo, "--json")
+    assert res.rc == 0, res.err
+    with serving("--repo", repo, res.json()["point"], "--socket", short_tmp / "s.sock",
+                 "--limit-download", "4M") as uri:
+        start = time.monotonic()
+        subprocess.run(["nbdcopy", uri, str(tmp_path / "copy.raw")], check=True)
+        assert time.monotonic() - start >= 8 * MiB / (4 * MiB) * 0.95  # 2 s for 8 MiB
+    assert (tmp_path / "copy.raw").read_bytes() == seed.read_bytes()
