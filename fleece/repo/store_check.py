@@ -124,7 +124,7 @@ def cached_check(ops: ProbeOps, endpoint: str, now: float | None = None) -> Stor
     """The result cached in the repository, if it is recent and for this endpoint."""
     try:
         check = StoreCheck.from_json(ops.get(CHECK_KEY))
-    except ObjectMissing:
+    except (ObjectMissing, RepositoryCorrupt):  # a damaged cache is no cache: probe again
         return None
     now = time.time() if now is None else now
     if check is None or check.endpoint != endpoint or not 0 <= now - check.checked < CACHE_SECONDS:
