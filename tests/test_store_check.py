@@ -198,6 +198,16 @@ def test_backup_on_a_store_ignoring_if_none_match_is_refused_unless_unsafe_locks
     assert any("both take its lock" in g for g in store["guarantees_not_held"])
     assert "fleece: unsafe_locks: the S3 store" in res.err  # said on every run, not only in --json
 
+    # `fleece status --repo` says it too, from the check cached in the repository (no probe).
+    status = fleece("status", "--qmp", vm.qmp_path, "--repo", url, "--json")
+    assert status.rc == 0, status.err
+    store = status.json()["repository"]["store"]
+    assert store["conditional_create"] == "ignored" and store["endpoint"] == s3_env.endpoint
+    assert store["guarantees_not_held"] and "unsafe_locks" not in store
+    human = fleece("status", "--qmp", vm.qmp_path, "--repo", url)
+    assert f"the store at {s3_env.endpoint} ignores conditional creates" in human.out
+    assert human.out.count("  does not hold: ") == len(store["guarantees_not_held"])
+
 
 def test_on_a_store_that_enforces_conditional_creates_every_guarantee_holds(
         make_vm, fleece, s3_env, s3_bucket):
