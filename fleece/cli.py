@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "fleece.commands.unlock",
     "fleece.commands.init",
     "fleece.commands.key",
+    "fleece.commands.copy",
 ]
 
 

@@ -447,20 +447,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ROOT = Path(__file__).resolve().parent.parent
+S3RVER = ROOT / ".s3rver" / "node_modules" / ".bin" / "s3rver"  # installed by scripts/bootstrap
+S3_SERVERS = ("moto", "s3rver-http", "s3rver-https")
+"""Every S3 implementation the suites run against (``@pytest.mark.parametrize("s3_server",
+S3_SERVERS, indirect=True)``); the default ``s3_server`` is moto."""
+
+
 @dataclass
 class S3Server:
     endpoint: str
     proc: subprocess.Popen[bytes]
+    name: str = "moto"
+    access_key: str = "testing"
+    secret_key: str = "testing"
+    ca_bundle: str | None = None
+    """The self-signed certificate of an HTTPS server, for AWS_CA_BUNDLE."""
+    enforces_conditional_writes: bool = True
+    """False for stores that silently ignore If-None-Match (s3rver)."""
+    config: Path | None = None
+    """A fleece --config file with ``unsafe_locks = true`` where the store needs the opt-in."""
+
+    @property
+    def config_args(self) -> tuple[str, ...]:
+        """Arguments for commands that take locks (backup, prune, gc) on this store."""
+        return ("--config", str(self.config)) if self.config else ()
 
     def client(self) -> Any:
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
+            verify=self.ca_bundle if self.ca_bundle else None,
+            config=Config(request_checksum_calculation="when_required"),
         )
 
     @contextlib.contextmanager
@@ -480,8 +504,21 @@ class S3Server:
             free_actions("inf")
 
 
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One ``moto_server`` process on 127.0.0.1 and a random port for the session."""
     port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
@@ -489,28 +526,106 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
+    _wait_for_port(proc, port, "moto_server")
     yield S3Server(f"http://127.0.0.1:{port}", proc)
     proc.terminate()
     proc.wait(10)
 
 
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A key and certificate for 127.0.0.1, made here (cryptography comes with moto)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def _start_s3rver(base: Path, tls: bool) -> tuple[S3Server, Any]:
+    if not S3RVER.exists():
+        raise RuntimeError(f"{S3RVER} is missing: run scripts/bootstrap (it installs s3rver with npm)")
+    port = _free_port()
+    args = [str(S3RVER), "-d", str(base / "data"), "-a", "127.0.0.1", "-p", str(port), "-s"]
+    ca = None
+    if tls:
+        key, cert = _self_signed_certificate(base)
+        args += ["--key", str(key), "--cert", str(cert)]
+        ca = str(cert)
+    # s3rver's listing past 1000 keys hashes with MD4, which Node 17+ only
+    # offers from OpenSSL's legacy provider.
+    env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
+    log = open(base / "s3rver.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    _wait_for_port(proc, port, "s3rver")
+    config = base / "unsafe-locks.toml"
+    config.write_text("unsafe_locks = true  # s3rver ignores If-None-Match\n")
+    scheme = "https" if tls else "http"
+    return S3Server(f"{scheme}://127.0.0.1:{port}", proc, name=f"s3rver-{scheme}",
+                    access_key="S3RVER", secret_key="S3RVER", ca_bundle=ca,
+                    enforces_conditional_writes=False, config=config), log
+
+
+@pytest.fixture(scope="session")
+def s3rver_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """s3rver (npm) on 127.0.0.1 over plain HTTP, for the session."""
+    server, log = _start_s3rver(tmp_path_factory.mktemp("s3rver-http"), tls=False)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """s3rver (npm) on 127.0.0.1 over HTTPS with a self-signed certificate, for the session."""
+    server, log = _start_s3rver(tmp_path_factory.mktemp("s3rver-https"), tls=True)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """The S3 server of this test: moto, or the one named by an indirect parametrization."""
+    name = getattr(request, "param", "moto")
+    fixture = {"moto": "moto_server", "s3rver-http": "s3rver_http", "s3rver-https": "s3rver_https"}[name]
+    server: S3Server = request.getfixturevalue(fixture)
+    return server
+
+
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """Point boto3 (in-process and in subprocesses) at the moto server."""
+    """Point boto3 (in-process and in subprocesses) at the test's S3 server."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if s3_server.ca_bundle:
+        monkeypatch.setenv("AWS_CA_BUNDLE", s3_server.ca_bundle)
+    else:
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return s3_server
@@ -518,7 +633,7 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 @pytest.fixture
 def s3_bucket(s3_env: S3Server) -> str:
-    """A fresh, empty bucket on the moto server; its name."""
+    """A fresh, empty bucket on the test's S3 server; its name."""
     name = f"fleece-test-{uuid.uuid4().hex[:12]}"
     s3_env.client().create_bucket(Bucket=name)
     return name
@@ -535,6 +650,7 @@ def s3_proxy(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
     """
     from fleece.testing.s3_faults import S3FaultProxy
 
+    assert s3_env.name == "moto", "the fault proxy re-signs nothing: only moto accepts its requests"
     with S3FaultProxy(s3_env.endpoint, hang=1.5) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         yield proxy

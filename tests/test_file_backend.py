@@ -208,7 +208,7 @@ def test_open_backend_hands_s3_urls_to_the_s3_backend(monkeypatch: pytest.Monkey
     made: list[tuple[str, str]] = []
 
     class FakeS3:
-        def __init__(self, bucket: str, prefix: str) -> None:
+        def __init__(self, bucket: str, prefix: str, *, unsafe_locks: bool = False) -> None:
             made.append((bucket, prefix))
 
     monkeypatch.setattr(s3_backend, "S3Backend", FakeS3)

@@ -1,6 +1,10 @@
-"""`fleece backup` of real VMs into S3: a moto_server on loopback, over HTTP, through the CLI.
+"""`fleece backup` of real VMs into S3 on loopback, through the CLI.
 
-The repository is ``s3://BUCKET/sites/a``: every object must land under that
+The life cycle runs on every S3 implementation in conftest's ``S3_SERVERS``:
+moto over HTTP, and s3rver (a second, independent implementation) over HTTP
+and HTTPS. s3rver ignores ``If-None-Match``, so lock-taking commands run there
+with the operator's explicit opt-in (``s3_env.config_args``: a config file
+saying ``unsafe_locks = true``). The repository is ``s3://BUCKET/sites/a``: every object must land under that
 prefix. Restores are compared with the test's shadow of each disk. Faults
 come from ``S3FaultProxy`` (conftest's ``s3_proxy``) between the ``fleece``
 subprocess and moto: real 503s, throttling, TCP resets and stalls below
@@ -21,7 +25,7 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import FLEECE
+from conftest import FLEECE, S3_SERVERS
 
 from fleece.repo.backends.s3 import S3Backend
 from fleece.repo.lock import LeaseInfo
@@ -31,6 +35,7 @@ pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 MiB = 1 << 20
 CHUNK = 4 * MiB
 PREFIX = "sites/a"
+ON_EVERY_STORE = pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -77,6 +82,11 @@ def start_backup(vm, url: str, *extra: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
 
 
+def ok(res: Any) -> Any:
+    assert res.rc == 0, res.err
+    return res
+
+
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -92,9 +102,17 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def error_lines(err: str) -> str:
+    """The one error line, beside the warning every run on an opted-in unsafe store prints."""
+    return one_error_line("\n".join(line for line in err.splitlines()
+                                     if not line.startswith("fleece: unsafe_locks: ")))
+
+
 # -- the happy path ----------------------------------------------------------------------
+@ON_EVERY_STORE
 def test_full_incremental_and_restores_are_identical_and_every_object_is_under_the_prefix(
         make_vm, fleece, s3_env, s3_bucket, tmp_path):
+    locks = s3_env.config_args
     seed = random_seed(tmp_path / "seed.raw", 64 * MiB, 1)
     with open(seed, "r+b") as f:  # half of the disk never written: zero chunks, not stored
         f.truncate(32 * MiB)
@@ -103,19 +121,20 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
     vm.write("vda", 40 * MiB, MiB, 0x11)
     url = f"s3://{s3_bucket}/{PREFIX}"
 
-    p1 = backup(fleece, vm, url)
+    p1 = backup(fleece, vm, url, extra=locks)
     d1 = p1["disks"][0]
     assert (d1["level"], d1["chunks_new"], d1["chunks_zero"]) == ("full", 9, 7)
     assert d1["bytes_stored"] > 32 * MiB  # random data does not compress
     s1 = vm.snapshot_shadow("vda", tmp_path / "p1.raw")
 
-    vm.write("vda", 5 * MiB, 64 * 1024, 0x22)  # chunk 1
-    vm.write("vda", 60 * MiB, 2 * MiB, 0x33)   # chunk 15, a zero chunk until now
-    p2 = backup(fleece, vm, url)
+    vm.write("vda", 5 * MiB, 3 * MiB, 0x22)    # most of chunk 1: stored whole again
+    vm.write("vda", 60 * MiB, 64 * 1024, 0x33)  # a little of chunk 15, a zero chunk until now
+    p2 = backup(fleece, vm, url, extra=locks)
     d2 = p2["disks"][0]
     assert p2["parent"] == p1["point"] and d2["level"] == "incremental"
-    # Only the dirty extents are read, and stored as two deltas in one pack.
-    assert d2["bytes_read"] == 64 * 1024 + 2 * MiB and d2["chunks_new"] == 0 and d2["deltas"] == 2
+    # Chunk 1 is read whole and stored as a new chunk; of chunk 15 only the
+    # dirty 64 KiB is read, stored as a delta in one pack.
+    assert d2["bytes_read"] == 4 * MiB + 64 * 1024 and (d2["chunks_new"], d2["deltas"]) == (1, 1)
 
     assert identical(restore(fleece, url, p1["point"], tmp_path / "r1.raw"), s1)
     assert identical(restore(fleece, url, p2["point"], tmp_path / "r2.raw"), vm.shadow("vda"))
@@ -124,11 +143,25 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
 
     keys = set(bucket_objects(s3_env, s3_bucket))
     assert keys and all(k.startswith(f"{PREFIX}/") for k in keys), keys
-    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points"}  # no lock
+    # The lock is released; "store" holds the store check's cached result.
+    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points", "store"}
     assert f"{PREFIX}/points/web1/{p2['point']}.json" in keys
-    assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 9
+    assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 10
     assert len([k for k in keys if k.startswith(f"{PREFIX}/packs/")]) == 1
     assert set(vm.bitmaps("vda")) == {f"fleece-{p2['point']}"}
+
+    # Every chunk fetched, decoded and hashed: both points restore.
+    deep = ok(fleece("verify", "--repo", url, "--deep", "--json")).json()
+    assert deep["ok"] is True and len(deep["points"]) == 2, deep
+    # Keep only the newest point; gc frees the chunk only the first one named.
+    pruned = ok(fleece("prune", "--repo", url, "--keep-last", "1", "--json", *locks)).json()
+    assert [r["id"] for r in pruned["removed"]] == [p1["point"]]
+    freed = ok(fleece("gc", "--repo", url, "--grace", "0s", "--json", *locks)).json()
+    assert freed["chunks_deleted"] == 1 and freed["chunks_kept"] == 9, freed
+    assert freed["packs_kept"] == 1, freed
+    assert len(chunk_objects(s3_env, s3_bucket)) == 9
+    assert ok(fleece("verify", "--repo", url, "--deep", "--json")).json()["ok"] is True
+    assert identical(restore(fleece, url, p2["point"], tmp_path / "r3.raw"), vm.shadow("vda"))
 
 
 def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
@@ -163,14 +196,15 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     assert third["level"] == "incremental" and third["bytes_read"] == 6 * MiB
     assert (third["chunks_new"], third["chunks_reused"]) == (1, 1)
     assert seen["HeadObject"] == 1 and seen["PutObject"] == 5, seen
-    # GETs: config, gc's lease (absent), the parent point and its index (once,
-    # it is also the latest), our lease four times (compared before recording
-    # its uses, re-read before and after the point is written, compared at
-    # release); not one per point of the VM.
-    assert seen["GetObject"] == 8, seen
+    # GETs: config, the cached store check, gc's lease (absent), the parent
+    # point and its index (once, it is also the latest), our lease four times
+    # (compared before recording its uses, re-read before and after the point
+    # is written, compared at release); not one per point of the VM.
+    assert seen["GetObject"] == 9, seen
     assert len(chunk_objects(s3_env, s3_bucket)) == 7
 
 
+@ON_EVERY_STORE
 def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
         make_vm, fleece, s3_env, s3_bucket, tmp_path):
     seed = random_seed(tmp_path / "seed.raw", 24 * MiB, 2)  # same golden image, 6 chunks
@@ -180,7 +214,7 @@ def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
 
     # Both start on an empty prefix: one creates the repository, both store
     # the shared chunks (conditional creates decide who writes each object).
-    procs = [start_backup(vm, url) for vm in vms]
+    procs = [start_backup(vm, url, *s3_env.config_args) for vm in vms]
     results = [p.communicate(timeout=120) for p in procs]
     for proc, (_, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err
@@ -195,7 +229,7 @@ def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
 
     # A third, later VM from the same image finds every chunk in the bucket.
     late = make_vm([("qcow2", "24M")], name="web3", contents={"vda": seed})
-    disk = backup(fleece, late, url)["disks"][0]
+    disk = backup(fleece, late, url, extra=s3_env.config_args)["disks"][0]
     assert (disk["chunks_new"], disk["chunks_reused"]) == (0, 6)
     assert chunk_objects(s3_env, s3_bucket) == chunks
 
@@ -336,12 +370,14 @@ def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
     assert set(vm.bitmaps("vda")) == {f"fleece-{first['point']}"}
 
 
+@pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
 def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitly(
         make_vm, fleece, s3_env, s3_bucket, tmp_path):
+    locks = s3_env.config_args
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     url = f"s3://{s3_bucket}/{PREFIX}"
-    first = backup(fleece, vm, url)
+    first = backup(fleece, vm, url, extra=locks)
     vm.write("vda", 4 * MiB, MiB, 0x43)
     # Another host's backup died holding the lease: it has not expired yet.
     lease = LeaseInfo(key="locks/vms/web1", host="backup-host-2", pid=4242, token="f" * 32,
@@ -349,9 +385,9 @@ def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitl
     S3Backend(s3_bucket, PREFIX).put("locks/vms/web1", lease.to_json())
     before = vm.block_graph()
 
-    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url)
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, *locks)
     assert res.rc == 1
-    assert one_error_line(res.err) == (
+    assert error_lines(res.err) == (
         "fleece: error: VM web1 is locked by backup-host-2 pid 4242 since 2026-11-23T07:00:00.000000Z "
         "(lease expires 2099-01-01T00:00:00.000000Z); nothing was changed")
     assert vm.block_graph() == before
@@ -363,7 +399,7 @@ def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitl
     assert broken.out.startswith("removed the lock of VM web1 held by backup-host-2 pid 4242")
     assert f"{PREFIX}/locks/vms/web1" not in bucket_objects(s3_env, s3_bucket)
 
-    nxt = backup(fleece, vm, url)
+    nxt = backup(fleece, vm, url, extra=locks)
     assert nxt["parent"] == first["point"] and nxt["disks"][0]["level"] == "incremental"
     assert identical(restore(fleece, url, nxt["point"], tmp_path / "r.raw"), vm.shadow("vda"))
     assert fleece("unlock", "--repo", url, "--vm", "web1").out.strip() == f"VM web1 holds no lock in {url}"

@@ -64,6 +64,8 @@ class BackupRequest:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     verify: bool = False
     """Deep-verify the stored chunks and indexes before the point is written."""
+    on_vm: Callable[[str], None] | None = None
+    """Told the VM's name as soon as it is known (``--metrics-file`` labels a failure by it)."""
 
 
 @dataclass
@@ -146,6 +148,8 @@ async def run_backup(
     started = time.monotonic()
     async with QmpSession.open(req.qmp) as session:
         vm = req.vm or await vm_name(session)
+        if req.on_vm is not None:
+            req.on_vm(vm)
         qemu = ".".join(map(str, await session.qemu_version()))
         # Unknown drives are bad input: say so before the repository is touched
         # (a fresh location is only initialized once the VM side checks out).

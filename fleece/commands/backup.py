@@ -13,20 +13,24 @@ from fleece.backup.remote import read_export, run_backup_from_export
 from fleece.commands.common import (
     add_client_tls_options,
     add_json_option,
+    add_limit_options,
+    add_metrics_option,
     add_repo_option,
     human_size,
+    limited_backend,
     open_repository,
     print_json,
     run,
 )
 from fleece.commands.config import apply_config
+from fleece.commands.metrics import Run, recorded
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput, NotARepository
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format.codec import HASHES, parse_compression
-from fleece.repo.repository import Repository, check_chunk_size
+from fleece.repo.repository import Repository, check_chunk_size, holds_objects
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESS = "zstd:3"
@@ -34,7 +38,8 @@ DEFAULT_COMPRESS = "zstd:3"
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
-    "trim": bool, "labels": dict, "verify": bool, "passphrase_file": str,
+    "trim": bool, "labels": dict, "verify": bool, "passphrase_file": str, "unsafe_locks": bool,
+    "limit_upload": str, "limit_download": str, "metrics_file": str,
 }
 
 
@@ -74,8 +79,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="back up an export made on another host: FILE ('-': stdin) is the output of "
                         "'fleece export start --json' there (needs --vm; no --qmp, --drive)")
     add_client_tls_options(p)
+    add_limit_options(p)
+    add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_backup)
+    p.set_defaults(func=cmd_backup, unsafe_locks=None)
 
 
 def parse_size(text: str) -> int:
@@ -91,8 +98,25 @@ def parse_size(text: str) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Parse, back up, report."""
+    """Parse, back up, report (and record the outcome in ``--metrics-file``)."""
     apply_config(args, CONFIG_KEYS, "backup")
+    with recorded(args.metrics_file, "backup", args.repo or "", args.vm) as record:
+        return _backup(args, record)
+
+
+def backup_metrics(result: BackupResult) -> dict[str, float]:
+    """The ``--metrics-file`` gauges of a backup."""
+    disks = result.disks
+    return {
+        "fleece_backup_bytes_dirty": sum(d.stats.bytes_dirty for d in disks),
+        "fleece_backup_bytes_read": sum(d.stats.bytes_read for d in disks),
+        "fleece_backup_bytes_stored": sum(d.stats.bytes_stored for d in disks),
+        # chunks, packs and the index of each disk, and the point
+        "fleece_backup_objects_written": sum(d.stats.objects_written for d in disks) + 1,
+    }
+
+
+def _backup(args: argparse.Namespace, record: Run) -> int:
     tls = client_tls(args.tls_creds, args.tls_psk)
     if args.from_export:
         if args.qmp or args.drive or args.qga:
@@ -130,7 +154,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise BadInput(f"--label wants KEY=VALUE, not {item!r}")
         labels[key] = value
 
-    backend = open_backend(args.repo)
+    store = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks))
+    backend = limited_backend(store, args)
     if args.storers is None:
         # S3 is latency-bound and wants more uploads in flight than a local disk.
         settings.storers = backend.preferred_concurrency or settings.storers
@@ -140,7 +165,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     try:
         repo = open_repository(args, backend)
     except NotARepository:
-        if next(iter(backend.list("")), None) is not None:
+        if holds_objects(backend):
             # Another host may have created it since our look (a shared
             # bucket); if there is still no config, it is not ours to write into.
             repo = open_repository(args, backend)
@@ -162,6 +187,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
         verify=bool(args.verify),
+        on_vm=lambda name: setattr(record, "vm", name),
     )
 
     def say(line: str) -> None:
@@ -172,8 +198,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
             result = run(run_backup_from_export(req, *exported, progress))
         else:
             result = run(run_backup(req, progress, say))
+    record.vm = result.point.vm
+    record.values = backup_metrics(result)
     if args.json:
-        print_json(result.as_dict())
+        out = result.as_dict()
+        report = store.store_report()
+        if report is not None:
+            out["store"] = report
+        print_json(out)
     else:
         print_summary(result)
     return 0

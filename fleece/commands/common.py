@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from fleece.errors import BadInput, FleeceError
 from fleece.repo.backends.base import Backend
+from fleece.repo.backends.ratelimit import limit_backend, parse_rate
 from fleece.repo.backends.url import open_backend
 from fleece.repo.repository import Passphrase, Repository
 
@@ -47,6 +48,28 @@ def add_client_tls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-psk", metavar="FILE", help="pre-shared key file (0600, USERNAME:HEXKEY) for nbds://"
     )
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """``--limit-upload RATE`` and ``--limit-download RATE`` (config ``limit_upload``/``limit_download``)."""
+    parser.add_argument("--limit-upload", metavar="RATE", default=None,
+                        help="at most RATE bytes/s to the repository (20M = 20 MiB/s)")
+    parser.add_argument("--limit-download", metavar="RATE", default=None,
+                        help="at most RATE bytes/s from the repository (20M = 20 MiB/s)")
+
+
+def limited_backend(backend: Backend, args: argparse.Namespace) -> Backend:
+    """``backend`` paced by the command's ``--limit-upload``/``--limit-download`` (if given)."""
+    up, down = getattr(args, "limit_upload", None), getattr(args, "limit_download", None)
+    return limit_backend(backend, parse_rate(up, "--limit-upload") if up else None,
+                         parse_rate(down, "--limit-download") if down else None)
+
+
+def add_metrics_option(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-file PATH`` (config ``metrics_file``): see :mod:`fleece.commands.metrics`."""
+    parser.add_argument("--metrics-file", metavar="PATH", default=None,
+                        help="after the run, update this Prometheus text-format file (node_exporter's "
+                             "textfile collector)")
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -144,4 +167,8 @@ def open_repository(args: argparse.Namespace, backend: Backend | None = None,
                     passphrase: bytes | None = None) -> Repository:
     """Open ``--repo`` (or ``backend``), with the passphrase options (or ``passphrase``) if encrypted."""
     source = passphrase_source(args) if passphrase is None else (lambda: passphrase)
-    return Repository.open(backend or open_backend(args.repo), source)
+    if backend is None:
+        # Paced below any encryption: the limit counts the bytes that travel.
+        backend = limited_backend(open_backend(args.repo, unsafe_locks=bool(getattr(
+            args, "unsafe_locks", False))), args)
+    return Repository.open(backend, source)

@@ -7,8 +7,17 @@ import sys
 import time
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository, print_json
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_metrics_option,
+    add_repo_option,
+    human_size,
+    open_repository,
+    print_json,
+)
 from fleece.commands.config import apply_config
+from fleece.commands.metrics import Run, recorded
 from fleece.errors import BadInput, LockHeld
 from fleece.maintenance.gc import DEFAULT_GRACE, GcReport, collect_garbage
 from fleece.maintenance.retention import format_duration, parse_duration
@@ -28,13 +37,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         f"(default {format_duration(DEFAULT_GRACE)})")
     p.add_argument("--wait", metavar="DURATION", default=None,
                    help="while backups (or another gc) hold their locks, retry for up to DURATION")
+    add_limit_options(p)
+    add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_gc)
+    p.set_defaults(func=cmd_gc, unsafe_locks=None)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Collect garbage, waiting for running backups if asked to; report."""
+    """Collect garbage, waiting for running backups if asked to; report (and record it)."""
     apply_config(args, CONFIG_KEYS, "gc")
+    metrics = None if args.dry_run else args.metrics_file
+    with recorded(metrics, "gc", args.repo or "") as record:
+        return _gc(args, record)
+
+
+def _gc(args: argparse.Namespace, record: Run) -> int:
     if not args.repo:
         raise BadInput("gc needs --repo URL (or repo = … in --config)")
     grace = parse_duration(args.grace) if args.grace else DEFAULT_GRACE
@@ -56,6 +73,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 told = True
             time.sleep(min(pause, left))
             pause = min(2 * pause, POLL_SECONDS)
+    record.values = {"fleece_gc_objects_deleted": report.chunks_deleted + report.indexes_deleted,
+                     "fleece_gc_bytes_freed": report.bytes_freed,
+                     "fleece_gc_chunks_kept": report.chunks_kept}
     if args.json:
         print_json(report.as_dict())
     else:

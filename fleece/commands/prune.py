@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
-from fleece.commands.common import add_json_option, add_repo_option, open_repository, print_json
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_metrics_option,
+    add_repo_option,
+    open_repository,
+    print_json,
+)
 from fleece.commands.config import apply_config
+from fleece.commands.metrics import Run, recorded
 from fleece.errors import BadInput
 from fleece.maintenance.prune import PruneReport, prune
 from fleece.maintenance.retention import CALENDAR_RULES, Policy, parse_duration
@@ -42,13 +50,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--keep-within", metavar="DURATION", default=None,
                    help="keep every point younger than DURATION (e.g. 36h, 7d)")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+    add_limit_options(p)
+    add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, unsafe_locks=None)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Parse the policy, prune, report."""
+    """Parse the policy, prune, report (and record the outcome in ``--metrics-file``)."""
     apply_config(args, CONFIG_KEYS, "prune")
+    metrics = None if args.dry_run else args.metrics_file
+    with recorded(metrics, "prune", args.repo or "", args.vm) as record:
+        return _prune(args, record)
+
+
+def _prune(args: argparse.Namespace, record: Run) -> int:
     if not args.repo:
         raise BadInput("prune needs --repo URL (or repo = … in --config)")
     policy = Policy(
@@ -61,6 +77,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     repo = open_repository(args)
 
     report = prune(repo, policy, vm=args.vm, dry_run=args.dry_run)
+    record.values = {"fleece_prune_points_kept": sum(len(v.kept) for v in report.vms),
+                     "fleece_prune_points_removed": sum(len(v.removed) for v in report.vms)}
     if args.json:
         print_json(report.as_dict())
     else:

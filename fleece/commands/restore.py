@@ -7,7 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from fleece.commands.common import add_client_tls_options, add_repo_option, open_repository
+from fleece.commands.common import (
+    add_client_tls_options,
+    add_limit_options,
+    add_repo_option,
+    open_repository,
+)
 from fleece.commands.live_restore import add_live_options, refuse_live_options, run_live
 from fleece.errors import BadInput
 from fleece.fleecing.transport import check_client_uri, client_tls
@@ -20,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``restore`` command."""
     p = subparsers.add_parser("restore", help="write a disk of a restore point to an image file")
     add_repo_option(p)
+    add_limit_options(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
     p.add_argument("--drive", metavar="NAME", action="append",
                    help="the disk to restore (needed if several; --live takes several)")

@@ -11,6 +11,7 @@ from fleece.commands.backup import parse_size
 from fleece.commands.common import add_repo_option, open_repository, passphrase_source
 from fleece.commands.export import add_listen_options, transport_from
 from fleece.errors import BadInput, FleeceError
+from fleece.repo.backends.ratelimit import parse_rate
 from fleece.restore.image import DiskImage
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 from fleece.serve.server import NbdkitServer, prepare_socket
@@ -30,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"decoded chunks kept in memory (default {DEFAULT_CACHE_BYTES >> 20}M)")
     p.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
                    help=f"chunks fetched ahead of sequential reads (default {DEFAULT_READAHEAD})")
+    p.add_argument("--limit-download", metavar="RATE", default=None,
+                   help="at most RATE bytes/s from the repository (20M = 20 MiB/s)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     source = passphrase_source(args)
     passphrase = source() if source is not None else None
     repo = open_repository(args, passphrase=passphrase)
+    limit = parse_rate(args.limit_download, "--limit-download") if args.limit_download else None
     point = repo.find_point(args.point, args.vm)
     # Reads and checks the index too: a bad point fails here, not in a client.
     image = DiskImage(repo, point, args.drive)
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                          "reach that port can read this disk\n")
     server = NbdkitServer(args.repo, point, image.disk.name, sock, cache_bytes=cache,
                           readahead=args.readahead, verbose=args.verbose > 1, transport=transport,
-                          passphrase=passphrase if repo.master is not None else None)
+                          passphrase=passphrase if repo.master is not None else None,
+                          limit_download=limit)
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:

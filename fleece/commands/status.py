@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from typing import Any
 
 from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
@@ -12,12 +13,18 @@ from fleece.fleecing.names import checkpoint_of, is_fleece_name
 from fleece.fleecing.stale_scratch import scratch_parents, survey
 from fleece.fleecing.state import ExportState
 from fleece.qmp import DirtyBitmap, Disk, QmpSession
+from fleece.repo.backends.base import ObjectMissing
+from fleece.repo.backends.store_check import CHECK_KEY, StoreCheck
+from fleece.repo.backends.url import open_backend
+from fleece.repo.format.point import iso_utc
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``status`` to the command line."""
     p = sub.add_parser("status", help="show a VM's disks, dirty bitmaps and fleece leftovers")
     add_qmp_option(p)
+    p.add_argument("--repo", metavar="URL", default=None,
+                   help="also show what the repository's store guarantees (S3: the cached store check)")
     add_json_option(p)
     p.set_defaults(func=cmd_status)
 
@@ -92,9 +99,25 @@ def _disk_view(disk: Disk, graph: BlockGraph) -> tuple[Disk, str | None, tuple[D
     return shown, disk.node_name, node.bitmaps
 
 
+def repository_status(url: str) -> dict[str, Any]:
+    """What ``--repo`` adds: the store check cached in the repository (read only, no probe)."""
+    backend = open_backend(url)
+    out: dict[str, Any] = {"url": backend.url, "store": None}
+    if url.startswith("s3://"):
+        try:
+            check = StoreCheck.from_json(backend.get(CHECK_KEY))
+        except ObjectMissing:
+            check = None
+        if check is not None:
+            out["store"] = {k: v for k, v in check.as_dict().items() if k != "unsafe_locks"}
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the status, human-readable or as JSON."""
     status = run(collect_status(args.qmp))
+    if args.repo:
+        status["repository"] = repository_status(args.repo)
     if args.json:
         print_json(status)
         return 0
@@ -136,4 +159,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status["stale_scratch"]:
         print(f"  stale scratch directories of exports whose QEMU and fleece are gone: "
               f"{', '.join(status['stale_scratch'])} (run 'fleece cleanup --stale')")
+    repo = status.get("repository")
+    if repo is not None:
+        store = repo["store"]
+        if store is None:
+            print(f"repository {repo['url']}: no store check on record")
+        else:
+            verb = {"enforced": "enforces", "ignored": "ignores"}.get(store["conditional_create"],
+                                                                     "does not implement")
+            print(f"repository {repo['url']}: the store at {store['endpoint']} "
+                  f"{verb} conditional creates (checked "
+                  f"{iso_utc(datetime.fromtimestamp(store['checked'], UTC))})")
+            for guarantee in store["guarantees_not_held"]:
+                print(f"  does not hold: {guarantee}")
     return 0

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.common import add_json_option, add_repo_option, human_size, open_repository, print_json
+from fleece.commands.common import (
+    add_json_option,
+    add_limit_options,
+    add_metrics_option,
+    add_repo_option,
+    human_size,
+    open_repository,
+    print_json,
+)
+from fleece.commands.metrics import Run, recorded
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
 from fleece.maintenance.verify import DEFAULT_WORKERS, VerifyReport, resolve_points, verify_points
@@ -26,12 +35,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "whole (its outer checksum) — a job for the storage side")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks checked in parallel (default {DEFAULT_WORKERS})")
+    add_limit_options(p)
+    add_metrics_option(p)
     add_json_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Verify; 0 when everything holds, 1 when anything is damaged, 2 for bad input."""
+    with recorded(args.metrics_file, "verify", args.repo, args.vm) as record:
+        return _verify(args, record)
+
+
+def _verify(args: argparse.Namespace, record: Run) -> int:
     if not 1 <= args.workers <= 256:
         raise BadInput("--workers must be between 1 and 256")
     if args.outer:
@@ -43,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     with progress_display() as progress:
         report = verify_points(repo, refs, deep=args.deep, workers=args.workers,
                                progress=progress)
+    record.failed = not report.ok
+    record.values = {"fleece_verify_points_checked": len(report.points),
+                     "fleece_verify_damaged_points": sum(not p.ok for p in report.points),
+                     "fleece_verify_bytes_checked": report.bytes_checked}
     if args.json:
         print_json(report.as_dict())
     else:

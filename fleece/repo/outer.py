@@ -19,13 +19,19 @@ from fleece.repo.format.crypto import check_outer
 from fleece.repo.repository import read_config
 
 
+SEALED_KINDS = frozenset(p.rstrip("/") for p in (
+    keys.CHUNKS_PREFIX, keys.PACKS_PREFIX, keys.INDEXES_PREFIX, keys.POINTS_PREFIX,
+    keys.PROTECT_PREFIX, "locks/"))
+"""The objects an encrypted repository seals (``config``, ``keys/`` and the store
+check's ``store/`` are in clear)."""
+
+
 def check_outer_checksums(backend: Backend, workers: int = 8) -> dict[str, Any]:
     """``{"ok", "objects_checked", "bytes_checked", "damaged": [stored keys]}``."""
     config = read_config(backend)
     if config.encryption == "none":
         raise BadInput(f"repository {backend.url} is not encrypted: use 'fleece verify --deep'")
-    sealed = [k for k in backend.list("")
-              if k != keys.CONFIG_KEY and not k.startswith(keys.KEY_OBJECTS_PREFIX)]
+    sealed = [k for k in backend.list("") if k.split("/", 1)[0] in SEALED_KINDS]
 
     def check(key: str) -> tuple[str, int, bool]:
         try:

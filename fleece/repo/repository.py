@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError, RepositoryExists
 from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.backends.store_check import STORE_PREFIX
 from fleece.repo.format import keys
 from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
 from fleece.repo.format.crypto import (
@@ -134,6 +135,15 @@ class RepositoryConfig:
                 "this fleece does not support (upgrade fleece)"
             )
         return config
+
+
+def holds_objects(backend: Backend) -> bool:
+    """Whether the location holds anything but the store check's own objects.
+
+    Another host's store check (``store/``) may run while this one decides
+    whether to create a repository there; that is not "someone's data".
+    """
+    return any(not key.startswith(STORE_PREFIX) for key in backend.list(""))
 
 
 class Repository:
@@ -269,7 +279,7 @@ class Repository:
         try:
             return cls.open(backend)
         except NotARepository:
-            if next(iter(backend.list("")), None) is not None:
+            if holds_objects(backend):
                 raise
         try:
             return cls.init(backend, chunk_size, compression_level, hash=hash)

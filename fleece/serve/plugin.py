@@ -40,6 +40,7 @@ from typing import Any  # noqa: E402
 import nbdkit  # noqa: E402
 
 from fleece.errors import FleeceError  # noqa: E402
+from fleece.repo.backends.ratelimit import limit_backend  # noqa: E402
 from fleece.repo.backends.url import open_backend  # noqa: E402
 from fleece.repo.repository import Repository  # noqa: E402
 from fleece.restore.image import DiskImage  # noqa: E402
@@ -54,7 +55,7 @@ _disk: CachedDisk | None = None
 
 def config(key: str, value: str) -> None:
     """Collect ``key=value`` parameters."""
-    if key not in ("repo", "vm", "point", "drive", "cache", "readahead"):
+    if key not in ("repo", "vm", "point", "drive", "cache", "readahead", "limit_download"):
         raise ValueError(f"unknown parameter {key!r}")
     _settings[key] = value
 
@@ -68,7 +69,9 @@ def config_complete() -> None:
     try:
         secret = os.environ.pop("FLEECE_PASSPHRASE", None)
         passphrase = None if secret is None else (lambda: secret.encode("utf-8", errors="surrogateescape"))
-        repo = Repository.open(open_backend(_settings["repo"]), passphrase)
+        limit = _settings.get("limit_download")
+        store = limit_backend(open_backend(_settings["repo"]), None, float(limit) if limit else None)
+        repo = Repository.open(store, passphrase)
         point = repo.load_point(_settings["vm"], _settings["point"])
         image = DiskImage(repo, point, _settings.get("drive"))
     except FleeceError as exc:

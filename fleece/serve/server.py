@@ -82,6 +82,7 @@ class NbdkitServer:
         passphrase: bytes | None = None,
         block_status: bool = True,
         private_dir: Path | None = None,
+        limit_download: float | None = None,
     ) -> None:
         """``passphrase`` opens an encrypted repository in the plugin (passed in nbdkit's
         environment only, never on its command line)."""
@@ -98,6 +99,8 @@ class NbdkitServer:
             f"repo={repo_url}", f"vm={point.vm}", f"point={point.id}", f"drive={drive}",
             f"cache={cache_bytes}", f"readahead={readahead}",
         ]
+        if limit_download is not None:
+            self.parameters.append(f"limit_download={int(limit_download)}")
         self.argv: list[str] = []
         self._private_dir = private_dir
         self._private: Path | None = None

@@ -53,7 +53,8 @@ class FaultPlan:
     ``corrupt_requests`` (counts). Then attempts pass untouched. ``outage``
     (a status, ``"reset"`` or, for the hook, ``"refused"``) fails every
     matching attempt while set; ``slow`` delays each matching attempt. All
-    attributes may be changed while the plan is in use.
+    attributes may be changed while the plan is in use. ``empty_messages``
+    sends error documents the way Ceph RGW does, with an empty message.
     """
 
     statuses: deque[tuple[int, str]] = field(default_factory=deque)
@@ -66,6 +67,8 @@ class FaultPlan:
     outage: int | str | None = None
     slow: float = 0.0
     ops: frozenset[str] | None = None
+    empty_messages: bool = False
+    """Error documents carry an empty ``<Message/>``, as Ceph RGW sends them."""
     requests: Counter[str] = field(default_factory=Counter)
     """HTTP attempts per S3 operation name (``PutObject``…), injected ones included."""
     injected: Counter[str] = field(default_factory=Counter)
@@ -111,12 +114,13 @@ class FaultPlan:
         return status, CODES.get(status, "InternalError")
 
 
-def error_body(status: int, code: str, method: str) -> bytes:
-    """An S3 error document (HEAD responses carry none)."""
+def error_body(status: int, code: str, method: str, empty_message: bool = False) -> bytes:
+    """An S3 error document (HEAD responses carry none); ``empty_message``: ``<Message/>``."""
     if method == "HEAD":
         return b""
+    message = "<Message/>" if empty_message else f"<Message>injected {status}</Message>"
     return (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-            f"<Message>injected {status}</Message></Error>").encode()
+            f"{message}</Error>").encode()
 
 
 def flip_a_bit(data: bytes) -> bytes:
@@ -188,7 +192,7 @@ class HttpFaults(FaultPlan):
         if kind in ("outage", "status"):
             status, code = answer or self.outage_status()
             return self._response(request, status, {"Content-Type": "application/xml"},
-                                  error_body(status, code, request.method))
+                                  error_body(status, code, request.method, self.empty_messages))
         if kind == "resets" or (kind == "body_resets" and not request.stream_output):
             # botocore reads small bodies itself and reports a reset there as this.
             raise ConnectionClosedError(endpoint_url=request.url)
@@ -231,7 +235,7 @@ def inject_http_faults(backend: S3Backend, *, statuses: Sequence[int | tuple[int
                        resets: int = 0, timeouts: int = 0, lost_replies: int = 0, body_resets: int = 0,
                        corrupt_responses: int = 0, corrupt_requests: int = 0,
                        outage: int | str | None = None, slow: float = 0.0,
-                       ops: Collection[str] | None = None) -> HttpFaults:
+                       ops: Collection[str] | None = None, empty_messages: bool = False) -> HttpFaults:
     """Hook ``backend``'s S3 client so that its next HTTP attempts misbehave (see :class:`FaultPlan`).
 
     Returns the installed :class:`HttpFaults`: ``requests`` counts every
@@ -241,6 +245,7 @@ def inject_http_faults(backend: S3Backend, *, statuses: Sequence[int | tuple[int
     plan = FaultPlan.of(statuses=statuses, resets=resets, timeouts=timeouts, lost_replies=lost_replies,
                         body_resets=body_resets, corrupt_responses=corrupt_responses,
                         corrupt_requests=corrupt_requests, outage=outage, slow=slow, ops=ops)
+    plan.empty_messages = empty_messages
     faults = HttpFaults(**{f: getattr(plan, f) for f in FaultPlan.__dataclass_fields__})
     events: Any = backend.client.meta.events
     uid = f"fleece-faults-{id(faults)}"
@@ -319,7 +324,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if kind in ("outage", "status"):
             status, code = answer or plan.outage_status()
             return self._reply(status, [("Content-Type", "application/xml")],
-                               error_body(status, code, self.command))
+                               error_body(status, code, self.command, plan.empty_messages))
         if kind == "timeouts":
             time.sleep(self.server.hang)  # longer than the client's read timeout
             return self._reset()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fleece.errors import RepositoryError
 
@@ -155,6 +155,11 @@ class Backend(abc.ABC):
         """Size connection pools for ``threads`` concurrent callers (S3); a no-op elsewhere."""
         return None
 
+    def store_report(self) -> dict[str, Any] | None:
+        """What this run's check of the store found (S3: does it enforce conditional
+        creates, does it keep bodies whole), for ``--json``; None where nothing was checked."""
+        return None
+
 
 class ForwardingBackend(Backend):
     """A wrapper that passes every operation and capability to ``inner``.
@@ -237,3 +242,7 @@ class ForwardingBackend(Backend):
     def reserve_connections(self, threads: int) -> None:
         """The inner ``reserve_connections``."""
         self.inner.reserve_connections(threads)
+
+    def store_report(self) -> dict[str, Any] | None:
+        """The inner ``store_report``."""
+        return self.inner.store_report()

@@ -3,8 +3,13 @@
 Only storage lives here (see :mod:`fleece.repo.backends.base`). Transport policy is
 botocore's own: its ``standard``/``adaptive`` retry modes with jittered
 backoff for throttling, 5xx and connection errors, its timeouts, its
-connection pool, and its flexible checksums (CRC32 on every upload, checked
-by the server; checked again on download when the server returns it).
+connection pool. Checksums are fleece's: every upload carries a CRC32 header
+(and, to a store other than AWS, a Content-MD5) with a plain Content-Length
+body — never botocore's streamed ``aws-chunked`` encoding, which several
+S3-compatible stores refuse or store verbatim (see docs/s3.md). Downloads
+are checked against a checksum the server returns, when it returns one.
+Before the first conditional create of a process the store itself is
+checked (:mod:`fleece.repo.backends.store_check`).
 Settings come from boto3's configuration chain — ``AWS_*`` environment
 variables, ``AWS_ENDPOINT_URL``, profiles, instance roles — never from the
 command line, and nothing here logs or prints a credential.
@@ -25,6 +30,7 @@ import logging
 import os
 import re
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -47,6 +53,14 @@ from botocore.exceptions import (
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.repo.backends.base import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.backends.store_check import (
+    ProbeOps,
+    StoreCheck,
+    cached_check,
+    probe_store,
+    refusal,
+    save_check,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -148,6 +162,11 @@ def _make_client(max_pool_connections: int, connect_timeout: float | None,
         read_timeout=read_timeout or float(env.get("FLEECE_S3_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT),
         max_pool_connections=max_pool_connections,
         tcp_keepalive=True,
+        # Never aws-chunked: with "when_supported", botocore >= 1.36 streams
+        # every upload over TLS with a trailing checksum, which older Ceph
+        # refuses (411) and s3rver stores, framing and all, as the object.
+        # fleece sends the checksum as a header instead (S3Backend.put).
+        request_checksum_calculation="when_required",
     )
     return boto3.session.Session(botocore_session=core).client("s3", config=config)
 
@@ -163,12 +182,16 @@ class S3Backend(Backend):
     def __init__(self, bucket: str, prefix: str, *,
                  max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
                  client: Any | None = None, connect_timeout: float | None = None,
-                 read_timeout: float | None = None) -> None:
+                 read_timeout: float | None = None, check_store: bool = True,
+                 unsafe_locks: bool = False) -> None:
         """Open ``s3://bucket/prefix``; no request is sent until the first operation.
 
         ``client`` replaces the boto3 client (tests); ``connect_timeout`` and
         ``read_timeout`` default to ``FLEECE_S3_CONNECT_TIMEOUT`` and
         ``FLEECE_S3_READ_TIMEOUT`` from the environment, else 10 s and 60 s.
+        ``check_store`` probes the store before the first conditional create
+        (:mod:`fleece.repo.backends.store_check`); ``unsafe_locks`` accepts a store
+        that does not enforce conditional creates instead of refusing it.
         """
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -182,24 +205,41 @@ class S3Backend(Backend):
         retries = config.retries or {}
         self.max_attempts = int(retries.get("total_max_attempts") or 3)
         self.endpoint = _endpoint_for_messages(self.client)
-        # Without flexible checksums (AWS_REQUEST_CHECKSUM_CALCULATION=when_required,
-        # for stores that reject them) uploads still carry a Content-MD5.
-        self._send_md5 = config.request_checksum_calculation == "when_required"
+        # S3-compatible stores check Content-MD5 but mostly ignore the CRC32
+        # header; AWS checks the CRC32, so it is spared the (3x costlier) MD5.
+        host = urlsplit(self.endpoint).hostname or ""
+        self._send_md5 = not host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
         self._conditional_writes = True  # until the server says NotImplemented
         self._conditional_replace = True  # If-Match, likewise
         self._fallback_lock = threading.Lock()
+        self.unsafe_locks = unsafe_locks
+        self.store_check: StoreCheck | None = None
+        """What :meth:`check_store` found this run (or read from its cache)."""
+        """What the store check found (None until it ran, or when disabled)."""
+        self._check_pending = check_store
+        self._check_lock = threading.Lock()
 
     # -- the Backend protocol ------------------------------------------------------
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """PutObject (atomic on S3); with ``if_absent``, ``If-None-Match: *``.
 
-        A server that answers NotImplemented to conditional writes gets
-        HEAD-then-PUT instead, which two writers racing for one key can both
-        win; fleece logs a warning once when that happens.
+        The first conditional create of this backend runs the store check
+        first. On a store that does not enforce conditional creates (allowed
+        only with ``unsafe_locks``) they become HEAD-then-PUT, which two
+        writers racing for one key can both win.
         """
+        if if_absent and self._check_pending:
+            self._check_store()
         if if_absent and not self._conditional_writes:
             return self._put_if_absent_by_head(key, data)
+        return self._put(key, data, if_absent)
+
+    def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        # Naming the algorithm too lets stores that keep checksums (AWS, moto)
+        # return it on GET; a header already set keeps botocore from streaming.
+        extra["ChecksumAlgorithm"] = "CRC32"
+        extra["ChecksumCRC32"] = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
         if self._send_md5:
             extra["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
         # S3 answers 409 ConditionalRequestConflict while another conditional
@@ -341,6 +381,10 @@ class S3Backend(Backend):
         return head["LastModified"].timestamp()
 
     # -- beyond the protocol -----------------------------------------------------------
+    def store_report(self) -> dict[str, Any] | None:
+        """The store check's findings (:mod:`fleece.repo.backends.store_check`), once it ran."""
+        return None if self.store_check is None else self.store_check.as_dict()
+
     def reserve_connections(self, threads: int) -> None:
         """Make the connection pool hold ``threads`` connections; call before sharing the backend.
 
@@ -376,10 +420,11 @@ class S3Backend(Backend):
         failed = [e for e in resp.get("Errors", []) if e.get("Code") not in _MISSING_CODES]
         if failed:
             first = failed[0]
-            key = first.get("Key", "?")[len(self.prefix):]
+            key = str(first.get("Key") or "?").removeprefix(self.prefix)
             raise RepositoryError(
                 f"S3 DeleteObjects could not delete {len(failed)} of {len(keys)} objects, "
-                f"first {self._where(key)}: {first.get('Code')} {_one_line(first.get('Message', ''))}")
+                f"first {self._where(key)}: {first.get('Code') or 'no error code'}"
+                + (f" {msg}" if (msg := _one_line(first.get("Message"))) else ""))
 
     # -- internals ---------------------------------------------------------------------
     def _listed(self, prefix: str) -> Iterator[Any]:
@@ -432,6 +477,44 @@ class S3Backend(Backend):
         self.put(key, data)
         return True
 
+    def _check_store(self) -> None:
+        """Run (or read the cached) store check once; refuse what the store cannot guarantee."""
+        with self._check_lock:
+            if not self._check_pending:
+                return
+            ops = ProbeOps(put=self._probe_put, put_if_absent=self._probe_create, get=self.get,
+                           delete=self.delete)
+            check = cached_check(ops, self.endpoint) or probe_store(ops, self.endpoint, self._where)
+            check = StoreCheck(check.endpoint, check.checked, check.conditional_create,
+                               self.unsafe_locks, check.cached)
+            self.store_check = check
+            if not check.locks_safe and not self.unsafe_locks:
+                raise RepositoryError(refusal(check, self.url))
+            if not check.cached:
+                save_check(ops, check)
+            if not check.locks_safe:
+                self._conditional_writes = False  # HEAD-then-PUT: catches all but true races
+                log.warning("unsafe_locks: the S3 store at %s does not enforce conditional creates; "
+                            "not guaranteed: %s", self.endpoint, "; ".join(check.guarantees_not_held()))
+            self._check_pending = False
+
+    def _probe_put(self, key: str, data: bytes) -> None:
+        self._put(key, data, False)
+
+    def _probe_create(self, key: str, data: bytes) -> bool:
+        """A conditional create for the probe: NotImplementedError where the store answers 501."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if _code(e) == "PreconditionFailed" or _status(e) == 412:
+                return False
+            if _code(e) == "NotImplemented" or _status(e) == 501:
+                raise NotImplementedError from e
+            raise self._error(e, "PutObject", key) from e
+        except BotoCoreError as e:
+            raise self._error(e, "PutObject", key) from e
+
     def _disable_conditional_writes(self) -> None:
         with self._fallback_lock:
             if self._conditional_writes:
@@ -455,7 +538,7 @@ class S3Backend(Backend):
         where = self._where(key)
         if isinstance(e, ClientError):
             code, status = _code(e), _status(e)
-            message = _one_line(e.response.get("Error", {}).get("Message", ""))
+            message = _one_line(e.response.get("Error", {}).get("Message"))
             tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
             if code == "NoSuchBucket":
                 return RepositoryError(f"S3 bucket {self.bucket} does not exist at {self.endpoint}")
@@ -486,12 +569,13 @@ class S3Backend(Backend):
 
 
 def _code(e: ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
+    # Stores such as Ceph RGW send empty elements, which botocore parses as None.
+    return str(e.response.get("Error", {}).get("Code") or "")
 
 
 def _status(e: ClientError) -> int:
-    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]
+def _one_line(text: object) -> str:
+    return " ".join(str(text or "").split())[:300]

@@ -24,7 +24,7 @@ def _local(path: Path) -> FileBackend:
     return FileBackend(path)
 
 
-def _file_url(url: str) -> Backend:
+def _file_url(url: str, unsafe_locks: bool = False) -> Backend:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise BadInput(f"file URL {url} names host {parts.netloc!r}; use file:///abs/path")
@@ -34,24 +34,28 @@ def _file_url(url: str) -> Backend:
     return _local(Path(path))
 
 
-def _s3_url(url: str) -> Backend:
+def _s3_url(url: str, unsafe_locks: bool = False) -> Backend:
     # The S3 backend owns S3 URL rules (bucket names, prefixes, no
     # credentials echoed back); imported here so local use skips boto3.
     from fleece.repo.backends.s3 import S3Backend, parse_s3_url
 
     bucket, prefix = parse_s3_url(url)
-    return S3Backend(bucket, prefix)
+    return S3Backend(bucket, prefix, unsafe_locks=unsafe_locks)
 
 
-SCHEMES: dict[str, Callable[[str], Backend]] = {
+SCHEMES: dict[str, Callable[[str, bool], Backend]] = {
     "file": _file_url,
     "s3": _s3_url,
 }
 """URL scheme → backend factory: a new object store is one entry here."""
 
 
-def open_backend(url: str) -> Backend:
-    """The backend that ``url`` names; ``BadInput`` for anything unsupported."""
+def open_backend(url: str, *, unsafe_locks: bool = False) -> Backend:
+    """The backend that ``url`` names; ``BadInput`` for anything unsupported.
+
+    ``unsafe_locks`` lets an S3 store that does not enforce conditional
+    creates hold leases anyway (the operator's explicit opt-in).
+    """
     if not url:
         raise BadInput("--repo needs a directory path, file:///abs/path or s3://bucket/prefix")
     if "://" not in url:
@@ -61,4 +65,4 @@ def open_backend(url: str) -> Backend:
     if factory is None:
         raise BadInput(f"unsupported repository URL scheme {scheme!r}: use a path, file:///abs/path "
                        "or s3://bucket/prefix")
-    return factory(url)
+    return factory(url, unsafe_locks)

@@ -1,0 +1,44 @@
+"""Which objects a restore point needs: the one answer copy (and, later, Object Lock) builds on.
+
+A point restores only if its point object, the index of each of its disks
+and every chunk those indexes name are all present. Format 1 has nothing
+else; a later format (delta objects, packs) extends :class:`PointObjects`
+and :func:`point_objects` here, and every caller follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleece.repo.format import keys
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.point import RestorePoint
+from fleece.repo.repository import Repository
+
+
+@dataclass(frozen=True)
+class PointObjects:
+    """Everything one restore point needs, read and checked from its repository."""
+
+    point: RestorePoint
+    indexes: dict[str, ChunkIndex]
+    """Disk name → its index (checked against the digest in the point)."""
+    chunks: frozenset[bytes]
+    """Digests of every chunk the indexes name (zero chunks are not stored)."""
+
+    @property
+    def point_key(self) -> str:
+        """The point object's key (written last by anything that writes points)."""
+        return keys.point_key(self.point.vm, self.point.id)
+
+    def object_keys(self) -> list[str]:
+        """Every key the point needs: chunks, then indexes, then the point itself."""
+        return ([keys.chunk_key(d) for d in sorted(self.chunks)]
+                + [d.index_key for d in self.point.disks] + [self.point_key])
+
+
+def point_objects(repo: Repository, point: RestorePoint) -> PointObjects:
+    """Read ``point``'s indexes (``RepositoryCorrupt`` if one is missing or damaged) and list its needs."""
+    indexes = {disk.name: repo.read_index(point, disk.name) for disk in point.disks}
+    chunks = frozenset(d for index in indexes.values() for d in index.digests())
+    return PointObjects(point, indexes, chunks)
