@@ -18,7 +18,6 @@ from fleece.repo.format import keys
 from fleece.repo.format.crypto import check_outer
 from fleece.repo.repository import read_config
 
-
 SEALED_KINDS = frozenset(p.rstrip("/") for p in (
     keys.CHUNKS_PREFIX, keys.PACKS_PREFIX, keys.INDEXES_PREFIX, keys.POINTS_PREFIX,
     keys.PROTECT_PREFIX, "locks/"))
