@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,17 +25,16 @@ from typing import Any
 
 from fleece import __version__
 from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
-from fleece.fleecing import DiskExport, point_in_time_export
 from fleece.fleecing.names import checkpoint_bitmap
-from fleece.fleecing.setup import preflight
 from fleece.pipeline import DiskBackup, DiskStats, PipelineSettings
-from fleece.qmp import QmpSession, list_disks, resolve_drive
+from fleece.qmp import QmpSession
 from fleece.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.index import ChunkIndex
 from fleece.repo.lock import vm_lock
 from fleece.repo.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.repository import Repository
+from fleece.sources import ExportedDisk, PointInTimeSource, QmpSource, qmp_vm_name
 from fleece.testing import pause_point
 from fleece.verify import require_new_point_intact
 
@@ -50,6 +48,7 @@ class BackupRequest:
     """What the user asked for."""
 
     qmp: str
+    """QEMU's QMP socket; unused when ``source`` is given."""
     drives: list[str]
     repo: Repository | Callable[[], Repository]
     """The repository, or a callable that opens (or creates) it once the VM side checks out."""
@@ -64,6 +63,8 @@ class BackupRequest:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     verify: bool = False
     """Deep-verify the stored chunks and indexes before the point is written."""
+    source: PointInTimeSource | None = None
+    """Where the point in time comes from (e.g. ``fleece.libvirt.LibvirtSource``); default QMP at ``qmp``."""
 
 
 @dataclass
@@ -110,15 +111,7 @@ class BackupResult:
 
 async def vm_name(session: QmpSession) -> str:
     """The VM's name as DESIGN.md defines it: ``-name``, else its UUID, else the socket."""
-    name = (await session.execute("query-name")).get("name")
-    if name:
-        return str(name)
-    uuid = (await session.execute("query-uuid")).get("UUID", "")
-    if uuid and uuid.strip("0-"):
-        return str(uuid)
-    address = session.address
-    # Absolute, so that the same VM reached from another directory keeps its name.
-    return os.path.abspath(address) if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    return await qmp_vm_name(session)
 
 
 def check_level(level: str) -> str:
@@ -141,14 +134,13 @@ async def run_backup(
     check_level(req.level)
     say = say or log.warning
     started = time.monotonic()
-    async with QmpSession.open(req.qmp) as session:
-        vm = req.vm or await vm_name(session)
-        qemu = ".".join(map(str, await session.qemu_version()))
+    source = req.source or QmpSource(req.qmp)
+    async with source:
+        vm = req.vm or await source.vm_name()
+        qemu = await source.qemu_version()
         # Unknown drives are bad input: say so before the repository is touched
         # (a fresh location is only initialized once the VM side checks out).
-        disks = await list_disks(session)
-        for drive in req.drives:
-            resolve_drive(disks, drive)
+        await source.check_drives(req.drives)
         if not isinstance(req.repo, Repository) and req.level == "incremental":
             raise FleeceError(
                 "--level incremental needs a parent restore point, and the repository does "
@@ -156,7 +148,7 @@ async def run_backup(
             )
         if not isinstance(req.repo, Repository):
             # A fresh location becomes a repository only if the export can be set up.
-            await preflight(session, req.drives, req.scratch_dir)
+            await source.preflight(req.drives, req.scratch_dir)
         repo = req.repo if isinstance(req.repo, Repository) else req.repo()
         with vm_lock(repo.backend, vm) as lease:
             # We will reuse chunks we do not upload: no gc may run until we
@@ -168,8 +160,7 @@ async def run_backup(
                 point = points.get(parent)
                 return point is not None and any(d.name == drive for d in point.disks)
 
-            async with point_in_time_export(
-                session,
+            async with source.export(
                 req.drives,
                 level=req.level,
                 parent_ok=parent_ok,
@@ -265,7 +256,7 @@ def _back_up_disk(
     req: BackupRequest,
     repo: Repository,
     point_id: str,
-    disk: DiskExport,
+    disk: ExportedDisk,
     parent: RestorePoint | None,
     latest: RestorePoint | None,
     trim_alignment: int | None,
