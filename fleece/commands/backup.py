@@ -13,6 +13,7 @@ from fleece.commands.common import add_json_option, add_repo_option, human_size,
 from fleece.commands.config import apply_config
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
+from fleece.libvirt.source import LibvirtSource
 from fleece.pipeline import PipelineSettings
 from fleece.repo.repository import Repository, check_chunk_size
 from fleece.repo.url import open_backend
@@ -23,7 +24,7 @@ DEFAULT_COMPRESS = "zstd:3"
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
-    "trim": bool, "labels": dict, "verify": bool,
+    "trim": bool, "labels": dict, "verify": bool, "libvirt": str, "connect": str,
 }
 
 
@@ -32,8 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("backup", help="take a full or incremental restore point of a running VM")
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML file (see configs/)")
     p.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="a libvirt domain (name or UUID), backed up through libvirt's backup API")
+    p.add_argument("--connect", metavar="URI",
+                   help="libvirt connection URI with --libvirt (default qemu:///system)")
     p.add_argument("--drive", action="append", default=[], metavar="NAME",
-                   help="disk to back up: device id, node name or block backend name (repeatable)")
+                   help="disk to back up: device id, node name or block backend name; with --libvirt "
+                        "its target dev (default: every disk) (repeatable)")
     add_repo_option(p, required=False)
     p.add_argument("--vm", metavar="NAME",
                    help="VM name in the repository (default: QEMU's -name, else UUID, else socket)")
@@ -48,8 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "blake3 is ~3.5x faster to compute)")
     p.add_argument("--scratch-dir", metavar="DIR", default=None,
                    help="private directory for the reverse delta and the NBD socket")
-    p.add_argument("--qga", metavar="SOCKET", default=None,
-                   help="guest agent socket: freeze guest filesystems around the snapshot point")
+    p.add_argument("--qga", metavar="SOCKET", default=None, nargs="?", const="",
+                   help="guest agent socket: freeze guest filesystems around the snapshot point "
+                        "(with --libvirt: no SOCKET, libvirt reaches the agent)")
     p.add_argument("--no-trim", dest="trim", action="store_false", default=None,
                    help="do not discard stored chunks from the snapshot")
     p.add_argument("--readers", type=int, default=None, help="NBD connections reading in parallel")
@@ -78,10 +85,18 @@ def parse_size(text: str) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     """Parse, back up, report."""
     apply_config(args, CONFIG_KEYS, "backup")
-    if not args.qmp:
-        raise BadInput("backup needs --qmp SOCKET (or qmp = … in --config)")
-    if not args.drive:
+    if args.qmp and args.libvirt:
+        raise BadInput("backup takes --qmp SOCKET or --libvirt DOMAIN, not both")
+    if args.connect and not args.libvirt:
+        raise BadInput("--connect URI goes with --libvirt DOMAIN")
+    if not args.qmp and not args.libvirt:
+        raise BadInput("backup needs --qmp SOCKET or --libvirt DOMAIN (or qmp = … in --config)")
+    if not args.drive and not args.libvirt:
         raise BadInput("backup needs at least one --drive NAME")
+    if args.qga == "" and not args.libvirt:
+        raise BadInput("--qga needs the guest agent's SOCKET (only --libvirt reaches the agent itself)")
+    if args.qga and args.libvirt:
+        raise BadInput("with --libvirt, --qga takes no socket: libvirt talks to the guest agent")
     if not args.repo:
         raise BadInput("backup needs --repo URL")
     if len(set(args.drive)) != len(args.drive):
@@ -127,7 +142,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                                hash=args.hash or "sha256")
 
     req = BackupRequest(
-        qmp=args.qmp,
+        qmp=args.qmp or "",
         drives=list(args.drive),
         repo=repo,
         vm=args.vm,
@@ -139,7 +154,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
         verify=bool(args.verify),
+        source=LibvirtSource(args.libvirt, args.connect) if args.libvirt else None,
     )
+    if args.libvirt and args.qga is not None:
+        req.qga = "libvirt"
 
     def say(line: str) -> None:
         sys.stderr.write(f"fleece: {line}\n")

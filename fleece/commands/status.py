@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
+from fleece.commands import on_libvirt
+from fleece.commands.common import add_json_option, add_vm_options, human_size, print_json, run
 from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
 from fleece.fleecing.leftovers import find_leftovers
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
@@ -15,7 +16,7 @@ from fleece.qmp import DirtyBitmap, Disk, QmpSession
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``status`` to the command line."""
     p = sub.add_parser("status", help="show a VM's disks, dirty bitmaps and fleece leftovers")
-    add_qmp_option(p)
+    add_vm_options(p)
     add_json_option(p)
     p.set_defaults(func=cmd_status)
 
@@ -82,6 +83,9 @@ def _disk_view(disk: Disk, graph: BlockGraph) -> tuple[Disk, str | None, tuple[D
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the status, human-readable or as JSON."""
+    on_libvirt.check_connect(args)
+    if args.libvirt:
+        return on_libvirt.status(args)
     status = run(collect_status(args.qmp))
     if args.json:
         print_json(status)
