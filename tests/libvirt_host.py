@@ -165,6 +165,11 @@ class LibvirtVM:
     disks: list[LibvirtDisk]
     _qdev: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def backup_target(self) -> list[str]:
+        """The ``fleece backup`` arguments that name this domain (``tests/backups.py``)."""
+        return ["--libvirt", self.name, "--connect", self.host.uri]
+
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``virsh`` on this domain's daemon."""
         return self.host.virsh(*args, check=check)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fleece.fleecing.names import checkpoint_bitmap, checkpoint_of
@@ -86,6 +87,9 @@ def redefine(dom: Any, point: str, drives: list[str]) -> str | None:
     root = ET.Element("domaincheckpoint")
     ET.SubElement(root, "name").text = checkpoint_bitmap(point)
     ET.SubElement(root, "description").text = f"fleece restore point {point}; redefined"
+    # Required on redefinition; the point id carries the time it was taken.
+    taken = datetime.strptime(point.split(".")[0], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    ET.SubElement(root, "creationTime").text = str(int(taken.timestamp()))
     disks = ET.SubElement(root, "disks")
     for target in drives:
         ET.SubElement(disks, "disk", name=target, checkpoint="bitmap", bitmap=checkpoint_bitmap(point))

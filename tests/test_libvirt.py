@@ -1,0 +1,358 @@
+"""``--libvirt DOMAIN`` end to end on a real libvirtd (``tests/libvirt_host.py``).
+
+The domains are TCG q35 guests without an OS; the "guest" writes through
+libvirt's monitor (HMP qemu-io) and every write is mirrored into a shadow
+image, so each restore is compared with the disk as it was at its point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from backups import identical
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+
+def lv(fleece: Any, vm: Any, *args: str | Path) -> Any:
+    """``fleece ARGS --libvirt DOMAIN --connect URI``."""
+    return fleece(*args, "--libvirt", vm.name, "--connect", vm.host.uri)
+
+
+def backup(fleece: Any, vm: Any, repo: Path, *extra: str) -> Any:
+    """A libvirt backup that must succeed; (its ``--json`` object, its stderr)."""
+    res = lv(fleece, vm, "backup", "--repo", repo, "--json", *extra)
+    assert res.rc == 0, res.err
+    return res.json(), res.err
+
+
+def restore(fleece: Any, repo: Path, point: str, drive: str, out: Path) -> Path:
+    res = fleece("restore", "--repo", repo, point, "--drive", drive, "--output", out)
+    assert res.rc == 0, res.err
+    return out
+
+
+def levels(point: Any) -> dict[str, str]:
+    return {d["drive"]: d["level"] for d in point["disks"]}
+
+
+def one_line_error(res: Any, rc: int) -> str:
+    """The failure is exit ``rc`` with one ``fleece: error:`` line, last, and no traceback.
+
+    (Notices may come before it, such as taking over a killed run's repository lock.)
+    """
+    assert res.rc == rc, (res.rc, res.out, res.err)
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("fleece: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.err
+    assert all(line.startswith("fleece: ") for line in lines) and "Traceback" not in res.err
+    return errors[0]
+
+
+def test_two_disk_domain_full_then_incrementals_restore_bit_identical(
+        make_domain, fleece, tmp_path, scratch_tmpdir, hold_backup):
+    vm = make_domain([("qcow2", 64 * MiB), ("qcow2", 32 * MiB)])
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 5 * MiB, 0x11)
+    vm.write("vda", 50 * MiB, 64 * 1024, 0x12)
+    vm.write("vdb", 3 * MiB, 2 * MiB, 0x21)
+
+    p1, err = backup(fleece, vm, repo)
+    assert levels(p1) == {"vda": "full", "vdb": "full"}  # no --drive: every disk
+    assert p1["vm"] == vm.name
+    assert "full because vda: no fleece checkpoint in libvirt (first backup)" in err
+    s1 = {d: vm.snapshot_shadow(d, tmp_path / f"{d}.p1") for d in ("vda", "vdb")}
+    assert vm.checkpoints() == [f"fleece-{p1['point']}"]
+
+    vm.write("vda", 6 * MiB, 1 * MiB, 0x13)
+    vm.write("vda", 0, 4096, 0x14)
+    vm.write("vdb", 31 * MiB, 1 * MiB, 0x22)
+    p2, _ = backup(fleece, vm, repo, "--drive", "vda", "--drive", "vdb")
+    assert p2["parent"] == p1["point"]
+    assert levels(p2) == {"vda": "incremental", "vdb": "incremental"}
+    by_drive = {d["drive"]: d for d in p2["disks"]}
+    assert by_drive["vda"]["bytes_read"] == 2 * CHUNK  # only chunks 0 and 1 are dirty
+    assert by_drive["vdb"]["bytes_read"] == CHUNK      # chunk 7
+    s2 = {d: vm.snapshot_shadow(d, tmp_path / f"{d}.p2") for d in ("vda", "vdb")}
+
+    # A write while the export is up is not in this point (it is libvirt's
+    # point in time) and is in the next incremental.
+    vm.write("vdb", 8 * MiB, 64 * 1024, 0x23)
+    s3 = {d: vm.snapshot_shadow(d, tmp_path / f"{d}.p3") for d in ("vda", "vdb")}
+    held = hold_backup(vm, repo, "export-live")
+    held.wait_held()
+    vm.write("vda", 20 * MiB, 1 * MiB, 0x15)
+    rc, out, err = held.release()
+    assert rc == 0, err
+    p3 = json.loads(out)
+    assert p3["parent"] == p2["point"]
+    p4, _ = backup(fleece, vm, repo)
+    assert p4["parent"] == p3["point"]
+    assert {d["drive"]: d["bytes_read"] for d in p4["disks"]} == {"vda": CHUNK, "vdb": 0}
+
+    for d in ("vda", "vdb"):
+        assert identical(restore(fleece, repo, p1["point"], d, tmp_path / f"r1-{d}"), s1[d])
+        assert identical(restore(fleece, repo, p2["point"], d, tmp_path / f"r2-{d}"), s2[d])
+        assert identical(restore(fleece, repo, p3["point"], d, tmp_path / f"r3-{d}"), s3[d])
+        assert identical(restore(fleece, repo, p4["point"], d, tmp_path / f"r4-{d}"), vm.disk(d).shadow)
+
+    # libvirt is left with one fleece checkpoint (one bitmap per disk), no job,
+    # and fleece's scratch directory is gone.
+    assert vm.libvirt_state() == {"checkpoints": {f"fleece-{p4['point']}": None}, "job": "None",
+                                  "state": "paused"}
+    assert vm.qcow2_bitmaps("vda") == vm.qcow2_bitmaps("vdb") == [f"fleece-{p4['point']}"]
+    assert list(scratch_tmpdir.iterdir()) == []
+
+
+def test_the_checkpoint_chain_survives_a_libvirtd_restart(make_domain, libvirt_host, fleece, tmp_path):
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 3 * MiB, 0x31)
+    p1, _ = backup(fleece, vm, repo)
+    vm.write("vda", 40 * MiB, 1 * MiB, 0x32)
+
+    libvirt_host.restart_libvirtd()
+    assert vm.checkpoints() == [f"fleece-{p1['point']}"]
+
+    p2, _ = backup(fleece, vm, repo)
+    assert levels(p2) == {"vda": "incremental"} and p2["parent"] == p1["point"]
+    assert p2["disks"][0]["bytes_read"] == CHUNK
+    assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.disk("vda").shadow)
+
+
+def test_a_deleted_libvirt_checkpoint_makes_the_next_backup_full_and_it_says_why(
+        make_domain, fleece, tmp_path):
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 2 * MiB, 0x41)
+    p1, _ = backup(fleece, vm, repo)
+    vm.virsh("checkpoint-delete", vm.name, f"fleece-{p1['point']}")  # the qcow2 bitmap goes too
+    vm.write("vda", 30 * MiB, 1 * MiB, 0x42)
+
+    # --level incremental refuses, with one line, and changes nothing.
+    before = vm.libvirt_state()
+    res = lv(fleece, vm, "backup", "--repo", repo, "--level", "incremental")
+    assert f"no checkpoint fleece-{p1['point']}" in one_line_error(res, 1)
+    assert vm.libvirt_state() == before == {"checkpoints": {}, "job": "None", "state": "paused"}
+
+    p2, err = backup(fleece, vm, repo)
+    assert levels(p2) == {"vda": "full"}
+    reason = p2["disks"][0]["reason"]
+    assert f"libvirt has no checkpoint fleece-{p1['point']}" in reason and "bitmap" in reason
+    assert f"full because libvirt has no checkpoint fleece-{p1['point']}" in err
+    assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.disk("vda").shadow)
+    assert vm.checkpoints() == [f"fleece-{p2['point']}"]
+
+    # The chain goes on from the full.
+    vm.write("vda", 0, 4096, 0x43)
+    p3, _ = backup(fleece, vm, repo)
+    assert levels(p3) == {"vda": "incremental"} and p3["parent"] == p2["point"]
+
+
+def test_lost_checkpoint_metadata_is_redefined_from_the_bitmaps_and_the_backup_stays_incremental(
+        make_domain, fleece, tmp_path):
+    vm = make_domain([("qcow2", 64 * MiB), ("qcow2", 32 * MiB)])
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 2 * MiB, 0x51)
+    p1, _ = backup(fleece, vm, repo)
+    name = f"fleece-{p1['point']}"
+    vm.virsh("checkpoint-delete", vm.name, name, "--metadata")  # libvirt forgets; the bitmaps stay
+    assert vm.checkpoints() == [] and vm.qcow2_bitmaps("vda") == [name]
+    vm.write("vda", 30 * MiB, 1 * MiB, 0x52)
+    vm.write("vdb", 0, 4096, 0x53)
+
+    p2, err = backup(fleece, vm, repo)
+    assert f"libvirt had lost checkpoint {name}" in err and "redefined" in err
+    assert levels(p2) == {"vda": "incremental", "vdb": "incremental"} and p2["parent"] == p1["point"]
+    assert {d["drive"]: d["bytes_read"] for d in p2["disks"]} == {"vda": CHUNK, "vdb": CHUNK}
+    for d in ("vda", "vdb"):
+        assert identical(restore(fleece, repo, p2["point"], d, tmp_path / f"r2-{d}"), vm.disk(d).shadow)
+    assert vm.checkpoints() == [f"fleece-{p2['point']}"]
+
+
+@pytest.mark.parametrize("phase", ["export-live", "chunk-stored", "before-point", "before-commit"])
+def test_a_backup_killed_mid_run_leaves_a_job_that_cleanup_removes_and_the_next_backup_is_correct(
+        make_domain, fleece, tmp_path, scratch_tmpdir, hold_backup, phase):
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 6 * MiB, 0x61)
+    backup(fleece, vm, repo)
+    vm.write("vda", 12 * MiB, 1 * MiB, 0x62)
+
+    held = hold_backup(vm, repo, phase)
+    held.wait_held()
+    held.kill()
+    left = vm.libvirt_state()
+    assert len(left["checkpoints"]) == 2
+    assert left["job"] == ("None" if phase == "before-commit" else "Unbounded")
+
+    # The next backup refuses to run over it, names the clean-up, changes nothing.
+    res = lv(fleece, vm, "backup", "--repo", repo)
+    assert f"fleece cleanup --libvirt {vm.name}" in one_line_error(res, 1)
+    assert vm.libvirt_state() == left
+    status = lv(fleece, vm, "status", "--json")
+    assert status.rc == 0 and status.json()["leftovers"], status.out
+
+    res = lv(fleece, vm, "cleanup")
+    assert res.rc == 0 and "checkpoint fleece-" in res.out, res.err
+    points = [p["id"] for p in fleece("list", "--repo", repo, "--json").json()["points"]]
+    # Killed after its point was written and the commit decided: finished as a commit.
+    committed = phase == "before-commit"
+    assert len(points) == (2 if committed else 1)
+    assert vm.libvirt_state() == {"checkpoints": {f"fleece-{points[-1]}": None}, "job": "None",
+                                  "state": "paused"}
+    assert list(scratch_tmpdir.iterdir()) == []
+    assert lv(fleece, vm, "cleanup").out.strip() == "nothing to clean up"
+
+    vm.write("vda", 30 * MiB, 4096, 0x63)
+    p3, _ = backup(fleece, vm, repo)
+    assert levels(p3) == {"vda": "incremental"} and p3["parent"] == points[-1]
+    # No dirty bit lost: every write since the last committed point is read.
+    assert p3["disks"][0]["bytes_read"] == (1 if committed else 2) * CHUNK
+    assert identical(restore(fleece, repo, p3["point"], "vda", tmp_path / "r3"), vm.disk("vda").shadow)
+
+
+def test_export_start_stop_and_status_on_a_libvirt_domain(make_domain, fleece, nbd_connect, tmp_path,
+                                                          scratch_tmpdir):
+    vm = make_domain()
+    vm.write("vda", 0, 1 * MiB, 0x71)
+    res = lv(fleece, vm, "export", "start", "--drive", "vda", "--json")
+    assert res.rc == 0, res.err
+    first = res.json()
+    disk = first["disks"][0]
+    assert disk["level"] == "full" and disk["dirty_bitmap"] is None
+    assert os.stat(Path(first["socket"]).parent).st_mode & 0o777 == 0o700
+    vm.write("vda", 0, 64 * 1024, 0x72)  # after the point: the export keeps the old bytes
+    conn = nbd_connect(disk["uri"])
+    assert conn.read(0, 64 * 1024) == b"\x71" * 64 * 1024
+    conn.close()
+    st = lv(fleece, vm, "status", "--json").json()
+    assert st["backup_job"]["fleece"] and st["backup_job"]["checkpoint"] == first["checkpoint"]
+    assert lv(fleece, vm, "status").out.count("a fleece export is up") == 1
+    # A second export (or backup) is refused while this one is up.
+    assert "fleece export stop --libvirt" in one_line_error(lv(fleece, vm, "export", "start"), 1)
+
+    res = lv(fleece, vm, "export", "stop")
+    assert res.rc == 0 and "committed" in res.out, res.err
+    assert vm.libvirt_state()["checkpoints"] == {f"fleece-{first['checkpoint']}": None}
+
+    vm.write("vda", 8 * MiB, 64 * 1024, 0x73)
+    for attempt in ("abort", "commit"):
+        res = lv(fleece, vm, "export", "start", "--json")
+        assert res.rc == 0, res.err
+        disk = res.json()["disks"][0]
+        assert disk["level"] == "incremental" and disk["since"] == first["checkpoint"]
+        # libvirt 9 exports the bitmap since the parent checkpoint as backup-<target>.
+        assert disk["dirty_bitmap"] == "qemu:dirty-bitmap:backup-vda"
+        conn = nbd_connect(disk["uri"], disk["dirty_bitmap"])
+        # The abort lost no dirty bit: the same granules both times.
+        assert conn.dirty_granules() == {0, 8 * MiB}
+        conn.close()
+        res = lv(fleece, vm, "export", "stop", *(["--abort"] if attempt == "abort" else []))
+        assert res.rc == 0, res.err
+        if attempt == "abort":
+            assert vm.libvirt_state()["checkpoints"] == {f"fleece-{first['checkpoint']}": None}
+    assert vm.libvirt_state()["job"] == "None" and len(vm.checkpoints()) == 1
+    assert one_line_error(lv(fleece, vm, "export", "stop"), 1).endswith("nothing was changed")
+    assert list(scratch_tmpdir.iterdir()) == []
+
+
+def test_qga_through_libvirt_without_an_agent_fails_clearly_and_changes_nothing(make_domain, fleece,
+                                                                                tmp_path):
+    # The test domains run no OS, so there is no guest agent to answer; the
+    # freeze call must fail cleanly before the backup job begins.
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 64 * 1024, 0x81)
+    p1, _ = backup(fleece, vm, repo)
+    before = vm.libvirt_state()
+    res = lv(fleece, vm, "backup", "--repo", repo, "--qga")
+    line = one_line_error(res, 1)
+    assert "freeze the guest's filesystems" in line and "nothing was changed" in line
+    assert vm.libvirt_state() == before
+    assert [p["id"] for p in fleece("list", "--repo", repo, "--json").json()["points"]] == [p1["point"]]
+    # A socket makes no sense with --libvirt.
+    one_line_error(lv(fleece, vm, "backup", "--repo", repo, "--qga", "/run/qga.sock"), 2)
+
+
+def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
+        make_domain, libvirt_host, fleece, tmp_path, scratch_tmpdir):
+    vm = make_domain([("qcow2", 64 * MiB), ("raw", 32 * MiB)])
+    off = make_domain(start=False)
+    repo = tmp_path / "repo"
+    cases = [
+        (["backup", "--repo", repo, "--libvirt", "no-such-domain", "--connect", libvirt_host.uri],
+         2, "no domain 'no-such-domain'"),
+        (["backup", "--repo", repo, *vm.backup_target, "--drive", "vdz"], 2, "has no disk 'vdz'"),
+        (["backup", "--repo", repo, *vm.backup_target, "--drive", "vdb"], 2, "is raw, not qcow2"),
+        (["backup", "--repo", repo, *vm.backup_target], 2, "choose disks with --drive"),
+        (["backup", "--repo", repo, *off.backup_target], 1, "is not running (shut off)"),
+        (["backup", "--repo", repo, "--qmp", "/x.sock", *vm.backup_target], 2, "not both"),
+        (["backup", "--repo", repo, "--qmp", "/x.sock", "--drive", "vda", "--connect", libvirt_host.uri],
+         2, "--connect URI goes with --libvirt"),
+        (["backup", "--repo", repo, "--libvirt", vm.name, "--connect", "qemu:///system?socket=/nonexistent"],
+         1, "cannot connect to libvirt"),
+        (["export", "start", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
+        (["export", "start", *vm.backup_target, "--drive", "vdb"], 2, "not qcow2"),
+        (["status", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
+        (["cleanup", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
+    ]
+    before = vm.libvirt_state()
+    for args, rc, text in cases:
+        res = fleece(*args)
+        assert text in one_line_error(res, rc), (args, res.err)
+        assert vm.libvirt_state() == before, args
+        assert not repo.exists(), args
+    assert list(scratch_tmpdir.iterdir()) == []
+
+
+def test_another_tools_backup_job_is_refused_and_left_alone(make_domain, fleece, tmp_path):
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    scratch = tmp_path / "other"
+    scratch.mkdir()
+    (tmp_path / "other.xml").write_text(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{scratch}/s'/>"
+        f"<disks><disk name='vda' backup='yes' type='file'><scratch file='{scratch}/vda.scratch'/></disk>"
+        "</disks></domainbackup>")
+    vm.virsh("backup-begin", vm.name, str(tmp_path / "other.xml"))
+    try:
+        before = vm.libvirt_state()
+        assert before["job"] == "Unbounded"
+        assert "another backup job is running" in one_line_error(
+            lv(fleece, vm, "backup", "--repo", repo, "--drive", "vda"), 1)
+        assert "not fleece's" in one_line_error(lv(fleece, vm, "cleanup"), 1)
+        assert vm.libvirt_state() == before and not repo.exists()
+    finally:
+        vm.virsh("domjobabort", vm.name)
+
+
+def test_a_libvirt_older_than_the_minimum_is_refused_in_fleeces_voice():
+    # No old libvirt on this host: the version check itself, in process.
+    from fleece.libvirt.domain import LibvirtError, check_version
+
+    check_version((7, 6, 0), (9, 0, 0))
+    with pytest.raises(LibvirtError, match=r"libvirtd is 7\.5\.0; fleece --libvirt needs 7\.6\.0"):
+        check_version((9, 0, 0), (7, 5, 0))
+    with pytest.raises(LibvirtError, match=r"the libvirt library is 6\.0\.0"):
+        check_version((6, 0, 0), (9, 0, 0))
+
+
+def test_cleanup_leaves_the_job_of_a_backup_that_still_runs_alone(make_domain, fleece, tmp_path, hold_backup):
+    # While the backup that holds the job still runs, cleanup leaves it alone.
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    held = hold_backup(vm, repo, "export-live")
+    held.wait_held()
+    res = lv(fleece, vm, "cleanup")
+    assert "is running (pid" in one_line_error(res, 1)
+    assert vm.libvirt_state()["job"] == "Unbounded"
+    rc, out, err = held.release()
+    assert rc == 0, err
+    assert vm.libvirt_state() == {"checkpoints": {f"fleece-{json.loads(out)['point']}": None},
+                                  "job": "None", "state": "paused"}
