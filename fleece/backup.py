@@ -168,6 +168,7 @@ async def run_backup(
                 scratch_dir=req.scratch_dir,
                 qga=req.qga,
                 log=say,
+                known_point=points.latest_id(),
             ) as export:
                 pause_point("export-live")  # test hook (fleece.testing); inert in production
                 results: list[DiskResult] = []
@@ -246,6 +247,10 @@ class _PointsOfVm:
                 log.warning("%s; backing up without it", exc)
                 self._read[point_id] = None
         return self._read[point_id]
+
+    def latest_id(self) -> str | None:
+        """The id of the VM's newest point, without reading it."""
+        return max(self._ids) if self._ids else None
 
     def latest(self) -> RestorePoint | None:
         """The VM's newest point (ids sort by time), or None."""

@@ -100,9 +100,13 @@ class PointInTimeSource(Protocol):
         """
 
     def export(self, drives: list[str], *, level: str, parent_ok: ParentOk, discard: bool,
-               scratch_dir: Path | None, qga: str | None, log: Log
+               scratch_dir: Path | None, qga: str | None, log: Log, known_point: str | None = None
                ) -> AbstractAsyncContextManager[PointInTime]:
-        """The export: commits its checkpoint on normal exit, aborts it on an exception."""
+        """The export: commits its checkpoint on normal exit, aborts it on an exception.
+
+        ``known_point`` is the newest restore point of the VM in the
+        repository: a source that lost its checkpoint record may re-create it.
+        """
 
 
 async def qmp_vm_name(session: QmpSession) -> str:
@@ -163,8 +167,9 @@ class QmpSource:
         await preflight(self.session, drives, scratch_dir)
 
     def export(self, drives: list[str], *, level: str, parent_ok: ParentOk, discard: bool,
-               scratch_dir: Path | None, qga: str | None, log: Log
+               scratch_dir: Path | None, qga: str | None, log: Log, known_point: str | None = None
                ) -> AbstractAsyncContextManager[PointInTime]:
-        """``fleece.fleecing.point_in_time_export`` on this session."""
+        """``fleece.fleecing.point_in_time_export`` on this session (QEMU keeps its own bitmaps:
+        ``known_point`` is not needed)."""
         return point_in_time_export(self.session, drives, level=level, parent_ok=parent_ok,
                                     discard=discard, scratch_dir=scratch_dir, qga=qga, log=log)
