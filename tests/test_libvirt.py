@@ -119,7 +119,12 @@ def test_the_checkpoint_chain_survives_a_libvirtd_restart(make_domain, libvirt_h
     libvirt_host.restart_libvirtd()
     assert vm.checkpoints() == [f"fleece-{p1['point']}"]
 
-    p2, _ = backup(fleece, vm, repo)
+    # (the domain from --config this time: keys libvirt and connect)
+    config = tmp_path / "fleece.toml"
+    config.write_text(f'libvirt = "{vm.name}"\nconnect = "{vm.host.uri}"\nrepo = "{repo}"\n')
+    res = fleece("backup", "--config", config, "--json")
+    assert res.rc == 0, res.err
+    p2 = res.json()
     assert levels(p2) == {"vda": "incremental"} and p2["parent"] == p1["point"]
     assert p2["disks"][0]["bytes_read"] == CHUNK
     assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.disk("vda").shadow)

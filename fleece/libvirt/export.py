@@ -180,18 +180,18 @@ def start(
         if reason and level == "auto":
             log(f"full because {reason}")
 
+    sizes = {target: int(dom.blockInfo(target, 0)[0]) for target in targets}
     scratch = make_scratch(scratch_dir, qemu_user(xml))
-    state = JobState(domain=dom.name(), uuid=dom.UUIDString(), checkpoint=point, scratch=str(scratch),
-                     socket=str(scratch / SOCKET_FILE), owner=owner)
-    for target in targets:
-        size = int(dom.blockInfo(target, 0)[0])
-        c = choices[target]
-        state.disks.append(JobDisk(drive=target, size=size, parent=c.parent,
-                                   level="incremental" if c.parent else "full",
-                                   reason=c.reason if c.parent is None and level == "auto" else None,
-                                   export=target))
-    state.save()  # before libvirt is touched: a kill from here on is found by cleanup
     try:
+        state = JobState(domain=dom.name(), uuid=dom.UUIDString(), checkpoint=point, scratch=str(scratch),
+                         socket=str(scratch / SOCKET_FILE), owner=owner)
+        for target in targets:
+            c = choices[target]
+            state.disks.append(JobDisk(drive=target, size=sizes[target], parent=c.parent,
+                                       level="incremental" if c.parent else "full",
+                                       reason=c.reason if c.parent is None and level == "auto" else None,
+                                       export=target))
+        state.save()  # before libvirt is touched: a kill from here on is found by cleanup
         froze = False
         if qga:
             try:
