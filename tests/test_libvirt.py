@@ -304,6 +304,7 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
          1, "cannot connect to libvirt"),
         (["export", "start", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
         (["export", "start", *vm.backup_target, "--drive", "vdb"], 2, "not qcow2"),
+        (["export", "start", *vm.backup_target, "--drive", "vda", "--discard"], 2, "read-only"),
         (["status", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
         (["cleanup", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
     ]

@@ -48,6 +48,8 @@ def qga_flag(args: argparse.Namespace) -> bool:
 def export_start(args: argparse.Namespace) -> int:
     """``fleece export start --libvirt DOMAIN``."""
     qga = qga_flag(args)
+    if args.discard:
+        raise BadInput("--discard: libvirt's pull-mode exports are read-only")
     export = with_domain(args, lambda dom: lv_export.start(
         dom, args.drive or [], checkpoint=args.checkpoint, level=args.level,
         scratch_dir=args.scratch_dir, qga=qga, log=_say, owner="export"))
