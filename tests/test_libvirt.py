@@ -362,3 +362,15 @@ def test_cleanup_leaves_the_job_of_a_backup_that_still_runs_alone(make_domain, f
     assert rc == 0, err
     assert vm.libvirt_state() == {"checkpoints": {f"fleece-{json.loads(out)['point']}": None},
                                   "job": "None", "state": "paused"}
+
+
+def test_a_libvirt_error_nobody_expected_is_one_line_in_fleeces_voice():
+    # Unit test of the last line of defence (in process): whatever libvirt
+    # raises that no code path handles becomes a FleeceError, never a traceback.
+    import libvirt
+
+    from fleece.libvirt.domain import LibvirtError, libvirt_errors
+
+    expected = r"^libvirt failed on domain web1: .*odd; 'fleece status --libvirt web1'"
+    with pytest.raises(LibvirtError, match=expected), libvirt_errors("web1"):
+        raise libvirt.libvirtError("operation failed: something odd")

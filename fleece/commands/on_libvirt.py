@@ -13,7 +13,16 @@ from fleece.errors import BadInput
 from fleece.fleecing.names import checkpoint_of
 from fleece.libvirt import export as lv_export
 from fleece.libvirt.checkpoints import list_checkpoints
-from fleece.libvirt.domain import bindings, disks_of, dotted, live_xml, lookup, open_connection, version_tuple
+from fleece.libvirt.domain import (
+    bindings,
+    disks_of,
+    dotted,
+    libvirt_errors,
+    live_xml,
+    lookup,
+    open_connection,
+    version_tuple,
+)
 from fleece.libvirt.job import JobState, running_job
 
 T = TypeVar("T")
@@ -33,7 +42,8 @@ def with_domain(args: argparse.Namespace, work: Callable[[Any], T]) -> T:
     """Run ``work(domain)`` on a connection to ``args.connect``, closed afterwards."""
     conn = open_connection(args.connect)
     try:
-        return work(lookup(conn, args.libvirt))
+        with libvirt_errors(args.libvirt):
+            return work(lookup(conn, args.libvirt))
     finally:
         conn.close()
 

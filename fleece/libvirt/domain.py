@@ -8,6 +8,8 @@ error to stderr is switched off: fleece reports the one line itself.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +165,17 @@ def message(exc: Any) -> str:
     """libvirt's own one-line reason."""
     text = str(exc.get_error_message() or exc).strip()
     return " ".join(text.split())
+
+
+@contextmanager
+def libvirt_errors(domain: str) -> Iterator[None]:
+    """Turn any libvirt error the block did not handle into one line in fleece's voice."""
+    libvirt = bindings()
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt failed on domain {domain}: {message(exc)}; 'fleece status --libvirt "
+                           f"{domain}' shows what is left") from None
 
 
 def refused(what: str, exc: Any, left: str = "nothing was changed") -> ExportError:

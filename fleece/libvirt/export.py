@@ -174,9 +174,9 @@ def start(
     if level == "incremental" and full:
         for name in redefined:  # leave libvirt as found
             checkpoints.delete(dom, name, metadata_only=True)
-        raise ExportError("--level incremental, but " + "; ".join(f"{r}" for r in full.values() if r)
-                          + "; nothing was changed")
-    for reason in full.values():
+        reasons = dict.fromkeys(r for r in full.values() if r)  # one disk's or the same for all
+        raise ExportError("--level incremental, but " + "; ".join(reasons) + "; nothing was changed")
+    for reason in dict.fromkeys(full.values()):
         if reason and level == "auto":
             log(f"full because {reason}")
 

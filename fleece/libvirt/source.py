@@ -14,6 +14,7 @@ from fleece.libvirt import export as lv_export
 from fleece.libvirt.domain import (
     disks_of,
     dotted,
+    libvirt_errors,
     live_xml,
     lookup,
     open_connection,
@@ -46,7 +47,8 @@ class LibvirtSource:
         def connect() -> tuple[Any, Any]:
             conn = open_connection(self.uri)
             try:
-                return conn, lookup(conn, self.domain_name)
+                with libvirt_errors(self.domain_name):
+                    return conn, lookup(conn, self.domain_name)
             except BaseException:
                 conn.close()
                 raise
@@ -70,12 +72,14 @@ class LibvirtSource:
 
     async def check_drives(self, drives: list[str]) -> None:
         """Every drive is a qcow2 disk of the domain (by target dev)."""
-        xml = await asyncio.to_thread(live_xml, self.dom)
+        with libvirt_errors(self.domain_name):
+            xml = await asyncio.to_thread(live_xml, self.dom)
         select_disks(self.domain_name, disks_of(xml), drives)
 
     async def preflight(self, drives: list[str], scratch_dir: Path | None) -> None:
         """The domain runs, the disks qualify, no backup job or leftovers."""
-        await asyncio.to_thread(lv_export.preflight, self.dom, drives)
+        with libvirt_errors(self.domain_name):
+            await asyncio.to_thread(lv_export.preflight, self.dom, drives)
 
     def export(self, drives: list[str], *, level: str, parent_ok: Callable[[str, str], bool],
                discard: bool, scratch_dir: Path | None, qga: str | None, log: Log,
@@ -108,18 +112,21 @@ async def libvirt_export(
 
     The libvirt counterpart of ``fleece.fleecing.point_in_time_export``.
     """
-    export = await asyncio.to_thread(
-        lv_export.start, dom, drives, checkpoint=checkpoint, level=level, parent_ok=parent_ok,
-        known_point=known_point, scratch_dir=scratch_dir, qga=qga, log=log, owner="session")
+    with libvirt_errors(dom.name()):
+        export = await asyncio.to_thread(
+            lv_export.start, dom, drives, checkpoint=checkpoint, level=level, parent_ok=parent_ok,
+            known_point=known_point, scratch_dir=scratch_dir, qga=qga, log=log, owner="session")
     state = JobState.load(export.scratch_dir)
     assert state is not None
     try:
         yield export
     except BaseException as exc:
         try:
-            await asyncio.to_thread(lv_export.end, dom, state, commit=False, log=log)
+            with libvirt_errors(state.domain):
+                await asyncio.to_thread(lv_export.end, dom, state, commit=False, log=log)
         except FleeceError as undo:
             exc.add_note(str(undo))
             log(str(undo))
         raise
-    await asyncio.to_thread(lv_export.end, dom, state, commit=True, log=log)
+    with libvirt_errors(state.domain):
+        await asyncio.to_thread(lv_export.end, dom, state, commit=True, log=log)
