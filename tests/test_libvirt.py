@@ -239,6 +239,9 @@ def test_export_start_stop_and_status_on_a_libvirt_domain(make_domain, fleece, n
     st = lv(fleece, vm, "status", "--json").json()
     assert st["backup_job"]["fleece"] and st["backup_job"]["checkpoint"] == first["checkpoint"]
     assert lv(fleece, vm, "status").out.count("a fleece export is up") == 1
+    # Without --connect, $LIBVIRT_DEFAULT_URI names the daemon, as for virsh.
+    res = fleece("status", "--libvirt", vm.name, "--json", env={"LIBVIRT_DEFAULT_URI": vm.host.uri})
+    assert res.rc == 0 and res.json()["backup_job"]["checkpoint"] == first["checkpoint"], res.err
     # A second export (or backup) is refused while this one is up.
     assert "fleece export stop --libvirt" in one_line_error(lv(fleece, vm, "export", "start"), 1)
 

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--libvirt", metavar="DOMAIN",
                    help="a libvirt domain (name or UUID), backed up through libvirt's backup API")
     p.add_argument("--connect", metavar="URI",
-                   help="libvirt connection URI with --libvirt (default qemu:///system)")
+                   help="libvirt connection URI with --libvirt (default $LIBVIRT_DEFAULT_URI, else "
+                        "qemu:///system)")
     p.add_argument("--drive", action="append", default=[], metavar="NAME",
                    help="disk to back up: device id, node name or block backend name; with --libvirt "
                         "its target dev (default: every disk) (repeatable)")

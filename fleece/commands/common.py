@@ -25,7 +25,8 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT")
     which.add_argument("--libvirt", metavar="DOMAIN", help="a libvirt domain (name or UUID)")
     parser.add_argument("--connect", metavar="URI",
-                        help="libvirt connection URI with --libvirt (default qemu:///system)")
+                        help="libvirt connection URI with --libvirt (default $LIBVIRT_DEFAULT_URI, else "
+                             "qemu:///system)")
 
 
 def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -7,6 +7,7 @@ error to stderr is switched off: fleece reports the one line itself.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,9 +71,13 @@ class DomainDisk:
 
 
 def open_connection(uri: str | None) -> Any:
-    """A read-write connection to libvirt at ``uri`` (default ``qemu:///system``)."""
+    """A read-write connection to libvirt at ``uri``.
+
+    Default: ``$LIBVIRT_DEFAULT_URI`` as for virsh, else ``qemu:///system``
+    (never libvirt's own guess, which picks the session daemon for non-root).
+    """
     libvirt = bindings()
-    uri = uri or DEFAULT_URI
+    uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
