@@ -116,7 +116,15 @@ def test_the_checkpoint_chain_survives_a_libvirtd_restart(make_domain, libvirt_h
     p1, _ = backup(fleece, vm, repo)
     vm.write("vda", 40 * MiB, 1 * MiB, 0x32)
 
+    # An export that is up when libvirtd restarts is still there afterwards (libvirt
+    # reconnects its backup job), and its abort loses no write.
+    res = lv(fleece, vm, "export", "start", "--json")
+    assert res.rc == 0 and res.json()["disks"][0]["since"] == p1["point"], res.err
+
     libvirt_host.restart_libvirtd()
+    assert vm.job_type() == "Unbounded" and len(vm.checkpoints()) == 2
+    res = lv(fleece, vm, "export", "stop", "--abort")
+    assert res.rc == 0 and "aborted" in res.out, res.err
     assert vm.checkpoints() == [f"fleece-{p1['point']}"]
 
     # (the domain from --config this time: keys libvirt and connect)
@@ -360,7 +368,10 @@ def test_cleanup_leaves_the_job_of_a_backup_that_still_runs_alone(make_domain, f
     held.wait_held()
     res = lv(fleece, vm, "cleanup")
     assert "is running (pid" in one_line_error(res, 1)
-    assert vm.libvirt_state()["job"] == "Unbounded"
+    # A second backup of the domain, into another repository, is refused too.
+    res = lv(fleece, vm, "backup", "--repo", tmp_path / "other-repo")
+    assert f"another fleece backup of domain {vm.name} is running (pid" in one_line_error(res, 1)
+    assert vm.libvirt_state()["job"] == "Unbounded" and not (tmp_path / "other-repo").exists()
     rc, out, err = held.release()
     assert rc == 0, err
     assert vm.libvirt_state() == {"checkpoints": {f"fleece-{json.loads(out)['point']}": None},
