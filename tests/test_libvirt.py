@@ -388,3 +388,46 @@ def test_a_libvirt_error_nobody_expected_is_one_line_in_fleeces_voice():
     expected = r"^libvirt failed on domain web1: .*odd; 'fleece status --libvirt web1'"
     with pytest.raises(LibvirtError, match=expected), libvirt_errors("web1"):
         raise libvirt.libvirtError("operation failed: something odd")
+
+
+def test_the_python_api_commits_on_normal_exit_and_aborts_on_an_exception(make_domain, nbd_connect,
+                                                                          scratch_tmpdir):
+    import asyncio
+
+    import libvirt
+
+    from fleece.libvirt import libvirt_export
+
+    vm = make_domain()
+    vm.write("vda", 0, 64 * 1024, 0x91)
+    conn = libvirt.open(vm.host.uri)
+    try:
+        dom = conn.lookupByName(vm.name)
+
+        async def export(fail: bool) -> Any:
+            async with libvirt_export(dom, ["vda"]) as ex:
+                disk = ex.disks[0]
+                reader = nbd_connect(disk.uri, disk.dirty_bitmap)
+                dirty = reader.dirty_granules() if disk.dirty_bitmap else None
+                seen = (disk.level, reader.read(0, 4096), dirty)
+                reader.close()
+                if fail:
+                    raise RuntimeError("the caller failed")
+            return ex, seen
+
+        first, seen = asyncio.run(export(False))
+        assert seen == ("full", b"\x91" * 4096, None)
+        assert vm.checkpoints() == [f"fleece-{first.checkpoint}"]
+
+        vm.write("vda", 1 << 20, 64 * 1024, 0x92)
+        with pytest.raises(RuntimeError, match="the caller failed"):
+            asyncio.run(export(True))
+        assert vm.libvirt_state() == {"checkpoints": {f"fleece-{first.checkpoint}": None}, "job": "None",
+                                      "state": "paused"}
+
+        second, seen = asyncio.run(export(False))
+        assert seen[0] == "incremental" and seen[2] == {1 << 20}  # the aborted export lost nothing
+        assert vm.checkpoints() == [f"fleece-{second.checkpoint}"]
+    finally:
+        conn.close()
+    assert list(scratch_tmpdir.iterdir()) == []

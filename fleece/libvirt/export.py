@@ -17,6 +17,7 @@ Everything here blocks; async callers run it in a worker thread.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from fleece.libvirt.job import (
 from fleece.testing import pause_point
 
 LEVELS = ("auto", "full", "incremental")
+_log = logging.getLogger(__name__)
 TRIM_ALIGNMENT = 65536
 Log = Callable[[str], None]
 
@@ -144,7 +146,7 @@ def start(
     known_point: str | None = None,
     scratch_dir: Path | None = None,
     qga: bool = False,
-    log: Log,
+    log: Log | None = None,
     owner: str = "export",
 ) -> LibvirtExport:
     """Begin the pull-mode backup job of ``drives`` (all qcow2 disks when empty) and leave it running.
@@ -157,6 +159,7 @@ def start(
     (except a checkpoint redefined from intact bitmaps) and the error is raised.
     """
     libvirt = bindings()
+    log = log or _log.warning
     if level not in LEVELS:
         raise BadInput(f"unknown level {level!r} (expected one of {', '.join(LEVELS)})")
     require_running(dom)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -106,12 +107,14 @@ async def libvirt_export(
     known_point: str | None = None,
     scratch_dir: Path | None = None,
     qga: bool = False,
-    log: Log,
+    log: Log | None = None,
 ) -> AsyncIterator[LibvirtExport]:
     """The export of ``drives`` while the block runs: commit on normal exit, abort on an exception.
 
-    The libvirt counterpart of ``fleece.fleecing.point_in_time_export``.
+    The libvirt counterpart of ``fleece.fleecing.point_in_time_export``;
+    ``dom`` is a ``libvirt.virDomain``. Notices go to ``log`` (default: logging).
     """
+    log = log or logging.getLogger(__name__).warning
     with libvirt_errors(dom.name()):
         export = await asyncio.to_thread(
             lv_export.start, dom, drives, checkpoint=checkpoint, level=level, parent_ok=parent_ok,
