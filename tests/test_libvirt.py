@@ -326,6 +326,9 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
         assert vm.libvirt_state() == before, args
         assert not repo.exists(), args
     assert list(scratch_tmpdir.iterdir()) == []
+    # status works on a shut-off domain, and says so
+    res = fleece("status", *off.backup_target)
+    assert res.rc == 0 and "shut off" in res.out.splitlines()[0], res.err
 
 
 def test_another_tools_backup_job_is_refused_and_left_alone(make_domain, fleece, tmp_path):
