@@ -3,12 +3,12 @@
 The daemons run as root the way these hosts run them (monolithic libvirtd,
 ``user``/``group`` root, ``security_driver = "none"``, virtlogd first, both
 with ``-d`` and a pid file, no systemd) but in a private mount namespace:
-fresh directories are bind-mounted over ``/etc/libvirt``, ``/run/libvirt``,
-``/var/lib/libvirt``, ``/var/log/libvirt`` and ``/var/cache/libvirt`` there,
-so no system file is changed and a system libvirtd, if any, is not touched.
-The one host-visible change — ``/run/libvirt`` created as an empty mount
-point when it did not exist — is undone at stop. Clients reach the daemon
-through its socket in the private run directory (:attr:`LibvirtHost.uri`).
+fresh directories are bind-mounted over ``/etc/libvirt`` (a copy with the
+settings above), ``/var/lib/libvirt``, ``/var/log/libvirt``,
+``/var/cache/libvirt`` and ``/run`` there, so no system file or directory is
+changed or created, and a system libvirtd, if any, is not touched (nor are
+other sessions' daemons: each has its own namespace). Clients reach the
+daemon through its socket in the private run directory (:attr:`LibvirtHost.uri`).
 
 Test domains are ``type='qemu'`` (TCG), q35, virtio qcow2 (or raw) disks, no
 network, no OS, started paused. The "guest" writes with HMP ``qemu-io``
@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BINDS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
-         "log": "/var/log/libvirt", "cache": "/var/cache/libvirt"}
+# The namespace's whole /run is a fresh directory (so /run/libvirt need not exist on the host).
+BINDS = {"etc": "/etc/libvirt", "lib": "/var/lib/libvirt", "log": "/var/log/libvirt",
+         "cache": "/var/cache/libvirt", "run": "/run"}
 QEMU_CONF = """
 user = "root"
 group = "root"
@@ -68,14 +69,13 @@ class LibvirtHost:
     def __init__(self) -> None:
         # Short: unix socket paths (ours, QEMU's monitor) must stay under 108 bytes.
         self.base = Path(tempfile.mkdtemp(prefix="fl-lv-", dir="/tmp"))
-        self.made_run_dir = False
         self.virtlogd_pid = 0
         self.libvirtd_pid = 0
 
     @property
     def uri(self) -> str:
         """The connection URI of this daemon."""
-        return f"qemu:///system?socket={self.base}/run/libvirt-sock"
+        return f"qemu:///system?socket={self.base}/run/libvirt/libvirt-sock"
 
     def start(self) -> None:
         """Configure and start virtlogd, then libvirtd, in a new private mount namespace."""
@@ -87,10 +87,8 @@ class LibvirtHost:
             shutil.rmtree(autostart)  # no default network: tests need none, and no dnsmasq
         with open(self.base / "etc/qemu.conf", "a") as f:
             f.write(QEMU_CONF)
-        if not os.path.isdir("/run/libvirt"):
-            os.mkdir("/run/libvirt")  # a mount point is needed; removed again at stop
-            self.made_run_dir = True
         mounts = " && ".join(f"mount --bind {self.base / sub} {target}" for sub, target in BINDS.items())
+        (self.base / "run" / "libvirt").mkdir()
         script = f"set -e; {mounts}; virtlogd -d -p {self.base}/virtlogd.pid"
         subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], check=True)
         _wait_for("virtlogd's pid file", lambda: (self.base / "virtlogd.pid").exists())
@@ -122,7 +120,7 @@ class LibvirtHost:
         self.start_libvirtd()
 
     def stop(self) -> None:
-        """Destroy every domain, stop both daemons by pid, undo the host-visible change."""
+        """Destroy every domain, stop both daemons by pid, remove the private directories."""
         if self.libvirtd_pid:
             names = self.virsh("list", "--name", check=False).stdout.split()
             for name in names:
@@ -131,8 +129,6 @@ class LibvirtHost:
         if self.virtlogd_pid and _pid_alive(self.virtlogd_pid):
             os.kill(self.virtlogd_pid, signal.SIGTERM)
             _wait_for("virtlogd exiting", lambda: not _pid_alive(self.virtlogd_pid))
-        if self.made_run_dir:
-            os.rmdir("/run/libvirt")
         shutil.rmtree(self.base, ignore_errors=True)
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
