@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -434,3 +435,29 @@ def test_the_python_api_commits_on_normal_exit_and_aborts_on_an_exception(make_d
     finally:
         conn.close()
     assert list(scratch_tmpdir.iterdir()) == []
+
+
+def test_cleanup_removes_the_scratch_directory_of_a_run_killed_before_libvirt_began_its_job(
+        make_domain, fleece, scratch_tmpdir):
+    # A run killed between writing its state and virDomainBackupBegin left only
+    # its scratch directory: no job, no checkpoint points to it.
+    from fleece.libvirt.job import JobState
+
+    vm = make_domain()
+    uuid = vm.virsh("domuuid", vm.name).stdout.strip()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = scratch_tmpdir / "fleece-lv-orphan"
+    orphan.mkdir(mode=0o700)
+    JobState(domain=vm.name, uuid=uuid, checkpoint="20261130T000000.000000Z-abcdef", scratch=str(orphan),
+             socket=str(orphan / "nbd.sock"), owner="session", pid=dead.pid).save()
+    other = scratch_tmpdir / "fleece-lv-other-domain"
+    other.mkdir(mode=0o700)
+    JobState(domain="x", uuid="00000000-0000-0000-0000-000000000001",
+             checkpoint="20261130T000000.000000Z-abcdef", scratch=str(other),
+             socket=str(other / "nbd.sock"), owner="session", pid=dead.pid).save()
+
+    res = lv(fleece, vm, "cleanup")
+    assert res.rc == 0 and res.out.strip() == f"removed scratch directory {orphan}", res.err
+    assert not orphan.exists() and other.exists()  # another domain's is not ours to remove
+    assert vm.libvirt_state() == {"checkpoints": {}, "job": "None", "state": "paused"}

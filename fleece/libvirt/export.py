@@ -32,6 +32,7 @@ from fleece.fleecing.names import (
     dirty_bitmap_context,
     new_point_id,
 )
+from fleece.fleecing.setup import default_scratch_parent
 from fleece.libvirt import checkpoints
 from fleece.libvirt.domain import (
     bindings,
@@ -44,6 +45,7 @@ from fleece.libvirt.domain import (
     select_disks,
 )
 from fleece.libvirt.job import (
+    SCRATCH_PREFIX,
     JobDisk,
     JobState,
     backup_xml,
@@ -52,6 +54,7 @@ from fleece.libvirt.job import (
     remove_scratch,
     running_job,
 )
+from fleece.liveness import process_gone
 from fleece.testing import pause_point
 
 LEVELS = ("auto", "full", "incremental")
@@ -291,6 +294,7 @@ def cleanup(dom: Any, log: Log | None = None) -> list[str]:
     """
     job = running_job(dom)
     state: JobState | None = None
+    done: list[str] = []
     if job is not None:
         state = JobState.load(job.scratch) if job.scratch else None
         if state is None:
@@ -299,7 +303,7 @@ def cleanup(dom: Any, log: Log | None = None) -> list[str]:
         if state.owner == "session" and not state.owner_gone():
             raise ExportError(f"a fleece backup of domain {dom.name()} is running (pid {state.pid}); "
                               "nothing was changed")
-        return end(dom, state, commit=False, log=log)
+        return end(dom, state, commit=False, log=log) + _orphan_scratch(dom)
     ours = checkpoints.fleece_checkpoints(dom)
     scratches = {s for s in (checkpoints.scratch_of(c) for c in ours) if s}
     for scratch in sorted(scratches):
@@ -307,8 +311,7 @@ def cleanup(dom: Any, log: Log | None = None) -> list[str]:
         if found is not None and found.domain == dom.name():
             state = found
     if state is not None:
-        return end(dom, state, commit=False, log=log)
-    done: list[str] = []
+        return end(dom, state, commit=False, log=log) + _orphan_scratch(dom)
     if len(ours) > 1:
         # No state: the newest checkpoint's run never decided to commit;
         # the oldest has recorded every write since its point.
@@ -318,4 +321,19 @@ def cleanup(dom: Any, log: Log | None = None) -> list[str]:
     for scratch in sorted(scratches):
         if Path(scratch).exists() and remove_scratch(scratch):
             done.append(f"scratch directory {scratch}")
-    return done
+    return done + _orphan_scratch(dom)
+
+
+def _orphan_scratch(dom: Any) -> list[str]:
+    """Scratch directories of this domain in the default place whose process is gone and
+    whose job is not running: a run killed before libvirt began its job left them."""
+    job = running_job(dom)
+    removed = []
+    for path in sorted(default_scratch_parent().glob(f"{SCRATCH_PREFIX}*")):
+        state = JobState.load(path)
+        if (state is None or state.uuid != dom.UUIDString() or not process_gone(state.host, state.pid)
+                or (job is not None and job.socket == state.socket)):
+            continue
+        if remove_scratch(path):
+            removed.append(f"scratch directory {path}")
+    return removed
