@@ -73,9 +73,11 @@ class HeldBackup:
     def __init__(self, vm: Any, repo: Any, phase: str, marker: Path, *extra: str,
                  env: dict[str, str] | None = None) -> None:
         self.marker = marker
+        # A libvirt test domain names itself (tests/libvirt_host.py); a QEMU VM by its socket.
+        target = (vm.backup_target if hasattr(vm, "backup_target")
+                  else ["--qmp", vm.qmp_path, "--drive", "vda"])
         self.proc = subprocess.Popen(
-            [FLEECE, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", str(repo),
-             "--json", *extra],
+            [FLEECE, "backup", *target, "--repo", str(repo), "--json", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
             env={**os.environ, **(env or {}), "FLEECE_TEST_PAUSE_AT": phase,
                  "FLEECE_TEST_PAUSE_FILE": str(marker)},

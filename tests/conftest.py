@@ -938,3 +938,27 @@ def live() -> Iterator[Any]:
     yield start
     for lr in started:
         lr.kill()
+# -- libvirt: a private libvirtd started and stopped by the fixture ------------------
+@pytest.fixture(scope="session")
+def libvirt_host() -> Iterator[Any]:
+    """A real libvirtd (with virtlogd) in a private mount namespace for the session
+    (``tests/libvirt_host.py``); stopped by pid at the end, no system file changed."""
+    from libvirt_host import LibvirtHost
+
+    host = LibvirtHost()
+    try:
+        host.start()
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def make_domain(libvirt_host: Any, tmp_path: Path) -> Iterator[Any]:
+    """Factory of libvirt test domains (TCG, q35, virtio disks, started paused); all
+    destroyed and undefined at teardown."""
+    from libvirt_host import LibvirtVMFactory
+
+    factory = LibvirtVMFactory(libvirt_host, tmp_path / "domains")
+    yield factory
+    factory.close()

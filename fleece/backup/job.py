@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +26,12 @@ from typing import Any
 from fleece import __version__
 from fleece.backup.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
 from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
+from fleece.backup.sources import ExportedDisk, PointInTimeSource, QmpSource, qmp_vm_name
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
-from fleece.fleecing import DiskExport, point_in_time_export
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
-from fleece.fleecing.setup import preflight
 from fleece.maintenance.verify import require_new_point_intact
-from fleece.qmp import QmpSession, list_disks, resolve_drive
+from fleece.qmp import QmpSession
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.gc_lock import check_no_gc
@@ -50,6 +48,7 @@ class BackupRequest:
     """What the user asked for."""
 
     qmp: str
+    """QEMU's QMP socket; unused when ``source`` is given."""
     drives: list[str]
     repo: Repository | Callable[[], Repository]
     """The repository, or a callable that opens (or creates) it once the VM side checks out."""
@@ -66,6 +65,8 @@ class BackupRequest:
     """Deep-verify the stored chunks and indexes before the point is written."""
     on_vm: Callable[[str], None] | None = None
     """Told the VM's name as soon as it is known (``--metrics-file`` labels a failure by it)."""
+    source: PointInTimeSource | None = None
+    """Where the point in time comes from (e.g. ``fleece.libvirt.LibvirtSource``); default QMP at ``qmp``."""
 
 
 @dataclass
@@ -115,15 +116,7 @@ class BackupResult:
 
 async def vm_name(session: QmpSession) -> str:
     """The VM's name as docs/design.md §4.2 defines it: ``-name``, else its UUID, else the socket."""
-    name = (await session.execute("query-name")).get("name")
-    if name:
-        return str(name)
-    uuid = (await session.execute("query-uuid")).get("UUID", "")
-    if uuid and uuid.strip("0-"):
-        return str(uuid)
-    address = session.address
-    # Absolute, so that the same VM reached from another directory keeps its name.
-    return os.path.abspath(address) if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    return await qmp_vm_name(session)
 
 
 def check_level(level: str) -> str:
@@ -146,16 +139,15 @@ async def run_backup(
     check_level(req.level)
     say = say or log.warning
     started = time.monotonic()
-    async with QmpSession.open(req.qmp) as session:
-        vm = req.vm or await vm_name(session)
+    source = req.source or QmpSource(req.qmp)
+    async with source:
+        vm = req.vm or await source.vm_name()
         if req.on_vm is not None:
             req.on_vm(vm)
-        qemu = ".".join(map(str, await session.qemu_version()))
+        qemu = await source.qemu_version()
         # Unknown drives are bad input: say so before the repository is touched
         # (a fresh location is only initialized once the VM side checks out).
-        disks = await list_disks(session)
-        for drive in req.drives:
-            resolve_drive(disks, drive)
+        await source.check_drives(req.drives)
         if not isinstance(req.repo, Repository) and req.level == "incremental":
             raise FleeceError(
                 "--level incremental needs a parent restore point, and the repository does "
@@ -163,7 +155,7 @@ async def run_backup(
             )
         if not isinstance(req.repo, Repository):
             # A fresh location becomes a repository only if the export can be set up.
-            await preflight(session, req.drives, req.scratch_dir)
+            await source.preflight(req.drives, req.scratch_dir)
         repo = req.repo if isinstance(req.repo, Repository) else req.repo()
         with vm_lock(repo.backend, vm) as lease:
             # We will reuse chunks we do not upload: no gc may run until we
@@ -175,8 +167,7 @@ async def run_backup(
                 point = points.get(parent)
                 return point is not None and any(d.name == drive for d in point.disks)
 
-            async with point_in_time_export(
-                session,
+            async with source.export(
                 req.drives,
                 level=req.level,
                 parent_ok=parent_ok,
@@ -184,6 +175,7 @@ async def run_backup(
                 scratch_dir=req.scratch_dir,
                 qga=req.qga,
                 log=say,
+                known_point=points.latest_id(),
             ) as export:
                 pause_point("export-live")  # test hook (fleece.testing); inert in production
                 results: list[DiskResult] = []
@@ -283,6 +275,10 @@ class _PointsOfVm:
                 self._read[point_id] = None
         return self._read[point_id]
 
+    def latest_id(self) -> str | None:
+        """The id of the VM's newest point, without reading it."""
+        return max(self._ids) if self._ids else None
+
     def latest(self) -> RestorePoint | None:
         """The VM's newest point (ids sort by time), or None."""
         return self.get(max(self._ids)) if self._ids else None
@@ -292,7 +288,7 @@ def _back_up_disk(
     req: BackupRequest,
     repo: Repository,
     point_id: str,
-    disk: DiskExport,
+    disk: ExportedDisk,
     parent: RestorePoint | None,
     latest: RestorePoint | None,
     trim_alignment: int | None,
@@ -352,10 +348,7 @@ def _back_up_disk(
     stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance, deltas=deltas).run()
     index_key, index_digest = repo.write_index(point_id, disk.drive, index)
     stats.objects_written += 1  # the index
-    granularity = None
-    if level == "incremental" and disk.since:
-        bitmap = disk.disk.bitmap(checkpoint_bitmap(disk.since))
-        granularity = bitmap.granularity if bitmap is not None else None
+    granularity = disk.bitmap_granularity if level == "incremental" else None
     record = DiskRecord(
         name=disk.drive,
         level=level,

@@ -28,6 +28,7 @@ from fleece.commands.progress import progress_display
 from fleece.errors import BadInput, NotARepository
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
+from fleece.libvirt.source import LibvirtSource
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.repository import Repository, check_chunk_size, holds_objects
@@ -39,7 +40,7 @@ CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
     "trim": bool, "labels": dict, "verify": bool, "passphrase_file": str, "unsafe_locks": bool,
-    "limit_upload": str, "limit_download": str, "metrics_file": str,
+    "limit_upload": str, "limit_download": str, "metrics_file": str, "libvirt": str, "connect": str,
 }
 
 
@@ -48,8 +49,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("backup", help="take a full or incremental restore point of a running VM")
     p.add_argument("--config", metavar="FILE", help="read settings from a TOML file (see configs/)")
     p.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="a libvirt domain (name or UUID), backed up through libvirt's backup API")
+    p.add_argument("--connect", metavar="URI",
+                   help="libvirt connection URI with --libvirt (default $LIBVIRT_DEFAULT_URI, else "
+                        "qemu:///system)")
     p.add_argument("--drive", action="append", default=[], metavar="NAME",
-                   help="disk to back up: device id, node name or block backend name (repeatable)")
+                   help="disk to back up: device id, node name or block backend name; with --libvirt "
+                        "its target dev (default: every disk) (repeatable)")
     add_repo_option(p, required=False)
     p.add_argument("--vm", metavar="NAME",
                    help="VM name in the repository (default: QEMU's -name, else UUID, else socket)")
@@ -64,8 +71,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "blake3 is ~3.5x faster to compute)")
     p.add_argument("--scratch-dir", metavar="DIR", default=None,
                    help="private directory for the reverse delta and the NBD socket")
-    p.add_argument("--qga", metavar="SOCKET", default=None,
-                   help="guest agent socket: freeze guest filesystems around the snapshot point")
+    p.add_argument("--qga", metavar="SOCKET", default=None, nargs="?", const="",
+                   help="guest agent socket: freeze guest filesystems around the snapshot point "
+                        "(with --libvirt: no SOCKET, libvirt reaches the agent)")
     p.add_argument("--no-trim", dest="trim", action="store_false", default=None,
                    help="do not discard stored chunks from the snapshot")
     p.add_argument("--readers", type=int, default=None, help="NBD connections reading in parallel")
@@ -118,19 +126,28 @@ def backup_metrics(result: BackupResult) -> dict[str, float]:
 
 def _backup(args: argparse.Namespace, record: Run) -> int:
     tls = client_tls(args.tls_creds, args.tls_psk)
+    if args.qmp and args.libvirt:
+        raise BadInput("backup takes --qmp SOCKET or --libvirt DOMAIN, not both")
+    if args.connect and not args.libvirt:
+        raise BadInput("--connect URI goes with --libvirt DOMAIN")
     if args.from_export:
-        if args.qmp or args.drive or args.qga:
-            raise BadInput("--from-export reads an export made elsewhere: drop --qmp, --drive and --qga")
+        if args.qmp or args.libvirt or args.drive or args.qga:
+            raise BadInput("--from-export reads an export made elsewhere: drop --qmp, --libvirt, "
+                           "--drive and --qga")
         if not args.vm:
             raise BadInput("backup --from-export needs --vm NAME")
         # Read once (it may be stdin); bad input is refused before the repository is touched.
         exported = read_export(args.from_export)
     elif tls is not None:
         raise BadInput("--tls-creds/--tls-psk are for --from-export (an nbds:// export on another host)")
-    elif not args.qmp:
-        raise BadInput("backup needs --qmp SOCKET (or qmp = … in --config)")
-    elif not args.drive:
+    elif not args.qmp and not args.libvirt:
+        raise BadInput("backup needs --qmp SOCKET or --libvirt DOMAIN (or qmp = … in --config)")
+    elif not args.drive and not args.libvirt:
         raise BadInput("backup needs at least one --drive NAME")
+    if args.qga == "" and not args.libvirt:
+        raise BadInput("--qga needs the guest agent's SOCKET (only --libvirt reaches the agent itself)")
+    if args.qga and args.libvirt:
+        raise BadInput("with --libvirt, --qga takes no socket: libvirt talks to the guest agent")
     if not args.repo:
         raise BadInput("backup needs --repo URL")
     if len(set(args.drive)) != len(args.drive):
@@ -188,7 +205,10 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         settings=settings,
         verify=bool(args.verify),
         on_vm=lambda name: setattr(record, "vm", name),
+        source=LibvirtSource(args.libvirt, args.connect) if args.libvirt else None,
     )
+    if args.libvirt and args.qga is not None:
+        req.qga = "libvirt"
 
     def say(line: str) -> None:
         sys.stderr.write(f"fleece: {line}\n")

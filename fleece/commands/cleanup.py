@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fleece.commands.common import add_json_option, print_json, run, say
+from fleece.commands import on_libvirt
+from fleece.commands.common import add_json_option, add_vm_options, print_json, run, say
 from fleece.errors import BadInput
 from fleece.fleecing import Leftovers, cleanup
 from fleece.fleecing.stale_scratch import scratch_parents, sweep
@@ -16,8 +17,7 @@ from fleece.qmp import QmpSession
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``cleanup`` to the command line."""
     p = sub.add_parser("cleanup", help="remove the nodes, exports and bitmaps a killed fleece run left")
-    p.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT "
-                   "(required unless --stale)")
+    add_vm_options(p, required=False)
     p.add_argument("--stale", action="store_true",
                    help="also remove fleece-* scratch directories whose QEMU and fleece are gone")
     p.add_argument("--scratch-dir", metavar="DIR", action="append", type=Path,
@@ -33,8 +33,11 @@ async def _cleanup(qmp: str) -> Leftovers:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove leftovers and say what was removed."""
+    on_libvirt.check_connect(args)
+    if args.libvirt:
+        return on_libvirt.cleanup(args)
     if not args.qmp and not args.stale:
-        raise BadInput("cleanup needs --qmp SOCKET, --stale, or both")
+        raise BadInput("cleanup needs --qmp SOCKET (or --libvirt DOMAIN), --stale, or both")
     if args.scratch_dir and not args.stale:
         raise BadInput("--scratch-dir goes with --stale")
     for d in args.scratch_dir or []:

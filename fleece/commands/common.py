@@ -29,6 +29,16 @@ def add_qmp_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_vm_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--qmp SOCKET`` or ``--libvirt DOMAIN [--connect URI]``: the VM, reached one way or the other."""
+    which = parser.add_mutually_exclusive_group(required=required)
+    which.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT")
+    which.add_argument("--libvirt", metavar="DOMAIN", help="a libvirt domain (name or UUID)")
+    parser.add_argument("--connect", metavar="URI",
+                        help="libvirt connection URI with --libvirt (default $LIBVIRT_DEFAULT_URI, else "
+                             "qemu:///system)")
+
+
 def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--repo URL``: the repository (not required where ``--config`` may give it)."""
     parser.add_argument(

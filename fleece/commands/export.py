@@ -10,7 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run, say
+from fleece.commands import on_libvirt
+from fleece.commands.common import (
+    add_json_option,
+    add_vm_options,
+    human_size,
+    print_json,
+    run,
+    say,
+)
+from fleece.errors import BadInput
 from fleece.fleecing import PointInTimeExport, start_export, stop_export
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import ServerTransport, server_transport
@@ -24,9 +33,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commands.required = True
 
     start = commands.add_parser("start", help="export disks at one point in time and leave the export up")
-    add_qmp_option(start)
-    start.add_argument("--drive", action="append", required=True, metavar="NAME",
-                       help="device id, node name or block backend name; repeat for several disks")
+    add_vm_options(start)
+    start.add_argument("--drive", action="append", metavar="NAME",
+                       help="device id, node name or block backend name (with --libvirt: target dev, "
+                            "default every disk); repeat for several disks")
     start.add_argument("--level", choices=LEVELS, default="auto",
                        help="auto: incremental where the checkpoint allows, else full (the reason is "
                             "printed); incremental: fail rather than go full")
@@ -35,15 +45,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--scratch-dir", type=Path, metavar="DIR",
                        help="where to make the private directory for reverse deltas and the NBD socket "
                             "(default $TMPDIR or /var/tmp)")
-    start.add_argument("--qga", metavar="SOCKET", help="guest agent socket: freeze the guest's "
-                       "filesystems around the snapshot point")
+    start.add_argument("--qga", metavar="SOCKET", nargs="?", const="",
+                       help="guest agent socket: freeze the guest's filesystems around the snapshot "
+                            "point (with --libvirt: no SOCKET, libvirt reaches the agent)")
     start.add_argument("--checkpoint", metavar="ID", help="the new point id (default: a fresh one)")
     add_listen_options(start, authz=True)
     add_json_option(start)
     start.set_defaults(func=cmd_start)
 
     stop = commands.add_parser("stop", help="tear the export down and commit the checkpoint bitmaps")
-    add_qmp_option(stop)
+    add_vm_options(stop)
     stop.add_argument("--abort", action="store_true",
                       help="drop the new checkpoint instead: the next export covers these writes again")
     stop.set_defaults(func=cmd_stop)
@@ -82,6 +93,13 @@ async def _start(args: argparse.Namespace, transport: ServerTransport) -> PointI
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Set the export up, print where it is, and leave it up."""
+    on_libvirt.check_connect(args)
+    if args.libvirt:
+        return on_libvirt.export_start(args)
+    if not args.drive:
+        raise BadInput("export start --qmp needs at least one --drive NAME")
+    if args.qga == "":
+        raise BadInput("--qga needs the guest agent's SOCKET (only --libvirt reaches the agent itself)")
     transport = transport_from(args)
     if transport.insecure:
         say(f"warning: the export listens on {transport.describe()}: anyone who can reach "
@@ -111,5 +129,8 @@ async def _stop(args: argparse.Namespace) -> str:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Tear the export down; commit or abort."""
+    on_libvirt.check_connect(args)
+    if args.libvirt:
+        return on_libvirt.export_stop(args)
     print(run(_stop(args)))
     return 0

@@ -6,7 +6,8 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
-from fleece.commands.common import add_json_option, add_qmp_option, human_size, print_json, run
+from fleece.commands import on_libvirt
+from fleece.commands.common import add_json_option, add_vm_options, human_size, print_json, run
 from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
 from fleece.fleecing.leftovers import find_leftovers
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
@@ -22,7 +23,7 @@ from fleece.repo.format.point import iso_utc
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``status`` to the command line."""
     p = sub.add_parser("status", help="show a VM's disks, dirty bitmaps and fleece leftovers")
-    add_qmp_option(p)
+    add_vm_options(p)
     p.add_argument("--repo", metavar="URL", default=None,
                    help="also show what the repository's store guarantees (S3: the cached store check)")
     add_json_option(p)
@@ -115,6 +116,9 @@ def repository_status(url: str) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the status, human-readable or as JSON."""
+    on_libvirt.check_connect(args)
+    if args.libvirt:
+        return on_libvirt.status(args)
     status = run(collect_status(args.qmp))
     if args.repo:
         status["repository"] = repository_status(args.repo)

@@ -76,6 +76,12 @@ class DiskExport:
     persistent: bool = True
     """False on raw images: the checkpoint lives only while this QEMU process runs."""
 
+    @property
+    def bitmap_granularity(self) -> int | None:
+        """The granularity of the parent checkpoint's bitmap (incremental), as QEMU reports it."""
+        bitmap = self.disk.bitmap(checkpoint_bitmap(self.since)) if self.since else None
+        return bitmap.granularity if bitmap is not None else None
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON form ``fleece export start --json`` prints."""
         return {

@@ -1,0 +1,341 @@
+"""The point-in-time export of a libvirt domain's disks: set up, end (commit or abort), clean up.
+
+Set-up: refuse a domain that is busy (a backup job, or what a killed run
+left), choose each disk's level from the checkpoints (``checkpoints``), make
+the private scratch directory and the state file, freeze the guest if asked,
+``virDomainBackupBegin`` (job and new checkpoint in one transaction), thaw.
+
+End: record the outcome in the state file, ``virDomainAbortJob``, then
+commit (delete every older fleece checkpoint: the new one records from now
+on) or abort (delete the new one: the parent never stopped recording), and
+remove the scratch directory. A run killed anywhere in between is finished
+by :func:`cleanup` — as an abort, unless the state file says the commit had
+been decided.
+
+Everything here blocks; async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fleece.errors import BadInput, ExportError, LeftoversPresent
+from fleece.fleecing.names import (
+    SOCKET_FILE,
+    checkpoint_bitmap,
+    checkpoint_of,
+    dirty_bitmap_context,
+    new_point_id,
+)
+from fleece.fleecing.setup import default_scratch_parent
+from fleece.libvirt import checkpoints
+from fleece.libvirt.domain import (
+    bindings,
+    disks_of,
+    live_xml,
+    message,
+    qemu_user,
+    refused,
+    require_running,
+    select_disks,
+)
+from fleece.libvirt.job import (
+    SCRATCH_PREFIX,
+    JobDisk,
+    JobState,
+    backup_xml,
+    end_job,
+    make_scratch,
+    remove_scratch,
+    running_job,
+)
+from fleece.liveness import process_gone
+from fleece.testing import pause_point
+
+LEVELS = ("auto", "full", "incremental")
+_log = logging.getLogger(__name__)
+TRIM_ALIGNMENT = 65536
+Log = Callable[[str], None]
+
+
+@dataclass
+class LibvirtDiskExport:
+    """One disk of a live libvirt export (the fields of ``fleece.fleecing.DiskExport`` a reader needs)."""
+
+    drive: str
+    uri: str
+    export_name: str
+    size: int
+    dirty_bitmap: str | None
+    """``qemu:dirty-bitmap:backup-vda`` for an incremental; None for a full."""
+    checkpoint: str
+    since: str | None
+    level: str
+    reason: str | None
+    discard: bool = False
+    """libvirt's pull-mode exports are read-only: no trims."""
+    bitmap_granularity: int | None = None
+    """Not reported by libvirt's backup API."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``fleece export start --libvirt --json`` prints."""
+        return {"drive": self.drive, "uri": self.uri, "size": self.size, "dirty_bitmap": self.dirty_bitmap,
+                "checkpoint": self.checkpoint, "since": self.since, "level": self.level,
+                "reason": self.reason, "discard": self.discard, "export": self.export_name}
+
+
+@dataclass
+class LibvirtExport:
+    """A live pull-mode backup job of one domain, all disks at one point in time."""
+
+    domain: str
+    checkpoint: str
+    disks: list[LibvirtDiskExport]
+    socket_path: str
+    scratch_dir: str
+    pause_ms: float | None = None
+    """libvirt does not report the guest's pause."""
+    trim_alignment: int = TRIM_ALIGNMENT
+    libvirt_checkpoint: str = field(default="")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``fleece export start --libvirt --json`` prints."""
+        return {"checkpoint": self.checkpoint, "disks": [d.as_dict() for d in self.disks],
+                "pause_ms": self.pause_ms, "socket": self.socket_path, "domain": self.domain,
+                "libvirt_checkpoint": self.libvirt_checkpoint, "trim_alignment": self.trim_alignment}
+
+
+def refuse_busy(dom: Any) -> None:
+    """Refuse (changing nothing) while a backup job runs or a killed run's checkpoints are left."""
+    name = dom.name()
+    job = running_job(dom)
+    if job is not None:
+        state = JobState.load(job.scratch) if job.scratch else None
+        if state is None:
+            raise ExportError(f"another backup job is running on domain {name} (not fleece's: NBD socket "
+                              f"{job.socket or 'none'}); nothing was changed")
+        if state.owner == "export":
+            raise LeftoversPresent(f"a fleece export of domain {name} is up (checkpoint {state.checkpoint}); "
+                                   f"end it with 'fleece export stop --libvirt {name}'; nothing was changed")
+        if not state.owner_gone():
+            raise LeftoversPresent(f"another fleece backup of domain {name} is running (pid {state.pid}); "
+                                   "nothing was changed")
+        raise LeftoversPresent(f"a killed fleece run left a backup job on domain {name}; run "
+                               f"'fleece cleanup --libvirt {name}'; nothing was changed")
+    ours = checkpoints.fleece_checkpoints(dom)
+    if len(ours) > 1:
+        raise LeftoversPresent(f"domain {name} has {len(ours)} fleece checkpoints ("
+                               f"{', '.join(c.name for c in ours)}): a fleece run was cut short; run "
+                               f"'fleece cleanup --libvirt {name}'; nothing was changed")
+
+
+def preflight(dom: Any, drives: list[str]) -> None:
+    """Everything :func:`start` checks before it changes anything."""
+    require_running(dom)
+    select_disks(dom.name(), disks_of(live_xml(dom)), drives)
+    refuse_busy(dom)
+
+
+def start(
+    dom: Any,
+    drives: list[str],
+    *,
+    checkpoint: str | None = None,
+    level: str = "auto",
+    parent_ok: Callable[[str, str], bool] | None = None,
+    known_point: str | None = None,
+    scratch_dir: Path | None = None,
+    qga: bool = False,
+    log: Log | None = None,
+    owner: str = "export",
+) -> LibvirtExport:
+    """Begin the pull-mode backup job of ``drives`` (all qcow2 disks when empty) and leave it running.
+
+    ``level``, ``parent_ok`` and ``scratch_dir`` as for
+    ``fleece.fleecing.point_in_time_export``; ``known_point`` is the newest
+    restore point the caller holds (redefined as a checkpoint if libvirt
+    lost it); ``qga`` freezes the guest's filesystems through libvirt's
+    guest agent around the point. On failure nothing is left changed
+    (except a checkpoint redefined from intact bitmaps) and the error is raised.
+    """
+    libvirt = bindings()
+    log = log or _log.warning
+    if level not in LEVELS:
+        raise BadInput(f"unknown level {level!r} (expected one of {', '.join(LEVELS)})")
+    require_running(dom)
+    xml = live_xml(dom)
+    all_disks = disks_of(xml)
+    chosen = select_disks(dom.name(), all_disks, drives)
+    refuse_busy(dom)
+    point = checkpoint or new_point_id()
+    if checkpoint_of(checkpoint_bitmap(point)) is None:
+        raise BadInput(f"--checkpoint {point!r} is not a fleece point id (like {new_point_id()})")
+    targets = [d.target for d in chosen]
+    choices, redefined = checkpoints.choose_levels(dom, targets, level, parent_ok or (lambda _d, _p: True),
+                                                   known_point, log)
+    full = {d: c.reason for d, c in choices.items() if c.parent is None}
+    if level == "incremental" and full:
+        for name in redefined:  # leave libvirt as found
+            checkpoints.delete(dom, name, metadata_only=True)
+        reasons = dict.fromkeys(r for r in full.values() if r)  # one disk's or the same for all
+        raise ExportError("--level incremental, but " + "; ".join(reasons) + "; nothing was changed")
+    for reason in dict.fromkeys(full.values()):
+        if reason and level == "auto":
+            log(f"full because {reason}")
+
+    sizes = {target: int(dom.blockInfo(target, 0)[0]) for target in targets}
+    scratch = make_scratch(scratch_dir, qemu_user(xml))
+    try:
+        state = JobState(domain=dom.name(), uuid=dom.UUIDString(), checkpoint=point, scratch=str(scratch),
+                         socket=str(scratch / SOCKET_FILE), owner=owner)
+        for target in targets:
+            c = choices[target]
+            state.disks.append(JobDisk(drive=target, size=sizes[target], parent=c.parent,
+                                       level="incremental" if c.parent else "full",
+                                       reason=c.reason if c.parent is None and level == "auto" else None,
+                                       export=target))
+        state.save()  # before libvirt is touched: a kill from here on is found by cleanup
+        froze = False
+        if qga:
+            try:
+                dom.fsFreeze(None, 0)
+                froze = True
+            except libvirt.libvirtError as exc:
+                raise refused("freeze the guest's filesystems through its agent", exc) from None
+        try:
+            dom.backupBegin(backup_xml(state, [d.target for d in all_disks]),
+                            checkpoints.new_checkpoint_xml(point, targets, [d.target for d in all_disks],
+                                                           str(scratch)), 0)
+        except libvirt.libvirtError as exc:
+            raise refused("begin the backup job", exc) from None
+        finally:
+            if froze:
+                try:
+                    dom.fsThaw(None, 0)
+                except libvirt.libvirtError as exc:
+                    log(f"could not thaw the guest's filesystems through libvirt: {message(exc)}")
+    except BaseException:
+        remove_scratch(scratch)
+        raise
+    job = running_job(dom)
+    bitmaps = job.export_bitmaps if job else {}
+    for d in state.disks:
+        if d.parent is not None:
+            if d.drive not in bitmaps:
+                # Never read a full disk as an incremental: end it all, as an abort.
+                end(dom, state, commit=False, log=log)
+                raise ExportError(f"libvirt exported no dirty bitmap for {d.drive}; the backup job was "
+                                  "aborted and its checkpoint removed")
+            d.dirty_bitmap = dirty_bitmap_context(bitmaps[d.drive])
+    state.save()
+    return describe(state)
+
+
+def describe(state: JobState) -> LibvirtExport:
+    """The export a state file describes."""
+    disks = [LibvirtDiskExport(
+        drive=d.drive, uri=f"nbd+unix:///{quote(d.export)}?socket={quote(state.socket)}",
+        export_name=d.export, size=d.size, dirty_bitmap=d.dirty_bitmap, checkpoint=state.checkpoint,
+        since=d.parent, level=d.level, reason=d.reason) for d in state.disks]
+    return LibvirtExport(domain=state.domain, checkpoint=state.checkpoint, disks=disks,
+                         socket_path=state.socket, scratch_dir=state.scratch,
+                         libvirt_checkpoint=checkpoint_bitmap(state.checkpoint))
+
+
+def end(dom: Any, state: JobState, *, commit: bool, log: Log | None = None) -> list[str]:
+    """End the job of ``state`` and commit or abort its checkpoint; what was done, one item each."""
+    libvirt = bindings()
+    done: list[str] = []
+    if state.outcome is None:
+        state.outcome = "commit" if commit else "abort"
+        state.save()
+    commit = state.outcome == "commit"
+    new = checkpoint_bitmap(state.checkpoint)
+    try:
+        job = running_job(dom)
+        if job is not None and job.socket == state.socket and end_job(dom):
+            done.append("backup job")
+        pause_point("before-commit")  # test hook (fleece.testing); inert in production
+        for cp in checkpoints.fleece_checkpoints(dom):
+            if (cp.name != new) if commit else (cp.name == new):
+                checkpoints.delete(dom, cp.name)
+                done.append(f"checkpoint {cp.name}")
+    except libvirt.libvirtError as exc:
+        raise ExportError(f"libvirt failed while ending the backup of domain {state.domain}: {message(exc)}; "
+                          f"run 'fleece cleanup --libvirt {state.domain}'") from None
+    if remove_scratch(state.scratch):
+        done.append(f"scratch directory {state.scratch}")
+    return done
+
+
+def stop(dom: Any, *, abort: bool) -> str:
+    """End the export that is up on ``dom`` (started by any process); one line saying what was done."""
+    job = running_job(dom)
+    state = JobState.load(job.scratch) if job is not None and job.scratch else None
+    if state is None:
+        raise ExportError(f"no fleece export is up on domain {dom.name()}; nothing was changed")
+    end(dom, state, commit=not abort)
+    new = checkpoint_bitmap(state.checkpoint)
+    if abort:
+        return (f"stopped the export of {', '.join(d.drive for d in state.disks)}; aborted: removed "
+                f"checkpoint {new}, the previous one (if any) still records every write")
+    return (f"stopped the export of {', '.join(d.drive for d in state.disks)}; committed: checkpoint "
+            f"{new} records writes from now on")
+
+
+def cleanup(dom: Any, log: Log | None = None) -> list[str]:
+    """Remove what a killed fleece run left on ``dom``, as an abort; what was removed.
+
+    A run that had decided to commit is finished as a commit. A backup job
+    that is not fleece's, or a fleece backup still running, is left alone.
+    """
+    job = running_job(dom)
+    state: JobState | None = None
+    done: list[str] = []
+    if job is not None:
+        state = JobState.load(job.scratch) if job.scratch else None
+        if state is None:
+            raise ExportError(f"the backup job running on domain {dom.name()} is not fleece's (NBD socket "
+                              f"{job.socket or 'none'}); it was left alone")
+        if state.owner == "session" and not state.owner_gone():
+            raise ExportError(f"a fleece backup of domain {dom.name()} is running (pid {state.pid}); "
+                              "nothing was changed")
+        return end(dom, state, commit=False, log=log) + _orphan_scratch(dom)
+    ours = checkpoints.fleece_checkpoints(dom)
+    scratches = {s for s in (checkpoints.scratch_of(c) for c in ours) if s}
+    for scratch in sorted(scratches):
+        found = JobState.load(scratch)
+        if found is not None and found.domain == dom.name():
+            state = found
+    if state is not None:
+        return end(dom, state, commit=False, log=log) + _orphan_scratch(dom)
+    if len(ours) > 1:
+        # No state: the newest checkpoint's run never decided to commit;
+        # the oldest has recorded every write since its point.
+        for cp in ours[1:]:
+            checkpoints.delete(dom, cp.name)
+            done.append(f"checkpoint {cp.name}")
+    for scratch in sorted(scratches):
+        if Path(scratch).exists() and remove_scratch(scratch):
+            done.append(f"scratch directory {scratch}")
+    return done + _orphan_scratch(dom)
+
+
+def _orphan_scratch(dom: Any) -> list[str]:
+    """Scratch directories of this domain in the default place whose process is gone and
+    whose job is not running: a run killed before libvirt began its job left them."""
+    job = running_job(dom)
+    removed = []
+    for path in sorted(default_scratch_parent().glob(f"{SCRATCH_PREFIX}*")):
+        state = JobState.load(path)
+        if (state is None or state.uuid != dom.UUIDString() or not process_gone(state.host, state.pid)
+                or (job is not None and job.socket == state.socket)):
+            continue
+        if remove_scratch(path):
+            removed.append(f"scratch directory {path}")
+    return removed
