@@ -184,8 +184,8 @@ def build_disk(work: Path, data: Path, size: str) -> Path:
 def compute_bound(uri: str, chunk: int, level: int, threads: int) -> tuple[float, int, float]:
     """Throughput (B/s) of hashing + compressing the disk's data chunks on every core, no I/O."""
     sys.path.insert(0, str(ROOT))
-    from fleece.repo.format.codec import chunk_digest, encode_chunk, is_zero
     from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks, pread_chunk
+    from fleece.repo.format.codec import chunk_digest, encode_chunk, is_zero
 
     h = connect(uri, (BASE_ALLOCATION,))
     plan = plan_chunks(h, chunk)

@@ -112,7 +112,8 @@ def main() -> None:
         host.virsh("start", "--paused", name)
         lv = ["--libvirt", name, "--connect", host.uri]
         repo, out = work / "fleece-repo", work / "virtnbdbackup"
-        vnb = ["virtnbdbackup", "-U", host.uri, "-d", name, "-o", out, "-z", "-n", "-S", work]
+        vnb: list[str | Path] = ["virtnbdbackup", "-U", host.uri, "-d", name, "-o", out, "-z", "-n",
+                                 "-S", work]
 
         # Warm the page cache for both: neither tool's first full pays for a cold image.
         subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def identical(a: Path, b: Path) -> bool:
     return res.returncode == 0
 
 
-def backup(fleece, vm, repo, *drives, level=None, extra=()):
+def backup(fleece: Any, vm: Any, repo: Any, *drives: Any, level: Any=None, extra: Any=()) -> Any:
     args = ["backup", "--qmp", vm.qmp_path, "--repo", repo, "--json"]
     for d in drives or ("vda",):
         args += ["--drive", d]
@@ -34,13 +35,13 @@ def backup(fleece, vm, repo, *drives, level=None, extra=()):
     return res.json()
 
 
-def restore(fleece, repo, point, drive, out: Path) -> Path:
+def restore(fleece: Any, repo: Any, point: Any, drive: Any, out: Path) -> Path:
     res = fleece("restore", "--repo", repo, point, "--drive", drive, "--output", out)
     assert res.rc == 0, res.err
     return out
 
 
-def test_two_disks_full_then_incremental_restore_identical(make_vm, fleece, tmp_path):
+def test_two_disks_full_then_incremental_restore_identical(make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "64M"), ("raw", "32M")])
     repo = tmp_path / "repo"
     vm.write("vda", 0, 5 * MiB, 0x11)
@@ -81,8 +82,8 @@ def test_two_disks_full_then_incremental_restore_identical(make_vm, fleece, tmp_
 
 
 def test_random_writes_over_a_chain_of_incrementals_restore_identical_at_every_point(
-    make_vm, fleece, tmp_path
-):
+    make_vm: Any, fleece: Any, tmp_path: Any
+) -> None:
     rng = random.Random(20261123)
     size = 48 * MiB
     vm = make_vm([("qcow2", size)])
@@ -116,7 +117,8 @@ def test_random_writes_over_a_chain_of_incrementals_restore_identical_at_every_p
         assert identical(out, expected), f"point {n} differs"
 
 
-def test_second_full_backup_of_an_unchanged_disk_stores_no_new_chunk(make_vm, fleece, tmp_path):
+def test_second_full_backup_of_an_unchanged_disk_stores_no_new_chunk(
+        make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "32M")])
     for i in range(6):
         vm.write("vda", i * 5 * MiB, MiB, 0x30 + i)
@@ -132,8 +134,8 @@ def test_second_full_backup_of_an_unchanged_disk_stores_no_new_chunk(make_vm, fl
 
 
 def test_backup_killed_mid_read_leaves_no_point_and_the_next_one_is_correct(
-    make_vm, fleece, tmp_path
-):
+    make_vm: Any, fleece: Any, tmp_path: Any
+) -> None:
     seed = tmp_path / "random.raw"
     with open(seed, "wb") as f:
         f.write(random.Random(7).randbytes(48 * MiB))
@@ -183,7 +185,8 @@ def test_backup_killed_mid_read_leaves_no_point_and_the_next_one_is_correct(
 @pytest.mark.parametrize("case", ["unknown-drive", "not-a-repo", "bad-qmp", "bad-compress",
                                   "bad-chunk-size", "incremental-impossible", "config-missing",
                                   "config-unknown-key", "same-drive-twice"])
-def test_bad_backup_input_gets_one_line_and_changes_nothing(make_vm, fleece, tmp_path, case):
+def test_bad_backup_input_gets_one_line_and_changes_nothing(
+        make_vm: Any, fleece: Any, tmp_path: Any, case: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     vm.write("vda", 0, MiB, 0x42)
     repo = tmp_path / "repo"
@@ -227,7 +230,7 @@ def test_bad_backup_input_gets_one_line_and_changes_nothing(make_vm, fleece, tmp
         assert sorted(str(p) for p in repo.rglob("*")) == repo_before
 
 
-def test_backup_reads_settings_from_a_config_file(make_vm, fleece, tmp_path):
+def test_backup_reads_settings_from_a_config_file(make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="cfgvm")
     vm.write("vda", 0, MiB, 0x42)
     cfg = tmp_path / "vm.toml"
@@ -248,7 +251,7 @@ def test_backup_reads_settings_from_a_config_file(make_vm, fleece, tmp_path):
     assert res2.json()["vm"] == "from-cli"
 
 
-def test_blake3_repository_backs_up_and_restores_identical(make_vm, fleece, tmp_path):
+def test_blake3_repository_backs_up_and_restores_identical(make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     import json
 
     import blake3
@@ -269,7 +272,7 @@ def test_blake3_repository_backs_up_and_restores_identical(make_vm, fleece, tmp_
     assert p1["point"] != p2["point"]
 
 
-def test_example_config_holds_only_settings_fleece_knows(tmp_path):
+def test_example_config_holds_only_settings_fleece_knows(tmp_path: Any) -> None:
     # Every key of configs/example.toml must be accepted by the command it is for.
     import argparse
 

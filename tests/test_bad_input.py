@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backups import MiB, repo_files
@@ -176,7 +177,7 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing(
 
 
 
-def test_a_regular_file_as_repository_is_bad_input(fleece, tmp_path):
+def test_a_regular_file_as_repository_is_bad_input(fleece: Any, tmp_path: Any) -> None:
     target = tmp_path / "disk.img"
     target.write_bytes(b"not a repository")
     res = fleece("list", "--repo", target)

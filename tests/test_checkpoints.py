@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -13,18 +14,18 @@ from fleece.fleecing.names import CHECKPOINT_RE, checkpoint_bitmap, checkpoint_o
 pytestmark = pytest.mark.usefixtures("scratch_tmpdir")
 
 
-def start(fleece, vm, *args):
+def start(fleece: Any, vm: Any, *args: Any) -> Any:
     res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()["disks"][0], res.err
 
 
-def stop(fleece, vm, *args):
+def stop(fleece: Any, vm: Any, *args: Any) -> None:
     res = fleece("export", "stop", "--qmp", vm.qmp_path, *args)
     assert res.rc == 0, res.err
 
 
-def test_point_ids_sort_by_time_to_the_microsecond():
+def test_point_ids_sort_by_time_to_the_microsecond() -> None:
     a = new_point_id(datetime(2026, 11, 23, 7, 36, 0, 123456, tzinfo=UTC))
     assert re.fullmatch(r"20261123T073600\.123456Z-[0-9a-f]{6}", a)
     ids = []
@@ -44,7 +45,7 @@ def test_point_ids_sort_by_time_to_the_microsecond():
         ({"persistent": True, "disabled": True}, "is disabled (not recording)"),
     ],
 )
-def test_unusable_parent_means_full_and_says_why(vm, fleece, make, says):
+def test_unusable_parent_means_full_and_says_why(vm: Any, fleece: Any, make: Any, says: Any) -> None:
     name = "fleece-20260101T000000.000000Z-abcdef"
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name=name, **make)
     disk, err = start(fleece, vm, "--drive", "vda")
@@ -56,7 +57,7 @@ def test_unusable_parent_means_full_and_says_why(vm, fleece, make, says):
     assert res.rc == 1 and says in res.err
 
 
-def test_raw_chain_lives_while_qemu_runs(make_vm, fleece, nbd_connect):
+def test_raw_chain_lives_while_qemu_runs(make_vm: Any, fleece: Any, nbd_connect: Any) -> None:
     vm = make_vm([("raw", "16M")])
     first, err = start(fleece, vm, "--drive", "vda")
     assert "raw image cannot hold persistent bitmaps" in err and "only while this QEMU process runs" in err
@@ -76,7 +77,7 @@ def test_raw_chain_lives_while_qemu_runs(make_vm, fleece, nbd_connect):
     stop(fleece, vm)
 
 
-def test_checkpoint_id_must_sort_after_the_parent(vm, fleece):
+def test_checkpoint_id_must_sort_after_the_parent(vm: Any, fleece: Any) -> None:
     first, _ = start(fleece, vm, "--drive", "vda")
     stop(fleece, vm)
     before = vm.block_graph()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,17 +16,17 @@ pytestmark = pytest.mark.usefixtures("scratch_tmpdir")
 MiB = 1 << 20
 
 
-def checkpoints(vm, drive="vda") -> list[str]:
+def checkpoints(vm: Any, drive: Any="vda") -> list[str]:
     return sorted(n for n in vm.bitmaps(drive) if n.startswith("fleece-2"))
 
 
-def start(fleece, vm, *args):
+def start(fleece: Any, vm: Any, *args: Any) -> Any:
     res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()
 
 
-def test_agent_killed_while_the_export_is_up(make_vm, fleece, tmp_path):
+def test_agent_killed_while_the_export_is_up(make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("raw", "16M")], running=True)
     first = start(fleece, vm, "--drive", "vda", "--drive", "vdb")
     assert fleece("export", "stop", "--qmp", vm.qmp_path).rc == 0
@@ -75,7 +76,7 @@ def test_agent_killed_while_the_export_is_up(make_vm, fleece, tmp_path):
     assert fleece("export", "stop", "--qmp", vm.qmp_path).rc == 0
 
 
-def test_cut_short_commit_keeps_the_older_checkpoint(vm, fleece):
+def test_cut_short_commit_keeps_the_older_checkpoint(vm: Any, fleece: Any) -> None:
     old = "fleece-20260101T000000.000000Z-aaaaaa"
     new = "fleece-20260102T000000.000000Z-bbbbbb"
     for name in (old, new):
@@ -93,7 +94,7 @@ def test_cut_short_commit_keeps_the_older_checkpoint(vm, fleece):
     assert sorted(vm.bitmaps("vda")) == [old, "theirs"]
 
 
-def test_tear_down_decided_as_commit_is_finished_as_commit(vm, fleece):
+def test_tear_down_decided_as_commit_is_finished_as_commit(vm: Any, fleece: Any) -> None:
     first = start(fleece, vm, "--drive", "vda")
     assert fleece("export", "stop", "--qmp", vm.qmp_path).rc == 0
     second = start(fleece, vm, "--drive", "vda")
@@ -112,7 +113,7 @@ def test_tear_down_decided_as_commit_is_finished_as_commit(vm, fleece):
     assert not state_path.parent.exists()
 
 
-def test_filter_left_without_state_file(vm, fleece, tmp_path):
+def test_filter_left_without_state_file(vm: Any, fleece: Any, tmp_path: Any) -> None:
     # Leftovers a killed run made by hand-less means: no state file anywhere.
     delta = tmp_path / "fleece-x" / "delta-vda.raw"
     delta.parent.mkdir()

@@ -9,6 +9,7 @@ fails must not litter ``/var/tmp``.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from backups import CHUNK, MiB, backup, identical, point_ids, random_image, repo_files, restore
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("repo_encryption")]
 
 
 def test_a_second_backup_of_a_vm_while_one_runs_is_refused_with_one_line(
-        make_vm, fleece, hold_backup, tmp_path, scratch_tmpdir):
+        make_vm: Any, fleece: Any, hold_backup: Any, tmp_path: Any, scratch_tmpdir: Any) -> None:
     # QEMU serves one client per QMP socket: a second backup through the socket
     # the first one holds would wait for the handshake. Through a second socket
     # it gets as far as the lock.
@@ -61,7 +62,7 @@ def test_a_second_backup_of_a_vm_while_one_runs_is_refused_with_one_line(
 
 
 def test_two_vms_backing_up_into_one_file_repository_at_once_both_succeed_and_share_chunks(
-        make_vm, fleece, hold_backup, tmp_path, scratch_tmpdir):
+        make_vm: Any, fleece: Any, hold_backup: Any, tmp_path: Any, scratch_tmpdir: Any) -> None:
     seed = random_image(tmp_path / "golden.raw", 6 * CHUNK, 31)  # one golden image, 6 chunks
     vms = [make_vm([("qcow2", "24M")], name=name, contents={"vda": seed}) for name in ("web1", "web2")]
     vms[1].write("vda", 0, MiB, 0x42)  # web2 differs in its first chunk

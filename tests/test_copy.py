@@ -7,6 +7,7 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FLEECE
@@ -21,12 +22,12 @@ def identical(a: Path, b: Path) -> bool:
     return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
 
 
-def ok(res):
+def ok(res: Any) -> Any:
     assert res.rc == 0, res.err
     return res
 
 
-def two_points(make_vm, fleece, tmp_path: Path):
+def two_points(make_vm: Any, fleece: Any, tmp_path: Path) -> Any:
     """A VM with random data and a local repository holding a full and an incremental point."""
     seed = tmp_path / "seed.raw"
     seed.write_bytes(random.Random(5).randbytes(24 * MiB))
@@ -39,7 +40,7 @@ def two_points(make_vm, fleece, tmp_path: Path):
     return vm, local, (p1["point"], first), (p2["point"], vm.shadow("vda"))
 
 
-def s3_keys(s3_env, bucket: str) -> set[str]:
+def s3_keys(s3_env: Any, bucket: str) -> set[str]:
     pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
@@ -47,7 +48,7 @@ def s3_keys(s3_env, bucket: str) -> set[str]:
 # s3rver over HTTPS only: its HTTP side runs the rest of the life cycle (test_s3_backup.py).
 @pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
 def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_sends_nothing(
-        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     _, local, (p1, shadow1), (p2, shadow2) = two_points(make_vm, fleece, tmp_path)
     url = f"s3://{s3_bucket}/offsite"
     report = ok(fleece("copy", "--from", local, "--to", url, "--json", *s3_env.config_args)).json()
@@ -78,7 +79,8 @@ def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_se
 
 
 def test_an_interrupted_copy_leaves_no_point_and_the_next_one_finishes_it(
-        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path, monkeypatch):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, s3_proxy: Any, tmp_path: Any,
+        monkeypatch: Any) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     _, local, (p1, _), (p2, shadow2) = two_points(make_vm, fleece, tmp_path)
     url = f"s3://{s3_bucket}/offsite"
@@ -107,7 +109,8 @@ def test_an_interrupted_copy_leaves_no_point_and_the_next_one_finishes_it(
     assert identical(tmp_path / "r.raw", shadow2)
 
 
-def test_a_damaged_source_chunk_is_not_copied_and_no_point_appears(make_vm, fleece, tmp_path):
+def test_a_damaged_source_chunk_is_not_copied_and_no_point_appears(
+        make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     _, local, (p1, _), _ = two_points(make_vm, fleece, tmp_path)
     for chunk in (p for p in (local / "chunks").rglob("*") if p.is_file()):  # every one: p1 needs some
         data = bytearray(chunk.read_bytes())
@@ -122,7 +125,7 @@ def test_a_damaged_source_chunk_is_not_copied_and_no_point_appears(make_vm, flee
     assert ok(fleece("list", "--repo", dest, "--json")).json()["points"] == []
 
 
-def test_a_destination_with_another_chunk_size_is_refused(make_vm, fleece, tmp_path):
+def test_a_destination_with_another_chunk_size_is_refused(make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     _, local, _, _ = two_points(make_vm, fleece, tmp_path)
     other = tmp_path / "other"
     vm2 = make_vm([("qcow2", "8M")], name="db1")

@@ -122,7 +122,7 @@ def refused_restore(fleece: Any, repo: Path, point: str, tmp_path: Path) -> str:
     res = fleece("restore", "--repo", repo, point, "-o", out, env=PASS)
     assert res.rc == 1 and len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err, res.err
     assert not out.exists()
-    return res.err
+    return str(res.err)
 
 
 def sealed_files(repo: Path, prefix: str) -> list[Path]:

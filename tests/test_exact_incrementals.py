@@ -46,7 +46,8 @@ def random_writes(vm: Any, rng: random.Random, tmp_path: Path, n: int) -> set[in
                              300_000 // 512 * 512, MiB])
         offset = rng.randrange(0, SIZE - length) // 512 * 512
         if k % 3 == 0:
-            write_from_file(vm, "vda", offset, random_image(tmp_path / "w.raw", length, rng.random()))
+            data = random_image(tmp_path / "w.raw", length, rng.randrange(1 << 30))
+            write_from_file(vm, "vda", offset, data)
         else:
             vm.write("vda", offset, length, rng.randrange(1, 256))
         granules.update(range(offset // GRANULE, (offset + length - 1) // GRANULE + 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import pytest
 
@@ -18,23 +19,24 @@ def granules(*writes: tuple[int, int]) -> set[int]:
     return {g for off, n in writes for g in range(off - off % G, off + n, G)}
 
 
-def start(fleece, vm, *args: str) -> dict:
+def start(fleece: Any, vm: Any, *args: str) -> dict[str, Any]:
     res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
-    return res.json()
+    return dict(res.json())
 
 
-def stop(fleece, vm, *args: str) -> str:
+def stop(fleece: Any, vm: Any, *args: str) -> str:
     res = fleece("export", "stop", "--qmp", vm.qmp_path, *args)
     assert res.rc == 0, res.err
-    return res.out
+    return str(res.out)
 
 
-def checkpoints(vm, drive: str = "vda") -> dict[str, dict]:
+def checkpoints(vm: Any, drive: str = "vda") -> dict[str, dict[str, Any]]:
     return {n: b for n, b in vm.bitmaps(drive).items() if n.startswith("fleece-2")}
 
 
-def test_snapshot_keeps_old_bytes_and_stop_leaves_qemu_as_found(vm, fleece, nbd_connect):
+def test_snapshot_keeps_old_bytes_and_stop_leaves_qemu_as_found(
+        vm: Any, fleece: Any, nbd_connect: Any) -> None:
     vm.write("vda", 0, 1 * MiB, 0x11)
     vm.write("vda", 8 * MiB, 256 * 1024, 0x22)
     before = vm.block_graph()
@@ -93,7 +95,7 @@ def test_snapshot_keeps_old_bytes_and_stop_leaves_qemu_as_found(vm, fleece, nbd_
     assert vm.block_graph() == after
 
 
-def test_dirty_bitmap_chain_commit_and_abort(vm, fleece, nbd_connect):
+def test_dirty_bitmap_chain_commit_and_abort(vm: Any, fleece: Any, nbd_connect: Any) -> None:
     vm.write("vda", 0, 4 * MiB, 0x01)
     first = start(fleece, vm, "--drive", "vda")["disks"][0]
     # While the first export is up, and after it: both must be in the next incremental.
@@ -132,7 +134,7 @@ def test_dirty_bitmap_chain_commit_and_abort(vm, fleece, nbd_connect):
     assert checkpoints(vm)[name]["count"] == 0
 
 
-def pause_events(vm) -> list[str]:
+def pause_events(vm: Any) -> list[str]:
     """STOP/RESUME events QEMU sent to the test's monitor, up to the first RESUME."""
     seen = []
     while "RESUME" not in seen:
@@ -144,7 +146,8 @@ def pause_events(vm) -> list[str]:
     return seen
 
 
-def test_two_disks_share_one_point_and_the_pause_is_reported(make_vm, fleece, nbd_connect):
+def test_two_disks_share_one_point_and_the_pause_is_reported(
+        make_vm: Any, fleece: Any, nbd_connect: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("qcow2", "16M")], running=True)
     vm.write("vda", 0, 64 * 1024, 0xA1)
     vm.write("vdb", 0, 64 * 1024, 0xB1)
@@ -172,7 +175,7 @@ def test_two_disks_share_one_point_and_the_pause_is_reported(make_vm, fleece, nb
         assert list(checkpoints(vm, drive)) == ["fleece-" + point]
 
 
-def test_drive_by_node_name_and_backend_name_human_output(make_vm, fleece):
+def test_drive_by_node_name_and_backend_name_human_output(make_vm: Any, fleece: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("raw", "16M")])
     res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "fmt-vda", "--drive", "vdb")
     assert res.rc == 0, res.err
@@ -185,7 +188,7 @@ def test_drive_by_node_name_and_backend_name_human_output(make_vm, fleece):
     assert [(b["persistent"], b["recording"]) for b in checkpoints(vm, "vdb").values()] == [(False, True)]
 
 
-def test_discard_allows_aligned_trims_only(vm, fleece, nbd_connect):
+def test_discard_allows_aligned_trims_only(vm: Any, fleece: Any, nbd_connect: Any) -> None:
     vm.write("vda", 0, 2 * MiB, 0x33)
     out = start(fleece, vm, "--drive", "vda", "--discard")
     assert out["trim_alignment"] == 65536

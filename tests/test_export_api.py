@@ -40,7 +40,9 @@ class RecordingSession(QmpSession):
         return await super().execute(command, arguments)
 
 
-def run_export(vm, drives, body=None, *, session_cls=QmpSession, **kwargs) -> tuple[PointInTimeExport, Any]:
+def run_export(
+        vm: Any, drives: Any, body: Any=None, *, session_cls: Any=QmpSession,
+        **kwargs: Any) -> tuple[PointInTimeExport, Any]:
     """Open a session, run ``body(export)`` inside the export; return the export and the session."""
     seen: list[Any] = []
 
@@ -53,14 +55,14 @@ def run_export(vm, drives, body=None, *, session_cls=QmpSession, **kwargs) -> tu
                     await body(export)
 
     asyncio.run(main())
-    return (seen[1] if len(seen) > 1 else None), seen[0]
+    return (seen[1] if len(seen) > 1 else None), seen[0]  # type: ignore[return-value]
 
 
-def checkpoints(vm, drive="vda") -> list[str]:
+def checkpoints(vm: Any, drive: Any="vda") -> list[str]:
     return sorted(n for n in vm.bitmaps(drive) if n.startswith("fleece-2"))
 
 
-def test_normal_exit_commits_exception_aborts(vm, nbd_connect):
+def test_normal_exit_commits_exception_aborts(vm: Any, nbd_connect: Any) -> None:
     vm.write("vda", 0, 1 * MiB, 0x10)
     lines: list[str] = []
     first, _ = run_export(vm, ["vda"], log=lines.append)
@@ -89,7 +91,7 @@ def test_normal_exit_commits_exception_aborts(vm, nbd_connect):
     assert vm.bitmaps("vda")["fleece-" + first.checkpoint]["count"] == 64 * 1024
 
 
-def test_parent_ok_false_means_full_with_reason(vm):
+def test_parent_ok_false_means_full_with_reason(vm: Any) -> None:
     first, _ = run_export(vm, ["vda"])
     lines: list[str] = []
     asked: list[tuple[str, str]] = []
@@ -112,7 +114,7 @@ def test_parent_ok_false_means_full_with_reason(vm):
     assert vm.block_graph() == before
 
 
-def test_cancellation_aborts(vm):
+def test_cancellation_aborts(vm: Any) -> None:
     run_export(vm, ["vda"])
     before = vm.block_graph()
 
@@ -147,7 +149,7 @@ def test_cancellation_aborts(vm):
         ("block-export-add", 2),
     ],
 )
-def test_failing_half_way_undoes_exactly_what_was_done(make_vm, fail, short_tmp):
+def test_failing_half_way_undoes_exactly_what_was_done(make_vm: Any, fail: Any, short_tmp: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("qcow2", "16M")], running=True)
     run_export(vm, ["vda", "vdb"])  # a first checkpoint, so the second export is incremental
     before = vm.block_graph()
@@ -163,7 +165,7 @@ def test_failing_half_way_undoes_exactly_what_was_done(make_vm, fail, short_tmp)
     assert vm.qmp("query-status")["status"] == "running"
 
 
-def test_every_qom_set_is_inside_one_stop_cont(make_vm):
+def test_every_qom_set_is_inside_one_stop_cont(make_vm: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("raw", "16M"), ("qcow2", "16M")], running=True)
     export, session = run_export(vm, ["vda", "vdb", "vdc"], session_cls=RecordingSession)
     calls = [c for c in session.calls if c in ("stop", "cont", "qom-set")]
@@ -180,7 +182,7 @@ def test_every_qom_set_is_inside_one_stop_cont(make_vm):
 class FakeAgent:
     """A guest agent on a unix socket that logs what it was asked, with the VM's run state."""
 
-    def __init__(self, path: Path, vm) -> None:
+    def __init__(self, path: Path, vm: Any) -> None:
         self.vm = vm
         self.log: list[tuple[str, bool]] = []
         self.srv = socket.socket(socket.AF_UNIX)
@@ -209,7 +211,7 @@ class FakeAgent:
         self.srv.close()
 
 
-def test_guest_agent_freezes_around_the_snapshot_point_and_always_thaws(make_vm, short_tmp):
+def test_guest_agent_freezes_around_the_snapshot_point_and_always_thaws(make_vm: Any, short_tmp: Any) -> None:
     vm = make_vm([("qcow2", "16M")], running=True)
     agent = FakeAgent(short_tmp / "qga.sock", vm)
     lines: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -12,22 +13,22 @@ pytestmark = pytest.mark.usefixtures("scratch_tmpdir")
 MiB = 1 << 20
 
 
-def start(fleece, vm, *args: str):
+def start(fleece: Any, vm: Any, *args: str) -> Any:
     res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()["disks"][0], res.err
 
 
-def stop(fleece, vm, *args: str) -> None:
+def stop(fleece: Any, vm: Any, *args: str) -> None:
     res = fleece("export", "stop", "--qmp", vm.qmp_path, *args)
     assert res.rc == 0, res.err
 
 
-def checkpoints(vm) -> dict[str, dict]:
+def checkpoints(vm: Any) -> dict[str, dict[str, Any]]:
     return {n: b for n, b in vm.bitmaps("vda").items() if n.startswith("fleece-2")}
 
 
-def test_sigkill_makes_the_next_export_full_and_says_why(make_vm, fleece, nbd_connect):
+def test_sigkill_makes_the_next_export_full_and_says_why(make_vm: Any, fleece: Any, nbd_connect: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     a, _ = start(fleece, vm, "--drive", "vda")
     stop(fleece, vm)
@@ -80,7 +81,7 @@ def test_sigkill_makes_the_next_export_full_and_says_why(make_vm, fleece, nbd_co
 
 
 @pytest.fixture
-def tiny_tmpfs(short_tmp):
+def tiny_tmpfs(short_tmp: Any) -> Any:
     """A 1 MiB tmpfs: the reverse delta fills it after 1 MiB of overwrites."""
     mnt = short_tmp / "tiny"
     mnt.mkdir()
@@ -95,8 +96,9 @@ def tiny_tmpfs(short_tmp):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_reverse_delta_out_of_space_breaks_the_snapshot_not_the_guest(make_vm, fleece, nbd_connect,
-                                                                     tiny_tmpfs):
+def test_reverse_delta_out_of_space_breaks_the_snapshot_not_the_guest(
+        make_vm: Any, fleece: Any, nbd_connect: Any,
+        tiny_tmpfs: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     vm.write("vda", 0, 4 * MiB, 0x5A)
     before = vm.block_graph()

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytestmark = pytest.mark.usefixtures("scratch_tmpdir")
 
 
-def error_line(res) -> str:
+def error_line(res: Any) -> str:
     assert res.out == ""
     lines = res.err.strip().splitlines()
     assert len(lines) == 1, res.err
     assert "Traceback" not in res.err
-    return lines[0]
+    return str(lines[0])
 
 
-def export_start(fleece, vm, *args):
+def export_start(fleece: Any, vm: Any, *args: Any) -> Any:
     return fleece("export", "start", "--qmp", vm.qmp_path, *args)
 
 
@@ -30,7 +32,7 @@ def export_start(fleece, vm, *args):
         (["--drive", "vda", "--qga", "/nonexistent/qga.sock"], 1, "cannot reach the guest agent"),
     ],
 )
-def test_bad_input_changes_nothing(vm, fleece, args, rc, says):
+def test_bad_input_changes_nothing(vm: Any, fleece: Any, args: Any, rc: Any, says: Any) -> None:
     before = vm.block_graph()
     res = export_start(fleece, vm, *args)
     assert res.rc == rc, res.err
@@ -39,7 +41,7 @@ def test_bad_input_changes_nothing(vm, fleece, args, rc, says):
     assert vm.block_graph() == before
 
 
-def test_scratch_path_too_long_for_a_socket(vm, fleece, tmp_path):
+def test_scratch_path_too_long_for_a_socket(vm: Any, fleece: Any, tmp_path: Any) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     before = vm.block_graph()
@@ -50,13 +52,13 @@ def test_scratch_path_too_long_for_a_socket(vm, fleece, tmp_path):
     assert list(deep.iterdir()) == []
 
 
-def test_usage_errors(fleece):
+def test_usage_errors(fleece: Any) -> None:
     assert fleece("export", "start", "--qmp", "/x").rc == 2  # no --drive
     assert fleece("export").rc == 2
     assert fleece("export", "stop").rc == 2
 
 
-def test_wrong_socket(fleece, tmp_path):
+def test_wrong_socket(fleece: Any, tmp_path: Any) -> None:
     res = fleece("export", "start", "--qmp", tmp_path / "nope.sock", "--drive", "vda")
     assert res.rc == 1
     assert "does not exist" in error_line(res)
@@ -64,7 +66,7 @@ def test_wrong_socket(fleece, tmp_path):
     assert res.rc == 1
 
 
-def test_second_start_while_one_is_up(vm, fleece):
+def test_second_start_while_one_is_up(vm: Any, fleece: Any) -> None:
     assert export_start(fleece, vm, "--drive", "vda").rc == 0
     up = vm.block_graph()
     res = export_start(fleece, vm, "--drive", "vda")
@@ -75,7 +77,7 @@ def test_second_start_while_one_is_up(vm, fleece):
     assert fleece("export", "stop", "--qmp", vm.qmp_path).rc == 0
 
 
-def test_leftovers_refused_and_pointed_to_cleanup(vm, fleece):
+def test_leftovers_refused_and_pointed_to_cleanup(vm: Any, fleece: Any) -> None:
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
     before = vm.block_graph()
     res = export_start(fleece, vm, "--drive", "vda")
@@ -84,7 +86,7 @@ def test_leftovers_refused_and_pointed_to_cleanup(vm, fleece):
     assert vm.block_graph() == before
 
 
-def test_nbd_server_fleece_did_not_start(vm, fleece, short_tmp):
+def test_nbd_server_fleece_did_not_start(vm: Any, fleece: Any, short_tmp: Any) -> None:
     sock = str(short_tmp / "theirs.sock")
     vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
     before = vm.block_graph()
@@ -98,7 +100,7 @@ def test_nbd_server_fleece_did_not_start(vm, fleece, short_tmp):
     assert list(short_tmp.iterdir()) == [short_tmp / "theirs.sock"]
 
 
-def test_stop_without_export(vm, fleece):
+def test_stop_without_export(vm: Any, fleece: Any) -> None:
     before = vm.block_graph()
     res = fleece("export", "stop", "--qmp", vm.qmp_path)
     assert res.rc == 1

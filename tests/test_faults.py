@@ -18,7 +18,7 @@ from fleece.testing.faults import FaultyBackend, InjectedFault
 from fleece.testing.memory_backend import MemoryBackend
 
 
-def test_memory_backend_keeps_the_backend_promises():
+def test_memory_backend_keeps_the_backend_promises() -> None:
     mem = MemoryBackend("t")
     assert isinstance(mem, Backend) and mem.url == "memory://t"
     assert mem.put("a/1", b"one") and mem.put("a/2", b"two") and mem.put("b/1", b"three")
@@ -36,7 +36,7 @@ def test_memory_backend_keeps_the_backend_promises():
         mem.mtime("a/1")
 
 
-def test_memory_backend_conditional_create_has_one_winner():
+def test_memory_backend_conditional_create_has_one_winner() -> None:
     mem = MemoryBackend()
     start = threading.Barrier(16)
 
@@ -50,7 +50,7 @@ def test_memory_backend_conditional_create_has_one_winner():
     assert mem.get("locks/vms/vm1") == str(won.index(True)).encode()
 
 
-def test_the_first_calls_fail_then_the_backend_recovers():
+def test_the_first_calls_fail_then_the_backend_recovers() -> None:
     mem = MemoryBackend()
     faulty = FaultyBackend(mem, fail_first=2, ops={"put"})
     assert isinstance(faulty, Backend) and faulty.url == mem.url
@@ -65,7 +65,7 @@ def test_the_first_calls_fail_then_the_backend_recovers():
     assert issubclass(InjectedFault, RepositoryError)
 
 
-def test_a_lost_reply_means_the_write_happened_anyway():
+def test_a_lost_reply_means_the_write_happened_anyway() -> None:
     mem = MemoryBackend()
     faulty = FaultyBackend(mem, fail_first=1, lose_replies=True)
     with pytest.raises(InjectedFault, match=r"reply to put locks/vms/vm1 on memory://.* lost"):
@@ -75,7 +75,7 @@ def test_a_lost_reply_means_the_write_happened_anyway():
     assert faulty.put("locks/vms/vm1", b"lease", if_absent=True) is False
 
 
-def test_an_outage_fails_every_chosen_operation_until_it_ends():
+def test_an_outage_fails_every_chosen_operation_until_it_ends() -> None:
     mem = MemoryBackend()
     mem.put("config", b"{}")
     faulty = FaultyBackend(mem, outage=True, ops={"put", "get", "list", "delete_many"})
@@ -97,7 +97,7 @@ def test_an_outage_fails_every_chosen_operation_until_it_ends():
     assert list(faulty.list("")) == []
 
 
-def test_random_failures_follow_the_seed_and_the_rate():
+def test_random_failures_follow_the_seed_and_the_rate() -> None:
     def pattern(seed: int) -> list[bool]:
         faulty = FaultyBackend(MemoryBackend(), fail_rate=0.3, seed=seed)
         out = []
@@ -114,7 +114,7 @@ def test_random_failures_follow_the_seed_and_the_rate():
     assert 230 <= first.count(False) <= 370
 
 
-def test_slowness_is_added_to_chosen_operations_only():
+def test_slowness_is_added_to_chosen_operations_only() -> None:
     faulty = FaultyBackend(MemoryBackend(), delay=0.1, ops={"get"})
     faulty.put("k", b"v")
     start = time.monotonic()
@@ -125,7 +125,7 @@ def test_slowness_is_added_to_chosen_operations_only():
     assert time.monotonic() - start >= 0.1
 
 
-def test_an_outage_mid_way_loses_nothing_that_was_acknowledged():
+def test_an_outage_mid_way_loses_nothing_that_was_acknowledged() -> None:
     """Writers racing an outage: every acknowledged put is readable afterwards."""
     mem = MemoryBackend()
     faulty = FaultyBackend(mem, fail_rate=0.1, seed=1)
@@ -151,7 +151,7 @@ def test_an_outage_mid_way_loses_nothing_that_was_acknowledged():
     assert all(faulty.get(k) == f"chunk {int(k[7:])}".encode() for k in acknowledged)
 
 
-def test_unknown_operations_are_refused():
+def test_unknown_operations_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown backend operations"):
         FaultyBackend(MemoryBackend(), ops={"gett"})
 

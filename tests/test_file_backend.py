@@ -148,7 +148,7 @@ def test_disk_full_leaves_nothing_behind(
     def full(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(file_backend.os, "write", full)
+    monkeypatch.setattr(file_backend.os, "write", full)  # type: ignore[attr-defined]
     with pytest.raises(RepositoryError, match=r"cannot write .*chunks/ab/new: No space left") as e:
         backend.put("chunks/ab/new", b"new data")
     assert "\n" not in str(e.value)

@@ -169,7 +169,7 @@ def test_gc_started_during_a_slow_backup_waits_for_it_then_frees_only_garbage(
     outcome: dict[str, Any] = {}
 
     def back_up() -> None:
-        outcome["result"] = api_backup(guest, slow, storers=1)  # type: ignore[arg-type]
+        outcome["result"] = api_backup(guest, slow, storers=1)
 
     backup = threading.Thread(target=back_up)
     backup.start()

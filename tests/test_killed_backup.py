@@ -11,6 +11,8 @@ after its snapshot point, so those writes are what a lost bit would lose.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from backups import CHUNK, MiB, backup, identical, point_ids, random_image, restore
 
@@ -22,7 +24,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("repo_encryption")]
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_found(
-        make_vm, fleece, hold_backup, tmp_path, scratch_tmpdir, phase):
+        make_vm: Any, fleece: Any, hold_backup: Any, tmp_path: Any, scratch_tmpdir: Any, phase: Any) -> None:
     seed = random_image(tmp_path / "seed.raw", 32 * MiB, 11)
     vm = make_vm([("qcow2", "32M")], contents={"vda": seed})
     repo = tmp_path / "repo"
@@ -95,7 +97,8 @@ def test_backup_killed_at_each_phase_loses_nothing_and_cleanup_leaves_qemu_as_fo
     assert set(vm.bitmaps("vda")) == {f"fleece-{nxt['point']}"}
 
 
-def test_qemu_killed_mid_chain_makes_the_next_backup_full_and_it_says_why(make_vm, fleece, tmp_path):
+def test_qemu_killed_mid_chain_makes_the_next_backup_full_and_it_says_why(
+        make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")  # the name, not the socket, survives a restart
     repo = tmp_path / "repo"
     vm.write("vda", 0, MiB, 0x21)

@@ -52,11 +52,11 @@ def one_line_error(res: Any, rc: int) -> str:
     errors = [line for line in lines if line.startswith("fleece: error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], res.err
     assert all(line.startswith("fleece: ") for line in lines) and "Traceback" not in res.err
-    return errors[0]
+    return str(errors[0])
 
 
 def test_two_disk_domain_full_then_incrementals_restore_bit_identical(
-        make_domain, fleece, tmp_path, scratch_tmpdir, hold_backup):
+        make_domain: Any, fleece: Any, tmp_path: Any, scratch_tmpdir: Any, hold_backup: Any) -> None:
     vm = make_domain([("qcow2", 64 * MiB), ("qcow2", 32 * MiB)])
     repo = tmp_path / "repo"
     vm.write("vda", 0, 5 * MiB, 0x11)
@@ -110,7 +110,8 @@ def test_two_disk_domain_full_then_incrementals_restore_bit_identical(
     assert list(scratch_tmpdir.iterdir()) == []
 
 
-def test_the_checkpoint_chain_survives_a_libvirtd_restart(make_domain, libvirt_host, fleece, tmp_path):
+def test_the_checkpoint_chain_survives_a_libvirtd_restart(
+        make_domain: Any, libvirt_host: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_domain()
     repo = tmp_path / "repo"
     vm.write("vda", 0, 3 * MiB, 0x31)
@@ -140,7 +141,7 @@ def test_the_checkpoint_chain_survives_a_libvirtd_restart(make_domain, libvirt_h
 
 
 def test_a_deleted_libvirt_checkpoint_makes_the_next_backup_full_and_it_says_why(
-        make_domain, fleece, tmp_path):
+        make_domain: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_domain()
     repo = tmp_path / "repo"
     vm.write("vda", 0, 2 * MiB, 0x41)
@@ -169,7 +170,7 @@ def test_a_deleted_libvirt_checkpoint_makes_the_next_backup_full_and_it_says_why
 
 
 def test_lost_checkpoint_metadata_is_redefined_from_the_bitmaps_and_the_backup_stays_incremental(
-        make_domain, fleece, tmp_path):
+        make_domain: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_domain([("qcow2", 64 * MiB), ("qcow2", 32 * MiB)])
     repo = tmp_path / "repo"
     vm.write("vda", 0, 2 * MiB, 0x51)
@@ -191,7 +192,8 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_bitmaps_and_the_backup_s
 
 @pytest.mark.parametrize("phase", ["export-live", "chunk-stored", "before-point", "before-commit"])
 def test_a_backup_killed_mid_run_leaves_a_job_that_cleanup_removes_and_the_next_backup_is_correct(
-        make_domain, fleece, tmp_path, scratch_tmpdir, hold_backup, phase):
+        make_domain: Any, fleece: Any, tmp_path: Any, scratch_tmpdir: Any, hold_backup: Any,
+        phase: Any) -> None:
     vm = make_domain()
     repo = tmp_path / "repo"
     vm.write("vda", 0, 6 * MiB, 0x61)
@@ -231,8 +233,9 @@ def test_a_backup_killed_mid_run_leaves_a_job_that_cleanup_removes_and_the_next_
     assert identical(restore(fleece, repo, p3["point"], "vda", tmp_path / "r3"), vm.disk("vda").shadow)
 
 
-def test_export_start_stop_and_status_on_a_libvirt_domain(make_domain, fleece, nbd_connect, tmp_path,
-                                                          scratch_tmpdir):
+def test_export_start_stop_and_status_on_a_libvirt_domain(
+        make_domain: Any, fleece: Any, nbd_connect: Any, tmp_path: Any,
+        scratch_tmpdir: Any) -> None:
     vm = make_domain()
     vm.write("vda", 0, 1 * MiB, 0x71)
     res = lv(fleece, vm, "export", "start", "--drive", "vda", "--json")
@@ -279,8 +282,8 @@ def test_export_start_stop_and_status_on_a_libvirt_domain(make_domain, fleece, n
     assert list(scratch_tmpdir.iterdir()) == []
 
 
-def test_qga_through_libvirt_without_an_agent_fails_clearly_and_changes_nothing(make_domain, fleece,
-                                                                                tmp_path):
+def test_qga_through_libvirt_without_an_agent_fails_clearly_and_changes_nothing(make_domain: Any, fleece: Any,
+                                                                                tmp_path: Any) -> None:
     # The test domains run no OS, so there is no guest agent to answer; the
     # freeze call must fail cleanly before the backup job begins.
     vm = make_domain()
@@ -298,7 +301,7 @@ def test_qga_through_libvirt_without_an_agent_fails_clearly_and_changes_nothing(
 
 
 def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
-        make_domain, libvirt_host, fleece, tmp_path, scratch_tmpdir):
+        make_domain: Any, libvirt_host: Any, fleece: Any, tmp_path: Any, scratch_tmpdir: Any) -> None:
     vm = make_domain([("qcow2", 64 * MiB), ("raw", 32 * MiB)])
     off = make_domain(start=False)
     repo = tmp_path / "repo"
@@ -332,7 +335,8 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
     assert res.rc == 0 and "shut off" in res.out.splitlines()[0], res.err
 
 
-def test_another_tools_backup_job_is_refused_and_left_alone(make_domain, fleece, tmp_path):
+def test_another_tools_backup_job_is_refused_and_left_alone(
+        make_domain: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_domain()
     repo = tmp_path / "repo"
     scratch = tmp_path / "other"
@@ -353,7 +357,7 @@ def test_another_tools_backup_job_is_refused_and_left_alone(make_domain, fleece,
         vm.virsh("domjobabort", vm.name)
 
 
-def test_a_libvirt_older_than_the_minimum_is_refused_in_fleeces_voice():
+def test_a_libvirt_older_than_the_minimum_is_refused_in_fleeces_voice() -> None:
     # No old libvirt on this host: the version check itself, in process.
     from fleece.libvirt.domain import LibvirtError, check_version
 
@@ -364,7 +368,8 @@ def test_a_libvirt_older_than_the_minimum_is_refused_in_fleeces_voice():
         check_version((6, 0, 0), (9, 0, 0))
 
 
-def test_cleanup_leaves_the_job_of_a_backup_that_still_runs_alone(make_domain, fleece, tmp_path, hold_backup):
+def test_cleanup_leaves_the_job_of_a_backup_that_still_runs_alone(
+        make_domain: Any, fleece: Any, tmp_path: Any, hold_backup: Any) -> None:
     # While the backup that holds the job still runs, cleanup leaves it alone.
     vm = make_domain()
     repo = tmp_path / "repo"
@@ -382,7 +387,7 @@ def test_cleanup_leaves_the_job_of_a_backup_that_still_runs_alone(make_domain, f
                                   "job": "None", "state": "paused"}
 
 
-def test_a_libvirt_error_nobody_expected_is_one_line_in_fleeces_voice():
+def test_a_libvirt_error_nobody_expected_is_one_line_in_fleeces_voice() -> None:
     # Unit test of the last line of defence (in process): whatever libvirt
     # raises that no code path handles becomes a FleeceError, never a traceback.
     import libvirt
@@ -394,8 +399,8 @@ def test_a_libvirt_error_nobody_expected_is_one_line_in_fleeces_voice():
         raise libvirt.libvirtError("operation failed: something odd")
 
 
-def test_the_python_api_commits_on_normal_exit_and_aborts_on_an_exception(make_domain, nbd_connect,
-                                                                          scratch_tmpdir):
+def test_the_python_api_commits_on_normal_exit_and_aborts_on_an_exception(make_domain: Any, nbd_connect: Any,
+                                                                          scratch_tmpdir: Any) -> None:
     import asyncio
 
     import libvirt
@@ -438,7 +443,7 @@ def test_the_python_api_commits_on_normal_exit_and_aborts_on_an_exception(make_d
 
 
 def test_cleanup_removes_the_scratch_directory_of_a_run_killed_before_libvirt_began_its_job(
-        make_domain, fleece, scratch_tmpdir):
+        make_domain: Any, fleece: Any, scratch_tmpdir: Any) -> None:
     # A run killed between writing its state and virDomainBackupBegin left only
     # its scratch directory: no job, no checkpoint points to it.
     from fleece.libvirt.job import JobState

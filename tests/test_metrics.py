@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,13 +28,13 @@ def scrape(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def value(samples, name: str, **labels: str) -> float:
+def value(samples: Any, name: str, **labels: str) -> float:
     matches = [v for (n, ls), v in samples.items() if n == name and dict(ls).items() >= labels.items()]
     assert len(matches) == 1, (name, labels, samples)
-    return matches[0]
+    return float(matches[0])
 
 
-def test_a_failed_run_counts_a_failure_and_keeps_the_last_success(tmp_path):
+def test_a_failed_run_counts_a_failure_and_keeps_the_last_success(tmp_path: Any) -> None:
     prom = tmp_path / "fleece.prom"
     with recorded(str(prom), "backup", "s3://bucket/vms", "web1") as run:
         run.values = {"fleece_backup_bytes_stored": 123.0}
@@ -55,7 +56,7 @@ def test_a_failed_run_counts_a_failure_and_keeps_the_last_success(tmp_path):
     assert oct(prom.stat().st_mode & 0o777) == "0o644"
 
 
-def test_other_commands_vms_and_repositories_share_the_file(tmp_path):
+def test_other_commands_vms_and_repositories_share_the_file(tmp_path: Any) -> None:
     prom = tmp_path / "fleece.prom"
     for vm in ("web1", 'db"1\\x'):  # label values are escaped
         with recorded(str(prom), "backup", "/srv/fleece", vm) as run:
@@ -69,12 +70,12 @@ def test_other_commands_vms_and_repositories_share_the_file(tmp_path):
     assert parse_samples(prom.read_text()) == {(n, ls): v for (n, ls), v in samples.items()}
 
 
-def test_no_credentials_reach_a_label():
+def test_no_credentials_reach_a_label() -> None:
     assert safe_repository("https://user:secret@minio:9000/b/p?x=1") == "https://minio:9000/b/p"
     assert safe_repository("/srv/fleece") == "/srv/fleece"
 
 
-def test_a_metrics_file_that_cannot_be_written_after_success_fails_the_command(tmp_path):
+def test_a_metrics_file_that_cannot_be_written_after_success_fails_the_command(tmp_path: Any) -> None:
     prom = tmp_path / "fleece.prom"
     with pytest.raises(FleeceError, match="could not write the metrics file"), \
             recorded(str(prom), "gc", "/srv/fleece"):
@@ -85,7 +86,7 @@ def test_a_metrics_file_that_cannot_be_written_after_success_fails_the_command(t
 # -- through the CLI -------------------------------------------------------------------------
 @pytest.mark.qemu
 def test_backup_prune_gc_and_verify_write_one_file_and_a_failed_backup_keeps_the_success(
-        make_vm, fleece, tmp_path):
+        make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     repo, prom = tmp_path / "repo", tmp_path / "textfile" / "fleece.prom"
@@ -136,7 +137,7 @@ def test_backup_prune_gc_and_verify_write_one_file_and_a_failed_backup_keeps_the
     assert value(samples, "fleece_failures_total", command="verify") == 1
 
 
-def test_a_metrics_file_in_a_missing_directory_is_bad_input(fleece, tmp_path):
+def test_a_metrics_file_in_a_missing_directory_is_bad_input(fleece: Any, tmp_path: Any) -> None:
     res = fleece("gc", "--repo", tmp_path, "--metrics-file", tmp_path / "nope" / "f.prom")
     assert res.rc == 2
     assert res.err.strip() == (f"fleece: error: --metrics-file {tmp_path / 'nope' / 'f.prom'}: "

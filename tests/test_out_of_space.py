@@ -11,6 +11,7 @@ bit is lost), and the next backup is an incremental that restores identical.
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import pytest
 from backups import (
@@ -39,7 +40,7 @@ def error_line(err: str) -> str:
 
 
 def test_reverse_delta_out_of_space_fails_the_backup_not_the_guest(
-        make_vm, fleece, hold_backup, tmpfs, tmp_path, scratch_tmpdir):
+        make_vm: Any, fleece: Any, hold_backup: Any, tmpfs: Any, tmp_path: Any, scratch_tmpdir: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     repo = tmp_path / "repo"
     vm.write("vda", 0, 2 * CHUNK, 0x5A)
@@ -73,7 +74,7 @@ def test_reverse_delta_out_of_space_fails_the_backup_not_the_guest(
 
 
 def test_repository_disk_full_fails_cleanly_and_the_next_backup_after_freeing_space_is_incremental(
-        make_vm, fleece, tmpfs, tmp_path):
+        make_vm: Any, fleece: Any, tmpfs: Any, tmp_path: Any) -> None:
     seed = random_image(tmp_path / "seed.raw", CHUNK, 21)
     with open(seed, "r+b") as f:
         f.truncate(32 * MiB)  # one chunk of incompressible data, the rest never written

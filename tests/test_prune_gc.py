@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def four(repo: Repository) -> list[RestorePoint]:
     return [p1, p2, p3, p4]
 
 
-def expected_image(chunks: list[bytes | None]) -> bytes:
+def expected_image(chunks: Sequence[bytes | None]) -> bytes:
     return b"".join(c if c is not None else bytes(CS) for c in chunks)
 
 
@@ -303,7 +304,7 @@ def test_prune_refuses_an_empty_policy_and_an_unknown_vm(repo: Repository, four:
 
 
 def test_file_backend_lists_sizes_and_times(repo: Repository, four: list[RestorePoint]) -> None:
-    infos = {i.key: i for i in repo.backend.list_info(keys.CHUNKS_PREFIX)}  # type: ignore[attr-defined]
+    infos = {i.key: i for i in repo.backend.list_info(keys.CHUNKS_PREFIX)}
     assert set(infos) == objects(repo, keys.CHUNKS_PREFIX)
     for key, info in infos.items():
         assert info.size == len(repo.backend.get(key))

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,12 +44,12 @@ class FakeClock:
     ("20M", 20 * MiB), ("20MiB/s", 20 * MiB), ("512k", 512 * 1024), ("1.5G", 1.5 * (1 << 30)),
     ("1048576", MiB), ("20 MB/s", 20 * MiB),
 ])
-def test_rates_are_binary_units_per_second(text, rate):
+def test_rates_are_binary_units_per_second(text: Any, rate: Any) -> None:
     assert parse_rate(text) == rate
 
 
 @pytest.mark.parametrize("text", ["", "fast", "20X", "-5M", "100", "0"])
-def test_a_bad_rate_is_bad_input(text):
+def test_a_bad_rate_is_bad_input(text: Any) -> None:
     with pytest.raises(BadInput):
         parse_rate(text, "--limit-upload")
 
@@ -58,7 +59,8 @@ def run_for_a_minute(stalls: bool) -> tuple[int, float, int]:
     clock = FakeClock()
     bucket = TokenBucket(20 * MiB, BURST_CHUNKS * CHUNK, clock=clock, sleep=clock.sleep)
     rng = random.Random(7)
-    start, sent, per_instant = clock(), 0, {}
+    per_instant: dict[float, int] = {}
+    start, sent = clock(), 0
     while clock() - start < 60:
         if stalls and rng.random() < 0.05:
             clock.now += rng.uniform(0, 3)  # the pipeline stalls now and then (reading, a slow HEAD)
@@ -69,7 +71,7 @@ def run_for_a_minute(stalls: bool) -> tuple[int, float, int]:
     return sent, clock() - start, max(per_instant.values())
 
 
-def test_over_a_minute_the_average_is_the_rate_and_bursts_are_a_few_chunks():
+def test_over_a_minute_the_average_is_the_rate_and_bursts_are_a_few_chunks() -> None:
     rate = 20 * MiB
     sent, elapsed, _ = run_for_a_minute(stalls=False)
     assert 0.9 * rate <= sent / elapsed <= 1.1 * rate
@@ -79,7 +81,7 @@ def test_over_a_minute_the_average_is_the_rate_and_bursts_are_a_few_chunks():
     assert largest <= BURST_CHUNKS * CHUNK + 2 * CHUNK  # a burst, then one request on credit
 
 
-def test_threads_share_one_budget():
+def test_threads_share_one_budget() -> None:
     backend = RateLimitedBackend(MemoryBackend(), upload=bucket_for(32 * MiB))
     data = bytes(CHUNK)
     start = time.monotonic()
@@ -89,7 +91,7 @@ def test_threads_share_one_budget():
     assert 24 * CHUNK / (32 * MiB) * 0.97 <= elapsed < 24 * CHUNK / (32 * MiB) * 1.5  # 3 s
 
 
-def test_downloads_are_paced_and_uncounted_operations_are_not():
+def test_downloads_are_paced_and_uncounted_operations_are_not() -> None:
     inner = MemoryBackend()
     for i in range(4):
         inner.put(f"chunks/{i}", bytes(CHUNK))
@@ -104,7 +106,7 @@ def test_downloads_are_paced_and_uncounted_operations_are_not():
     assert time.monotonic() - start >= 4 * CHUNK / (16 * MiB) * 0.97
 
 
-def test_the_wrapper_has_exactly_the_optional_methods_of_what_it_wraps(tmp_path: Path):
+def test_the_wrapper_has_exactly_the_optional_methods_of_what_it_wraps(tmp_path: Path) -> None:
     optional = ("stage", "flush", "discard_staged", "stale_temporaries", "list_info", "delete_many",
                 "reserve_connections", "preferred_concurrency", "store_check")
     for inner in (MemoryBackend(), FileBackend(tmp_path / "repo")):
@@ -129,7 +131,7 @@ def random_disk(path: Path, size: int, seed: int) -> Path:
 
 @pytest.mark.qemu
 def test_a_backup_of_200_mib_new_data_at_20m_takes_at_least_ten_seconds_less_five_percent(
-        make_vm, fleece, tmp_path):
+        make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     seed = random_disk(tmp_path / "seed.raw", 208 * MiB, 11)  # random: zstd cannot shrink it
     vm = make_vm([("qcow2", "208M")], name="web1", contents={"vda": seed})
     repo = tmp_path / "repo"
@@ -146,7 +148,8 @@ def test_a_backup_of_200_mib_new_data_at_20m_takes_at_least_ten_seconds_less_fiv
 
 
 @pytest.mark.qemu
-def test_restore_and_deep_verify_are_held_to_the_download_limit(make_vm, fleece, tmp_path):
+def test_restore_and_deep_verify_are_held_to_the_download_limit(
+        make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     seed = random_disk(tmp_path / "seed.raw", 24 * MiB, 12)
     vm = make_vm([("qcow2", "24M")], name="web1", contents={"vda": seed})
     repo = tmp_path / "repo"
@@ -163,7 +166,7 @@ def test_restore_and_deep_verify_are_held_to_the_download_limit(make_vm, fleece,
     assert cmp.returncode == 0
 
 
-def test_a_bad_limit_is_one_line_and_exit_2(fleece, tmp_path):
+def test_a_bad_limit_is_one_line_and_exit_2(fleece: Any, tmp_path: Any) -> None:
     for cmd in (("restore", "--repo", tmp_path, "latest", "--output", tmp_path / "x"),
                 ("verify", "--repo", tmp_path), ("gc", "--repo", tmp_path),
                 ("prune", "--repo", tmp_path, "--keep-last", "1")):
@@ -174,7 +177,7 @@ def test_a_bad_limit_is_one_line_and_exit_2(fleece, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_the_bucket_is_thread_safe_under_contention():
+def test_the_bucket_is_thread_safe_under_contention() -> None:
     clock_lock = threading.Lock()
     bucket = bucket_for(1024 * MiB)
     assert bucket is not None
@@ -197,7 +200,8 @@ def test_the_bucket_is_thread_safe_under_contention():
 
 
 @pytest.mark.qemu
-def test_serve_is_held_to_the_download_limit(make_vm, fleece, tmp_path, short_tmp):
+def test_serve_is_held_to_the_download_limit(
+        make_vm: Any, fleece: Any, tmp_path: Any, short_tmp: Any) -> None:
     from test_serve import serving
 
     seed = random_disk(tmp_path / "seed.raw", 8 * MiB, 13)

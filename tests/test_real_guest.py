@@ -68,7 +68,7 @@ def restored_disks(fleece: Any, guest: Guest, repo: Path, point: str, work: Path
 
 
 def test_full_and_incrementals_taken_while_the_guest_writes_each_restore_to_their_point(
-        make_vm, fleece, hold_backup, short_tmp, tmp_path):
+        make_vm: Any, fleece: Any, hold_backup: Any, short_tmp: Any, tmp_path: Any) -> None:
     guest = boot_guest(make_vm, short_tmp)
     repo = tmp_path / "repo"
     points = [backup_while_writing(fleece, guest, repo),
@@ -88,7 +88,7 @@ def test_full_and_incrementals_taken_while_the_guest_writes_each_restore_to_thei
 
 
 def test_two_disks_written_by_one_workload_restore_to_one_point_in_time(
-        make_vm, fleece, hold_backup, short_tmp, tmp_path):
+        make_vm: Any, fleece: Any, hold_backup: Any, short_tmp: Any, tmp_path: Any) -> None:
     guest = boot_guest(make_vm, short_tmp, drives=2)
     repo = tmp_path / "repo"
     points = [held_while_writing(hold_backup, guest, repo, "export-live", 8),
@@ -102,7 +102,7 @@ def test_two_disks_written_by_one_workload_restore_to_one_point_in_time(
 
 
 def test_qga_freezes_the_real_guest_around_the_point_and_its_filesystem_needs_no_replay(
-        make_vm, fleece, hold_backup, short_tmp, tmp_path):
+        make_vm: Any, fleece: Any, hold_backup: Any, short_tmp: Any, tmp_path: Any) -> None:
     guest = boot_guest(make_vm, short_tmp, qga=True)
     assert guest.qga is not None
     repo = tmp_path / "repo"
@@ -131,7 +131,7 @@ def test_qga_freezes_the_real_guest_around_the_point_and_its_filesystem_needs_no
 
 
 def test_trim_after_read_races_guest_overwrites_and_the_point_stays_exact(
-        make_vm, fleece, hold_backup, short_tmp, tmp_path):
+        make_vm: Any, fleece: Any, hold_backup: Any, short_tmp: Any, tmp_path: Any) -> None:
     # Slots 4 MiB apart (one a chunk) over most of the disk: each sequence overwrites part of
     # a chunk the backup has read and trimmed, has queued, or has not read yet.
     guest = boot_guest(make_vm, short_tmp, size="96M", slots=16, slotkb=256, stride=4096)
@@ -148,7 +148,7 @@ def test_trim_after_read_races_guest_overwrites_and_the_point_stays_exact(
 
 
 def test_reverse_delta_full_under_a_running_guest_fails_the_backup_not_the_guest(
-        make_vm, fleece, hold_backup, tmpfs, short_tmp, tmp_path):
+        make_vm: Any, fleece: Any, hold_backup: Any, tmpfs: Any, short_tmp: Any, tmp_path: Any) -> None:
     guest = boot_guest(make_vm, short_tmp)
     repo = tmp_path / "repo"
     first, _, _ = backup_while_writing(fleece, guest, repo)

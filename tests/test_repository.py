@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
+from fleece.fleecing.names import new_point_id
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.format.codec import chunk_digest, encode_chunk
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.keys import escape_name, unescape_name
-from fleece.repo.format.point import DiskRecord, RestorePoint, new_point_id
+from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
 
 CHUNK = 64 * 1024

@@ -17,6 +17,7 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import boto3
 import pytest
@@ -37,7 +38,7 @@ def backend(s3_bucket: str) -> S3Backend:
     return S3Backend(s3_bucket, "repos/one", check_store=False)
 
 
-def raw_keys(s3_env, bucket: str) -> set[str]:
+def raw_keys(s3_env: Any, bucket: str) -> set[str]:
     """Every key in the bucket, listed by a client fleece does not own."""
     pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
@@ -51,9 +52,9 @@ def assert_one_line(err: BaseException) -> str:
 
 # -- storage semantics ---------------------------------------------------------------
 @ON_EVERY_STORE
-def test_round_trip_put_get_exists_list_delete_mtime(backend):
+def test_round_trip_put_get_exists_list_delete_mtime(backend: Any) -> None:
     assert isinstance(backend, Backend)
-    assert backend.url == f"s3://{backend.bucket}/repos/one"
+    assert backend.url == f"s3://{backend.bucket}/repos/one"  # type: ignore[attr-defined]
     before = time.time()
     data = bytes(range(256)) * 1000
     assert backend.put("chunks/ab/abcd", data) is True
@@ -80,7 +81,7 @@ def test_round_trip_put_get_exists_list_delete_mtime(backend):
 
 
 @ON_EVERY_STORE
-def test_every_object_lies_under_the_prefix(s3_env, s3_bucket):
+def test_every_object_lies_under_the_prefix(s3_env: Any, s3_bucket: Any) -> None:
     neighbour = s3_env.client()
     neighbour.put_object(Bucket=s3_bucket, Key="repos/one-other/config", Body=b"not ours")
     neighbour.put_object(Bucket=s3_bucket, Key="repos/config", Body=b"not ours")
@@ -96,7 +97,7 @@ def test_every_object_lies_under_the_prefix(s3_env, s3_bucket):
 
 
 @ON_EVERY_STORE
-def test_a_repository_at_the_bucket_root(s3_env, s3_bucket):
+def test_a_repository_at_the_bucket_root(s3_env: Any, s3_bucket: Any) -> None:
     backend = S3Backend(*parse_s3_url(f"s3://{s3_bucket}"))
     assert backend.url == f"s3://{s3_bucket}"
     backend.put("config", b"{}")
@@ -105,7 +106,7 @@ def test_a_repository_at_the_bucket_root(s3_env, s3_bucket):
 
 
 @pytest.mark.parametrize("s3_server", ["moto", "s3rver-http"], indirect=True)  # TLS adds nothing here
-def test_list_pages_through_more_than_one_thousand_keys(backend):
+def test_list_pages_through_more_than_one_thousand_keys(backend: Any) -> None:
     keys = {f"chunks/{i % 256:02x}/{i:064x}" for i in range(1100)}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: backend.put(k, b"c"), keys))
@@ -130,7 +131,7 @@ def test_list_pages_through_more_than_one_thousand_keys(backend):
     ("s3://bucket/a/b/", ("bucket", "a/b/")),
     ("s3://my.bucket-1/vm backups", ("my.bucket-1", "vm backups/")),
 ])
-def test_parse_s3_url(url, expected):
+def test_parse_s3_url(url: Any, expected: Any) -> None:
     assert parse_s3_url(url) == expected
 
 
@@ -138,19 +139,19 @@ def test_parse_s3_url(url, expected):
     "s3:/bucket", "http://bucket/x", "s3://", "s3://b", "s3://-bucket/x", "s3://bucket/a//b",
     "s3://bucket/a/../b", "s3://bucket/a?versionId=1",
 ])
-def test_bad_s3_urls_are_bad_input(url):
+def test_bad_s3_urls_are_bad_input(url: Any) -> None:
     with pytest.raises(BadInput):
         parse_s3_url(url)
 
 
-def test_credentials_in_the_url_are_refused_without_echoing_them():
+def test_credentials_in_the_url_are_refused_without_echoing_them() -> None:
     with pytest.raises(BadInput) as err:
         parse_s3_url("s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/x")
     assert "wJalrXUtnFEMI" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
 
 
 # -- conditional create ----------------------------------------------------------------
-def test_if_absent_creates_once_and_never_overwrites(backend):
+def test_if_absent_creates_once_and_never_overwrites(backend: Any) -> None:
     with inject_http_faults(backend) as seen:
         assert backend.put("locks/vms/vm1", b"lease A", if_absent=True) is True
         assert backend.put("locks/vms/vm1", b"lease B", if_absent=True) is False
@@ -159,14 +160,14 @@ def test_if_absent_creates_once_and_never_overwrites(backend):
     assert seen.requests == {"PutObject": 2}
 
 
-def test_two_writers_racing_for_one_key_exactly_one_wins(backend):
+def test_two_writers_racing_for_one_key_exactly_one_wins(backend: Any) -> None:
     for round_ in range(10):
         key = f"points/vm1/race-{round_}.json"
         start = threading.Barrier(8)
 
         def write(n: int, key: str = key, start: threading.Barrier = start) -> bool:
             start.wait()
-            return backend.put(key, f"writer {n}".encode(), if_absent=True)
+            return bool(backend.put(key, f"writer {n}".encode(), if_absent=True))
 
         with ThreadPoolExecutor(8) as pool:
             won = list(pool.map(write, range(8)))
@@ -174,7 +175,7 @@ def test_two_writers_racing_for_one_key_exactly_one_wins(backend):
         assert backend.get(key) == f"writer {won.index(True)}".encode()
 
 
-def test_a_retried_conditional_put_recognizes_its_own_first_attempt(backend):
+def test_a_retried_conditional_put_recognizes_its_own_first_attempt(backend: Any) -> None:
     # The first attempt lands, its reply is lost; botocore's retry meets 412.
     with inject_http_faults(backend, lost_replies=1, ops={"PutObject"}) as seen:
         assert backend.put("locks/vms/vm1", b"lease mine", if_absent=True) is True
@@ -185,7 +186,7 @@ def test_a_retried_conditional_put_recognizes_its_own_first_attempt(backend):
     assert backend.get("locks/vms/vm1") == b"lease mine"
 
 
-def test_servers_without_conditional_writes_get_head_then_put(backend, caplog):
+def test_servers_without_conditional_writes_get_head_then_put(backend: Any, caplog: Any) -> None:
     with inject_http_faults(backend, statuses=[501], ops={"PutObject"}) as seen:
         assert backend.put("config", b"first", if_absent=True) is True
         assert backend.put("config", b"second", if_absent=True) is False
@@ -194,18 +195,18 @@ def test_servers_without_conditional_writes_get_head_then_put(backend, caplog):
     assert "does not support conditional writes" in caplog.text
 
 
-def test_a_conditional_write_conflict_is_asked_again(backend):
+def test_a_conditional_write_conflict_is_asked_again(backend: Any) -> None:
     with inject_http_faults(backend, statuses=[(409, "ConditionalRequestConflict")]) as seen:
         assert backend.put("config", b"x", if_absent=True) is True
     assert seen.requests["PutObject"] == 2
 
 
 # -- integrity -----------------------------------------------------------------------
-def test_uploads_carry_a_crc32_of_the_exact_body(backend):
+def test_uploads_carry_a_crc32_of_the_exact_body(backend: Any) -> None:
     data = b"chunk payload " * 4096
     sent = {}
 
-    def record(request, **_):
+    def record(request: Any, **_: Any) -> None:
         sent.update(request.headers)
 
     backend.client.meta.events.register("before-send.s3.PutObject", record)
@@ -214,7 +215,7 @@ def test_uploads_carry_a_crc32_of_the_exact_body(backend):
     assert sent["x-amz-checksum-crc32"].decode() == want
 
 
-def test_a_body_corrupted_on_the_way_down_is_refused(backend):
+def test_a_body_corrupted_on_the_way_down_is_refused(backend: Any) -> None:
     data = b"precious chunk " * 10000
     backend.put("chunks/aa/aa", data)
     with inject_http_faults(backend, corrupt_responses=1) as seen:
@@ -228,7 +229,7 @@ def test_a_body_corrupted_on_the_way_down_is_refused(backend):
     assert seen.requests["GetObject"] == backend.max_attempts
 
 
-def test_a_body_corrupted_on_the_way_up_never_reads_back_as_data(backend):
+def test_a_body_corrupted_on_the_way_up_never_reads_back_as_data(backend: Any) -> None:
     # AWS refuses such a PUT (BadDigest); moto stores it, with the checksum
     # botocore computed before the flip — so the read refuses it instead.
     data = b"precious chunk " * 10000
@@ -239,7 +240,7 @@ def test_a_body_corrupted_on_the_way_up_never_reads_back_as_data(backend):
         backend.get("chunks/bb/bb")
 
 
-def test_a_server_refusing_a_bad_digest_is_one_clear_line(backend):
+def test_a_server_refusing_a_bad_digest_is_one_clear_line(backend: Any) -> None:
     with inject_http_faults(backend, statuses=[(400, "BadDigest")]), \
             pytest.raises(RepositoryError, match="did not match its checksum") as err:
         backend.put("chunks/cc/cc", b"data")
@@ -247,7 +248,7 @@ def test_a_server_refusing_a_bad_digest_is_one_clear_line(backend):
 
 
 # -- transient failures are botocore's to retry ----------------------------------------
-def test_transient_5xx_and_resets_are_retried_and_the_put_succeeds(backend):
+def test_transient_5xx_and_resets_are_retried_and_the_put_succeeds(backend: Any) -> None:
     with inject_http_faults(backend, statuses=[500, 503], resets=1, timeouts=1,
                             ops={"PutObject"}) as seen:
         assert backend.put("chunks/dd/dd", b"survivor") is True
@@ -255,14 +256,14 @@ def test_transient_5xx_and_resets_are_retried_and_the_put_succeeds(backend):
     assert backend.get("chunks/dd/dd") == b"survivor"
 
 
-def test_throttling_is_retried(backend):
+def test_throttling_is_retried(backend: Any) -> None:
     backend.put("config", b"c")
     with inject_http_faults(backend, statuses=[(503, "SlowDown")], ops={"GetObject"}) as seen:
         assert backend.get("config") == b"c"
     assert seen.requests["GetObject"] == 2
 
 
-def test_a_download_cut_off_mid_body_is_read_again(backend):
+def test_a_download_cut_off_mid_body_is_read_again(backend: Any) -> None:
     data = b"x" * 100_000
     backend.put("chunks/ee/ee", data)
     with inject_http_faults(backend, body_resets=1) as seen:
@@ -270,7 +271,7 @@ def test_a_download_cut_off_mid_body_is_read_again(backend):
     assert seen.requests["GetObject"] == 2
 
 
-def test_slow_responses_only_slow_things_down(backend):
+def test_slow_responses_only_slow_things_down(backend: Any) -> None:
     with inject_http_faults(backend, slow=0.2, ops={"HeadObject"}):
         start = time.monotonic()
         assert backend.exists("nothing") is False
@@ -278,7 +279,7 @@ def test_slow_responses_only_slow_things_down(backend):
 
 
 # -- persistent failures: one clear line -------------------------------------------------
-def test_a_persistent_503_ends_with_one_line_and_stores_nothing(backend, s3_env):
+def test_a_persistent_503_ends_with_one_line_and_stores_nothing(backend: Any, s3_env: Any) -> None:
     with inject_http_faults(backend, outage=503) as seen:
         start = time.monotonic()
         with pytest.raises(RepositoryError) as err:
@@ -293,14 +294,14 @@ def test_a_persistent_503_ends_with_one_line_and_stores_nothing(backend, s3_env)
     assert backend.put("points/vm1/p.json", b"{}") is True
 
 
-def test_persistent_connection_resets_end_with_one_line(backend):
+def test_persistent_connection_resets_end_with_one_line(backend: Any) -> None:
     with inject_http_faults(backend, outage="reset") as seen, pytest.raises(RepositoryError) as err:
         backend.get("config")
     assert "Connection was closed" in assert_one_line(err.value)
     assert seen.requests["GetObject"] == backend.max_attempts
 
 
-def test_a_missing_bucket_is_named(s3_env):
+def test_a_missing_bucket_is_named(s3_env: Any) -> None:
     backend = S3Backend(f"fleece-missing-{uuid.uuid4().hex[:8]}", "x")
     for call in (lambda: backend.get("config"), lambda: backend.put("config", b"{}"),
                  lambda: list(backend.list("")), lambda: backend.delete("config")):
@@ -310,7 +311,7 @@ def test_a_missing_bucket_is_named(s3_env):
         assert text == f"S3 bucket {backend.bucket} does not exist at {s3_env.endpoint}"
 
 
-def test_an_unreachable_endpoint_fails_quickly_with_one_line(s3_bucket, monkeypatch):
+def test_an_unreachable_endpoint_fails_quickly_with_one_line(s3_bucket: Any, monkeypatch: Any) -> None:
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -327,7 +328,7 @@ def test_an_unreachable_endpoint_fails_quickly_with_one_line(s3_bucket, monkeypa
 
 
 def test_access_denied_and_wrong_credentials_are_one_line_without_secrets(
-        s3_env, s3_bucket, monkeypatch, caplog):
+        s3_env: Any, s3_bucket: Any, monkeypatch: Any, caplog: Any) -> None:
     iam = boto3.client("iam")
     user = f"fleece-nobody-{uuid.uuid4().hex[:8]}"
     iam.create_user(UserName=user)
@@ -356,7 +357,7 @@ def test_access_denied_and_wrong_credentials_are_one_line_without_secrets(
         assert "fleece-wrong-secret-do-not-print" not in text
 
 
-def test_debug_logging_never_shows_credentials(s3_bucket, monkeypatch, caplog):
+def test_debug_logging_never_shows_credentials(s3_bucket: Any, monkeypatch: Any, caplog: Any) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fleece-secret-do-not-log")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "fleece-session-token-do-not-log")
     caplog.set_level(logging.DEBUG)  # as `fleece -vv` does, on the root logger
@@ -368,13 +369,13 @@ def test_debug_logging_never_shows_credentials(s3_bucket, monkeypatch, caplog):
 
 
 # -- connections ---------------------------------------------------------------------------
-def test_the_connection_pool_grows_to_the_threads_that_share_the_backend(s3_bucket, caplog):
+def test_the_connection_pool_grows_to_the_threads_that_share_the_backend(s3_bucket: Any, caplog: Any) -> None:
     backend = S3Backend(s3_bucket, "x")
     assert backend.preferred_concurrency == 16  # what `fleece backup` stores with on S3
     backend.reserve_connections(21)
-    assert backend.client.meta.config.max_pool_connections == 32  # room already
+    assert backend.client.meta.config.max_pool_connections == 32  # type: ignore[attr-defined]  # room already
     backend.reserve_connections(48)
-    assert backend.client.meta.config.max_pool_connections == 48
+    assert backend.client.meta.config.max_pool_connections == 48  # type: ignore[attr-defined]
     caplog.set_level(logging.WARNING)
     with ThreadPoolExecutor(48) as pool:
         list(pool.map(lambda i: backend.put(f"chunks/{i}", b"x" * 100_000), range(240)))
@@ -383,7 +384,7 @@ def test_the_connection_pool_grows_to_the_threads_that_share_the_backend(s3_buck
 
 
 # -- requests per operation --------------------------------------------------------------
-def test_each_operation_costs_one_request(backend):
+def test_each_operation_costs_one_request(backend: Any) -> None:
     with inject_http_faults(backend) as seen:
         backend.put("chunks/ff/ff", b"c")
         backend.put("chunks/ff/ff", b"c", if_absent=True)
@@ -398,7 +399,7 @@ def test_each_operation_costs_one_request(backend):
 
 
 # -- real TCP faults: a proxy between fleece and the server (conftest's s3_proxy) -------------------
-def test_real_resets_and_errors_on_the_wire_are_retried(s3_proxy, s3_bucket):
+def test_real_resets_and_errors_on_the_wire_are_retried(s3_proxy: Any, s3_bucket: Any) -> None:
     s3_proxy.plan.statuses.append((503, "ServiceUnavailable"))
     s3_proxy.plan.resets = 1
     s3_proxy.plan.lost_replies = 1
@@ -419,7 +420,8 @@ def test_real_resets_and_errors_on_the_wire_are_retried(s3_proxy, s3_bucket):
                                       "corrupt_responses": 1}
 
 
-def test_a_stalled_server_is_a_read_timeout_and_retried(s3_proxy, s3_bucket, monkeypatch):
+def test_a_stalled_server_is_a_read_timeout_and_retried(
+        s3_proxy: Any, s3_bucket: Any, monkeypatch: Any) -> None:
     monkeypatch.setenv("FLEECE_S3_READ_TIMEOUT", "0.5")
     backend = S3Backend(s3_bucket, "wire")
     backend.put("config", b"{}")
@@ -430,7 +432,8 @@ def test_a_stalled_server_is_a_read_timeout_and_retried(s3_proxy, s3_bucket, mon
     assert s3_proxy.plan.requests["GetObject"] == 2
 
 
-def test_a_persistent_outage_ends_a_fleece_command_with_one_line(s3_proxy, s3_bucket, monkeypatch, fleece):
+def test_a_persistent_outage_ends_a_fleece_command_with_one_line(
+        s3_proxy: Any, s3_bucket: Any, monkeypatch: Any, fleece: Any) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
     s3_proxy.plan.outage = 503
     res = fleece("list", "--repo", f"s3://{s3_bucket}/wire", timeout=60)

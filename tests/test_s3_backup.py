@@ -44,7 +44,7 @@ def identical(a: Path, b: Path) -> bool:
     return res.returncode == 0
 
 
-def backup(fleece, vm, url: str, *, level: str | None = None, extra: tuple[str, ...] = ()) -> Any:
+def backup(fleece: Any, vm: Any, url: str, *, level: str | None = None, extra: tuple[str, ...] = ()) -> Any:
     args = ["backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra]
     if level:
         args += ["--level", level]
@@ -53,19 +53,19 @@ def backup(fleece, vm, url: str, *, level: str | None = None, extra: tuple[str, 
     return res.json()
 
 
-def restore(fleece, url: str, point: str, out: Path) -> Path:
+def restore(fleece: Any, url: str, point: str, out: Path) -> Path:
     res = fleece("restore", "--repo", url, point, "--drive", "vda", "--output", out)
     assert res.rc == 0, res.err
     return out
 
 
-def bucket_objects(s3_env, bucket: str) -> dict[str, tuple[str, Any]]:
+def bucket_objects(s3_env: Any, bucket: str) -> dict[str, tuple[str, Any]]:
     """Every object in the bucket (key → (ETag, LastModified)), listed by a client fleece does not own."""
     pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
 
 
-def chunk_objects(s3_env, bucket: str) -> dict[str, tuple[str, Any]]:
+def chunk_objects(s3_env: Any, bucket: str) -> dict[str, tuple[str, Any]]:
     return {k: v for k, v in bucket_objects(s3_env, bucket).items() if k.startswith(f"{PREFIX}/chunks/")}
 
 
@@ -75,7 +75,7 @@ def random_seed(path: Path, size: int, seed: int) -> Path:
     return path
 
 
-def start_backup(vm, url: str, *extra: str) -> subprocess.Popen[str]:
+def start_backup(vm: Any, url: str, *extra: str) -> subprocess.Popen[str]:
     """A ``fleece backup`` in the background, for faults switched on while it runs."""
     return subprocess.Popen(
         [FLEECE, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra],
@@ -111,7 +111,7 @@ def error_lines(err: str) -> str:
 # -- the happy path ----------------------------------------------------------------------
 @ON_EVERY_STORE
 def test_full_incremental_and_restores_are_identical_and_every_object_is_under_the_prefix(
-        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     locks = s3_env.config_args
     seed = random_seed(tmp_path / "seed.raw", 64 * MiB, 1)
     with open(seed, "r+b") as f:  # half of the disk never written: zero chunks, not stored
@@ -165,7 +165,7 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
 
 
 def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
-        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, s3_proxy: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "32M")], name="web1")
     for i in range(6):
         vm.write("vda", i * 5 * MiB, MiB, 0x30 + i)
@@ -206,7 +206,7 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
 
 @ON_EVERY_STORE
 def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
-        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     seed = random_seed(tmp_path / "seed.raw", 24 * MiB, 2)  # same golden image, 6 chunks
     vms = [make_vm([("qcow2", "24M")], name=name, contents={"vda": seed}) for name in ("web1", "web2")]
     vms[1].write("vda", 0, MiB, 0x42)  # web2 differs in its first chunk
@@ -236,7 +236,8 @@ def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
 
 # -- faults ------------------------------------------------------------------------------
 def test_throttling_errors_resets_and_stalls_are_retried_and_the_point_restores_identical(
-        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path, monkeypatch):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, s3_proxy: Any, tmp_path: Any,
+        monkeypatch: Any) -> None:
     monkeypatch.setenv("FLEECE_S3_READ_TIMEOUT", "0.5")  # the proxy stalls 1.5 s
     seed = random_seed(tmp_path / "seed.raw", 48 * MiB, 3)
     vm = make_vm([("qcow2", "48M")], name="web1", contents={"vda": seed})
@@ -262,7 +263,8 @@ def test_throttling_errors_resets_and_stalls_are_retried_and_the_point_restores_
 
 @pytest.mark.parametrize("outage", ["puts-503", "endpoint-resets"])
 def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
-        make_vm, fleece, s3_env, s3_bucket, s3_proxy, tmp_path, monkeypatch, outage):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, s3_proxy: Any, tmp_path: Any,
+        monkeypatch: Any, outage: Any) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     seed = random_seed(tmp_path / "seed.raw", 32 * MiB, 4)
     vm = make_vm([("qcow2", "32M")], name="web1", contents={"vda": seed})
@@ -315,7 +317,7 @@ def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
 
 @pytest.mark.parametrize("case", ["missing-bucket", "unreachable-endpoint"])
 def test_a_repository_that_cannot_be_reached_fails_in_one_line_before_qemu_is_touched(
-        make_vm, fleece, s3_env, tmp_path, monkeypatch, case):
+        make_vm: Any, fleece: Any, s3_env: Any, tmp_path: Any, monkeypatch: Any, case: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     before = vm.block_graph()
@@ -339,7 +341,7 @@ def test_a_repository_that_cannot_be_reached_fails_in_one_line_before_qemu_is_to
 
 
 def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
-        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     url = f"s3://{s3_bucket}/{PREFIX}"
@@ -372,7 +374,7 @@ def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
 
 @pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
 def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitly(
-        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     locks = s3_env.config_args
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)

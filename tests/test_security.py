@@ -57,7 +57,8 @@ def open_dir(short_tmp: Path) -> Path:
 
 
 @pytest.mark.qemu
-def test_the_export_scratch_directory_and_nbd_socket_are_private(make_vm, fleece, open_dir):
+def test_the_export_scratch_directory_and_nbd_socket_are_private(
+        make_vm: Any, fleece: Any, open_dir: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     vm.write("vda", 0, MiB, 0x42)
     res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--scratch-dir", open_dir,
@@ -88,7 +89,7 @@ def test_the_export_scratch_directory_and_nbd_socket_are_private(make_vm, fleece
     assert sorted(open_dir.iterdir()) == [open_dir / "probe"]
 
 
-def test_the_served_socket_is_0600(tmp_path, open_dir, store_point):
+def test_the_served_socket_is_0600(tmp_path: Any, open_dir: Any, store_point: Any) -> None:
     from fleece.repo.backends.file import FileBackend
     from fleece.repo.repository import Repository
 
@@ -101,7 +102,8 @@ def test_the_served_socket_is_0600(tmp_path, open_dir, store_point):
     try:
         assert proc.stdout is not None
         uri = proc.stdout.readline().strip()  # printed once nbdkit accepts connections
-        assert uri == f"nbd+unix:///?socket={sock}", proc.stderr.read() if proc.poll() is not None else uri
+        err = (proc.stderr.read() if proc.stderr else "") if proc.poll() is not None else uri
+        assert uri == f"nbd+unix:///?socket={sock}", err
         st = sock.stat()
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         assert st.st_uid == os.geteuid()
@@ -114,8 +116,9 @@ def test_the_served_socket_is_0600(tmp_path, open_dir, store_point):
 
 @pytest.mark.qemu
 @pytest.mark.s3
-def test_no_credential_in_json_output_debug_logs_or_the_repository(make_vm, fleece, s3_env, s3_bucket,
-                                                                   tmp_path, monkeypatch):
+def test_no_credential_in_json_output_debug_logs_or_the_repository(
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any,
+        tmp_path: Any, monkeypatch: Any) -> None:
     secret, token = "fleece-unique-secret-7d41c2", "fleece-unique-session-token-93be0a"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)

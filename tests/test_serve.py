@@ -237,7 +237,7 @@ class SlowBackend(MemoryBackend):
 
 
 @pytest.fixture
-def cached_disk(store_point: Any) -> tuple[CachedDisk, bytes, SlowBackend]:
+def cached_disk(store_point: Any) -> Iterator[tuple[CachedDisk, bytes, SlowBackend]]:
     backend = SlowBackend()
     repo = Repository.init(backend, chunk_size=CHUNK)
     data = bytearray(os.urandom(20 * CHUNK + 1000))

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from fleece.errors import QmpConnectError
 from fleece.qmp import QmpSession
 
 
-def test_status_lists_disks_bitmaps_human_and_json(make_vm, fleece):
+def test_status_lists_disks_bitmaps_human_and_json(make_vm: Any, fleece: Any) -> None:
     vm = make_vm([("qcow2", "64M"), ("raw", "32M")], bitmaps={"vda": ["mybm"]}, name="guest1")
     vm.write("vda", 0, 128 * 1024, 0x55)  # two 64 KiB granules dirty in mybm
 
@@ -41,7 +42,7 @@ def test_status_lists_disks_bitmaps_human_and_json(make_vm, fleece):
     assert "no fleece leftovers" in human.out
 
 
-def test_status_skips_unnamed_bitmaps_and_reports_leftovers(vm, fleece):
+def test_status_skips_unnamed_bitmaps_and_reports_leftovers(vm: Any, fleece: Any) -> None:
     vm.qmp("blockdev-add", driver="null-co", **{"node-name": "fleece-delta-vda"}, size=1 << 20)
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
 
@@ -53,27 +54,27 @@ def test_status_skips_unnamed_bitmaps_and_reports_leftovers(vm, fleece):
     assert "fleece cleanup" in human.out
 
 
-def test_status_accepts_device_ids_of_every_bus(make_vm, fleece):
+def test_status_accepts_device_ids_of_every_bus(make_vm: Any, fleece: Any) -> None:
     vm = make_vm([("qcow2", "16M")] * 4, models=["virtio", "scsi", "ide", "nvme"])
     drives = [d["drive"] for d in fleece("status", "--qmp", vm.qmp_path, "--json").json()["disks"]]
     assert sorted(drives) == ["vda", "vdb", "vdc", "vdd"]
 
 
-def _error_line(res) -> str:
+def _error_line(res: Any) -> str:
     assert res.out == ""
     lines = res.err.strip().splitlines()
     assert len(lines) == 1, res.err
     assert "Traceback" not in res.err
-    return lines[0]
+    return str(lines[0])
 
 
-def test_missing_socket(fleece, tmp_path):
+def test_missing_socket(fleece: Any, tmp_path: Any) -> None:
     res = fleece("status", "--qmp", tmp_path / "nope.sock")
     assert res.rc == 1
     assert "does not exist" in _error_line(res)
 
 
-def test_connection_refused(fleece, tmp_path):
+def test_connection_refused(fleece: Any, tmp_path: Any) -> None:
     path = tmp_path / "dead.sock"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(path))
@@ -83,7 +84,7 @@ def test_connection_refused(fleece, tmp_path):
     assert "refused" in _error_line(res).lower()
 
 
-def test_not_a_socket(fleece, tmp_path):
+def test_not_a_socket(fleece: Any, tmp_path: Any) -> None:
     (tmp_path / "file").write_text("x")
     res = fleece("status", "--qmp", tmp_path / "file")
     assert res.rc == 1
@@ -108,7 +109,7 @@ def _serve_once(path: Path, greeting: bytes | None) -> threading.Thread:
     return t
 
 
-def test_not_a_qmp_server(fleece, tmp_path):
+def test_not_a_qmp_server(fleece: Any, tmp_path: Any) -> None:
     path = tmp_path / "http.sock"
     _serve_once(path, b"HTTP/1.1 400 Bad Request\r\n\r\n")
     res = fleece("status", "--qmp", path)
@@ -116,7 +117,7 @@ def test_not_a_qmp_server(fleece, tmp_path):
     assert "cannot connect to QMP" in _error_line(res)
 
 
-def test_handshake_timeout(tmp_path):
+def test_handshake_timeout(tmp_path: Any) -> None:
     path = tmp_path / "silent.sock"
     _serve_once(path, None)
 
@@ -128,7 +129,7 @@ def test_handshake_timeout(tmp_path):
         asyncio.run(connect())
 
 
-def test_usage_errors_exit_2(fleece):
+def test_usage_errors_exit_2(fleece: Any) -> None:
     res = fleece("status")
     assert res.rc == 2
     assert "--qmp" in _error_line(res)

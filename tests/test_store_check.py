@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 import pytest
 from conftest import S3_SERVERS
@@ -26,7 +27,7 @@ ON_EVERY_STORE = pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)
 ON_S3RVER = pytest.mark.parametrize("s3_server", ["s3rver-http", "s3rver-https"], indirect=True)
 
 
-def raw_keys(s3_env, bucket: str) -> set[str]:
+def raw_keys(s3_env: Any, bucket: str) -> set[str]:
     pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
@@ -40,7 +41,8 @@ def one_error_line(err: str) -> str:
 
 # -- what the store does with a plain upload ---------------------------------------------------
 @ON_EVERY_STORE
-def test_uploads_read_back_byte_for_byte_and_are_never_streamed_as_aws_chunked(s3_env, s3_bucket):
+def test_uploads_read_back_byte_for_byte_and_are_never_streamed_as_aws_chunked(
+        s3_env: Any, s3_bucket: Any) -> None:
     backend = S3Backend(s3_bucket, "repo", check_store=False)
     sent = {}
     backend.client.meta.events.register(
@@ -58,7 +60,7 @@ def test_uploads_read_back_byte_for_byte_and_are_never_streamed_as_aws_chunked(s
 
 # -- the store check ------------------------------------------------------------------------------
 @ON_EVERY_STORE
-def test_the_store_check_runs_once_and_is_cached_in_the_repository(s3_env, s3_bucket):
+def test_the_store_check_runs_once_and_is_cached_in_the_repository(s3_env: Any, s3_bucket: Any) -> None:
     backend = S3Backend(s3_bucket, "repo", unsafe_locks=True)
     with inject_http_faults(backend) as seen:
         assert backend.put("config", b"{}", if_absent=True) is True
@@ -83,7 +85,7 @@ def test_the_store_check_runs_once_and_is_cached_in_the_repository(s3_env, s3_bu
 
 @ON_S3RVER
 def test_a_store_that_ignores_if_none_match_is_refused_in_one_line_and_nothing_is_written(
-        s3_env, s3_bucket):
+        s3_env: Any, s3_bucket: Any) -> None:
     backend = S3Backend(s3_bucket, "repo")
     with pytest.raises(RepositoryError) as err:
         backend.put("locks/vms/web1", b"lease", if_absent=True)
@@ -97,7 +99,7 @@ def test_a_store_that_ignores_if_none_match_is_refused_in_one_line_and_nothing_i
     assert raw_keys(s3_env, s3_bucket) == set()
 
 
-def test_an_expired_cached_check_is_probed_again(s3_env, s3_bucket):
+def test_an_expired_cached_check_is_probed_again(s3_env: Any, s3_bucket: Any) -> None:
     backend = S3Backend(s3_bucket, "repo")
     backend.put("config", b"{}", if_absent=True)
     old = json.loads(backend.get(CHECK_KEY))
@@ -110,7 +112,7 @@ def test_an_expired_cached_check_is_probed_again(s3_env, s3_bucket):
 
 
 def test_a_store_that_mangles_bodies_is_caught_before_the_repository_is_created(
-        make_vm, fleece, s3_env, s3_bucket, s3_proxy):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, s3_proxy: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     before = vm.block_graph()
@@ -128,7 +130,7 @@ def test_a_store_that_mangles_bodies_is_caught_before_the_repository_is_created(
     assert vm.block_graph() == before
 
 
-def test_a_mangled_probe_is_repository_corrupt(s3_env, s3_bucket):
+def test_a_mangled_probe_is_repository_corrupt(s3_env: Any, s3_bucket: Any) -> None:
     backend = S3Backend(s3_bucket, "repo")
     with inject_http_faults(backend, corrupt_requests=1, ops={"PutObject"}), \
             pytest.raises(RepositoryCorrupt, match="returned other bytes than were written"):
@@ -144,7 +146,7 @@ def test_a_mangled_probe_is_repository_corrupt(s3_env, s3_bucket):
     (500, "InternalError", "failed after 6 attempts: HTTP 500 InternalError"),
 ])
 def test_an_error_with_an_empty_message_is_one_line_naming_code_bucket_and_key(
-        s3_bucket, status, code, want):
+        s3_bucket: Any, status: Any, code: Any, want: Any) -> None:
     backend = S3Backend(s3_bucket, "repo", check_store=False)
     with inject_http_faults(backend, statuses=[(status, code)] * 6, empty_messages=True) as seen, \
             pytest.raises(RepositoryError) as err:
@@ -156,7 +158,7 @@ def test_an_error_with_an_empty_message_is_one_line_naming_code_bucket_and_key(
         assert f"s3://{s3_bucket}/repo/chunks/ab/abcd" in text and code in text
 
 
-def test_a_bulk_delete_error_without_a_message_is_one_line(s3_bucket, monkeypatch):
+def test_a_bulk_delete_error_without_a_message_is_one_line(s3_bucket: Any, monkeypatch: Any) -> None:
     backend = S3Backend(s3_bucket, "repo", check_store=False)
     # What botocore makes of RGW's <Error><Key>…</Key><Code>AccessDenied</Code><Message/></Error>.
     monkeypatch.setattr(backend.client, "delete_objects", lambda **_: {
@@ -167,7 +169,8 @@ def test_a_bulk_delete_error_without_a_message_is_one_line(s3_bucket, monkeypatc
                               f"s3://{s3_bucket}/repo/chunks/ab/abcd: AccessDenied")
 
 
-def test_a_fleece_command_meeting_empty_error_messages_prints_one_line(s3_proxy, s3_bucket, fleece):
+def test_a_fleece_command_meeting_empty_error_messages_prints_one_line(
+        s3_proxy: Any, s3_bucket: Any, fleece: Any) -> None:
     s3_proxy.plan.empty_messages = True
     s3_proxy.plan.outage = 400
     res = fleece("list", "--repo", f"s3://{s3_bucket}/repo", timeout=60)
@@ -180,7 +183,7 @@ def test_a_fleece_command_meeting_empty_error_messages_prints_one_line(s3_proxy,
 # -- the opt-in, through the CLI ---------------------------------------------------------------------
 @ON_S3RVER
 def test_backup_on_a_store_ignoring_if_none_match_is_refused_unless_unsafe_locks_is_set(
-        make_vm, fleece, s3_env, s3_bucket, tmp_path):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     before = vm.block_graph()
@@ -210,7 +213,7 @@ def test_backup_on_a_store_ignoring_if_none_match_is_refused_unless_unsafe_locks
 
 
 def test_on_a_store_that_enforces_conditional_creates_every_guarantee_holds(
-        make_vm, fleece, s3_env, s3_bucket):
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any) -> None:
     vm = make_vm([("qcow2", "16M")], name="web1")
     vm.write("vda", 0, MiB, 0x42)
     res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo",

@@ -83,7 +83,7 @@ def plain(uri: str) -> str:
 
 @pytest.mark.qemu
 def test_export_over_tls_reads_the_point_and_refuses_every_other_client(
-        make_vm, fleece, tls_creds: TlsCredentials, free_port, tmp_path):
+        make_vm: Any, fleece: Any, tls_creds: TlsCredentials, free_port: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     vm.write("vda", 0, 1 * MiB, 0x11)
     vm.write("vda", 9 * MiB, 512 * 1024, 0x22)
@@ -129,7 +129,8 @@ def test_export_over_tls_reads_the_point_and_refuses_every_other_client(
 
 
 @pytest.mark.qemu
-def test_export_with_a_pre_shared_key(make_vm, fleece, tls_creds: TlsCredentials, free_port, tmp_path):
+def test_export_with_a_pre_shared_key(
+        make_vm: Any, fleece: Any, tls_creds: TlsCredentials, free_port: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     vm.write("vda", 3 * MiB, 1 * MiB, 0x44)
     point = vm.snapshot_shadow("vda", tmp_path / "point.raw").read_bytes()
@@ -166,7 +167,7 @@ def test_export_with_a_pre_shared_key(make_vm, fleece, tls_creds: TlsCredentials
 
 
 @pytest.mark.qemu
-def test_insecure_tcp_only_when_asked_and_status_warns(make_vm, fleece, free_port):
+def test_insecure_tcp_only_when_asked_and_status_warns(make_vm: Any, fleece: Any, free_port: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     port = free_port()
     out = start(fleece, vm, "--listen", f"tcp:{LOOPBACK}:{port}", "--insecure-tcp")
@@ -209,8 +210,9 @@ def _bad_inputs(creds: TlsCredentials, tmp: Path, port: int) -> list[tuple[list[
 
 
 @pytest.mark.qemu
-def test_bad_tls_input_gets_one_line_exit_2_and_changes_nothing(vm, fleece, tls_creds, free_port,
-                                                               tmp_path):
+def test_bad_tls_input_gets_one_line_exit_2_and_changes_nothing(
+        vm: Any, fleece: Any, tls_creds: Any, free_port: Any,
+                                                               tmp_path: Any) -> None:
     before = as_found(vm)
     for args, says in _bad_inputs(tls_creds, tmp_path, free_port()):
         res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", *args)
@@ -223,7 +225,8 @@ def test_bad_tls_input_gets_one_line_exit_2_and_changes_nothing(vm, fleece, tls_
 
 
 @pytest.mark.qemu
-def test_a_killed_fleeces_tls_objects_are_removed_by_cleanup(make_vm, fleece, tls_creds, free_port):
+def test_a_killed_fleeces_tls_objects_are_removed_by_cleanup(
+        make_vm: Any, fleece: Any, tls_creds: Any, free_port: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     before = as_found(vm)
     port = free_port()
@@ -274,7 +277,7 @@ def _serve(repo: Path, port: int, *args: str | Path) -> subprocess.Popen[str]:
 
 
 @pytest.fixture
-def served_point(tmp_path, store_point) -> tuple[Path, bytes]:
+def served_point(tmp_path: Any, store_point: Any) -> tuple[Path, bytes]:
     from fleece.repo.backends.file import FileBackend
     from fleece.repo.repository import Repository
 
@@ -286,14 +289,14 @@ def served_point(tmp_path, store_point) -> tuple[Path, bytes]:
 
 
 def test_serve_over_tls_reads_the_point_and_refuses_every_other_client(
-        served_point, tls_creds: TlsCredentials, free_port):
+        served_point: Any, tls_creds: TlsCredentials, free_port: Any) -> None:
     repo, data = served_point
     port = free_port()
     proc = _serve(repo, port, "--tls-creds", tls_creds.server)
     try:
         assert proc.stdout is not None
         uri = proc.stdout.readline().strip()
-        assert uri == f"nbds://{LOOPBACK}:{port}/", uri or proc.stderr.read()
+        assert uri == f"nbds://{LOOPBACK}:{port}/", uri or (proc.stderr.read() if proc.stderr else "")
         assert read_all(uri, tls_creds.client) == data
         assert refused(uri, tls_creds.no_cert), "a client without a certificate got in"
         assert refused(uri, tls_creds.other_ca), "a client certificate of another CA got in"
@@ -305,8 +308,9 @@ def test_serve_over_tls_reads_the_point_and_refuses_every_other_client(
         assert proc.wait(30) == 0
 
 
-def test_serve_bad_tls_input_gets_one_line_and_exit_2(served_point, tls_creds, free_port, fleece,
-                                                     tmp_path):
+def test_serve_bad_tls_input_gets_one_line_and_exit_2(
+        served_point: Any, tls_creds: Any, free_port: Any, fleece: Any,
+                                                     tmp_path: Any) -> None:
     repo, _ = served_point
     for args, says in _bad_inputs(tls_creds, tmp_path, free_port()):
         if "--tls-authz" in args:
@@ -336,7 +340,7 @@ def _nbdkit_memory(port: int, creds: Path, size: int) -> subprocess.Popen[bytes]
 
 @pytest.mark.qemu
 def test_a_backup_server_backs_up_an_export_over_tls_and_restores_onto_an_nbds_target(
-        make_vm, fleece, tls_creds: TlsCredentials, free_port, tmp_path):
+        make_vm: Any, fleece: Any, tls_creds: TlsCredentials, free_port: Any, tmp_path: Any) -> None:
     vm = make_vm([("qcow2", "16M")], running=True)
     vm.write("vda", 0, 2 * MiB, 0x61)
     full_point = vm.snapshot_shadow("vda", tmp_path / "full.raw").read_bytes()
@@ -399,7 +403,8 @@ def test_a_backup_server_backs_up_an_export_over_tls_and_restores_onto_an_nbds_t
 
 
 @pytest.mark.qemu
-def test_a_port_in_use_fails_with_one_line_and_leaves_qemu_as_found(vm, fleece, tls_creds):
+def test_a_port_in_use_fails_with_one_line_and_leaves_qemu_as_found(
+        vm: Any, fleece: Any, tls_creds: Any) -> None:
     import socket
 
     before = as_found(vm)
@@ -417,7 +422,7 @@ def test_a_port_in_use_fails_with_one_line_and_leaves_qemu_as_found(vm, fleece, 
 
 
 def test_bad_backup_and_restore_tls_input_gets_one_line_and_creates_nothing(
-        fleece, tls_creds, tmp_path, served_point):
+        fleece: Any, tls_creds: Any, tmp_path: Any, served_point: Any) -> None:
     repo = tmp_path / "new-repo"
     exported = tmp_path / "export.json"
     exported.write_text('{"checkpoint": "20261123T073600.123456Z-3f9a1c", "disks": [{"drive": "vda", '

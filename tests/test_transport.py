@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from fleece.fleecing.state import ExportState
 from fleece.fleecing.transport import ServerTransport, client_tls, server_transport
 
 
-def test_a_unix_socket_is_the_default_and_keeps_its_uri():
+def test_a_unix_socket_is_the_default_and_keeps_its_uri() -> None:
     t = server_transport(socket_path="/run/fleece x/nbd.sock")
     assert not t.is_tcp and not t.insecure
     assert t.uri("vda") == "nbd+unix:///vda?socket=/run/fleece%20x/nbd.sock"
@@ -21,7 +22,7 @@ def test_a_unix_socket_is_the_default_and_keeps_its_uri():
     assert t.nbdkit_args() == ["--unix", "/run/fleece x/nbd.sock"]
 
 
-def test_tcp_with_x509_builds_qemus_objects_and_server_arguments(tls_creds):
+def test_tcp_with_x509_builds_qemus_objects_and_server_arguments(tls_creds: Any) -> None:
     t = server_transport(listen="tcp:127.0.0.1:10809", tls_creds=str(tls_creds.server),
                          tls_authz="C=GB,O=Fleece Tests,CN=backup1")
     assert t.uri("vda") == "nbds://127.0.0.1:10809/vda"
@@ -39,7 +40,7 @@ def test_tcp_with_x509_builds_qemus_objects_and_server_arguments(tls_creds):
     assert v6.uri("vda") == "nbds://[::1]:10809/vda" and v6.address == "[::1]:10809"
 
 
-def test_psk_and_insecure_tcp(tls_creds):
+def test_psk_and_insecure_tcp(tls_creds: Any) -> None:
     t = server_transport(listen="tcp:127.0.0.1:10809", tls_psk=str(tls_creds.psk))
     assert t.qemu_objects("/scratch/tls-psk") == [
         {"qom-type": "tls-creds-psk", "id": "fleece-tls-creds", "dir": "/scratch/tls-psk",
@@ -52,7 +53,7 @@ def test_psk_and_insecure_tcp(tls_creds):
     assert "tls-creds" not in plain.nbd_server_start() and plain.qemu_objects() == []
 
 
-def test_the_state_file_records_the_transport(tmp_path, tls_creds):
+def test_the_state_file_records_the_transport(tmp_path: Any, tls_creds: Any) -> None:
     t = server_transport(listen="tcp:127.0.0.1:10809", tls_creds=str(tls_creds.server))
     ExportState(checkpoint="x", scratch=str(tmp_path), socket="", transport=t.as_dict()).save()
     loaded = ExportState.load(tmp_path)
@@ -64,12 +65,12 @@ def test_the_state_file_records_the_transport(tmp_path, tls_creds):
 
 @pytest.mark.parametrize("listen", ["tcp:host", "tcp::10809", "udp:1.2.3.4:5", "tcp:h:0", "tcp:h:70000",
                                     "tcp:[::1:5", "127.0.0.1:10809"])
-def test_a_malformed_listen_is_bad_input(listen, tls_creds):
+def test_a_malformed_listen_is_bad_input(listen: Any, tls_creds: Any) -> None:
     with pytest.raises(BadInput, match="--listen wants tcp:HOST:PORT"):
         server_transport(listen=listen, tls_creds=str(tls_creds.server))
 
 
-def test_client_credentials_are_checked(tls_creds, tmp_path: Path):
+def test_client_credentials_are_checked(tls_creds: Any, tmp_path: Path) -> None:
     assert client_tls(None, None) is None
     tls = client_tls(str(tls_creds.client), None)
     assert tls is not None and tls.certificates == str(tls_creds.client)

@@ -23,12 +23,11 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from fleece.codec import chunk_digest, encode_chunk
-from fleece.repo.delta import PackWriter, encode_delta, encode_delta_body
-from fleece.repo.file_backend import FileBackend
-from fleece.repo.index import ChunkIndex
-from fleece.repo.point import DiskRecord, RestorePoint
-
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.format.codec import chunk_digest, encode_chunk
+from fleece.repo.format.delta import PackWriter, encode_delta, encode_delta_body
+from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
 
 HERE = Path(__file__).resolve().parent
