@@ -421,12 +421,14 @@ def fleece() -> Any:
     def run(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
         encryption = os.environ.get(ENCRYPTION_UNDER_TEST)
         words = [str(a) for a in args]
+        made = None
         if encryption and words[:1] == ["backup"] and "--repo" in words:
             # Where the backup would create a plain repository, make an encrypted one.
             repo = words[words.index("--repo") + 1]
             init = subprocess.run([FLEECE, "init", "--repo", repo, "--encryption", encryption],
                                   capture_output=True, text=True, stdin=subprocess.DEVNULL)
             assert init.returncode in (0, 2), init.stderr  # 2: it exists already
+            made = repo if init.returncode == 0 else None
         p = subprocess.run(
             [FLEECE, *map(str, args)],
             capture_output=True,
@@ -435,9 +437,27 @@ def fleece() -> Any:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
         )
+        if made is not None and p.returncode != 0:
+            _remove_repository(made)  # a failed backup creates no repository: nor may the harness
         return Result(p.returncode, p.stdout, p.stderr)
 
     return run
+
+
+def _remove_repository(location: str) -> None:
+    """Delete a repository the harness made for a backup that then failed."""
+    if location.startswith("s3://"):
+        import boto3
+
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        s3 = boto3.client("s3")
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    else:
+        import shutil
+
+        shutil.rmtree(location.removeprefix("file://"), ignore_errors=True)
 
 
 # -- S3: a moto server on loopback --------------------------------------------------
