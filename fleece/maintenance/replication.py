@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
+from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError
 from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format import keys
 from fleece.repo.format.codec import decode_chunk
@@ -69,7 +69,7 @@ def open_destination(source: Repository, backend: Backend) -> Repository:
     """The destination repository, created like the source if the location is empty."""
     try:
         dest = Repository.open(backend)
-    except BadInput:
+    except NotARepository:
         if holds_objects(backend):
             raise
         c = source.config
@@ -132,7 +132,7 @@ def _copy_one(source: Repository, dest: Repository, point: RestorePoint, pool: T
             raise RepositoryCorrupt(f"chunk {key} of point {point.id} is missing from {source.url}; "
                                     "the point was not copied") from None
         try:
-            decode_chunk(blob, digest, source.config.hash)  # checked on the way: never copy damage
+            decode_chunk(blob, digest, source.digest)  # checked on the way: never copy damage
         except RepositoryCorrupt as exc:
             raise RepositoryCorrupt(f"{source.url}: {key}: {exc}; point {point.id} was not copied "
                                     "(see fleece verify)") from None
@@ -150,7 +150,28 @@ def _copy_one(source: Repository, dest: Repository, point: RestorePoint, pool: T
                 report.chunks_copied += 1
                 report.objects_written += 1
                 report.bytes_copied += sent
+    for pack in sorted(needs.packs - present):
+        key = keys.pack_key(pack)
+        present.add(pack)
+        if dest.backend.exists(key):
+            report.chunks_present += 1
+            continue
+        try:
+            blob = source.backend.get(key)
+        except ObjectMissing:
+            raise RepositoryCorrupt(f"pack {key} of point {point.id} is missing from {source.url}; "
+                                    "the point was not copied") from None
+        if source.digest(blob) != pack:  # a pack is named by its bytes: never copy damage
+            raise RepositoryCorrupt(f"{source.url}: pack {key} does not match its name; point "
+                                    f"{point.id} was not copied (see fleece verify)")
+        dest.backend.put(key, blob, if_absent=True)
+        report.chunks_copied += 1
+        report.objects_written += 1
+        report.bytes_copied += len(blob)
     for disk in point.disks:
+        if needs.indexes[disk.name].deltas and not dest.has_deltas:
+            raise RepositoryError(f"point {point.id} holds deltas (format 2) and {dest.url} is format 1; "
+                                  "copy it into a format-2 repository; the point was not copied")
         blob = needs.indexes[disk.name].to_bytes()
         if hashlib.sha256(blob).hexdigest() != disk.index_digest:
             raise RepositoryError(f"index {disk.index_key} of point {point.id} does not re-encode to "

@@ -1,9 +1,9 @@
 """Which objects a restore point needs: the one answer copy (and, later, Object Lock) builds on.
 
-A point restores only if its point object, the index of each of its disks
-and every chunk those indexes name are all present. Format 1 has nothing
-else; a later format (delta objects, packs) extends :class:`PointObjects`
-and :func:`point_objects` here, and every caller follows.
+A point restores only if its point object, the index of each of its disks,
+every chunk those indexes name and (format 2) every pack holding one of
+their deltas are all present. Every caller (copy, and later Object Lock)
+asks here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class PointObjects:
     """Disk name → its index (checked against the digest in the point)."""
     chunks: frozenset[bytes]
     """Digests of every chunk the indexes name (zero chunks are not stored)."""
+    packs: frozenset[bytes] = frozenset()
+    """Digests of every pack holding a delta the indexes name (format 2)."""
 
     @property
     def point_key(self) -> str:
@@ -34,6 +36,7 @@ class PointObjects:
     def object_keys(self) -> list[str]:
         """Every key the point needs: chunks, then indexes, then the point itself."""
         return ([keys.chunk_key(d) for d in sorted(self.chunks)]
+                + [keys.pack_key(d) for d in sorted(self.packs)]
                 + [d.index_key for d in self.point.disks] + [self.point_key])
 
 
@@ -41,4 +44,5 @@ def point_objects(repo: Repository, point: RestorePoint) -> PointObjects:
     """Read ``point``'s indexes (``RepositoryCorrupt`` if one is missing or damaged) and list its needs."""
     indexes = {disk.name: repo.read_index(point, disk.name) for disk in point.disks}
     chunks = frozenset(d for index in indexes.values() for d in index.digests())
-    return PointObjects(point, indexes, chunks)
+    packs = frozenset(p for index in indexes.values() for p in index.packs())
+    return PointObjects(point, indexes, chunks, packs)
