@@ -21,7 +21,15 @@ Repositories of the I/O and compute rows live on tmpfs (``/dev/shm``):
 bounded by that disk's durable write speed instead — which is measured in
 the same run and shown in its own row.
 
+``--speed`` runs only the issue-16 comparisons, whole processes, each pair
+interleaved: full backup ``--compress none`` vs ``nbdcopy --flush URI FILE``
+and default settings vs ``nbdcopy URI - | zstd -3 -T0 > FILE`` on a 4 GiB
+disk holding 2 GiB (half random, half text) and on a 4 GiB disk holding
+1 GiB in scattered 1 MiB pieces; an incremental with nothing dirty (wall);
+restore vs ``nbdcopy --flush``; peak RSS.
+
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep]
+       scripts/bench --speed [--dir /var/tmp] [--runs 3]
 """
 
 from __future__ import annotations
@@ -107,14 +115,14 @@ sys.stderr.write(f"{usage.ru_utime + usage.ru_stime}\\n")
 class VM:
     """A running QEMU with one qcow2 disk ``vda`` and two QMP sockets."""
 
-    def __init__(self, work: Path, image: Path, name: str) -> None:
+    def __init__(self, work: Path, image: Path, name: str, fmt: str = "qcow2") -> None:
         self.qmp = str(work / f"{name}.qmp")
         self.guest = str(work / f"{name}.guest")
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
              "-m", "64", "-name", name,
              "-blockdev", f"driver=file,filename={image},node-name=file-vda,discard=unmap",
-             "-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda,discard=unmap",
+             "-blockdev", f"driver={fmt},file=file-vda,node-name=fmt-vda,discard=unmap",
              "-device", "virtio-blk-pci,drive=fmt-vda,id=vda",
              "-qmp", f"unix:{self.qmp},server=on,wait=off",
              "-qmp", f"unix:{self.guest},server=on,wait=off"],
@@ -244,12 +252,176 @@ def overwrite_during_backup(vm: VM, repo: Path, scratch: Path, data_bytes: int,
     return peak[0], res
 
 
+
+# -- --speed: the data path against plain copies (issue 16) ------------------------------------
+
+def _text_stream(limit: int) -> bytes:
+    """``limit`` bytes of real text: the system's Python sources and docs, pass-numbered."""
+    out: list[bytes] = []
+    n = 0
+    roots = [Path("/usr/lib/python3"), Path(sys.base_prefix) / "lib", Path("/usr/share/man")]
+    for rnd in range(1000):
+        for root in roots:
+            for path in sorted(root.rglob("*")):
+                if path.suffix not in (".py", ".txt", ".rst", ".html", ".1", ".5", ".8", ".3"):
+                    continue
+                try:
+                    blob = path.read_bytes()
+                except OSError:
+                    continue
+                head = f"# pass {rnd} {path}\n".encode()  # no two passes identical
+                out += [head, blob]
+                n += len(head) + len(blob)
+                if n >= limit:
+                    return b"".join(out)[:limit]
+    return b"".join(out)[:limit]
+
+
+def build_speed_disks(work: Path) -> dict[str, tuple[Path, int]]:
+    """The issue's two 4 GiB raw disks: 2 GiB data (half random, half text), and 1 GiB fragmented.
+
+    Returns name -> (image, bytes of data).
+    """
+    import random
+
+    text = _text_stream(GiB)
+    disks = {}
+    half = work / "half.raw"
+    with open(half, "wb") as f:
+        f.truncate(4 * GiB)
+        for k in range(0, GiB, 64 * MiB):  # 1 GiB random at 0
+            f.seek(k)
+            f.write(os.urandom(64 * MiB))
+        f.seek(2 * GiB)  # 1 GiB text at 2 GiB
+        f.write(text)
+    disks["2 GiB data (half random, half text)"] = (half, 2 * GiB)
+    frag = work / "frag.raw"
+    rng = random.Random(16)
+    slots = sorted(rng.sample(range(4096), 1024))  # 1 GiB in scattered 1 MiB pieces
+    with open(frag, "wb") as f:
+        f.truncate(4 * GiB)
+        for n, s in enumerate(slots):
+            f.seek(s * MiB)
+            f.write(os.urandom(MiB) if n % 2 else text[n * MiB : (n + 1) * MiB])
+    disks["fragmented (1 GiB in 1 MiB pieces)"] = (frag, GiB)
+    return disks
+
+
+def _median_spread(times: list[float]) -> tuple[float, str]:
+    m = statistics.median(times)
+    return m, f"{min(times):.2f}-{max(times):.2f}"
+
+
+def speed(args: argparse.Namespace) -> None:
+    """The issue-16 ratios: fleece vs plain copies of the same export, each pair interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-speed.", dir=args.dir))
+    rows: list[tuple[str, str, str, str]] = []
+    vms: list[VM] = []
+    runs = args.runs
+    try:
+        print(f"bench --speed: building two 4 GiB disks in {work} ...", file=sys.stderr)
+        for name, (image, data) in build_speed_disks(work).items():
+            vm = VM(work, image, f"speed{len(vms)}", fmt="raw")
+            vms.append(vm)
+            backup = [FLEECE, "backup", "--qmp", vm.qmp, "--drive", "vda"]
+            repo = work / "repo"
+            out = work / "copy.raw"
+
+            def nbdcopy(*copy: str) -> float:
+                _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+                uri = exp["disks"][0]["uri"]
+                try:
+                    t = time.perf_counter()
+                    subprocess.run([c.replace("URI", uri) for c in copy], check=True, shell=False)
+                    return time.perf_counter() - t
+                finally:
+                    sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+                    out.unlink(missing_ok=True)
+
+            def full(*extra: str) -> tuple[float, dict[str, Any]]:
+                shutil.rmtree(repo, ignore_errors=True)
+                return fleece_json(*backup, "--repo", repo, "--level", "full", *extra)
+
+            # --compress none vs nbdcopy --flush into a file on the same file system.
+            ref, mine, read = [], [], 0
+            for _ in range(runs):
+                ref.append(nbdcopy("nbdcopy", "--flush", "URI", str(out)))
+                t, res = full("--compress", "none")
+                mine.append(t)
+                read = res["disks"][0]["bytes_read"]
+            r, rs = _median_spread(ref)
+            m, ms = _median_spread(mine)
+            rows.append((f"{name}: full --compress none vs nbdcopy --flush", f"{r / m:.2f}",
+                         ">= 0.8", f"nbdcopy {r:.2f}s ({rs}), fleece {m:.2f}s ({ms}); "
+                         f"read {read / MiB:.0f} MiB of {data / MiB:.0f} MiB data "
+                         f"({read / data:.3f})"))
+
+            # default settings vs nbdcopy | zstd -3 -T0 > FILE
+            ref, mine, stored = [], [], 0
+            for _ in range(runs):
+                ref.append(nbdcopy("sh", "-c", f"nbdcopy 'URI' - | zstd -q -3 -T0 > {out}"))
+                t, res = full()
+                mine.append(t)
+                stored = res["disks"][0]["bytes_stored"]
+                point_id = res["point"]
+            r, rs = _median_spread(ref)
+            m, ms = _median_spread(mine)
+            rows.append((f"{name}: full (defaults) vs nbdcopy | zstd -3 -T0", f"{r / m:.2f}",
+                         ">= 1.5", f"script {r:.2f}s ({rs}), fleece {m:.2f}s ({ms}), "
+                         f"stored {stored / MiB:.0f} MiB"))
+
+            # nothing dirty: the fixed cost of a run, end to end.
+            idle = [fleece_json(*backup, "--repo", repo)[0] for _ in range(runs)]
+            m, ms = _median_spread(idle)
+            rows.append((f"{name}: incremental, nothing dirty (wall s)", f"{m:.2f}", "<= 0.3",
+                         f"{ms} over {runs} runs"))
+
+            # restore vs nbdcopy --flush into a file
+            ref, mine = [], []
+            for _ in range(runs):
+                ref.append(nbdcopy("nbdcopy", "--flush", "URI", str(out)))
+                t, _ = timed(FLEECE, "restore", "--repo", repo, point_id, "--drive", "vda",
+                             "--output", out)
+                out.unlink()
+                mine.append(t)
+            r, rs = _median_spread(ref)
+            m, ms = _median_spread(mine)
+            rows.append((f"{name}: restore vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
+                         f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms})"))
+
+            shutil.rmtree(repo, ignore_errors=True)
+            peak, _ = rss_of(*backup, "--repo", repo, "--json")
+            rows.append((f"{name}: peak RSS of a full backup (MiB)", f"{peak / MiB:.0f}",
+                         "<= 256", ""))
+            shutil.rmtree(repo, ignore_errors=True)
+            vm.stop()
+            image.unlink()
+    finally:
+        for v in vms:
+            v.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --speed on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
+          f"repository and copies in {args.dir}, median of {runs} interleaved runs (min-max)\n")
+    print(f"| {'measure':<72} | {'value':>6} | {'goal':<7} | notes")
+    print(f"|{'-' * 74}|{'-' * 8}|{'-' * 9}|------")
+    for row_name, value, goal, notes in rows:
+        print(f"| {row_name:<72} | {value:>6} | {goal:<7} | {notes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
     ap.add_argument("--disk-size", default="2G")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--speed", action="store_true",
+                    help="only the data-path ratios against nbdcopy and nbdcopy | zstd (issue 16)")
+    ap.add_argument("--dir", default="/var/tmp", help="--speed: file system for repositories and copies")
+    ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
     args = ap.parse_args()
+    if args.speed:
+        speed(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
     rows: list[tuple[str, str, str, str]] = []
