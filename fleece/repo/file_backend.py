@@ -68,6 +68,7 @@ class FileBackend(Backend):
         self._staged: list[tuple[Path, Path]] = []  # (temporary file, final path)
         self._staged_bytes = 0
         self._stage_lock = threading.Lock()
+        self._unsynced_dirs: set[Path] = set()  # made by stage(), durable at the next syncfs
 
     def __repr__(self) -> str:
         return f"FileBackend({self.url!r})"
@@ -88,8 +89,15 @@ class FileBackend(Backend):
 
     # -- writing ------------------------------------------------------------
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create missing directories, fsyncing each parent so the entry survives a crash."""
+    def _make_dirs(self, directory: Path, durable: bool = True) -> None:
+        """Create missing directories, fsyncing each parent (if ``durable``) so the entry survives a crash.
+
+        Staged objects pass ``durable=False``: nothing under a new directory
+        is visible before :meth:`flush`, whose ``syncfs`` makes the new
+        entries durable together (an fsync per new directory cost a journal
+        commit each: 256 of them for the ``chunks/xx`` fan-out of a new
+        repository).
+        """
         missing: list[Path] = []
         d = directory
         while not d.is_dir():
@@ -102,7 +110,19 @@ class FileBackend(Backend):
                 os.mkdir(d)
             except FileExistsError:
                 continue  # another writer made it
-            fsync_dir(d.parent)
+            if durable:
+                fsync_dir(d.parent)
+            else:
+                with self._stage_lock:
+                    self._unsynced_dirs.add(d)
+        if durable and self._unsynced_dirs:
+            # A durable put below a directory a stage made and no flush has
+            # synced yet: make that directory's entry durable now.
+            with self._stage_lock:
+                pending = [p for p in self._unsynced_dirs if p == directory or p in directory.parents]
+                self._unsynced_dirs.difference_update(pending)
+            for p in pending:
+                fsync_dir(p.parent)
 
     def _write_temp(self, directory: Path, data: bytes, durable: bool = True) -> Path:
         """Write ``data`` to a new temporary file in ``directory``, fsynced if ``durable``."""
@@ -111,7 +131,7 @@ class FileBackend(Backend):
         for attempt in range(5):
             tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
             try:
-                self._make_dirs(directory)
+                self._make_dirs(directory, durable)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
                 if attempt == 4:
@@ -190,7 +210,9 @@ class FileBackend(Backend):
         if not batch:
             return
         try:
-            _syncfs(self.root)
+            with self._stage_lock:
+                self._unsynced_dirs.clear()
+            _syncfs(self.root)  # the staged bytes and every directory made for them
             for tmp, path in batch:
                 with contextlib.suppress(FileExistsError):  # immutable: the first copy stays
                     os.link(tmp, path)
