@@ -128,14 +128,21 @@ class VM:
              "-qmp", f"unix:{self.guest},server=on,wait=off"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        for _ in range(300):
-            if os.path.exists(self.guest):
-                break
-            time.sleep(0.02)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        self.mon = QEMUMonitorProtocol(self.guest)
-        self.mon.connect()
+        # A loaded host may take seconds to start QEMU, and a socket that
+        # exists may not be listening yet.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if os.path.exists(self.guest):
+                    self.mon = QEMUMonitorProtocol(self.guest)
+                    self.mon.connect()
+                    break
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+            time.sleep(0.05)
 
     def write(self, offset: int, length: int, pattern: int) -> None:
         """The guest writes (HMP qemu-io on the device)."""
@@ -316,6 +323,13 @@ def speed(args: argparse.Namespace) -> None:
     """The issue-16 ratios: fleece vs plain copies of the same export, each pair interleaved."""
     work = Path(tempfile.mkdtemp(prefix="fleece-bench-speed.", dir=args.dir))
     rows: list[tuple[str, str, str, str]] = []
+
+    class Rows(list[tuple[str, str, str, str]]):
+        def append(self, row: tuple[str, str, str, str]) -> None:
+            print("bench --speed:", " | ".join(row), file=sys.stderr, flush=True)
+            super().append(row)
+
+    rows = Rows()
     vms: list[VM] = []
     runs = args.runs
     try:
