@@ -50,7 +50,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv" / "bin"
-FLEECE = str(VENV / "fleece")
+FLEECE = os.environ.get("FLEECE", str(VENV / "fleece"))
+"""The fleece under test; FLEECE=/path/to/another/fleece measures another build (before/after)."""
 MiB = 1 << 20
 GiB = 1 << 30
 
