@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from fleece.codec import digest_function, encode_chunk, is_zero
 from fleece.errors import ExportError
-from fleece.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
+from fleece.reader import ChunkPlan, Extent, connect, disconnect, pread_into
 from fleece.repo.delta import MAX_DELTA_FRACTION, MAX_DEPTH, PackWriter, encode_delta, encode_delta_body
 from fleece.repo.index import ChunkIndex
 from fleece.repo.repository import Repository
@@ -195,6 +195,7 @@ class DiskBackup:
         self._error: BaseException | None = None
         # One trim connection per thread that trims: a shared handle behind a
         # lock made every storer wait for the others' round trips.
+        self._local = threading.local()  # each reader thread's buffers
         self._trim_local = threading.local()
         self._trim_handles: list[Any] = []
         self._trim_lock = threading.Lock()
@@ -275,6 +276,9 @@ class DiskBackup:
     # -- stages ------------------------------------------------------------------------
     def _read_loop(self) -> None:
         h = connect(self.uri)
+        # This thread's read buffers, by size (the chunk size, the disk's short
+        # tail, a delta's dirty bytes): reused, so no chunk costs an allocation.
+        self._local.buffers = {}
         try:
             for w in self._work():
                 offset, length = self.plan.chunk_range(w.i)
@@ -287,22 +291,33 @@ class DiskBackup:
         finally:
             disconnect(h)
 
-    def _read(self, h: Any, w: Work, size: int, offset: int) -> bytes | bytearray:
-        """The bytes ``w`` reads, laid into a zeroed buffer of ``size`` (one read: as it came)."""
+    def _read(self, h: Any, w: Work, size: int, offset: int) -> bytearray:
+        """The bytes ``w`` reads, laid into this thread's buffer of ``size``, zero where no read is.
+
+        The buffer is reused by this thread's next read: whatever is kept must be copied.
+        """
+        buffers: dict[int, bytearray] = self._local.buffers
+        buf = buffers.get(size)
+        if buf is None:
+            if len(buffers) >= 4:
+                buffers.clear()  # delta sizes vary: keep only a few
+            buf = buffers[size] = bytearray(size)
+        pos = 0
+        for _, n, at in sorted(w.reads, key=lambda r: r[2]):
+            if at > pos:
+                buf[pos:at] = bytes(at - pos)  # a hole: zeroes without crossing the socket
+            pos = at + n
+        if pos < size:
+            buf[pos:] = bytes(size - pos)
         try:
-            if len(w.reads) == 1 and w.reads[0][1] == size:
-                data: bytes | bytearray = pread_chunk(h, w.reads[0][0], size)
-            else:
-                data = bytearray(size)
-                for off, n, pos in w.reads:
-                    data[pos : pos + n] = pread_chunk(h, off, n)
+            pread_into(h, buf, w.reads)
         except Exception as exc:
             raise ExportError(
                 f"reading the snapshot at offset {offset} failed: {exc} "
                 "(a full reverse delta breaks the snapshot)"
             ) from None
         self.stats.add(bytes_read=sum(n for _, n, _ in w.reads))
-        return data
+        return buf
 
     def _delta(self, h: Any, w: Work, offset: int) -> None:
         """Read a delta's extents, encode it and queue it for the pack."""
@@ -314,7 +329,7 @@ class DiskBackup:
         blob = encode_delta(body, self.settings.compression_level)
         self._put((w.i, offset, digest, blob, w.extents))
 
-    def _process(self, i: int, offset: int, data: bytes | bytearray) -> None:
+    def _process(self, i: int, offset: int, data: bytearray) -> None:
         if is_zero(data):
             self.index.set(i, None)
             self.stats.add(chunks_zero=1)
