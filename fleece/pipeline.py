@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _DONE = object()
 FULL = 1
 DELTA = 2
+TRIMS_IN_FLIGHT = 8
+"""Trims each storer leaves unanswered before it waits for one."""
 
 
 class Work(NamedTuple):
@@ -228,6 +230,7 @@ class DiskBackup:
                 t.join()
         finally:
             for h in self._trim_handles:
+                self._drain_trims(h)
                 disconnect(h)
         self.stats.seconds = time.monotonic() - start
         if self._error is not None:
@@ -403,10 +406,34 @@ class DiskBackup:
                 h = self._trim_local.handle = connect(self.uri)
                 with self._trim_lock:
                     self._trim_handles.append(h)
-            h.trim(length, offset)
+            # Not waited for: a storer does not spend a round trip per chunk
+            # on it. A few stay in flight; the rest are reaped as they answer.
+            h.aio_trim(length, offset, completion=self._trimmed(offset, length))
+            while h.aio_in_flight() >= TRIMS_IN_FLIGHT:
+                h.poll(-1)
         except Exception as exc:
             # Trim only keeps the reverse delta small; losing one is harmless.
             log.debug("trim at %d failed: %s", offset, exc)
-            return
-        self.stats.add(bytes_trimmed=length)
+
+    def _trimmed(self, offset: int, length: int) -> Callable[[Any], int]:
+        """The completion of one trim: count it, or say why it failed (harmless)."""
+
+        def done(error: Any) -> int:
+            err = getattr(error, "value", error)  # libnbd passes the errno as a ctypes int
+            if err:
+                log.debug("trim at %d failed: errno %s", offset, err)
+            else:
+                self.stats.add(bytes_trimmed=length)
+            return 1  # retire the command
+
+        return done
+
+    @staticmethod
+    def _drain_trims(h: Any) -> None:
+        """Wait for the trims still in flight on ``h`` (before its connection closes)."""
+        try:
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+        except Exception as exc:  # the export went away: the trims no longer matter
+            log.debug("trims not completed: %s", exc)
 
