@@ -297,3 +297,22 @@ def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes
     b.put("packs/aa/q", b"q")
     assert ("fsync_dir", str(tmp_path / "repo" / "packs")) in events, events
     assert ("fsync_dir", str(tmp_path / "repo")) in events, events
+
+
+@pytest.mark.parametrize("tail", [b"", b"\0" * (64 << 10), b"end"])
+def test_zero_blocks_of_an_object_are_holes_and_read_back_as_zeroes(
+        backend: FileBackend, tail: bytes) -> None:
+    """An uncompressed chunk of a fragmented disk costs its data, not its zeroes, on disk."""
+    block = 64 << 10
+    data = b"\x01" * 14 + bytes(3 * block) + b"\x02" * block + bytes(4 * block) + tail
+    backend.stage("chunks/ab/sparse", data)
+    backend.flush()
+    path = backend.root / "chunks" / "ab" / "sparse"
+    assert backend.get("chunks/ab/sparse") == data
+    assert backend.get_range("chunks/ab/sparse", 5, block) == data[5 : 5 + block]
+    st = path.stat()
+    assert st.st_size == len(data)
+    # Data: the first block (the header), the 0x02 block straddling two, the tail.
+    assert st.st_blocks * 512 <= 4 * block + len(tail), st.st_blocks
+    backend.put("points/vm/p.json", data)  # durable puts too
+    assert backend.get("points/vm/p.json") == data

@@ -31,6 +31,10 @@ TMP_PREFIX = ".tmp-"
 STAGE_BATCH_BYTES = 256 << 20
 """Staged bytes after which a batch is made durable and published."""
 
+SPARSE_BLOCK = 64 << 10
+"""All-zero, aligned blocks of this size are left as holes in the object's file."""
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -52,6 +56,38 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_sparse(fd: int, data: bytes) -> None:
+    """Write ``data`` to the new, empty file ``fd``, leaving aligned all-zero blocks as holes.
+
+    An uncompressed chunk of a fragmented disk is mostly the zeroes between
+    its extents; copying them into the page cache and onto the disk cost as
+    much as the data. The file reads back the same, holes as zeroes.
+    """
+    view = memoryview(data)
+    size = len(view)
+    pos = 0  # start of the data not yet written
+    if size >= 2 * SPARSE_BLOCK and isinstance(data, bytes | bytearray):
+        for off in range(0, size - SPARSE_BLOCK + 1, SPARSE_BLOCK):
+            # startswith at an offset is a memcmp, with no copy of the block.
+            if data.startswith(_ZERO_BLOCK, off):
+                _write_at(fd, view[pos:off], pos)
+                pos = off + SPARSE_BLOCK
+    _write_at(fd, view[pos:], pos)
+    if pos == size and size:
+        os.ftruncate(fd, size)  # ends in a hole
+
+
+def _write_at(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view`` at ``offset`` (seeking over a hole before it)."""
+    if not view:
+        return
+    if os.lseek(fd, 0, os.SEEK_CUR) != offset:
+        os.lseek(fd, offset, os.SEEK_SET)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -138,10 +174,7 @@ class FileBackend(Backend):
                     raise
                 continue
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_sparse(fd, data)
                 if durable:
                     os.fsync(fd)
             except BaseException:
