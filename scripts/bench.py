@@ -51,7 +51,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv" / "bin"
 FLEECE = os.environ.get("FLEECE", str(VENV / "fleece"))
-"""The fleece under test; FLEECE=/path/to/another/fleece measures another build (before/after)."""
+"""The fleece under test; FLEECE=/path/to/another/fleece measures another build (before/after).
+
+A wrapper for a source tree must keep the current directory off ``sys.path``
+(``python -P -m fleece``): the bench runs from this checkout, whose own
+``fleece`` would shadow the tree under test.
+"""
 MiB = 1 << 20
 GiB = 1 << 30
 
