@@ -30,6 +30,7 @@ restore vs ``nbdcopy --flush``; peak RSS.
 
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep]
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
+       scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
 """
 
 from __future__ import annotations
@@ -443,6 +444,35 @@ def speed(args: argparse.Namespace) -> None:
         print(f"| {row_name:<72} | {value:>6} | {goal:<7} | {notes}")
 
 
+def idle_versus(args: argparse.Namespace) -> None:
+    """The fixed cost of a run: an incremental with nothing dirty, this fleece vs another, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-idle.", dir=args.dir))
+    builds = {"this": FLEECE, "other": args.idle_versus}
+    vms: dict[str, VM] = {}
+    times: dict[str, list[float]] = {k: [] for k in builds}
+    try:
+        for k, exe in builds.items():
+            image = work / f"{k}.qcow2"
+            sh("qemu-img", "create", "-q", "-f", "qcow2", image, "4G")
+            vms[k] = VM(work, image, f"idle-{k}")
+            vms[k].write(0, 64 * MiB, 0x55)
+            sh(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda", "--repo", work / f"repo-{k}")
+        for _ in range(args.runs):
+            for k, exe in builds.items():
+                times[k].append(timed(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda", "--repo",
+                                      work / f"repo-{k}", "--level", "incremental", "--json")[0])
+    finally:
+        for v in vms.values():
+            v.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --idle-versus on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}): "
+          f"incremental of an unchanged 4 GiB disk, wall, {args.runs} interleaved runs each\n")
+    for k, exe in builds.items():
+        m, spread = _median_spread(times[k])
+        print(f"| {exe:<60} | median {m:.3f}s | min-max {spread}s |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
@@ -452,7 +482,12 @@ def main() -> None:
                     help="only the data-path ratios against nbdcopy and nbdcopy | zstd (issue 16)")
     ap.add_argument("--dir", default="/var/tmp", help="--speed: file system for repositories and copies")
     ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
+    ap.add_argument("--idle-versus", metavar="FLEECE",
+                    help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
     args = ap.parse_args()
+    if args.idle_versus:
+        idle_versus(args)
+        return
     if args.speed:
         speed(args)
         return
