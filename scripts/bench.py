@@ -31,6 +31,7 @@ restore vs ``nbdcopy --flush``; peak RSS.
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep]
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
        scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
+       scripts/bench --full-versus OTHER_FLEECE [--runs 3]
 """
 
 from __future__ import annotations
@@ -473,6 +474,55 @@ def idle_versus(args: argparse.Namespace) -> None:
         print(f"| {exe:<60} | median {m:.3f}s | min-max {spread}s |")
 
 
+def _run_cpu(*args: str | Path) -> tuple[float, float, dict[str, Any]]:
+    """Run a command; return (wall seconds, its own CPU seconds user + system, its JSON output)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{args[:2]} failed")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime, json.loads(out)
+
+
+def full_versus(args: argparse.Namespace) -> None:
+    """Full backups of the --speed disks, this fleece vs another, interleaved: wall and CPU."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-versus.", dir=args.dir))
+    builds = {"this": FLEECE, "other": args.full_versus}
+    lines = []
+    try:
+        print(f"bench --full-versus: building two 4 GiB disks in {work} ...", file=sys.stderr)
+        for name, (image, _) in build_speed_disks(work).items():
+            vm = VM(work, image, "versus", fmt="raw")
+            try:
+                for extra in (["--compress", "none"], []):
+                    got: dict[str, list[tuple[float, float]]] = {k: [] for k in builds}
+                    for _ in range(args.runs):
+                        for k, exe in builds.items():
+                            shutil.rmtree(work / "repo", ignore_errors=True)
+                            wall, cpu, _ = _run_cpu(exe, "backup", "--qmp", vm.qmp, "--drive", "vda",
+                                                    "--repo", work / "repo", "--level", "full",
+                                                    "--json", *extra)
+                            got[k].append((wall, cpu))
+                    for k, exe in builds.items():
+                        m, spread = _median_spread([w for w, _ in got[k]])
+                        cpu = statistics.median(c for _, c in got[k])
+                        line = (f"| {name}, full {' '.join(extra) or '(defaults)'} | {exe} | "
+                                f"wall {m:.2f}s ({spread}) | CPU {cpu:.2f}s |")
+                        print("bench --full-versus:", line, file=sys.stderr, flush=True)
+                        lines.append(line)
+            finally:
+                vm.stop()
+            image.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --full-versus on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
+          f"median of {args.runs} interleaved runs (min-max)\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
@@ -484,7 +534,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
     ap.add_argument("--idle-versus", metavar="FLEECE",
                     help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
+    ap.add_argument("--full-versus", metavar="FLEECE",
+                    help="only full backups of the --speed disks, this fleece vs FLEECE, interleaved")
     args = ap.parse_args()
+    if args.full_versus:
+        full_versus(args)
+        return
     if args.idle_versus:
         idle_versus(args)
         return
