@@ -28,8 +28,18 @@ the same run and shown in its own row.
 (x509, loopback) vs over the unix socket, by ``nbdcopy … null:`` and by a
 ``fleece backup --from-export --compress none`` (ratios TLS / unix).
 
+``--speed`` runs only the issue-16 comparisons, whole processes, each pair
+interleaved: full backup ``--compress none`` vs ``nbdcopy --flush URI FILE``
+and default settings vs ``nbdcopy URI - | zstd -3 -T0 > FILE`` on a 4 GiB
+disk holding 2 GiB (half random, half text) and on a 4 GiB disk holding
+1 GiB in scattered 1 MiB pieces; an incremental with nothing dirty (wall);
+restore vs ``nbdcopy --flush``; peak RSS.
+
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
+       scripts/bench --speed [--dir /var/tmp] [--runs 3]
+       scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
+       scripts/bench --full-versus OTHER_FLEECE [--runs 3]
 """
 
 from __future__ import annotations
@@ -50,7 +60,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv" / "bin"
-FLEECE = str(VENV / "fleece")
+FLEECE = os.environ.get("FLEECE", str(VENV / "fleece"))
+"""The fleece under test; FLEECE=/path/to/another/fleece measures another build (before/after).
+
+A wrapper for a source tree must keep the current directory off ``sys.path``
+(``python -P -m fleece``): the bench runs from this checkout, whose own
+``fleece`` would shadow the tree under test.
+"""
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -115,27 +131,34 @@ sys.stderr.write(f"{usage.ru_utime + usage.ru_stime}\\n")
 class VM:
     """A running QEMU with one qcow2 disk ``vda`` and two QMP sockets."""
 
-    def __init__(self, work: Path, image: Path, name: str) -> None:
+    def __init__(self, work: Path, image: Path, name: str, fmt: str = "qcow2") -> None:
         self.qmp = str(work / f"{name}.qmp")
         self.guest = str(work / f"{name}.guest")
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
              "-m", "64", "-name", name,
              "-blockdev", f"driver=file,filename={image},node-name=file-vda,discard=unmap",
-             "-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda,discard=unmap",
+             "-blockdev", f"driver={fmt},file=file-vda,node-name=fmt-vda,discard=unmap",
              "-device", "virtio-blk-pci,drive=fmt-vda,id=vda",
              "-qmp", f"unix:{self.qmp},server=on,wait=off",
              "-qmp", f"unix:{self.guest},server=on,wait=off"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        for _ in range(300):
-            if os.path.exists(self.guest):
-                break
-            time.sleep(0.02)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        self.mon = QEMUMonitorProtocol(self.guest)
-        self.mon.connect()
+        # A loaded host may take seconds to start QEMU, and a socket that
+        # exists may not be listening yet.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if os.path.exists(self.guest):
+                    self.mon = QEMUMonitorProtocol(self.guest)
+                    self.mon.connect()
+                    break
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+            time.sleep(0.05)
 
     def write(self, offset: int, length: int, pattern: int) -> None:
         """The guest writes (HMP qemu-io on the device)."""
@@ -321,12 +344,274 @@ def tls_rows(vm: VM, work: Path, shm: Path) -> list[tuple[str, str, str, str]]:
          f"unix {ru:.2f}s ({n / ru / MiB:.0f} MiB/s), TLS {rt:.2f}s ({n / rt / MiB:.0f} MiB/s)"),
     ]
 
+# -- --speed: the data path against plain copies (issue 16) ------------------------------------
+
+def _text_stream(limit: int) -> bytes:
+    """``limit`` bytes of real text: the system's Python sources and docs, pass-numbered."""
+    out: list[bytes] = []
+    n = 0
+    roots = [Path("/usr/lib/python3"), Path(sys.base_prefix) / "lib", Path("/usr/share/man")]
+    for rnd in range(1000):
+        for root in roots:
+            for path in sorted(root.rglob("*")):
+                if path.suffix not in (".py", ".txt", ".rst", ".html", ".1", ".5", ".8", ".3"):
+                    continue
+                try:
+                    blob = path.read_bytes()
+                except OSError:
+                    continue
+                head = f"# pass {rnd} {path}\n".encode()  # no two passes identical
+                out += [head, blob]
+                n += len(head) + len(blob)
+                if n >= limit:
+                    return b"".join(out)[:limit]
+    return b"".join(out)[:limit]
+
+
+def build_speed_disks(work: Path) -> dict[str, tuple[Path, int]]:
+    """The issue's two 4 GiB raw disks: 2 GiB data (half random, half text), and 1 GiB fragmented.
+
+    Returns name -> (image, bytes of data).
+    """
+    import random
+
+    text = _text_stream(GiB)
+    disks = {}
+    half = work / "half.raw"
+    with open(half, "wb") as f:
+        f.truncate(4 * GiB)
+        for k in range(0, GiB, 64 * MiB):  # 1 GiB random at 0
+            f.seek(k)
+            f.write(os.urandom(64 * MiB))
+        f.seek(2 * GiB)  # 1 GiB text at 2 GiB
+        f.write(text)
+    disks["2 GiB data (half random, half text)"] = (half, 2 * GiB)
+    frag = work / "frag.raw"
+    rng = random.Random(16)
+    slots = sorted(rng.sample(range(4096), 1024))  # 1 GiB in scattered 1 MiB pieces
+    with open(frag, "wb") as f:
+        f.truncate(4 * GiB)
+        for n, s in enumerate(slots):
+            f.seek(s * MiB)
+            f.write(os.urandom(MiB) if n % 2 else text[n * MiB : (n + 1) * MiB])
+    disks["fragmented (1 GiB in 1 MiB pieces)"] = (frag, GiB)
+    return disks
+
+
+def _median_spread(times: list[float]) -> tuple[float, str]:
+    m = statistics.median(times)
+    return m, f"{min(times):.2f}-{max(times):.2f}"
+
+
+def speed(args: argparse.Namespace) -> None:
+    """The issue-16 ratios: fleece vs plain copies of the same export, each pair interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-speed.", dir=args.dir))
+
+    class Rows(list[tuple[str, str, str, str]]):
+        def append(self, row: tuple[str, str, str, str]) -> None:
+            print("bench --speed:", " | ".join(row), file=sys.stderr, flush=True)
+            super().append(row)
+
+    rows = Rows()
+    vms: list[VM] = []
+    runs = args.runs
+    try:
+        print(f"bench --speed: building two 4 GiB disks in {work} ...", file=sys.stderr)
+        for name, (image, data) in build_speed_disks(work).items():
+            vm = VM(work, image, f"speed{len(vms)}", fmt="raw")
+            vms.append(vm)
+            backup = ["backup", "--qmp", vm.qmp, "--drive", "vda"]
+            repo = work / "repo"
+            out = work / "copy.raw"
+            zstd_bytes: list[int] = []
+
+            def nbdcopy(*copy: str, vm: VM = vm, out: Path = out,
+                        zstd_bytes: list[int] = zstd_bytes) -> float:
+                _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+                uri = exp["disks"][0]["uri"]
+                try:
+                    t = time.perf_counter()
+                    subprocess.run([c.replace("URI", uri) for c in copy], check=True, shell=False)
+                    dt = time.perf_counter() - t
+                    if "zstd" in copy[-1]:
+                        zstd_bytes.append(out.stat().st_size)
+                    return dt
+                finally:
+                    sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+                    out.unlink(missing_ok=True)
+
+            def full(*extra: str, repo: Path = repo,
+                     backup: list[str] = backup) -> tuple[float, dict[str, Any]]:
+                shutil.rmtree(repo, ignore_errors=True)
+                return fleece_json(*backup, "--repo", repo, "--level", "full", *extra)
+
+            # --compress none vs nbdcopy --flush into a file on the same file system.
+            ref, mine, read = [], [], 0
+            for _ in range(runs):
+                ref.append(nbdcopy("nbdcopy", "--flush", "URI", str(out)))
+                t, res = full("--compress", "none")
+                mine.append(t)
+                read = res["disks"][0]["bytes_read"]
+            r, rs = _median_spread(ref)
+            m, ms = _median_spread(mine)
+            rows.append((f"{name}: full --compress none vs nbdcopy --flush", f"{r / m:.2f}",
+                         ">= 0.8", f"nbdcopy {r:.2f}s ({rs}), fleece {m:.2f}s ({ms}); "
+                         f"read {read / MiB:.0f} MiB of {data / MiB:.0f} MiB data "
+                         f"({read / data:.3f})"))
+
+            # default settings vs nbdcopy | zstd -3 -T0 > FILE
+            # (and zstd:1, the speed end of the level trade-off, against the same reference)
+            ref, mine, fast, stored, stored1 = [], [], [], 0, 0
+            for _ in range(runs):
+                ref.append(nbdcopy("sh", "-c", f"nbdcopy 'URI' - | zstd -q -3 -T0 > {out}"))
+                t, res = full("--compress", "zstd:1")
+                fast.append(t)
+                stored1 = res["disks"][0]["bytes_stored"]
+                t, res = full()
+                mine.append(t)
+                stored = res["disks"][0]["bytes_stored"]
+                point_id = res["point"]
+            script_bytes = zstd_bytes[-1] if zstd_bytes else 0
+            r, rs = _median_spread(ref)
+            m, ms = _median_spread(mine)
+            rows.append((f"{name}: full (defaults) vs nbdcopy | zstd -3 -T0", f"{r / m:.2f}",
+                         ">= 1.5", f"script {r:.2f}s ({rs}) storing {script_bytes / MiB:.0f} MiB, "
+                         f"fleece {m:.2f}s ({ms}) storing {stored / MiB:.0f} MiB"))
+            m, ms = _median_spread(fast)
+            rows.append((f"{name}: full --compress zstd:1 vs nbdcopy | zstd -3 -T0", f"{r / m:.2f}",
+                         "", f"fleece {m:.2f}s ({ms}) storing {stored1 / MiB:.0f} MiB"))
+
+            # nothing dirty: the fixed cost of a run, end to end.
+            idle = [fleece_json(*backup, "--repo", repo, "--level", "incremental")[0]
+                    for _ in range(runs)]
+            m, ms = _median_spread(idle)
+            rows.append((f"{name}: incremental, nothing dirty (wall s)", f"{m:.2f}", "<= 0.3",
+                         f"{ms} over {runs} runs"))
+
+            # restore vs nbdcopy --flush into a file
+            ref, mine = [], []
+            for _ in range(runs):
+                ref.append(nbdcopy("nbdcopy", "--flush", "URI", str(out)))
+                t, _ = timed(FLEECE, "restore", "--repo", repo, point_id, "--drive", "vda",
+                             "--output", out)
+                out.unlink()
+                mine.append(t)
+            r, rs = _median_spread(ref)
+            m, ms = _median_spread(mine)
+            rows.append((f"{name}: restore vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
+                         f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms})"))
+
+            shutil.rmtree(repo, ignore_errors=True)
+            peak, _ = rss_of(FLEECE, *backup, "--repo", repo, "--json")
+            rows.append((f"{name}: peak RSS of a full backup (MiB)", f"{peak / MiB:.0f}",
+                         "<= 256", ""))
+            shutil.rmtree(repo, ignore_errors=True)
+            vm.stop()
+            image.unlink()
+    finally:
+        for v in vms:
+            v.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --speed on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
+          f"repository and copies in {args.dir}, median of {runs} interleaved runs (min-max)\n")
+    print(f"| {'measure':<72} | {'value':>6} | {'goal':<7} | notes")
+    print(f"|{'-' * 74}|{'-' * 8}|{'-' * 9}|------")
+    for row_name, value, goal, notes in rows:
+        print(f"| {row_name:<72} | {value:>6} | {goal:<7} | {notes}")
+
+
+def idle_versus(args: argparse.Namespace) -> None:
+    """The fixed cost of a run: an incremental with nothing dirty, this fleece vs another, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-idle.", dir=args.dir))
+    builds = {"this": FLEECE, "other": args.idle_versus}
+    vms: dict[str, VM] = {}
+    times: dict[str, list[float]] = {k: [] for k in builds}
+    try:
+        for k, exe in builds.items():
+            image = work / f"{k}.qcow2"
+            sh("qemu-img", "create", "-q", "-f", "qcow2", image, "4G")
+            vms[k] = VM(work, image, f"idle-{k}")
+            vms[k].write(0, 64 * MiB, 0x55)
+            sh(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda", "--repo", work / f"repo-{k}")
+        for _ in range(args.runs):
+            for k, exe in builds.items():
+                times[k].append(timed(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda", "--repo",
+                                      work / f"repo-{k}", "--level", "incremental", "--json")[0])
+    finally:
+        for v in vms.values():
+            v.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --idle-versus on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}): "
+          f"incremental of an unchanged 4 GiB disk, wall, {args.runs} interleaved runs each\n")
+    for k, exe in builds.items():
+        m, spread = _median_spread(times[k])
+        print(f"| {exe:<60} | median {m:.3f}s | min-max {spread}s |")
+
+
+def _run_cpu(*args: str | Path) -> tuple[float, float, dict[str, Any]]:
+    """Run a command; return (wall seconds, its own CPU seconds user + system, its JSON output)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{args[:2]} failed")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime, json.loads(out)
+
+
+def full_versus(args: argparse.Namespace) -> None:
+    """Full backups of the --speed disks, this fleece vs another, interleaved: wall and CPU."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-versus.", dir=args.dir))
+    builds = {"this": FLEECE, "other": args.full_versus}
+    lines = []
+    try:
+        print(f"bench --full-versus: building two 4 GiB disks in {work} ...", file=sys.stderr)
+        for name, (image, _) in build_speed_disks(work).items():
+            vm = VM(work, image, "versus", fmt="raw")
+            try:
+                for extra in (["--compress", "none"], []):
+                    got: dict[str, list[tuple[float, float]]] = {k: [] for k in builds}
+                    for _ in range(args.runs):
+                        for k, exe in builds.items():
+                            shutil.rmtree(work / "repo", ignore_errors=True)
+                            wall, cpu, _ = _run_cpu(exe, "backup", "--qmp", vm.qmp, "--drive", "vda",
+                                                    "--repo", work / "repo", "--level", "full",
+                                                    "--json", *extra)
+                            got[k].append((wall, cpu))
+                    for k, exe in builds.items():
+                        m, spread = _median_spread([w for w, _ in got[k]])
+                        cpu = statistics.median(c for _, c in got[k])
+                        line = (f"| {name}, full {' '.join(extra) or '(defaults)'} | {exe} | "
+                                f"wall {m:.2f}s ({spread}) | CPU {cpu:.2f}s |")
+                        print("bench --full-versus:", line, file=sys.stderr, flush=True)
+                        lines.append(line)
+            finally:
+                vm.stop()
+            image.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --full-versus on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
+          f"median of {args.runs} interleaved runs (min-max)\n")
+    print("\n".join(lines))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
     ap.add_argument("--disk-size", default="2G")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--speed", action="store_true",
+                    help="only the data-path ratios against nbdcopy and nbdcopy | zstd (issue 16)")
+    ap.add_argument("--dir", default="/var/tmp", help="--speed: file system for repositories and copies")
+    ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
+    ap.add_argument("--idle-versus", metavar="FLEECE",
+                    help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
+    ap.add_argument("--full-versus", metavar="FLEECE",
+                    help="only full backups of the --speed disks, this fleece vs FLEECE, interleaved")
     ap.add_argument("--tls", action="store_true",
                     help="only the TLS section: reads over nbds:// on loopback vs the unix socket")
     ap.add_argument("--live-restore", action="store_true",
@@ -334,6 +619,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.live_restore:
         live_restore_main(args)
+        return
+    if args.full_versus:
+        full_versus(args)
+        return
+    if args.idle_versus:
+        idle_versus(args)
+        return
+    if args.speed:
+        speed(args)
         return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))

@@ -286,4 +286,4 @@ def test_example_config_holds_only_settings_fleece_knows(tmp_path: Any) -> None:
         assert args.repo == "/srv/fleece" and args.drive == ["vda", "vdb"]
     args = argparse.Namespace(config=str(example), drive=[], labels=None)
     apply_config(args, backup.CONFIG_KEYS, "backup")
-    assert args.labels == {"tier": "gold", "owner": "ops"} and args.hash == "sha256"
+    assert args.labels == {"tier": "gold", "owner": "ops"} and args.hash == "blake3"

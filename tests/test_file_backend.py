@@ -251,3 +251,80 @@ def test_staged_objects_appear_only_once_durable_and_failed_ones_leave_nothing(t
         assert b.exists("chunks/dd/four") and b.exists("chunks/dd/five")
     finally:
         file_backend.STAGE_BATCH_BYTES = old
+
+
+def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durability rule, as the order of system calls: write, syncfs, link, syncfs.
+
+    A visible chunk may be reused by another backup without being read, so
+    its bytes (and the directories holding it, made without an fsync of
+    their own) must be on stable storage before its name appears.
+    """
+    events: list[tuple[str, str]] = []
+    real_write, real_link, real_mkdir = os.write, os.link, os.mkdir
+
+    def write(fd: int, data: object) -> int:
+        events.append(("write", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    def link(src: object, dst: object) -> None:
+        events.append(("link", str(src)))
+        real_link(src, dst)  # type: ignore[arg-type]
+
+    def mkdir(path: object, *args: object) -> None:
+        events.append(("mkdir", str(path)))
+        real_mkdir(path, *args)  # type: ignore[arg-type]
+
+    def fsync_dir(path: Path) -> None:
+        events.append(("fsync_dir", str(path)))
+
+    monkeypatch.setattr(file_backend.os, "write", write)  # type: ignore[attr-defined]
+    monkeypatch.setattr(file_backend.os, "link", link)  # type: ignore[attr-defined]
+    monkeypatch.setattr(file_backend.os, "mkdir", mkdir)  # type: ignore[attr-defined]
+    monkeypatch.setattr(file_backend, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(file_backend, "_syncfs", lambda path: events.append(("syncfs", "")))
+
+    b = FileBackend(tmp_path / "repo")
+    b.put("config", b"{}")  # the root: made durably
+    for n in range(3):
+        b.stage(f"chunks/{n:02x}/obj{n}", bytes([n]) * 64)
+    assert not any(kind in ("link", "syncfs") for kind, _ in events)
+    assert not any(kind == "fsync_dir" and "chunks" in path for kind, path in events), \
+        "a staged object's new directory is made durable by the flush's syncfs, not one by one"
+    b.flush()
+    kinds = [kind for kind, _ in events]
+    first_link = kinds.index("link")
+    last_write = max(i for i, k in enumerate(kinds) if k == "write")
+    last_mkdir = max(i for i, k in enumerate(kinds) if k == "mkdir")
+    assert "syncfs" in kinds[max(last_write, last_mkdir) : first_link], kinds
+    assert kinds.count("link") == 3 and kinds[-1] == "syncfs", kinds
+    assert sorted(b.list("chunks/")) == ["chunks/00/obj0", "chunks/01/obj1", "chunks/02/obj2"]
+
+    # A durable put below a directory that only a stage made (not yet synced)
+    # fsyncs that directory's entry itself.
+    b.stage("packs/aa/p", b"p")
+    events.clear()
+    b.put("packs/aa/q", b"q")
+    assert ("fsync_dir", str(tmp_path / "repo" / "packs")) in events, events
+    assert ("fsync_dir", str(tmp_path / "repo")) in events, events
+
+
+@pytest.mark.parametrize("tail", [b"", b"\0" * (64 << 10), b"end"])
+def test_zero_blocks_of_an_object_are_holes_and_read_back_as_zeroes(
+        backend: FileBackend, tail: bytes) -> None:
+    """An uncompressed chunk of a fragmented disk costs its data, not its zeroes, on disk."""
+    block = 64 << 10
+    data = b"\x01" * 14 + bytes(3 * block) + b"\x02" * block + bytes(4 * block) + tail
+    backend.stage("chunks/ab/sparse", data)
+    backend.flush()
+    path = backend.root / "chunks" / "ab" / "sparse"
+    assert backend.get("chunks/ab/sparse") == data
+    assert backend.get_range("chunks/ab/sparse", 5, block) == data[5 : 5 + block]
+    st = path.stat()
+    assert st.st_size == len(data)
+    # Data: the first block (the header), the 0x02 block straddling two, the tail.
+    assert st.st_blocks * 512 <= 4 * block + len(tail), st.st_blocks
+    backend.put("points/vm/p.json", data)  # durable puts too
+    assert backend.get("points/vm/p.json") == data

@@ -103,8 +103,13 @@ def with_garbage(fleece: Any, guest: Guest, url: str, pattern: int) -> bytes:
     cli_backup(fleece, guest, url)
     r = fleece("prune", "--repo", url, "--keep-last", "1")
     assert r.rc == 0, r.err
-    assert open_backend(url).exists(keys.chunk_key(chunk_digest(garbage)))
+    assert open_backend(url).exists(keys.chunk_key(repo_digest(url, garbage)))
     return garbage
+
+
+def repo_digest(url: str, data: bytes) -> bytes:
+    """``data``'s chunk name in the repository at ``url`` (by its own hash)."""
+    return Repository.open(open_backend(url)).digest(data)
 
 
 def verify_deep(fleece: Any, url: str) -> None:
@@ -130,7 +135,7 @@ def test_gc_in_the_window_between_the_dedup_probe_and_the_commit_backs_off(
         except LockHeld as exc:
             attempts.append(exc)
 
-    hook = ProbeHook(open_backend(repo_url), keys.chunk_key(chunk_digest(garbage)), gc_now)
+    hook = ProbeHook(open_backend(repo_url), keys.chunk_key(repo_digest(repo_url, garbage)), gc_now)
     result = api_backup(guest, hook)  # type: ignore[arg-type]
     assert hook.probed == 1 and result.disks[0].stats.chunks_reused == 1
     assert len(attempts) == 1 and isinstance(attempts[0], LockHeld)
@@ -152,7 +157,7 @@ def test_without_the_lease_check_the_same_race_loses_a_chunk(
     def gc_now() -> None:
         collect_garbage(Repository.open(open_backend(repo_url)))
 
-    key = keys.chunk_key(chunk_digest(garbage))
+    key = keys.chunk_key(repo_digest(repo_url, garbage))
     result = api_backup(guest, ProbeHook(open_backend(repo_url), key, gc_now))  # type: ignore[arg-type]
     assert not open_backend(repo_url).exists(key)
     repo = Repository.open(open_backend(repo_url))
@@ -194,7 +199,7 @@ def test_gc_started_during_a_slow_backup_waits_for_it_then_frees_only_garbage(
     assert r.rc == 0, r.err
     assert "waiting up to 2m" in r.err
     assert r.json()["chunks_deleted"] == 1  # the pruned point's chunk, nothing of the new one
-    assert not open_backend(repo_url).exists(keys.chunk_key(chunk_digest(garbage)))
+    assert not open_backend(repo_url).exists(keys.chunk_key(repo_digest(repo_url, garbage)))
     point = outcome["result"].point
     assert point.parent is not None and outcome["result"].disks[0].stats.chunks_new == 8
     verify_deep(fleece, repo_url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fleece.repo.format.codec import digest_function
 
 KiB = 1024
 MiB = 1 << 20
@@ -33,7 +34,8 @@ def compare(a: str | Path, b: str | Path, fmt_a: str = "raw", fmt_b: str = "raw"
 
 
 def chunk_file(repo: Path, data: bytes) -> Path:
-    digest = hashlib.sha256(data).hexdigest()
+    # Named by the repository's own hash (blake3 for one `fleece backup` made).
+    digest = digest_function(json.loads((repo / "config").read_text())["hash"])(data).hex()
     return repo / "chunks" / digest[:2] / digest
 
 

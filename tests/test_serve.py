@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -21,6 +20,7 @@ import nbd
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from fleece.repo.format.codec import digest_function
 from fleece.repo.repository import Repository
 from fleece.restore.image import DiskImage
 from fleece.serve.cache import CachedDisk
@@ -158,7 +158,9 @@ def test_qemu_reads_a_served_point_as_a_guest_disk(served_vm: tuple[Any, Path, s
 def test_a_damaged_chunk_is_an_io_error_and_the_rest_still_reads(
         served_vm: tuple[Any, Path, str], short_tmp: Path) -> None:
     _, repo, point = served_vm
-    digest = hashlib.sha256(b"\x12" * CHUNK).hexdigest()
+    # Named by the repository's own hash (blake3 for one `fleece backup` made).
+    hash_name = json.loads((repo / "config").read_text())["hash"]
+    digest = digest_function(hash_name)(b"\x12" * CHUNK).hex()
     chunk = repo / "chunks" / digest[:2] / digest
     blob = bytearray(chunk.read_bytes())
     blob[-1] ^= 1

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fleece.backup.reader import ChunkPlan, Extent, connect, disconnect, pread_chunk
+from fleece.backup.reader import ChunkPlan, Extent, connect, disconnect, pread_into
 from fleece.errors import ExportError
 from fleece.fleecing.transport import ClientTls
 from fleece.repo.format.codec import encode_chunk, is_zero
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 _DONE = object()
 FULL = 1
 DELTA = 2
+TRIMS_IN_FLIGHT = 8
+"""Trims each storer leaves unanswered before it waits for one."""
 
 
 class Work(NamedTuple):
@@ -205,6 +207,7 @@ class DiskBackup:
         self._error: BaseException | None = None
         # One trim connection per thread that trims: a shared handle behind a
         # lock made every storer wait for the others' round trips.
+        self._local = threading.local()  # each reader thread's buffers
         self._trim_local = threading.local()
         self._trim_handles: list[Any] = []
         self._trim_lock = threading.Lock()
@@ -237,6 +240,7 @@ class DiskBackup:
                 t.join()
         finally:
             for h in self._trim_handles:
+                self._drain_trims(h)
                 disconnect(h)
         self.stats.seconds = time.monotonic() - start
         if self._error is not None:
@@ -285,6 +289,9 @@ class DiskBackup:
     # -- stages ------------------------------------------------------------------------
     def _read_loop(self) -> None:
         h = connect(self.uri, tls=self.settings.tls)
+        # This thread's read buffers, by size (the chunk size, the disk's short
+        # tail, a delta's dirty bytes): reused, so no chunk costs an allocation.
+        self._local.buffers = {}
         try:
             for w in self._work():
                 offset, length = self.plan.chunk_range(w.i)
@@ -297,22 +304,33 @@ class DiskBackup:
         finally:
             disconnect(h)
 
-    def _read(self, h: Any, w: Work, size: int, offset: int) -> bytes | bytearray:
-        """The bytes ``w`` reads, laid into a zeroed buffer of ``size`` (one read: as it came)."""
+    def _read(self, h: Any, w: Work, size: int, offset: int) -> bytearray:
+        """The bytes ``w`` reads, laid into this thread's buffer of ``size``, zero where no read is.
+
+        The buffer is reused by this thread's next read: whatever is kept must be copied.
+        """
+        buffers: dict[int, bytearray] = self._local.buffers
+        buf = buffers.get(size)
+        if buf is None:
+            if len(buffers) >= 4:
+                buffers.clear()  # delta sizes vary: keep only a few
+            buf = buffers[size] = bytearray(size)
+        pos = 0
+        for _, n, at in sorted(w.reads, key=lambda r: r[2]):
+            if at > pos:
+                buf[pos:at] = bytes(at - pos)  # a hole: zeroes without crossing the socket
+            pos = at + n
+        if pos < size:
+            buf[pos:] = bytes(size - pos)
         try:
-            if len(w.reads) == 1 and w.reads[0][1] == size:
-                data: bytes | bytearray = pread_chunk(h, w.reads[0][0], size)
-            else:
-                data = bytearray(size)
-                for off, n, pos in w.reads:
-                    data[pos : pos + n] = pread_chunk(h, off, n)
+            pread_into(h, buf, w.reads)
         except Exception as exc:
             raise ExportError(
                 f"reading the snapshot at offset {offset} failed: {exc} "
                 "(a full reverse delta breaks the snapshot)"
             ) from None
         self.stats.add(bytes_read=sum(n for _, n, _ in w.reads))
-        return data
+        return buf
 
     def _delta(self, h: Any, w: Work, offset: int) -> None:
         """Read a delta's extents, encode it and queue it for the pack."""
@@ -324,7 +342,7 @@ class DiskBackup:
         blob = encode_delta(body, self.settings.compression_level)
         self._put((w.i, offset, digest, blob, w.extents))
 
-    def _process(self, i: int, offset: int, data: bytes | bytearray) -> None:
+    def _process(self, i: int, offset: int, data: bytearray) -> None:
         if is_zero(data):
             self.index.set(i, None)
             self.stats.add(chunks_zero=1)
@@ -399,10 +417,34 @@ class DiskBackup:
                 h = self._trim_local.handle = connect(self.uri, tls=self.settings.tls)
                 with self._trim_lock:
                     self._trim_handles.append(h)
-            h.trim(length, offset)
+            # Not waited for: a storer does not spend a round trip per chunk
+            # on it. A few stay in flight; the rest are reaped as they answer.
+            h.aio_trim(length, offset, completion=self._trimmed(offset, length))
+            while h.aio_in_flight() >= TRIMS_IN_FLIGHT:
+                h.poll(-1)
         except Exception as exc:
             # Trim only keeps the reverse delta small; losing one is harmless.
             log.debug("trim at %d failed: %s", offset, exc)
-            return
-        self.stats.add(bytes_trimmed=length)
+
+    def _trimmed(self, offset: int, length: int) -> Callable[[Any], int]:
+        """The completion of one trim: count it, or say why it failed (harmless)."""
+
+        def done(error: Any) -> int:
+            err = getattr(error, "value", error)  # libnbd passes the errno as a ctypes int
+            if err:
+                log.debug("trim at %d failed: errno %s", offset, err)
+            else:
+                self.stats.add(bytes_trimmed=length)
+            return 1  # retire the command
+
+        return done
+
+    @staticmethod
+    def _drain_trims(h: Any) -> None:
+        """Wait for the trims still in flight on ``h`` (before its connection closes)."""
+        try:
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+        except Exception as exc:  # the export went away: the trims no longer matter
+            log.debug("trims not completed: %s", exc)
 

@@ -242,3 +242,32 @@ def pread_chunk(h: Any, offset: int, length: int) -> bytes:
         return bytes(h.pread(length, offset))
     parts = [h.pread(min(MAX_READ, length - p), offset + p) for p in range(0, length, MAX_READ)]
     return b"".join(parts)
+
+
+def _shared(view: memoryview) -> Any:
+    """``view`` as something ``aio_pread`` fills in place (libnbd 1.14 needs an ``nbd.Buffer``)."""
+    from_buffer = getattr(nbd.Buffer, "from_buffer", None)
+    return from_buffer(view) if from_buffer is not None else view
+
+
+def pread_into(h: Any, buf: bytearray, reads: Sequence[tuple[int, int, int]]) -> None:
+    """Fill ``buf`` from the export: each ``(disk offset, length, where in buf)`` read in place.
+
+    Every read (split at 32 MiB) is in flight at once on ``h``, so the
+    scattered extents of a fragmented chunk cost one round trip, not one
+    each; the bytes land in ``buf`` directly, with no allocation or copy
+    per chunk. The caller zeroes what no read covers.
+    """
+    view = memoryview(buf)
+    cookies = []
+    try:
+        for off, n, pos in reads:
+            for p in range(0, n, MAX_READ):
+                k = min(MAX_READ, n - p)
+                cookies.append(h.aio_pread(_shared(view[pos + p : pos + p + k]), off + p))
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for cookie in cookies:
+            h.aio_command_completed(cookie)  # raises the command's error, if any
+    finally:
+        view.release()

@@ -35,6 +35,8 @@ from fleece.repo.repository import Repository, check_chunk_size, holds_objects
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESS = "zstd:3"
+DEFAULT_HASH = "blake3"
+"""New repositories name chunks by BLAKE3: 3.5x cheaper than sha256 on the backup's hot path."""
 
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
@@ -67,8 +69,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--chunk-size", metavar="SIZE", default=None,
                    help="chunk size when this backup creates the repository (default 4M)")
     p.add_argument("--hash", choices=HASHES, default=None,
-                   help="chunk hash when this backup creates the repository (default sha256; "
-                        "blake3 is ~3.5x faster to compute)")
+                   help=f"chunk hash when this backup creates the repository (default {DEFAULT_HASH}; "
+                        "~3.5x faster to compute than sha256; existing repositories keep theirs)")
     p.add_argument("--scratch-dir", metavar="DIR", default=None,
                    help="private directory for the reverse delta and the NBD socket")
     p.add_argument("--qga", metavar="SOCKET", default=None, nargs="?", const="",
@@ -189,7 +191,7 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         else:
             def repo() -> Repository:
                 return Repository.open_or_init(backend, chunk_size, compression,
-                                               hash=args.hash or "sha256")
+                                               hash=args.hash or DEFAULT_HASH)
 
     req = BackupRequest(
         qmp=args.qmp or "",

@@ -8,16 +8,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 from fleece.commands.common import human_size
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -27,6 +17,17 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 def progress_display(enabled: bool = True) -> Iterator[ProgressFactory]:
     """Yield ``start(label, total) -> advance(n)``; bars on a tty stderr, log lines otherwise."""
     if enabled and sys.stderr.isatty():
+        # Imported here: rich costs a non-interactive run (cron, systemd) ~50 ms of start-up.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),

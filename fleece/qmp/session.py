@@ -61,6 +61,7 @@ class QmpSession:
     def __init__(self, client: QMPClient, address: Address) -> None:
         self._client = client
         self.address = address
+        self._version: tuple[int, int, int] | None = None
 
     @classmethod
     @asynccontextmanager
@@ -112,9 +113,11 @@ class QmpSession:
         return str(out)
 
     async def qemu_version(self) -> tuple[int, int, int]:
-        """QEMU's (major, minor, micro) version."""
-        v = (await self.execute("query-version"))["qemu"]
-        return (int(v["major"]), int(v["minor"]), int(v["micro"]))
+        """QEMU's (major, minor, micro) version (asked once per session: it cannot change)."""
+        if self._version is None:
+            v = (await self.execute("query-version"))["qemu"]
+            self._version = (int(v["major"]), int(v["minor"]), int(v["micro"]))
+        return self._version
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -44,6 +44,10 @@ TMP_PREFIX = ".tmp-"
 STAGE_BATCH_BYTES = 256 << 20
 """Staged bytes after which a batch is made durable and published."""
 
+SPARSE_BLOCK = 64 << 10
+"""All-zero, aligned blocks of this size are left as holes in the object's file."""
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -92,6 +96,36 @@ def _flocked(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+def _write_sparse(fd: int, data: bytes) -> None:
+    """Write ``data`` to the new, empty file ``fd``, leaving aligned all-zero blocks as holes.
+
+    An uncompressed chunk of a fragmented disk is mostly the zeroes between
+    its extents; copying them into the page cache and onto the disk cost as
+    much as the data. The file reads back the same, holes as zeroes.
+    """
+    view = memoryview(data)
+    size = len(view)
+    pos = 0  # start of the data not yet written
+    if size >= 2 * SPARSE_BLOCK and isinstance(data, bytes | bytearray):
+        for off in range(0, size - SPARSE_BLOCK + 1, SPARSE_BLOCK):
+            # startswith at an offset is a memcmp, with no copy of the block.
+            if data.startswith(_ZERO_BLOCK, off):
+                _write_at(fd, view[pos:off], pos)
+                pos = off + SPARSE_BLOCK
+    _write_at(fd, view[pos:], pos)
+    if pos == size and size:
+        os.ftruncate(fd, size)  # ends in a hole
+
+
+def _write_at(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view`` at ``offset`` (seeking over a hole before it)."""
+    if not view:
+        return
+    if os.lseek(fd, 0, os.SEEK_CUR) != offset:
+        os.lseek(fd, offset, os.SEEK_SET)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -108,6 +142,7 @@ class FileBackend(Backend):
         self._staged: list[tuple[Path, Path]] = []  # (temporary file, final path)
         self._staged_bytes = 0
         self._stage_lock = threading.Lock()
+        self._unsynced_dirs: set[Path] = set()  # made by stage(), durable at the next syncfs
 
     def __repr__(self) -> str:
         return f"FileBackend({self.url!r})"
@@ -128,8 +163,15 @@ class FileBackend(Backend):
 
     # -- writing ------------------------------------------------------------
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create missing directories, fsyncing each parent so the entry survives a crash."""
+    def _make_dirs(self, directory: Path, durable: bool = True) -> None:
+        """Create missing directories, fsyncing each parent (if ``durable``) so the entry survives a crash.
+
+        Staged objects pass ``durable=False``: nothing under a new directory
+        is visible before :meth:`flush`, whose ``syncfs`` makes the new
+        entries durable together (an fsync per new directory cost a journal
+        commit each: 256 of them for the ``chunks/xx`` fan-out of a new
+        repository).
+        """
         missing: list[Path] = []
         d = directory
         while not d.is_dir():
@@ -142,7 +184,19 @@ class FileBackend(Backend):
                 os.mkdir(d)
             except FileExistsError:
                 continue  # another writer made it
-            fsync_dir(d.parent)
+            if durable:
+                fsync_dir(d.parent)
+            else:
+                with self._stage_lock:
+                    self._unsynced_dirs.add(d)
+        if durable and self._unsynced_dirs:
+            # A durable put below a directory a stage made and no flush has
+            # synced yet: make that directory's entry durable now.
+            with self._stage_lock:
+                pending = [p for p in self._unsynced_dirs if p == directory or p in directory.parents]
+                self._unsynced_dirs.difference_update(pending)
+            for p in pending:
+                fsync_dir(p.parent)
 
     def _write_temp(self, directory: Path, data: bytes, durable: bool = True) -> Path:
         """Write ``data`` to a new temporary file in ``directory``, fsynced if ``durable``."""
@@ -151,17 +205,14 @@ class FileBackend(Backend):
         for attempt in range(5):
             tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
             try:
-                self._make_dirs(directory)
+                self._make_dirs(directory, durable)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
                 if attempt == 4:
                     raise
                 continue
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_sparse(fd, data)
                 if durable:
                     os.fsync(fd)
             except BaseException:
@@ -279,7 +330,9 @@ class FileBackend(Backend):
         if not batch:
             return
         try:
-            _syncfs(self.root)
+            with self._stage_lock:
+                self._unsynced_dirs.clear()
+            _syncfs(self.root)  # the staged bytes and every directory made for them
             for tmp, path in batch:
                 with contextlib.suppress(FileExistsError):  # immutable: the first copy stays
                     os.link(tmp, path)

@@ -111,7 +111,8 @@ def encode_chunk(data: Buffer, level: int | None, magic: bytes = CHUNK_MAGIC) ->
         frame = _compressor(level).compress(data)
         if len(frame) < length:
             return HEADER.pack(magic, CHUNK_VERSION, CODEC_ZSTD, length) + frame
-    return HEADER.pack(magic, CHUNK_VERSION, CODEC_PLAIN, length) + bytes(data)
+    # One copy (join accepts any buffer), not two (bytes(data), then the concatenation).
+    return b"".join((HEADER.pack(magic, CHUNK_VERSION, CODEC_PLAIN, length), data))
 
 
 def decode_chunk(blob: bytes, expected_digest: bytes | None = None,
