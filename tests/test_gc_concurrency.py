@@ -27,7 +27,6 @@ from fleece.repo import gc_lock
 from fleece.repo.backends.base import Backend
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format import keys
-from fleece.repo.format.codec import chunk_digest
 from fleece.repo.repository import Repository
 from fleece.testing.faults import FaultyBackend
 
@@ -249,7 +248,7 @@ def test_unlock_force_and_gc_in_the_window_between_the_dedup_probe_and_the_commi
         ran.append(fleece("unlock", "--repo", repo_url, "--vm", "web1", "--force"))
         ran.append(fleece("gc", "--repo", repo_url, "--json"))
 
-    key = keys.chunk_key(chunk_digest(garbage))
+    key = keys.chunk_key(repo_digest(repo_url, garbage))
     with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
         api_backup(guest, ProbeHook(open_backend(repo_url), key, break_and_collect))  # type: ignore[arg-type]
     assert [r.rc for r in ran] == [0, 0], [r.err for r in ran]

@@ -18,6 +18,8 @@ from backups import identical
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
+GRANULE = 64 * 1024
+"""The dirty bitmaps' granularity (the qcow2 cluster): what an incremental reads per small write."""
 
 
 def lv(fleece: Any, vm: Any, *args: str | Path) -> Any:
@@ -77,8 +79,9 @@ def test_two_disk_domain_full_then_incrementals_restore_bit_identical(
     assert p2["parent"] == p1["point"]
     assert levels(p2) == {"vda": "incremental", "vdb": "incremental"}
     by_drive = {d["drive"]: d for d in p2["disks"]}
-    assert by_drive["vda"]["bytes_read"] == 2 * CHUNK  # only chunks 0 and 1 are dirty
-    assert by_drive["vdb"]["bytes_read"] == CHUNK      # chunk 7
+    # Only the dirty extents (64 KiB granules) are read: 1 MiB + one granule, and 1 MiB.
+    assert by_drive["vda"]["bytes_read"] == MiB + GRANULE
+    assert by_drive["vdb"]["bytes_read"] == MiB
     s2 = {d: vm.snapshot_shadow(d, tmp_path / f"{d}.p2") for d in ("vda", "vdb")}
 
     # A write while the export is up is not in this point (it is libvirt's
@@ -94,7 +97,7 @@ def test_two_disk_domain_full_then_incrementals_restore_bit_identical(
     assert p3["parent"] == p2["point"]
     p4, _ = backup(fleece, vm, repo)
     assert p4["parent"] == p3["point"]
-    assert {d["drive"]: d["bytes_read"] for d in p4["disks"]} == {"vda": CHUNK, "vdb": 0}
+    assert {d["drive"]: d["bytes_read"] for d in p4["disks"]} == {"vda": MiB, "vdb": 0}
 
     for d in ("vda", "vdb"):
         assert identical(restore(fleece, repo, p1["point"], d, tmp_path / f"r1-{d}"), s1[d])
@@ -136,7 +139,7 @@ def test_the_checkpoint_chain_survives_a_libvirtd_restart(
     assert res.rc == 0, res.err
     p2 = res.json()
     assert levels(p2) == {"vda": "incremental"} and p2["parent"] == p1["point"]
-    assert p2["disks"][0]["bytes_read"] == CHUNK
+    assert p2["disks"][0]["bytes_read"] == MiB
     assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.disk("vda").shadow)
 
 
@@ -184,7 +187,7 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_bitmaps_and_the_backup_s
     p2, err = backup(fleece, vm, repo)
     assert f"libvirt had lost checkpoint {name}" in err and "redefined" in err
     assert levels(p2) == {"vda": "incremental", "vdb": "incremental"} and p2["parent"] == p1["point"]
-    assert {d["drive"]: d["bytes_read"] for d in p2["disks"]} == {"vda": CHUNK, "vdb": CHUNK}
+    assert {d["drive"]: d["bytes_read"] for d in p2["disks"]} == {"vda": MiB, "vdb": GRANULE}
     for d in ("vda", "vdb"):
         assert identical(restore(fleece, repo, p2["point"], d, tmp_path / f"r2-{d}"), vm.disk(d).shadow)
     assert vm.checkpoints() == [f"fleece-{p2['point']}"]
@@ -229,7 +232,7 @@ def test_a_backup_killed_mid_run_leaves_a_job_that_cleanup_removes_and_the_next_
     p3, _ = backup(fleece, vm, repo)
     assert levels(p3) == {"vda": "incremental"} and p3["parent"] == points[-1]
     # No dirty bit lost: every write since the last committed point is read.
-    assert p3["disks"][0]["bytes_read"] == (1 if committed else 2) * CHUNK
+    assert p3["disks"][0]["bytes_read"] == (GRANULE if committed else MiB + GRANULE)
     assert identical(restore(fleece, repo, p3["point"], "vda", tmp_path / "r3"), vm.disk("vda").shadow)
 
 

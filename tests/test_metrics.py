@@ -95,16 +95,20 @@ def test_backup_prune_gc_and_verify_write_one_file_and_a_failed_backup_keeps_the
     config.write_text(f'repo = "{repo}"\nmetrics_file = "{prom}"\nqmp = "{vm.qmp_path}"\n'
                       'drives = ["vda"]\n')
     assert fleece("backup", "--config", config).rc == 0
-    vm.write("vda", 0, 2 * MiB, 0x43)  # the first point's only chunk becomes garbage once pruned
+    # Most of the chunk rewritten: stored whole, so the first point's only chunk
+    # becomes garbage once that point is pruned.
+    vm.write("vda", 0, 3 * MiB, 0x43)
     res = fleece("backup", "--config", config, "--json")
     assert res.rc == 0, res.err
     disk = res.json()["disks"][0]
     samples = scrape(prom)
     labels = {"command": "backup", "vm": "web1", "repository": str(repo)}
     assert value(samples, "fleece_backup_bytes_read", **labels) == disk["bytes_read"]
-    assert value(samples, "fleece_backup_bytes_dirty", **labels) == 4 * MiB  # one dirty chunk
+    # what the dirty bitmap marked: the 3 MiB written
+    assert value(samples, "fleece_backup_bytes_dirty", **labels) == disk["bytes_dirty"] == 3 * MiB
     assert value(samples, "fleece_backup_bytes_stored", **labels) == disk["bytes_stored"]
-    assert value(samples, "fleece_backup_objects_written", **labels) == disk["chunks_new"] + 2
+    # the disk's chunks, packs and index, and the point
+    assert value(samples, "fleece_backup_objects_written", **labels) == disk["objects_written"] + 1
     assert 0 < value(samples, "fleece_last_duration_seconds", **labels) <= res.json()["seconds"] + 5
     success = value(samples, "fleece_last_success_timestamp_seconds", **labels)
 

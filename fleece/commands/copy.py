@@ -41,10 +41,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_limit_options(p)
     add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_copy, unsafe_locks=None)
+    p.set_defaults(func=run, unsafe_locks=None)
 
 
-def cmd_copy(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Resolve the points, copy what the destination lacks, report."""
     apply_config(args, CONFIG_KEYS, "copy")
     with recorded(args.metrics_file, "copy", args.dest, args.vm) as record:

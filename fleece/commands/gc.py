@@ -40,10 +40,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_limit_options(p)
     add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_gc, unsafe_locks=None)
+    p.set_defaults(func=run, unsafe_locks=None)
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Collect garbage, waiting for running backups if asked to; report (and record it)."""
     apply_config(args, CONFIG_KEYS, "gc")
     metrics = None if args.dry_run else args.metrics_file

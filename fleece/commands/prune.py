@@ -53,10 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_limit_options(p)
     add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_prune, unsafe_locks=None)
+    p.set_defaults(func=run, unsafe_locks=None)
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Parse the policy, prune, report (and record the outcome in ``--metrics-file``)."""
     apply_config(args, CONFIG_KEYS, "prune")
     metrics = None if args.dry_run else args.metrics_file

@@ -27,10 +27,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     which.add_argument("--gc", action="store_true", help="remove the repository's gc lock")
     p.add_argument("--force", action="store_true",
                    help="remove it even though it has not expired (its holder must be gone)")
-    p.set_defaults(func=cmd_unlock)
+    p.set_defaults(func=run)
 
 
-def cmd_unlock(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Remove the lease if it is stale (or ``--force``); say whose it was."""
     vm: str | None = args.vm
     if vm is not None and not vm:
