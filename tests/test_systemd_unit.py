@@ -95,13 +95,31 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
 
 
 def in_private_tmp(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run fleece with fresh private /tmp and /var/tmp, as PrivateTmp=yes does."""
-    script = ("mount -t tmpfs -o mode=1777 fleece-private /tmp && "
-              "mount -t tmpfs -o mode=1777 fleece-private /var/tmp && "
-              f"exec {shlex.join([FLEECE, *args])}")
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    """Run fleece with fresh private /tmp and /var/tmp, as PrivateTmp=yes does.
+
+    A checkout that itself lives under /tmp or /var/tmp (a CI clone) is
+    bind-mounted back at its path inside the new ones, so fleece still runs.
+    """
+    root = Path(__file__).resolve().parent.parent
+    keep = ""
+    if root.is_relative_to("/tmp") or root.is_relative_to("/var/tmp"):
+        keep = f"/run/fleece-unit-checkout-{os.getpid()}"
+        os.makedirs(keep, exist_ok=True)
+    steps = []
+    if keep:
+        steps.append(f"mount --bind {shlex.quote(str(root))} {keep}")
+    steps += ["mount -t tmpfs -o mode=1777 fleece-private /tmp",
+              "mount -t tmpfs -o mode=1777 fleece-private /var/tmp"]
+    if keep:
+        steps.append(f"mkdir -p {shlex.quote(str(root))} && mount --bind {keep} {shlex.quote(str(root))}")
+    script = " && ".join(steps) + f" && exec {shlex.join([FLEECE, *args])}"
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    finally:
+        if keep:
+            os.rmdir(keep)
 
 
 @pytest.mark.qemu
