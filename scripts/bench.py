@@ -515,10 +515,7 @@ def speed(args: argparse.Namespace) -> None:
     load = os.getloadavg()
     print(f"fleece bench --speed on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
           f"repository and copies in {args.dir}, median of {runs} interleaved runs (min-max)\n")
-    print(f"| {'measure':<72} | {'value':>6} | {'goal':<7} | notes")
-    print(f"|{'-' * 74}|{'-' * 8}|{'-' * 9}|------")
-    for row_name, value, goal, notes in rows:
-        print(f"| {row_name:<72} | {value:>6} | {goal:<7} | {notes}")
+    print_table(rows, (72, 6, 7))
 
 
 def idle_versus(args: argparse.Namespace) -> None:
@@ -787,13 +784,20 @@ def main() -> None:
     print_rows(rows, args)
 
 
+def print_table(rows: list[tuple[str, str, str, str]],
+                widths: tuple[int, int, int] = (52, 11, 16)) -> None:
+    """A Markdown table of ``(measure, value, goal, notes)`` rows, the way every bench prints."""
+    w_name, w_value, w_goal = widths
+    print(f"| {'measure':<{w_name}} | {'value':>{w_value}} | {'goal':<{w_goal}} | notes")
+    print(f"|{'-' * (w_name + 2)}|{'-' * (w_value + 2)}|{'-' * (w_goal + 2)}|------")
+    for name, value, goal, notes in rows:
+        print(f"| {name:<{w_name}} | {value:>{w_value}} | {goal:<{w_goal}} | {notes}")
+
+
 def print_rows(rows: list[tuple[str, str, str, str]], args: argparse.Namespace) -> None:
     """The results table (Markdown)."""
     print(f"fleece bench on {os.cpu_count()} cores, disk {args.disk_size} of {args.data}\n")
-    print(f"| {'measure':<52} | {'value':>11} | {'goal':<16} | notes")
-    print(f"|{'-' * 54}|{'-' * 13}|{'-' * 18}|------")
-    for name, value, goal, notes in rows:
-        print(f"| {name:<52} | {value:>11} | {goal:<16} | {notes}")
+    print_table(rows)
 
 
 def live_restore_main(args: argparse.Namespace) -> None:
@@ -828,10 +832,7 @@ def live_restore_main(args: argparse.Namespace) -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(f"fleece live-restore bench on {os.cpu_count()} cores\n")
-    print(f"| {'measure':<58} | {'value':>9} | {'goal':<7} | notes")
-    print(f"|{'-' * 60}|{'-' * 11}|{'-' * 9}|------")
-    for name, value, goal, notes in rows:
-        print(f"| {name:<58} | {value:>9} | {goal:<7} | {notes}")
+    print_table(rows, (58, 9, 7))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FLEECE, VM, MiB, sh, timed
+from bench import FLEECE, VM, MiB, print_table, sh, timed
 
 GRANULE = 64 * 1024
 
@@ -159,10 +159,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"fleece incremental bench ({args.fleece}) on {os.cpu_count()} cores\n")
-    print(f"| {'measure':<56} | {'value':>9} | {'goal':<22} | notes")
-    print(f"|{'-' * 58}|{'-' * 11}|{'-' * 24}|------")
-    for name, value, goal, notes in rows:
-        print(f"| {name:<56} | {value:>9} | {goal:<22} | {notes}")
+    print_table(rows, (56, 9, 22))
 
 
 if __name__ == "__main__":
