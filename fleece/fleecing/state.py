@@ -95,12 +95,7 @@ class ExportState:
 
     def save(self) -> None:
         """Write the file atomically (a reader sees the old or the new state, never half)."""
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"version": VERSION, **asdict(self)}, indent=1))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_state_file(self.path, VERSION, self)
 
     @classmethod
     def load(cls, scratch: str | Path) -> ExportState | None:
@@ -121,3 +116,18 @@ class ExportState:
         """Delete the file (the last step of a tear-down)."""
         self.path.with_suffix(".tmp").unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
+
+
+def save_state_file(path: Path, version: int, state: Any) -> None:
+    """Write a dataclass ``state`` as ``{"version": …, …}`` JSON to ``path``, atomically.
+
+    Every state file fleece keeps beside a live operation (an export, a
+    libvirt job, a live restore) is written this way: a reader sees the old
+    state or the new one, never half.
+    """
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps({"version": version, **asdict(state)}, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

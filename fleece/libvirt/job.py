@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from socket import gethostname
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 from fleece.errors import BadInput, ExportError
 from fleece.fleecing.names import SOCKET_FILE, checkpoint_bitmap
 from fleece.fleecing.setup import default_scratch_parent
+from fleece.fleecing.state import save_state_file
 from fleece.libvirt.domain import JOB_OPERATION_BACKUP, bindings
 from fleece.liveness import process_gone
 
@@ -82,12 +83,7 @@ class JobState:
 
     def save(self) -> None:
         """Write the file atomically."""
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"version": VERSION, **asdict(self)}, indent=1))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_state_file(self.path, VERSION, self)
 
     @classmethod
     def load(cls, scratch: str | Path) -> JobState | None:

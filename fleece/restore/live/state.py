@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from socket import gethostname
 from typing import Any
@@ -33,6 +33,7 @@ from urllib.parse import unquote
 
 from fleece.errors import FleeceError
 from fleece.fleecing.names import LIVE_PREFIX
+from fleece.fleecing.state import save_state_file
 
 VERSION = 1
 
@@ -92,12 +93,7 @@ class LiveDisk:
 
     def save(self) -> None:
         """Write the file atomically."""
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"version": VERSION, **asdict(self)}, indent=1))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_state_file(self.path, VERSION, self)
 
     def remove(self) -> None:
         """Delete the file (and a socket its dead server left), then the scratch directory once empty."""
