@@ -24,7 +24,7 @@ from fleece.errors import LockHeld
 from fleece.maintenance.gc import collect_garbage
 from fleece.maintenance.verify import verify_points
 from fleece.repo import gc_lock
-from fleece.repo.backends.base import Backend
+from fleece.repo.backends.base import Backend, ForwardingBackend
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format import keys
 from fleece.repo.repository import Repository
@@ -64,6 +64,32 @@ class ProbeHook:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class HeldAfterLease(ForwardingBackend):
+    """A backend whose reads wait, once gc holds its lease, until the test releases them.
+
+    It pins gc inside its leased section for as long as the test needs (a
+    whole backup process), however slow the machine is.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.leased = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """The inner ``put``; taking the gc lease arms the gate."""
+        stored = self.inner.put(key, data, if_absent=if_absent)
+        if key == keys.repo_lock_key("gc") and stored:
+            self.leased.set()
+        return stored
+
+    def get(self, key: str) -> bytes:
+        """The inner ``get``, once the test has released the gate (if gc holds its lease)."""
+        if self.leased.is_set():
+            self.release.wait(300)
+        return self.inner.get(key)
 
 
 class Guest:
@@ -209,16 +235,16 @@ def test_a_backup_started_during_gc_backs_off_and_leaves_the_vm_as_it_was(
     with_garbage(fleece, guest, repo_url, 0xEE)
     guest.fill(3, 0x42)
     graph = guest.vm.block_graph()
-    slow = FaultyBackend(open_backend(repo_url), delay=0.4, ops={"get"})
+    held = HeldAfterLease(open_backend(repo_url))
     outcome: dict[str, Any] = {}
-    gc = threading.Thread(target=lambda: outcome.update(report=collect_garbage(Repository.open(slow))))
+    gc = threading.Thread(target=lambda: outcome.update(report=collect_garbage(Repository.open(held))))
     gc.start()
-    deadline = time.monotonic() + 60
-    while not open_backend(repo_url).exists(keys.repo_lock_key("gc")):
-        assert time.monotonic() < deadline and gc.is_alive(), "gc never took its lease"
-        time.sleep(0.02)
-    r = fleece("backup", "--qmp", guest.vm.qmp_path, "--drive", "vda", "--repo", repo_url)
-    assert gc.is_alive(), "gc finished too soon to overlap"
+    try:
+        assert held.leased.wait(60), "gc never took its lease"
+        r = fleece("backup", "--qmp", guest.vm.qmp_path, "--drive", "vda", "--repo", repo_url)
+        assert gc.is_alive(), "gc finished too soon to overlap"
+    finally:
+        held.release.set()
     assert r.rc == 1 and "garbage collection is running" in r.err, r.err
     assert guest.vm.block_graph() == graph
     assert not open_backend(repo_url).exists(keys.vm_lock_key("web1"))
