@@ -25,7 +25,7 @@ from fleece.repo.backends.file import FileBackend
 from fleece.repo.backends.s3 import S3Backend
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format.keys import vm_lock_key
-from fleece.repo.lock import Lease, acquire, break_lock
+from fleece.repo.lock import Lease, acquire, break_lease
 
 KEY = vm_lock_key("web1")
 
@@ -42,7 +42,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def take_over(url: str) -> Lease:
     """Another process breaks the lease (``unlock --force``) and a new backup takes it."""
     other = open_backend(url)
-    break_lock(other, "web1")
+    break_lease(other, KEY, "VM web1")
     return acquire(other, KEY, "VM web1", heartbeat=False)
 
 
@@ -94,7 +94,7 @@ def test_the_pre_commit_check_rereads_the_lease_and_sees_a_takeover(store: str) 
 
 def test_the_pre_commit_check_sees_a_broken_lease(store: str) -> None:
     holder = acquire(open_backend(store), KEY, "VM web1", heartbeat=False)
-    break_lock(open_backend(store), "web1")
+    break_lease(open_backend(store), KEY, "VM web1")
     with pytest.raises(LockHeld, match="removed or taken over"):
         holder.check()
     assert not open_backend(store).exists(KEY)
@@ -117,7 +117,7 @@ def test_a_break_between_the_renewals_read_and_write_does_not_bring_the_lease_ba
         store: str) -> None:
     backend = open_backend(store)
     holder = acquire(backend, KEY, "VM web1", heartbeat=False)
-    ran = before_lease_write(backend, lambda: break_lock(open_backend(store), "web1"))
+    ran = before_lease_write(backend, lambda: break_lease(open_backend(store), KEY, "VM web1"))
     with pytest.raises(LockHeld, match="lost the lock on VM web1"):
         holder.record_uses(["20261122T073600.000001Z-0b7e55"])
     assert ran
@@ -216,7 +216,7 @@ def test_file_a_break_between_the_compare_and_the_swap_is_not_undone(
     def break_first(a: Path, b: Path) -> None:
         if not ran:
             ran.append(1)
-            break_lock(FileBackend(tmp_path / "repo"), "web1")
+            break_lease(FileBackend(tmp_path / "repo"), KEY, "VM web1")
         exchange(a, b)
 
     monkeypatch.setattr(file_backend, "_exchange", break_first)

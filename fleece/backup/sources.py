@@ -22,6 +22,7 @@ from typing import Protocol
 from fleece.fleecing import point_in_time_export
 from fleece.fleecing.setup import preflight
 from fleece.qmp import QmpSession, list_disks, resolve_drive
+from fleece.qmp.answers import query_name, query_uuid
 
 ParentOk = Callable[[str, str], bool]
 Log = Callable[[str], None]
@@ -114,10 +115,10 @@ class PointInTimeSource(Protocol):
 
 async def qmp_vm_name(session: QmpSession) -> str:
     """The VM's name as DESIGN.md defines it: ``-name``, else its UUID, else the socket."""
-    name = (await session.execute("query-name")).get("name")
+    name = (await query_name(session)).get("name")
     if name:
         return str(name)
-    uuid = (await session.execute("query-uuid")).get("UUID", "")
+    uuid = (await query_uuid(session)).get("UUID", "")
     if uuid and uuid.strip("0-"):
         return str(uuid)
     address = session.address
