@@ -254,12 +254,7 @@ async def live_restore(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
             with contextlib.suppress(OSError):
                 scratch.rmdir()
             raise
-        emit("running", status=await _run_state(session), disks=plans)
-        try:
-            await Streams(session, plans, servers, emit).run()
-        finally:
-            stop_servers(servers)
-        return plans
+        return await _stream_to_the_end(session, plans, servers, emit)
 
 
 async def resume(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
@@ -285,12 +280,19 @@ async def resume(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
         except BaseException:
             stop_servers(servers)
             raise
-        emit("running", status=await _run_state(session), disks=plans)
-        try:
-            await Streams(session, plans, servers, emit).run()
-        finally:
-            stop_servers(servers)
-        return plans
+        return await _stream_to_the_end(session, plans, servers, emit)
+
+
+async def _stream_to_the_end(session: QmpSession, plans: list[LiveDisk],
+                             servers: dict[str, NbdkitServer], emit: Emit) -> list[LiveDisk]:
+    """Say the VM runs, then stream every disk until its image stands alone; the servers stop
+    however that ends."""
+    emit("running", status=await _run_state(session), disks=plans)
+    try:
+        await Streams(session, plans, servers, emit).run()
+    finally:
+        stop_servers(servers)
+    return plans
 
 
 def _found(graph: BlockGraph, req: LiveRequest) -> list[LiveDisk]:
