@@ -114,7 +114,7 @@ class PointInTimeSource(Protocol):
 
 
 async def qmp_vm_name(session: QmpSession) -> str:
-    """The VM's name as DESIGN.md defines it: ``-name``, else its UUID, else the socket."""
+    """The VM's name as docs/design.md §4.2 defines it: ``-name``, else its UUID, else the socket."""
     name = (await query_name(session)).get("name")
     if name:
         return str(name)
@@ -153,7 +153,7 @@ class QmpSource:
         await self._open.__aexit__(et, ev, tb)
 
     async def vm_name(self) -> str:
-        """``-name``, else the UUID, else the socket path (DESIGN.md)."""
+        """``-name``, else the UUID, else the socket path (docs/design.md §4.2)."""
         return await qmp_vm_name(self.session)
 
     async def qemu_version(self) -> str:
