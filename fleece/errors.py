@@ -42,6 +42,15 @@ class QmpCommandError(FleeceError):
         self.desc = desc
 
 
+class QmpProtocolError(FleeceError):
+    """QEMU answered a QMP command in a shape fleece does not know (an object for a list…)."""
+
+    def __init__(self, command: str, expected: str, answer: object) -> None:
+        super().__init__(f"QEMU answered {command} with {type(answer).__name__}, not {expected}; "
+                         "nothing was changed by reading it")
+        self.command = command
+
+
 class LeftoversPresent(FleeceError):
     """A previous fleece run left nodes, exports or bitmaps behind."""
 

@@ -189,12 +189,14 @@ class VM:
             self.proc.kill()
 
 
-def build_disk(work: Path, data: Path, size: str) -> Path:
+def build_disk(work: Path, data: Path, size: str, random_mib: int = 128) -> Path:
+    """An ext4 image of ``data`` plus ``random_mib`` MiB of incompressible bytes, as qcow2."""
     tree = work / "tree"
     tree.mkdir()
     sh("cp", "-a", data, tree / "data")
     with open(tree / "random.bin", "wb") as f:
-        f.write(os.urandom(128 * MiB))  # incompressible
+        for _ in range(random_mib):
+            f.write(os.urandom(MiB))
     raw = work / "disk.raw"
     sh("mkfs.ext4", "-q", "-F", "-d", tree, raw, size)
     image = work / "disk.qcow2"
@@ -776,17 +778,25 @@ def main() -> None:
     finally:
         for v in vms:
             v.stop()
-        if args.keep:
-            print(f"bench: kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_work("bench", work, args.keep)
         shutil.rmtree(shm, ignore_errors=True)
     print_rows(rows, args)
 
 
+def end_work(name: str, work: Path, keep: bool) -> None:
+    """The end of a bench run: remove its working directory, or say where ``--keep`` left it."""
+    if keep:
+        print(f"{name}: kept {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def print_table(rows: list[tuple[str, str, str, str]],
-                widths: tuple[int, int, int] = (52, 11, 16)) -> None:
-    """A Markdown table of ``(measure, value, goal, notes)`` rows, the way every bench prints."""
+                widths: tuple[int, int, int] = (52, 11, 16), title: str | None = None) -> None:
+    """A Markdown table of ``(measure, value, goal, notes)`` rows, the way every bench prints,
+    under ``title`` (what was measured, and on how many cores) if given."""
+    if title:
+        print(f"{title}\n")
     w_name, w_value, w_goal = widths
     print(f"| {'measure':<{w_name}} | {'value':>{w_value}} | {'goal':<{w_goal}} | notes")
     print(f"|{'-' * (w_name + 2)}|{'-' * (w_value + 2)}|{'-' * (w_goal + 2)}|------")
@@ -796,8 +806,7 @@ def print_table(rows: list[tuple[str, str, str, str]],
 
 def print_rows(rows: list[tuple[str, str, str, str]], args: argparse.Namespace) -> None:
     """The results table (Markdown)."""
-    print(f"fleece bench on {os.cpu_count()} cores, disk {args.disk_size} of {args.data}\n")
-    print_table(rows)
+    print_table(rows, title=f"fleece bench on {os.cpu_count()} cores, disk {args.disk_size} of {args.data}")
 
 
 def live_restore_main(args: argparse.Namespace) -> None:
@@ -827,12 +836,8 @@ def live_restore_main(args: argparse.Namespace) -> None:
     finally:
         for v in vms:
             v.stop()
-        if args.keep:
-            print(f"bench: kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print(f"fleece live-restore bench on {os.cpu_count()} cores\n")
-    print_table(rows, (58, 9, 7))
+        end_work("bench", work, args.keep)
+    print_table(rows, (58, 9, 7), title=f"fleece live-restore bench on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

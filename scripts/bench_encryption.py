@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FLEECE, VM
-from bench_incremental import build_disk
+from bench import FLEECE, VM, build_disk, end_work
 
 PASSPHRASE = "bench passphrase"
 
@@ -65,10 +64,7 @@ def main() -> None:
     finally:
         if vm is not None:
             vm.stop()
-        if args.keep:
-            print(f"bench-encryption: kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_work("bench-encryption", work, args.keep)
     plain = statistics.median(backup_s["none"])
     print(f"fleece encryption bench on {os.cpu_count()} cores, {args.runs} runs each, medians\n")
     print(f"| {'measure':<44} | {'value':>7} | {'goal':<7} | notes")

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,26 +29,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FLEECE, VM, MiB, print_table, sh, timed
+from bench import FLEECE, VM, MiB, build_disk, end_work, print_table, timed
 
 GRANULE = 64 * 1024
-
-
-def build_disk(work: Path, data: Path, size: str, random_mib: int) -> Path:
-    """An ext4 image of ``data`` plus ``random_mib`` MiB of incompressible bytes, as qcow2."""
-    tree = work / "tree"
-    tree.mkdir()
-    sh("cp", "-a", data, tree / "data")
-    with open(tree / "random.bin", "wb") as f:
-        for _ in range(random_mib):
-            f.write(os.urandom(MiB))
-    raw = work / "disk.raw"
-    sh("mkfs.ext4", "-q", "-F", "-d", tree, raw, size)
-    image = work / "disk.qcow2"
-    sh("qemu-img", "convert", "-O", "qcow2", raw, image)
-    raw.unlink()
-    shutil.rmtree(tree)
-    return image
 
 
 def guest_write_random(vm: VM, work: Path, offset: int, length: int, rng: random.Random) -> None:
@@ -153,13 +135,10 @@ def main() -> None:
     finally:
         if vm is not None:
             vm.stop()
-        if args.keep:
-            print(f"bench-incremental: kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_work("bench-incremental", work, args.keep)
 
-    print(f"fleece incremental bench ({args.fleece}) on {os.cpu_count()} cores\n")
-    print_table(rows, (56, 9, 22))
+    print_table(rows, (56, 9, 22),
+                title=f"fleece incremental bench ({args.fleece}) on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ PIECE = 64 * 1024
 
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
-from bench import build_disk  # noqa: E402
+from bench import build_disk, end_work  # noqa: E402
 from libvirt_host import DISK_XML, DOMAIN_XML, LibvirtHost  # noqa: E402
 
 
@@ -162,10 +162,7 @@ def main() -> None:
               f"{load0:.1f} before, {load:.1f} after), disk {args.disk_size} of {args.data}\n")
     finally:
         host.stop()
-        if args.keep:
-            print(f"bench --libvirt: kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_work("bench --libvirt", work, args.keep)
     print(f"| {'backup':<46} | {'fleece --libvirt':<30} | {'fleece --chunk-size 256K':<30} "
           "| virtnbdbackup -z (lz4)")
     print(f"|{'-' * 48}|{'-' * 32}|{'-' * 32}|------")

@@ -606,24 +606,25 @@ def _start_s3rver(base: Path, tls: bool) -> tuple[S3Server, Any]:
                     enforces_conditional_writes=False, config=config), log
 
 
-@pytest.fixture(scope="session")
-def s3rver_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """s3rver (npm) on 127.0.0.1 over plain HTTP, for the session."""
-    server, log = _start_s3rver(tmp_path_factory.mktemp("s3rver-http"), tls=False)
+def _running_s3rver(tmp_path_factory: pytest.TempPathFactory, tls: bool) -> Iterator[S3Server]:
+    """An s3rver until the generator is closed (a session fixture's body)."""
+    server, log = _start_s3rver(tmp_path_factory.mktemp("s3rver-https" if tls else "s3rver-http"), tls=tls)
     yield server
     server.proc.terminate()
     server.proc.wait(10)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def s3rver_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """s3rver (npm) on 127.0.0.1 over plain HTTP, for the session."""
+    yield from _running_s3rver(tmp_path_factory, tls=False)
 
 
 @pytest.fixture(scope="session")
 def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """s3rver (npm) on 127.0.0.1 over HTTPS with a self-signed certificate, for the session."""
-    server, log = _start_s3rver(tmp_path_factory.mktemp("s3rver-https"), tls=True)
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
-    log.close()
+    yield from _running_s3rver(tmp_path_factory, tls=True)
 
 
 @pytest.fixture
@@ -657,6 +658,15 @@ def s3_bucket(s3_env: S3Server) -> str:
     name = f"fleece-test-{uuid.uuid4().hex[:12]}"
     s3_env.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(params=["file", "s3"])
+def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A repository location, once of each kind: a directory, or a prefix in a fresh bucket."""
+    if request.param == "file":
+        return str(tmp_path / "repo")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/fleece"
 
 
 @pytest.fixture

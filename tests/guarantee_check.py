@@ -1,7 +1,7 @@
 """pytest hooks: a guarantee whose test was skipped, or did not run, fails the run.
 
-The README's "What fleece guarantees" names, for each claim, the tests that
-prove it. A skipped test proves nothing, so:
+``docs/guarantees.md`` names, for each claim, the tests that prove it (the
+README only sums it up). A skipped test proves nothing, so:
 
 * any named test that this run collected and that skipped fails the run;
 * a run that collected every file the guarantees name and deselected
@@ -21,30 +21,33 @@ from pathlib import Path
 import pytest
 
 REFERENCE = re.compile(r"`(tests/test_\w+\.py)::(test_\w+)`")
-SECTION = "## What fleece guarantees"
-DOCS = ("docs/guarantees.md", "README.md")
+GUARANTEES = "docs/guarantees.md"
+"""The one list of guarantees; the README's section of the same name sums it up and names no test."""
+SECTION = "# What fleece guarantees"
 
 _named = pytest.StashKey[set[tuple[str, str]]]()
 _strict = pytest.StashKey[bool]()
 _outcomes = pytest.StashKey[dict[str, str]]()
 
 
-def guarantee_sections(root: Path) -> list[tuple[Path, str]]:
-    """(document, text) of each "What fleece guarantees" section under ``root``."""
-    found = []
-    for name in DOCS:
-        doc = root / name
-        text = doc.read_text() if doc.exists() else ""
-        start = text.find(SECTION)
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            found.append((doc, text[start: end if end >= 0 else None]))
-    return found
+def section(text: str, heading: str = SECTION) -> str | None:
+    """The part of ``text`` from ``heading`` to the next ``## `` heading, if it has one."""
+    start = text.find(heading)
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + len(heading))
+    return text[start: end if end >= 0 else None]
+
+
+def guarantees(root: Path) -> str | None:
+    """The list of guarantees under ``root`` (``docs/guarantees.md``), if there is one."""
+    doc = root / GUARANTEES
+    return section(doc.read_text()) if doc.exists() else None
 
 
 def named_tests(root: Path) -> set[tuple[str, str]]:
     """Every (``tests/test_x.py``, ``test_name``) the guarantees name."""
-    return {ref for _, section in guarantee_sections(root) for ref in REFERENCE.findall(section)}
+    return set(REFERENCE.findall(guarantees(root) or ""))
 
 
 def _ref(nodeid: str) -> tuple[str, str]:
@@ -109,7 +112,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not problems:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = ["guarantee tests that proved nothing in this run (README 'What fleece guarantees'):",
+    lines = [f"guarantee tests that proved nothing in this run ({GUARANTEES}):",
              *(f"  {p}" for p in problems)]
     if reporter is not None:
         reporter.write_sep("=", "unproved guarantees", red=True)

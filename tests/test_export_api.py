@@ -32,7 +32,7 @@ class RecordingSession(QmpSession):
         self.calls: list[str] = []
         self.counts: dict[str, int] = {}
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
         self.calls.append(command)
         self.counts[command] = self.counts.get(command, 0) + 1
         if self.fail == (command, self.counts[command]):

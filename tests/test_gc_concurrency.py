@@ -13,7 +13,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,15 +33,6 @@ MiB = 1 << 20
 CHUNK = 4 * MiB
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture(params=["file", "s3"])
-def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where the repository lives: a directory, or a prefix in a fresh moto bucket."""
-    if request.param == "file":
-        return str(tmp_path / "repo")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/fleece"
 
 
 class ProbeHook:

@@ -1,5 +1,6 @@
-"""Every line of "What fleece guarantees" names tests, every test it names exists, and a
-guarantee whose test skipped or did not run fails the run (``tests/guarantee_check.py``)."""
+"""Every line of ``docs/guarantees.md`` names tests, every test it names exists, the README
+only sums the list up and points to it, and a guarantee whose test skipped or did not run
+fails the run (``tests/guarantee_check.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from guarantee_check import REFERENCE, guarantee_sections
+from guarantee_check import GUARANTEES, REFERENCE, guarantees, section
 
 pytest_plugins = ["pytester"]
 
@@ -16,28 +17,41 @@ TESTS = Path(__file__).parent
 
 
 def test_each_guarantee_names_a_test_that_exists() -> None:
-    sections = guarantee_sections(ROOT)
-    assert sections, "no 'What fleece guarantees' section"
-    for doc, section in sections:
-        bullets = re.split(r"\n- ", section)[1:]
-        assert len(bullets) >= 10, doc
-        for bullet in bullets:
-            refs = REFERENCE.findall(bullet)
-            assert refs, f"{doc}: a guarantee without a test: {bullet[:80]!r}"
-            for path, name in refs:
-                source = ROOT / path
-                assert source.exists(), f"{doc} names {path}, which does not exist"
-                assert re.search(rf"^def {name}\(", source.read_text(), re.M), (
-                    f"{doc} names {path}::{name}, which does not exist")
+    listed = guarantees(ROOT)
+    assert listed, f"no {GUARANTEES}"
+    bullets = re.split(r"\n- ", listed)[1:]
+    assert len(bullets) >= 10
+    for bullet in bullets:
+        refs = REFERENCE.findall(bullet)
+        assert refs, f"a guarantee without a test: {bullet[:80]!r}"
+        for path, name in refs:
+            source = ROOT / path
+            assert source.exists(), f"{GUARANTEES} names {path}, which does not exist"
+            assert re.search(rf"^def {name}\(", source.read_text(), re.M), (
+                f"{GUARANTEES} names {path}::{name}, which does not exist")
+
+
+def test_the_readme_sums_the_guarantees_up_and_points_to_the_one_list() -> None:
+    """One source of truth: the README names no test (a second list would drift), links the
+    list, and has a paragraph for each of its groups."""
+    summary = section((ROOT / "README.md").read_text(), "## What fleece guarantees")
+    assert summary, "the README has no 'What fleece guarantees' section"
+    assert f"({GUARANTEES})" in summary
+    assert not REFERENCE.findall(summary), "the README lists tests: they belong in " + GUARANTEES
+    groups = re.findall(r"^\*\*(It [^*.]+)\*\*$", guarantees(ROOT) or "", re.M)
+    assert len(groups) == 4, groups
+    for group in groups:
+        assert f"**{group}.**" in summary, f"the README does not sum up {group!r}"
 
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
     """A small project: two guarantees, one proved by a test that skips as this user would."""
     pytester.syspathinsert(TESTS)
-    pytester.makefile(".md", README="# p\n\n## What fleece guarantees\n\n"
-                      "- one\n  `tests/test_a.py::test_proves`\n"
-                      "- two\n  `tests/test_b.py::test_skips`, `tests/test_b.py::test_param`\n\n## after\n")
+    pytester.mkdir("docs")
+    pytester.path.joinpath(GUARANTEES).write_text(
+        "# What fleece guarantees\n\n- one\n  `tests/test_a.py::test_proves`\n"
+        "- two\n  `tests/test_b.py::test_skips`, `tests/test_b.py::test_param`\n")
     pytester.mkdir("tests")
     pytester.path.joinpath("tests/conftest.py").write_text(
         "from guarantee_check import (pytest_collection_modifyitems, pytest_deselected,\n"

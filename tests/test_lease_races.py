@@ -25,24 +25,15 @@ from fleece.repo.backends.file import FileBackend
 from fleece.repo.backends.s3 import S3Backend
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format.keys import vm_lock_key
-from fleece.repo.lock import Lease, acquire, break_lock
+from fleece.repo.lock import Lease, acquire, break_lease
 
 KEY = vm_lock_key("web1")
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A repository location: a directory, or a prefix in a fresh moto bucket (over HTTP)."""
-    if request.param == "file":
-        return str(tmp_path / "repo")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/fleece"
 
 
 def take_over(url: str) -> Lease:
     """Another process breaks the lease (``unlock --force``) and a new backup takes it."""
     other = open_backend(url)
-    break_lock(other, "web1")
+    break_lease(other, KEY, "VM web1")
     return acquire(other, KEY, "VM web1", heartbeat=False)
 
 
@@ -81,49 +72,49 @@ def before_lease_write(backend: Backend, action: Callable[[], object]) -> list[i
     return ran
 
 
-def test_the_pre_commit_check_rereads_the_lease_and_sees_a_takeover(store: str) -> None:
-    holder = acquire(open_backend(store), KEY, "VM web1", heartbeat=False)
+def test_the_pre_commit_check_rereads_the_lease_and_sees_a_takeover(repo_url: str) -> None:
+    holder = acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)
     holder.check()
-    taker = take_over(store)
+    taker = take_over(repo_url)
     with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
         holder.check()
-    assert stored_token(store) == taker.info.token
+    assert stored_token(repo_url) == taker.info.token
     holder.release()  # not ours any more: the taker's lease stays
-    assert stored_token(store) == taker.info.token
+    assert stored_token(repo_url) == taker.info.token
 
 
-def test_the_pre_commit_check_sees_a_broken_lease(store: str) -> None:
-    holder = acquire(open_backend(store), KEY, "VM web1", heartbeat=False)
-    break_lock(open_backend(store), "web1")
+def test_the_pre_commit_check_sees_a_broken_lease(repo_url: str) -> None:
+    holder = acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)
+    break_lease(open_backend(repo_url), KEY, "VM web1")
     with pytest.raises(LockHeld, match="removed or taken over"):
         holder.check()
-    assert not open_backend(store).exists(KEY)
+    assert not open_backend(repo_url).exists(KEY)
 
 
-def test_a_takeover_between_the_renewals_read_and_write_is_not_overwritten(store: str) -> None:
-    backend = open_backend(store)
+def test_a_takeover_between_the_renewals_read_and_write_is_not_overwritten(repo_url: str) -> None:
+    backend = open_backend(repo_url)
     holder = acquire(backend, KEY, "VM web1", heartbeat=False)
     takers: list[Lease] = []
-    ran = before_lease_write(backend, lambda: takers.append(take_over(store)))
+    ran = before_lease_write(backend, lambda: takers.append(take_over(repo_url)))
     with pytest.raises(LockHeld, match="lost the lock on VM web1"):
         holder.renew()
     assert ran, "the takeover did not land inside the renewal"
-    assert stored_token(store) == takers[0].info.token  # the taker's lease survived
+    assert stored_token(repo_url) == takers[0].info.token  # the taker's lease survived
     with pytest.raises(LockHeld):
         holder.check()
 
 
 def test_a_break_between_the_renewals_read_and_write_does_not_bring_the_lease_back(
-        store: str) -> None:
-    backend = open_backend(store)
+        repo_url: str) -> None:
+    backend = open_backend(repo_url)
     holder = acquire(backend, KEY, "VM web1", heartbeat=False)
-    ran = before_lease_write(backend, lambda: break_lock(open_backend(store), "web1"))
+    ran = before_lease_write(backend, lambda: break_lease(open_backend(repo_url), KEY, "VM web1"))
     with pytest.raises(LockHeld, match="lost the lock on VM web1"):
         holder.record_uses(["20261122T073600.000001Z-0b7e55"])
     assert ran
     # Resurrected, it would tell a gc that started meanwhile nothing, and the
     # holder would believe it had held it all along.
-    assert not open_backend(store).exists(KEY)
+    assert not open_backend(repo_url).exists(KEY)
 
 
 def _swap_many(root: str, worker: int, rounds: int, wins: Any) -> None:
@@ -156,8 +147,8 @@ def test_file_replace_if_is_atomic_between_processes(tmp_path: Path) -> None:
     assert not list(backend.root.glob(".tmp-*"))
 
 
-def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(store: str) -> None:
-    backend = open_backend(store)
+def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(repo_url: str) -> None:
+    backend = open_backend(repo_url)
     assert not backend.replace_if("locks/x", b"new", b"old")  # absent: not created
     assert not backend.exists("locks/x")
     backend.put("locks/x", b"old")
@@ -170,7 +161,7 @@ def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(st
 # -- a real backup whose lease is broken while it runs ------------------------------------
 @pytest.mark.qemu
 def test_unlock_force_and_gc_while_a_backup_is_held_commit_nothing(
-        make_vm: Any, fleece: Any, store: str, hold_backup: Any) -> None:
+        make_vm: Any, fleece: Any, repo_url: str, hold_backup: Any) -> None:
     """The backup is held before its point; the operator breaks its lease and gc runs.
 
     The backup then fails with one line, commits no point, and QEMU is left as
@@ -178,26 +169,26 @@ def test_unlock_force_and_gc_while_a_backup_is_held_commit_nothing(
     """
     vm = make_vm(name="web1")
     vm.write("vda", 0, 4 << 20, 0x5A)
-    first = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", store, "--json")
+    first = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo_url, "--json")
     assert first.rc == 0, first.err
     vm.write("vda", 8 << 20, 4 << 20, 0x6B)
     graph = vm.block_graph()
-    held = hold_backup(vm, store, "before-point")
+    held = hold_backup(vm, repo_url, "before-point")
     held.wait_held()
-    broken = fleece("unlock", "--repo", store, "--vm", "web1", "--force")
+    broken = fleece("unlock", "--repo", repo_url, "--vm", "web1", "--force")
     assert broken.rc == 0, broken.err
-    gc = fleece("gc", "--repo", store, "--json")
+    gc = fleece("gc", "--repo", repo_url, "--json")
     assert gc.rc == 0, gc.err  # nothing told gc a backup was running
     rc, out, err = held.release()
     assert rc == 1, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "lost the lock" in lines[0] and "nothing was committed" in lines[0]
     assert "Traceback" not in err and out == ""
-    assert point_ids(fleece, store) == [first.json()["point"]]
+    assert point_ids(fleece, repo_url) == [first.json()["point"]]
     assert vm.block_graph() == graph
-    verified = fleece("verify", "--repo", store, "--deep")
+    verified = fleece("verify", "--repo", repo_url, "--deep")
     assert verified.rc == 0, verified.out + verified.err
-    again = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", store, "--json")
+    again = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo_url, "--json")
     assert again.rc == 0, again.err
     assert again.json()["disks"][0]["level"] == "incremental"
 
@@ -216,7 +207,7 @@ def test_file_a_break_between_the_compare_and_the_swap_is_not_undone(
     def break_first(a: Path, b: Path) -> None:
         if not ran:
             ran.append(1)
-            break_lock(FileBackend(tmp_path / "repo"), "web1")
+            break_lease(FileBackend(tmp_path / "repo"), KEY, "VM web1")
         exchange(a, b)
 
     monkeypatch.setattr(file_backend, "_exchange", break_first)
@@ -252,21 +243,21 @@ class BeforeWrite:
         return getattr(self.inner, name)
 
 
-def test_two_takers_of_one_stale_lease_do_not_both_win(store: str) -> None:
+def test_two_takers_of_one_stale_lease_do_not_both_win(repo_url: str) -> None:
     """Both read the dead holder's lease; one takes it over first. The other must not then
     remove the winner's fresh lease and take it too."""
     from fleece.repo.lock import LeaseInfo
 
     dead = LeaseInfo(key=KEY, host="gone-host", pid=4242, token="d" * 32,
                      created="2026-01-01T00:00:00.000000Z", expires="2026-01-01T00:10:00.000000Z")
-    open_backend(store).put(KEY, dead.to_json())
+    open_backend(repo_url).put(KEY, dead.to_json())
     first: list[Lease] = []
-    late = BeforeWrite(open_backend(store), lambda: first.append(
-        acquire(open_backend(store), KEY, "VM web1", heartbeat=False)))
+    late = BeforeWrite(open_backend(repo_url), lambda: first.append(
+        acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)))
     with pytest.raises(LockHeld, match="VM web1 is locked by"):
         acquire(late, KEY, "VM web1", heartbeat=False)  # type: ignore[arg-type]
     assert late.ran and len(first) == 1
-    assert stored_token(store) == first[0].info.token
+    assert stored_token(repo_url) == first[0].info.token
     first[0].check()
 
 

@@ -36,15 +36,6 @@ def point_disk(seed: int, size: int = SIZE) -> bytes:
     return bytes(disk)
 
 
-@pytest.fixture(params=["file", "s3"])
-def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A file repository, or one on the moto S3 server over HTTP."""
-    if request.param == "file":
-        return str(tmp_path / "repo")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/fleece"
-
-
 def make_repo(url: str, store_point: Any, disks: dict[str, bytes]) -> Repository:
     repo = Repository.init(open_backend(url), chunk_size=CHUNK)
     store_point(repo, P1, disks)

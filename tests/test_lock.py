@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from fleece.errors import LockHeld
 from fleece.repo.backends.base import Backend
 from fleece.repo.backends.file import FileBackend
-from fleece.repo.lock import Lease, acquire, break_lock, repo_lock, vm_lock
+from fleece.repo.lock import Lease, acquire, break_lease, repo_lock, vm_lock
 from fleece.testing.memory_backend import MemoryBackend
 
 
@@ -102,14 +103,17 @@ def test_without_heartbeat_a_lease_expires_and_is_taken_over(backend: Backend) -
     assert not backend.exists("locks/vms/web1")
 
 
-def test_break_lock(backend: Backend) -> None:
+def test_break_lease(backend: Backend) -> None:
     holder = acquire(backend, "locks/vms/web1", "VM web1", heartbeat=False)
-    info = break_lock(backend, "web1")
+    with pytest.raises(LockHeld, match="changed hands meanwhile"):
+        break_lease(backend, "locks/vms/web1", "VM web1", expected=replace(holder.info, token="other"))
+    assert backend.exists("locks/vms/web1")
+    info = break_lease(backend, "locks/vms/web1", "VM web1", expected=holder.info)
     assert info is not None and info.token == holder.info.token
     assert not backend.exists("locks/vms/web1")
     with pytest.raises(LockHeld, match="removed or taken over"):
         holder.renew()
-    assert break_lock(backend, "web1") is None
+    assert break_lease(backend, "locks/vms/web1", "VM web1") is None
 
 
 def test_unreadable_lease_blocks_until_it_ages_out(tmp_path: Path) -> None:

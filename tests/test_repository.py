@@ -129,10 +129,10 @@ def test_chunks_round_trip_and_are_immutable(repo: Repository) -> None:
     data = b"chunk data" * 100
     digest = chunk_digest(data)
     assert repo.chunk_key(digest) == f"chunks/{digest.hex()[:2]}/{digest.hex()}"
-    assert not repo.has_chunk(digest)
+    assert not repo.backend.exists(repo.chunk_key(digest))
     assert repo.put_chunk(digest, encode_chunk(data, 3)) is True
     repo.flush()  # the file backend publishes chunks once they are durable
-    assert repo.has_chunk(digest)
+    assert repo.backend.exists(repo.chunk_key(digest))
     assert repo.put_chunk(digest, encode_chunk(data, None)) is False
     assert repo.get_chunk(digest) == data
 
@@ -173,19 +173,6 @@ def test_chunk_index_basics() -> None:
         idx.get(4)
     with pytest.raises(ValueError):
         idx.set(1, bytes(32))  # the zero marker is not a digest
-
-
-def test_chunk_index_resized() -> None:
-    idx = ChunkIndex.empty(CHUNK, 2 * CHUNK)
-    d = chunk_digest(b"x")
-    idx.set(0, d)
-    idx.set(1, d)
-    grown = idx.resized(5 * CHUNK)
-    assert grown.n_chunks == 5 and grown.disk_size == 5 * CHUNK
-    assert [grown.get(i) for i in range(5)] == [d, d, None, None, None]
-    shrunk = idx.resized(CHUNK // 2)
-    assert shrunk.n_chunks == 1 and shrunk.get(0) == d
-    assert idx.n_chunks == 2  # the original is untouched
 
 
 def test_chunk_index_binary_round_trip() -> None:

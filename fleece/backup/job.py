@@ -26,7 +26,7 @@ from typing import Any
 from fleece import __version__
 from fleece.backup.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
 from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
-from fleece.backup.sources import ExportedDisk, PointInTimeSource, QmpSource, qmp_vm_name
+from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, QmpSource, qmp_vm_name
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
@@ -133,6 +133,8 @@ async def run_backup(
 ) -> BackupResult:
     """Take one restore point of ``req.drives``; see the module docstring for the order.
 
+    Three steps, each its own function: open (or create) the repository,
+    back up the disks inside the export, commit the point.
     ``progress(drive, total_bytes)`` returns a callback fed with bytes done;
     ``say`` receives one-line notices (why a disk is full, the pause).
     """
@@ -145,18 +147,7 @@ async def run_backup(
         if req.on_vm is not None:
             req.on_vm(vm)
         qemu = await source.qemu_version()
-        # Unknown drives are bad input: say so before the repository is touched
-        # (a fresh location is only initialized once the VM side checks out).
-        await source.check_drives(req.drives)
-        if not isinstance(req.repo, Repository) and req.level == "incremental":
-            raise FleeceError(
-                "--level incremental needs a parent restore point, and the repository does "
-                "not exist yet; nothing was changed"
-            )
-        if not isinstance(req.repo, Repository):
-            # A fresh location becomes a repository only if the export can be set up.
-            await source.preflight(req.drives, req.scratch_dir)
-        repo = req.repo if isinstance(req.repo, Repository) else req.repo()
+        repo = await _open_repository(req, source)
         with vm_lock(repo.backend, vm) as lease:
             # We will reuse chunks we do not upload: no gc may run until we
             # commit. Our lease exists now, so a gc starting later sees it.
@@ -178,29 +169,12 @@ async def run_backup(
                 known_point=points.latest_id(),
             ) as export:
                 pause_point("export-live")  # test hook (fleece.testing); inert in production
-                results: list[DiskResult] = []
-                records: list[DiskRecord] = []
-                latest = points.latest()
-                # Prune keeps the points whose indexes we are about to read.
-                uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
-                await asyncio.to_thread(lease.record_uses, sorted(uses))
-                for disk in export.disks:
-                    result, record = await asyncio.to_thread(
-                        _back_up_disk, req, repo, export.checkpoint, disk,
-                        points.get(disk.since) if disk.since else None, latest,
-                        export.trim_alignment if disk.discard else None, progress,
-                    )
-                    results.append(result)
-                    records.append(record)
-                # Only disks that stayed incremental have a parent (a damaged or
-                # resized parent makes a disk full after all).
-                parents = sorted({d.since for d, r in zip(export.disks, results, strict=True)
-                                  if d.since and r.level == "incremental"})
+                results, records = await _back_up_disks(req, repo, export, points, lease, progress)
                 point = RestorePoint(
                     id=export.checkpoint,
                     vm=vm,
                     created=iso_utc(),
-                    parent=parents[-1] if parents else None,
+                    parent=_parent(export, results),
                     chunk_size=repo.config.chunk_size,
                     disks=records,
                     fleece_version=__version__,
@@ -213,20 +187,86 @@ async def run_backup(
                         "bytes_stored": sum(r.stats.bytes_stored for r in results),
                     },
                 )
-                if req.verify:
-                    # Before the point exists: damage fails the backup, which
-                    # aborts the checkpoint (the previous one keeps recording).
-                    await asyncio.to_thread(
-                        require_new_point_intact, repo, point,
-                        points.get(point.parent) if point.parent else None, progress=progress)
-                # Written last: from here on the point exists. The export's
-                # normal exit then commits the checkpoint bitmaps. A lapsed
-                # lease means a gc may have run: do not commit.
-                pause_point("before-point")  # test hook (fleece.testing); inert in production
-                await asyncio.to_thread(lease.check)
-                await asyncio.to_thread(repo.write_point, point)
-                await asyncio.to_thread(_confirm_lease_after_commit, repo, lease, point)
+                await _commit(req, repo, lease, points, point, progress)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
+
+
+async def _open_repository(req: BackupRequest, source: PointInTimeSource) -> Repository:
+    """The repository, created only once the VM side checks out (a failed backup creates none)."""
+    # Unknown drives are bad input: say so before the repository is touched
+    # (a fresh location is only initialized once the VM side checks out).
+    await source.check_drives(req.drives)
+    if isinstance(req.repo, Repository):
+        return req.repo
+    if req.level == "incremental":
+        raise FleeceError(
+            "--level incremental needs a parent restore point, and the repository does "
+            "not exist yet; nothing was changed"
+        )
+    # A fresh location becomes a repository only if the export can be set up.
+    await source.preflight(req.drives, req.scratch_dir)
+    return req.repo()
+
+
+async def _back_up_disks(
+    req: BackupRequest,
+    repo: Repository,
+    export: PointInTime,
+    points: _PointsOfVm,
+    lease: Lease,
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+) -> tuple[list[DiskResult], list[DiskRecord]]:
+    """Store every exported disk (chunks, deltas, index); what each stored, and its record."""
+    results: list[DiskResult] = []
+    records: list[DiskRecord] = []
+    latest = points.latest()
+    # Prune keeps the points whose indexes we are about to read.
+    uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
+    await asyncio.to_thread(lease.record_uses, sorted(uses))
+    for disk in export.disks:
+        result, record = await asyncio.to_thread(
+            _back_up_disk, req, repo, export.checkpoint, disk,
+            points.get(disk.since) if disk.since else None, latest,
+            export.trim_alignment if disk.discard else None, progress,
+        )
+        results.append(result)
+        records.append(record)
+    return results, records
+
+
+def _parent(export: PointInTime, results: list[DiskResult]) -> str | None:
+    """The point's parent: the newest one a disk stayed incremental on.
+
+    Only disks that stayed incremental have a parent (a damaged or resized
+    parent makes a disk full after all).
+    """
+    parents = sorted({d.since for d, r in zip(export.disks, results, strict=True)
+                      if d.since and r.level == "incremental"})
+    return parents[-1] if parents else None
+
+
+async def _commit(
+    req: BackupRequest,
+    repo: Repository,
+    lease: Lease,
+    points: _PointsOfVm,
+    point: RestorePoint,
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+) -> None:
+    """Verify what was stored if asked, then write the point: from then on it exists."""
+    if req.verify:
+        # Before the point exists: damage fails the backup, which
+        # aborts the checkpoint (the previous one keeps recording).
+        await asyncio.to_thread(
+            require_new_point_intact, repo, point,
+            points.get(point.parent) if point.parent else None, progress=progress)
+    # Written last: from here on the point exists. The export's
+    # normal exit then commits the checkpoint bitmaps. A lapsed
+    # lease means a gc may have run: do not commit.
+    pause_point("before-point")  # test hook (fleece.testing); inert in production
+    await asyncio.to_thread(lease.check)
+    await asyncio.to_thread(repo.write_point, point)
+    await asyncio.to_thread(_confirm_lease_after_commit, repo, lease, point)
 
 
 def _confirm_lease_after_commit(repo: Repository, lease: Lease, point: RestorePoint) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import nbd
 
 from fleece.errors import ExportError
-from fleece.fleecing.transport import ClientTls, configure_client
+from fleece.fleecing.transport import ClientTls, NbdHandle, configure_client
 
 BASE_ALLOCATION = "base:allocation"
 STATE_ZERO = 2  # base:allocation: the range reads as zeroes
@@ -104,13 +104,13 @@ class ChunkPlan:
         return n
 
 
-def connect(uri: str, contexts: tuple[str, ...] = (), *, tls: ClientTls | None = None) -> Any:
+def connect(uri: str, contexts: tuple[str, ...] = (), *, tls: ClientTls | None = None) -> NbdHandle:
     """An NBD handle on ``uri`` with the given meta contexts requested.
 
     ``tls`` are the client credentials for an ``nbds://`` URI (see
     :mod:`fleece.fleecing.transport`, which owns how fleece reaches an NBD server).
     """
-    h = nbd.NBD()
+    h: NbdHandle = nbd.NBD()
     h.set_handle_name("fleece")
     configure_client(h, uri, tls)
     for ctx in contexts:
@@ -126,7 +126,7 @@ def connect(uri: str, contexts: tuple[str, ...] = (), *, tls: ClientTls | None =
     return h
 
 
-def disconnect(h: Any) -> None:
+def disconnect(h: NbdHandle) -> None:
     """Close an NBD connection politely (libnbd 1.14 handles have no ``close``)."""
     with contextlib.suppress(nbd.Error):  # already gone: nothing to say goodbye to
         h.shutdown()
@@ -176,7 +176,7 @@ def _collector(answers: dict[str, list[int]]) -> Any:
     return collect
 
 
-def plan_chunks(h: Any, chunk_size: int, dirty_context: str | None = None) -> ChunkPlan:
+def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None) -> ChunkPlan:
     """Ask the export for block status and decide, chunk by chunk, what to do.
 
     ``h`` must have been connected with ``base:allocation`` (and
@@ -236,7 +236,7 @@ def plan_chunks(h: Any, chunk_size: int, dirty_context: str | None = None) -> Ch
                      tuple((a, b) for a, b in dirty_runs) if dirty is not None else None)
 
 
-def pread_chunk(h: Any, offset: int, length: int) -> bytes:
+def pread_chunk(h: NbdHandle, offset: int, length: int) -> bytes:
     """Read ``length`` bytes at ``offset``; reads over 32 MiB are split."""
     if length <= MAX_READ:
         return bytes(h.pread(length, offset))
@@ -250,7 +250,7 @@ def _shared(view: memoryview) -> Any:
     return from_buffer(view) if from_buffer is not None else view
 
 
-def pread_into(h: Any, buf: bytearray, reads: Sequence[tuple[int, int, int]]) -> None:
+def pread_into(h: NbdHandle, buf: bytearray, reads: Sequence[tuple[int, int, int]]) -> None:
     """Fill ``buf`` from the export: each ``(disk offset, length, where in buf)`` read in place.
 
     Every read (split at 32 MiB) is in flight at once on ``h``, so the

@@ -22,6 +22,7 @@ from typing import Protocol
 from fleece.fleecing import point_in_time_export
 from fleece.fleecing.setup import preflight
 from fleece.qmp import QmpSession, list_disks, resolve_drive
+from fleece.qmp.answers import query_name, query_uuid
 
 ParentOk = Callable[[str, str], bool]
 Log = Callable[[str], None]
@@ -113,11 +114,11 @@ class PointInTimeSource(Protocol):
 
 
 async def qmp_vm_name(session: QmpSession) -> str:
-    """The VM's name as DESIGN.md defines it: ``-name``, else its UUID, else the socket."""
-    name = (await session.execute("query-name")).get("name")
+    """The VM's name as docs/design.md §4.2 defines it: ``-name``, else its UUID, else the socket."""
+    name = (await query_name(session)).get("name")
     if name:
         return str(name)
-    uuid = (await session.execute("query-uuid")).get("UUID", "")
+    uuid = (await query_uuid(session)).get("UUID", "")
     if uuid and uuid.strip("0-"):
         return str(uuid)
     address = session.address
@@ -152,7 +153,7 @@ class QmpSource:
         await self._open.__aexit__(et, ev, tb)
 
     async def vm_name(self) -> str:
-        """``-name``, else the UUID, else the socket path (DESIGN.md)."""
+        """``-name``, else the UUID, else the socket path (docs/design.md §4.2)."""
         return await qmp_vm_name(self.session)
 
     async def qemu_version(self) -> str:

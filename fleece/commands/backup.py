@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from fleece.commands.common import (
     limited_backend,
     open_repository,
     print_json,
-    run,
+    run_async,
+    say,
 )
 from fleece.commands.config import apply_config
 from fleece.commands.metrics import Run, recorded
@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_limit_options(p)
     add_metrics_option(p)
     add_json_option(p)
-    p.set_defaults(func=cmd_backup, unsafe_locks=None)
+    p.set_defaults(func=run, unsafe_locks=None)
 
 
 def parse_size(text: str) -> int:
@@ -107,7 +107,7 @@ def parse_size(text: str) -> int:
         raise BadInput(f"not a size: {text!r} (examples: 4M, 1048576)") from None
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Parse, back up, report (and record the outcome in ``--metrics-file``)."""
     apply_config(args, CONFIG_KEYS, "backup")
     with recorded(args.metrics_file, "backup", args.repo or "", args.vm) as record:
@@ -212,14 +212,11 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
     if args.libvirt and args.qga is not None:
         req.qga = "libvirt"
 
-    def say(line: str) -> None:
-        sys.stderr.write(f"fleece: {line}\n")
-
     with progress_display() as progress:
         if args.from_export:
-            result = run(run_backup_from_export(req, *exported, progress))
+            result = run_async(run_backup_from_export(req, *exported, progress))
         else:
-            result = run(run_backup(req, progress, say))
+            result = run_async(run_backup(req, progress, say))
     record.vm = result.point.vm
     record.values = backup_metrics(result)
     if args.json:

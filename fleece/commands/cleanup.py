@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from fleece.commands import on_libvirt
-from fleece.commands.common import add_json_option, add_vm_options, print_json, run, say
+from fleece.commands.common import add_json_option, add_vm_options, print_json, run_async, say
 from fleece.errors import BadInput
 from fleece.fleecing import Leftovers, cleanup
 from fleece.fleecing.stale_scratch import scratch_parents, sweep
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--scratch-dir", metavar="DIR", action="append", type=Path,
                    help="where to look for them (repeatable; default $TMPDIR and /var/tmp)")
     add_json_option(p)
-    p.set_defaults(func=cmd_cleanup)
+    p.set_defaults(func=run)
 
 
 async def _cleanup(qmp: str) -> Leftovers:
@@ -31,7 +31,7 @@ async def _cleanup(qmp: str) -> Leftovers:
         return await cleanup(session, log=say)
 
 
-def cmd_cleanup(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Remove leftovers and say what was removed."""
     on_libvirt.check_connect(args)
     if args.libvirt:
@@ -43,7 +43,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     for d in args.scratch_dir or []:
         if not d.is_dir():
             raise BadInput(f"--scratch-dir {d} is not a directory; nothing was removed")
-    removed = run(_cleanup(args.qmp)) if args.qmp else None
+    removed = run_async(_cleanup(args.qmp)) if args.qmp else None
     swept = sweep(scratch_parents(args.scratch_dir)) if args.stale else None
     if args.json:
         doc: dict[str, object] = {}

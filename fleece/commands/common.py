@@ -22,13 +22,6 @@ from fleece.repo.repository import Passphrase, Repository
 T = TypeVar("T")
 
 
-def add_qmp_option(parser: argparse.ArgumentParser) -> None:
-    """``--qmp SOCKET``: QEMU's QMP unix socket or HOST:PORT."""
-    parser.add_argument(
-        "--qmp", required=True, metavar="SOCKET", help="QEMU's QMP unix socket path or HOST:PORT"
-    )
-
-
 def add_vm_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--qmp SOCKET`` or ``--libvirt DOMAIN [--connect URI]``: the VM, reached one way or the other."""
     which = parser.add_mutually_exclusive_group(required=required)
@@ -96,7 +89,7 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run one coroutine to completion on a fresh event loop."""
     return asyncio.run(coro)
 

@@ -16,7 +16,7 @@ from fleece.commands.common import (
     add_vm_options,
     human_size,
     print_json,
-    run,
+    run_async,
     say,
 )
 from fleece.errors import BadInput
@@ -104,7 +104,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if transport.insecure:
         say(f"warning: the export listens on {transport.describe()}: anyone who can reach "
              "that port can read these disks")
-    export = run(_start(args, transport))
+    export = run_async(_start(args, transport))
     if args.json:
         print_json(export.as_dict())
         return 0
@@ -132,5 +132,5 @@ def cmd_stop(args: argparse.Namespace) -> int:
     on_libvirt.check_connect(args)
     if args.libvirt:
         return on_libvirt.export_stop(args)
-    print(run(_stop(args)))
+    print(run_async(_stop(args)))
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fleece.commands.backup import parse_size
-from fleece.commands.common import human_size, open_repository, passphrase_source, run
+from fleece.commands.common import human_size, open_repository, passphrase_source, run_async
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput
 from fleece.restore.image import DiskImage
@@ -65,7 +65,7 @@ def run_live(args: argparse.Namespace) -> int:
     emit = _Events(args.json, started)
     with progress_display(enabled=not args.json) as progress:
         emit.progress = progress
-        disks = run((resume if args.resume else live_restore)(req, emit))
+        disks = run_async((resume if args.resume else live_restore)(req, emit))
     seconds = time.monotonic() - started
     if args.json:
         emit.line({"event": "done", "point": req.point.id, "seconds": round(seconds, 3),

@@ -4,11 +4,10 @@ a libvirt domain, through libvirt's pull-mode backup API (``fleece.libvirt``).""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fleece.commands.common import human_size, print_json
+from fleece.commands.common import human_size, print_json, say
 from fleece.errors import BadInput
 from fleece.fleecing.names import checkpoint_of
 from fleece.libvirt import export as lv_export
@@ -26,10 +25,6 @@ from fleece.libvirt.domain import (
 from fleece.libvirt.job import JobState, running_job
 
 T = TypeVar("T")
-
-
-def _say(line: str) -> None:
-    sys.stderr.write(f"fleece: {line}\n")
 
 
 def check_connect(args: argparse.Namespace) -> None:
@@ -62,7 +57,7 @@ def export_start(args: argparse.Namespace) -> int:
         raise BadInput("--discard: libvirt's pull-mode exports are read-only")
     export = with_domain(args, lambda dom: lv_export.start(
         dom, args.drive or [], checkpoint=args.checkpoint, level=args.level,
-        scratch_dir=args.scratch_dir, qga=qga, log=_say, owner="export"))
+        scratch_dir=args.scratch_dir, qga=qga, log=say, owner="export"))
     if args.json:
         print_json(export.as_dict())
         return 0
@@ -82,7 +77,7 @@ def export_stop(args: argparse.Namespace) -> int:
 
 def cleanup(args: argparse.Namespace) -> int:
     """``fleece cleanup --libvirt DOMAIN``."""
-    removed = with_domain(args, lambda dom: lv_export.cleanup(dom, log=_say))
+    removed = with_domain(args, lambda dom: lv_export.cleanup(dom, log=say))
     if args.json:
         print_json({"removed": removed})
     elif removed:

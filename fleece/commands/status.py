@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleece.commands import on_libvirt
-from fleece.commands.common import add_json_option, add_vm_options, human_size, print_json, run
+from fleece.commands.common import add_json_option, add_vm_options, human_size, print_json, run_async
 from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
 from fleece.fleecing.leftovers import find_leftovers
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
 from fleece.fleecing.stale_scratch import scratch_parents, survey
 from fleece.fleecing.state import ExportState
 from fleece.qmp import DirtyBitmap, Disk, QmpSession
+from fleece.qmp.answers import query_name, query_status
 from fleece.repo.backends.base import ObjectMissing
 from fleece.repo.backends.store_check import CHECK_KEY, StoreCheck
 from fleece.repo.backends.url import open_backend
@@ -27,15 +28,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--repo", metavar="URL", default=None,
                    help="also show what the repository's store guarantees (S3: the cached store check)")
     add_json_option(p)
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=run)
 
 
 async def collect_status(qmp: str) -> dict[str, Any]:
     """Everything ``status`` reports, as a JSON-ready dict."""
     async with QmpSession.open(qmp) as session:
         version = await session.qemu_version()
-        name = (await session.execute("query-name")).get("name")
-        runstate = (await session.execute("query-status"))["status"]
+        name = (await query_name(session)).get("name")
+        runstate = (await query_status(session))["status"]
         graph = await read_graph(session)
         leftovers = await find_leftovers(session)
     live = [s for s in export_states(graph) if s.outcome is None]
@@ -114,12 +115,12 @@ def repository_status(url: str) -> dict[str, Any]:
     return out
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Print the status, human-readable or as JSON."""
     on_libvirt.check_connect(args)
     if args.libvirt:
         return on_libvirt.status(args)
-    status = run(collect_status(args.qmp))
+    status = run_async(collect_status(args.qmp))
     if args.repo:
         status["repository"] = repository_status(args.repo)
     if args.json:

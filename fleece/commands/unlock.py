@@ -15,7 +15,7 @@ from fleece.commands.common import add_repo_option, open_repository
 from fleece.errors import BadInput, LockHeld
 from fleece.repo.format.keys import repo_lock_key, vm_lock_key
 from fleece.repo.gc_lock import GC_LOCK
-from fleece.repo.lock import read_lease
+from fleece.repo.lock import break_lease, read_lease
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise LockHeld(
             f"{what} is locked by {holder} (lease expires {info.expires}); if that process is "
             "gone, run again with --force; nothing was removed")
-    # Re-read right before deleting: never remove a lease someone just took over.
-    if read_lease(backend, key) != info:
-        raise LockHeld(f"the lock of {what} changed hands meanwhile; nothing was removed")
-    backend.delete(key)
+    break_lease(backend, key, what, expected=info)
     state = "expired" if info.expired() else "holder gone" if stale else "forced"
     print(f"removed the lock of {what} held by {holder} ({state}, lease expires {info.expires})")
     if not stale:

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from fleece.errors import ExportError, QmpCommandError
 from fleece.fleecing.names import PREFIX, checkpoint_of, is_fleece_name, is_live_name
 from fleece.fleecing.state import ExportState
 from fleece.qmp import DirtyBitmap, Disk, QmpSession, list_disks
+from fleece.qmp.answers import (
+    qom_list,
+    query_block_exports,
+    query_block_graph,
+    query_jobs,
+    query_named_block_nodes,
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,6 @@ class BlockGraph:
     nodes: dict[str, Node]
     disks: list[Disk]
     exports: list[str]
-    export_nodes: dict[str, str] = field(default_factory=dict)
-    """export id → node it exports."""
     jobs: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)
     """fleece's QOM objects under ``/objects``: the TLS credentials and authorization of a TCP export."""
@@ -69,10 +73,6 @@ class BlockGraph:
         """Nodes of a live restore in progress (``fleece restore --live``), sorted."""
         return sorted(n for n in self.nodes if is_live_name(n))
 
-    def attached_to(self, node: str) -> list[Disk]:
-        """The disks whose device reads and writes through ``node``."""
-        return [d for d in self.disks if d.node_name == node]
-
     def scratch_dirs(self) -> list[str]:
         """Scratch directories of fleece exports, found through the reverse-delta files."""
         dirs = {os.path.dirname(self.nodes[n].filename) for n in self.fleece_nodes("delta-")}
@@ -83,7 +83,7 @@ async def read_graph(session: QmpSession) -> BlockGraph:
     """Read the block graph, devices, exports and jobs from QEMU."""
     edges = await _edges(session)
     nodes: dict[str, Node] = {}
-    for info in await session.execute("query-named-block-nodes", {"flat": True}):
+    for info in await query_named_block_nodes(session, flat=True):
         name = info.get("node-name")
         if not name:
             continue
@@ -98,17 +98,14 @@ async def read_graph(session: QmpSession) -> BlockGraph:
             children=tuple(edges.get(name, ())),
             active=info.get("active", True) is not False,
         )
-    exports: dict[str, str] = {}
-    for e in await session.execute("query-block-exports"):
-        exports[e["id"]] = e.get("node-name", "")
-    jobs = [j["id"] for j in await session.execute("query-jobs")]
-    objects = sorted(o["name"] for o in await session.execute("qom-list", {"path": "/objects"})
+    exports = sorted(e["id"] for e in await query_block_exports(session))
+    jobs = [j["id"] for j in await query_jobs(session)]
+    objects = sorted(o["name"] for o in await qom_list(session, "/objects")
                      if is_fleece_name(o.get("name")) and str(o.get("type", "")).startswith("child<"))
     return BlockGraph(
         nodes=nodes,
         disks=await list_disks(session),
-        exports=sorted(exports),
-        export_nodes=exports,
+        exports=exports,
         jobs=jobs,
         objects=objects,
     )
@@ -117,7 +114,7 @@ async def read_graph(session: QmpSession) -> BlockGraph:
 async def _edges(session: QmpSession) -> dict[str, list[tuple[str, str]]]:
     """node name → [(role, child name)], from the debug graph; empty if QEMU lacks it."""
     try:
-        graph: dict[str, Any] = await session.execute("x-debug-query-block-graph")
+        graph = await query_block_graph(session)
     except QmpCommandError:
         return {}
     names = {n["id"]: n["name"] for n in graph.get("nodes", []) if n.get("type") == "block-driver"}

@@ -74,12 +74,6 @@ class Leftovers:
         }
 
 
-def surplus_checkpoints(disk: Disk) -> list[str]:
-    """Checkpoint bitmaps on ``disk`` other than the oldest (ids sort by time)."""
-    names = sorted(b.name for b in disk.bitmaps if checkpoint_of(b.name))
-    return names[1:]
-
-
 def leftovers_in(graph: BlockGraph) -> Leftovers:
     """The leftovers visible in ``graph`` (without reading state files)."""
     found = Leftovers()

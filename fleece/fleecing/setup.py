@@ -47,6 +47,7 @@ from fleece.fleecing.teardown import tear_down
 from fleece.fleecing.transport import ServerTransport, link_psk
 from fleece.fleecing.vm_checks import refuse_inactive_disks, refuse_unsafe_iothreads
 from fleece.qmp import Disk, QmpSession, resolve_drive
+from fleece.qmp.answers import query_status
 from fleece.testing import pause_point
 
 MIN_QEMU = (7, 1, 0)
@@ -320,7 +321,7 @@ async def _snapshot_point(session: QmpSession, plans: list[DiskState], agent: Gu
         if agent:
             log(f"froze {await agent.freeze()} guest filesystems")
             pause_point("guest-frozen")  # test hook (fleece.testing); inert in production
-        running = (await session.execute("query-status")).get("status") == "running"
+        running = (await query_status(session)).get("status") == "running"
         started = time.perf_counter()
         stopped = False
         try:

@@ -25,14 +25,79 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from socket import gethostname
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from fleece.errors import ExportError
 from fleece.fleecing.names import STATE_FILE
 from fleece.fleecing.transport import ServerTransport
 from fleece.liveness import process_gone
 
-VERSION = 1
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+
+class StateFile:
+    """Base of every state file fleece keeps beside a live operation (an export, a libvirt job,
+    a live restore), so that another process can finish or resume it.
+
+    A dataclass deriving from it says where it lives (``path``) and its
+    format version (``VERSION``). It is written atomically as
+    ``{"version": …, <fields>}`` JSON: a reader sees the old state or the new
+    one, never half.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    @property
+    def path(self) -> Path:
+        """Where this state is stored."""
+        raise NotImplementedError
+
+    def save(self) -> None:
+        """Write the file atomically."""
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            fields = asdict(cast("DataclassInstance", self))  # every subclass is a dataclass
+            tmp.write_text(json.dumps({"version": self.VERSION, **fields}, indent=1))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def read(cls, path: Path, what: str) -> dict[str, Any] | None:
+        """The fields stored at ``path``, its version checked and dropped; None if there is no file.
+
+        An unreadable file, or one of another version, is an ``ExportError`` naming ``what``.
+        """
+        try:
+            raw: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read {what} {path}: {exc}; nothing was changed") from None
+        if raw.pop("version", None) != cls.VERSION:
+            raise ExportError(f"{path} is not a version {cls.VERSION} {what}; nothing was changed")
+        return raw
+
+
+class ScratchState(StateFile):
+    """The state of an export, kept in its scratch directory and held by an owner:
+    ``export`` (left up by ``export start``) or ``session`` (process ``pid`` on ``host``)."""
+
+    FILE_NAME: ClassVar[str]
+    scratch: str
+    owner: str
+    pid: int
+    host: str
+
+    @property
+    def path(self) -> Path:
+        """``FILE_NAME`` in the scratch directory."""
+        return Path(self.scratch) / self.FILE_NAME
+
+    def owner_gone(self) -> bool:
+        """Whether this is a session's export whose process (on this host) no longer exists."""
+        return self.owner == "session" and process_gone(self.host, self.pid)
 
 
 @dataclass
@@ -57,8 +122,10 @@ class DiskState:
 
 
 @dataclass
-class ExportState:
+class ExportState(ScratchState):
     """One point-in-time export of one or more disks."""
+
+    FILE_NAME: ClassVar[str] = STATE_FILE
 
     checkpoint: str
     scratch: str
@@ -84,31 +151,12 @@ class ExportState:
             return ServerTransport.from_dict(self.transport)
         return ServerTransport(socket=self.socket)
 
-    def owner_gone(self) -> bool:
-        """Whether this is a session export whose process (on this host) no longer exists."""
-        return self.owner == "session" and process_gone(self.host, self.pid)
-
-    @property
-    def path(self) -> Path:
-        """Where this state is stored."""
-        return Path(self.scratch) / STATE_FILE
-
-    def save(self) -> None:
-        """Write the file atomically (a reader sees the old or the new state, never half)."""
-        save_state_file(self.path, VERSION, self)
-
     @classmethod
     def load(cls, scratch: str | Path) -> ExportState | None:
         """The state in ``scratch``, or None if there is none."""
-        path = Path(scratch) / STATE_FILE
-        try:
-            raw: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
+        raw = cls.read(Path(scratch) / STATE_FILE, "fleece export state")
+        if raw is None:
             return None
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot read fleece export state {path}: {exc}; nothing was changed") from None
-        if raw.pop("version", None) != VERSION:
-            raise ExportError(f"{path} is not a version {VERSION} fleece export state; nothing was changed")
         disks = [DiskState(**d) for d in raw.pop("disks", [])]
         return cls(disks=disks, **raw)
 
@@ -117,17 +165,3 @@ class ExportState:
         self.path.with_suffix(".tmp").unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
 
-
-def save_state_file(path: Path, version: int, state: Any) -> None:
-    """Write a dataclass ``state`` as ``{"version": …, …}`` JSON to ``path``, atomically.
-
-    Every state file fleece keeps beside a live operation (an export, a
-    libvirt job, a live restore) is written this way: a reader sees the old
-    state or the new one, never half.
-    """
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps({"version": version, **asdict(state)}, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -28,9 +28,10 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import nbd
@@ -301,6 +302,84 @@ def server_transport(
 
 
 # -- the client side (libnbd) -----------------------------------------------------------
+class NbdHandle(Protocol):
+    """The calls fleece makes on a libnbd handle (``nbd.NBD``); see libnbd(3) for each."""
+
+    def set_handle_name(self, name: str) -> None:
+        """Name the handle in libnbd's debug output."""
+
+    def set_tls(self, tls: int) -> None:
+        """``nbd.TLS_DISABLE``, ``TLS_ALLOW`` or ``TLS_REQUIRE``."""
+
+    def set_tls_certificates(self, dir: str) -> None:
+        """The x509 directory (``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem``)."""
+
+    def set_tls_verify_peer(self, verify: bool) -> None:
+        """Whether the server's certificate must verify against the CA."""
+
+    def set_tls_psk_file(self, filename: str) -> None:
+        """A gnutls PSK file of ``USERNAME:HEXKEY`` lines."""
+
+    def set_tls_username(self, username: str) -> None:
+        """The PSK identity to present."""
+
+    def add_meta_context(self, name: str) -> None:
+        """Ask for a block-status context (``base:allocation``, ``qemu:dirty-bitmap:…``)."""
+
+    def connect_uri(self, uri: str) -> None:
+        """Connect and negotiate with the server an NBD URI names."""
+
+    def can_meta_context(self, name: str) -> bool:
+        """Whether the server agreed to the context."""
+
+    def get_size(self) -> int:
+        """The export's size in bytes."""
+
+    def block_status(self, count: int, offset: int,
+                     extent: Callable[[str, int, list[int], Any], int]) -> None:
+        """Block status from ``offset``; ``extent(context, offset, [length, flags, …], error)``."""
+
+    def pread(self, count: int, offset: int) -> bytes:
+        """Read ``count`` bytes at ``offset``."""
+
+    def pwrite(self, buf: bytes, offset: int) -> None:
+        """Write ``buf`` at ``offset`` (a restore onto an NBD export)."""
+
+    def zero(self, count: int, offset: int) -> None:
+        """Write ``count`` zero bytes at ``offset`` without sending them."""
+
+    def is_read_only(self) -> bool:
+        """Whether the server refuses writes."""
+
+    def can_zero(self) -> bool:
+        """Whether the server takes ``zero``."""
+
+    def can_flush(self) -> bool:
+        """Whether the server takes ``flush``."""
+
+    def flush(self) -> None:
+        """Make what was written durable on the server."""
+
+    def aio_pread(self, buf: object, offset: int) -> int:
+        """Start a read into ``buf`` (an ``nbd.Buffer`` or writable buffer); its cookie."""
+
+    def aio_trim(self, count: int, offset: int,
+                 completion: Callable[[Any], int] | None = None) -> int:
+        """Start a trim; ``completion(error)`` runs when it answers; its cookie."""
+
+    def aio_in_flight(self) -> int:
+        """Commands sent and not yet retired."""
+
+    def poll(self, timeout: int) -> int:
+        """Run the handle's state machine until something happens (``-1``: wait)."""
+
+    def aio_command_completed(self, cookie: int) -> bool:
+        """Retire a finished command, raising its error if it failed."""
+
+    def shutdown(self) -> None:
+        """Tell the server goodbye and close the connection."""
+
+
 @dataclass(frozen=True)
 class ClientTls:
     """A libnbd client's TLS credentials: an x509 directory or a PSK file (paths only)."""
@@ -308,7 +387,7 @@ class ClientTls:
     certificates: str | None = None
     psk_file: str | None = None
 
-    def configure(self, h: Any) -> None:
+    def configure(self, h: NbdHandle) -> None:
         """Make handle ``h`` require TLS with these credentials and verify the server."""
         h.set_tls(nbd.TLS_REQUIRE)
         if self.certificates:
@@ -342,7 +421,7 @@ def check_client_uri(uri: str, tls: ClientTls | None) -> None:
                        "nothing was changed")
 
 
-def configure_client(h: Any, uri: str, tls: ClientTls | None) -> None:
+def configure_client(h: NbdHandle, uri: str, tls: ClientTls | None) -> None:
     """Set up handle ``h`` for ``uri``: TLS as the URI and ``tls`` say."""
     if tls is not None:
         tls.configure(h)
@@ -353,6 +432,7 @@ def configure_client(h: Any, uri: str, tls: ClientTls | None) -> None:
 
 __all__ = [
     "ClientTls",
+    "NbdHandle",
     "ServerTransport",
     "check_client_uri",
     "check_key_file",

@@ -24,6 +24,7 @@ from __future__ import annotations
 from fleece.errors import ExportError, QmpCommandError
 from fleece.fleecing.graph import BlockGraph
 from fleece.qmp import Disk, QmpSession
+from fleece.qmp.answers import query_status
 
 _MIGRATION_STATES = {
     "postmigrate": "its migration has finished and the destination owns its disks now",
@@ -36,7 +37,7 @@ SAFE_IOTHREAD_EXPORTS = (9, 0, 0)
 
 async def refuse_inactive_disks(session: QmpSession, graph: BlockGraph, disks: list[Disk]) -> None:
     """``ExportError`` if the VM migrated away (or in) or any of ``disks`` is an inactive node."""
-    status = str((await session.execute("query-status")).get("status", ""))
+    status = str((await query_status(session)).get("status", ""))
     inactive = [d.name for d in disks if not graph.nodes[d.node_name].active]
     if status in _MIGRATION_STATES:
         why = _MIGRATION_STATES[status]

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fleece.errors import BadInput, ExportError, LeftoversPresent
+from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import (
     SOCKET_FILE,
     checkpoint_bitmap,
@@ -57,7 +58,6 @@ from fleece.libvirt.job import (
 from fleece.liveness import process_gone
 from fleece.testing import pause_point
 
-LEVELS = ("auto", "full", "incremental")
 _log = logging.getLogger(__name__)
 TRIM_ALIGNMENT = 65536
 Log = Callable[[str], None]

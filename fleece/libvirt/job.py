@@ -19,7 +19,6 @@ The state file (``fleece-libvirt-export.json``, version 1) lets
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -27,18 +26,16 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from socket import gethostname
-from typing import Any
+from typing import Any, ClassVar
 
 from fleece.errors import BadInput, ExportError
 from fleece.fleecing.names import SOCKET_FILE, checkpoint_bitmap
 from fleece.fleecing.setup import default_scratch_parent
-from fleece.fleecing.state import save_state_file
+from fleece.fleecing.state import ScratchState
 from fleece.libvirt.domain import JOB_OPERATION_BACKUP, bindings
-from fleece.liveness import process_gone
 
 STATE_FILE = "fleece-libvirt-export.json"
 SCRATCH_PREFIX = "fleece-lv-"
-VERSION = 1
 MAX_SOCKET_PATH = 107
 
 
@@ -57,8 +54,10 @@ class JobDisk:
 
 
 @dataclass
-class JobState:
+class JobState(ScratchState):
     """What one export set up, for whoever ends it."""
+
+    FILE_NAME: ClassVar[str] = STATE_FILE
 
     domain: str
     uuid: str
@@ -72,27 +71,14 @@ class JobState:
     outcome: str | None = None
     disks: list[JobDisk] = field(default_factory=list)
 
-    def owner_gone(self) -> bool:
-        """Whether this is a session's export whose process (on this host) no longer exists."""
-        return self.owner == "session" and process_gone(self.host, self.pid)
-
-    @property
-    def path(self) -> Path:
-        """Where the state is stored."""
-        return Path(self.scratch) / STATE_FILE
-
-    def save(self) -> None:
-        """Write the file atomically."""
-        save_state_file(self.path, VERSION, self)
-
     @classmethod
     def load(cls, scratch: str | Path) -> JobState | None:
         """The state in ``scratch``, or None if there is none (or it is unreadable)."""
         try:
-            raw: dict[str, Any] = json.loads((Path(scratch) / STATE_FILE).read_text())
-        except (OSError, ValueError):
+            raw = cls.read(Path(scratch) / STATE_FILE, "fleece libvirt export state")
+        except ExportError:
             return None
-        if raw.pop("version", None) != VERSION:
+        if raw is None:
             return None
         disks = [JobDisk(**d) for d in raw.pop("disks", [])]
         return cls(disks=disks, **raw)

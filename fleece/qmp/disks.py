@@ -9,9 +9,9 @@ the node name of its top (format) node, and the block backend name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from fleece.errors import BadInput
+from fleece.qmp.answers import BlockDirtyInfo, query_block
 from fleece.qmp.session import QmpSession
 
 PERIPHERAL = "/machine/peripheral/"
@@ -30,8 +30,8 @@ class DirtyBitmap:
     busy: bool
 
     @classmethod
-    def from_qmp(cls, info: dict[str, Any]) -> DirtyBitmap:
-        """Build from one ``dirty-bitmaps`` entry of ``query-block``."""
+    def from_qmp(cls, info: BlockDirtyInfo) -> DirtyBitmap:
+        """Build from one named ``dirty-bitmaps`` entry of ``query-block``."""
         return cls(
             name=info["name"],
             granularity=int(info["granularity"]),
@@ -90,7 +90,7 @@ def device_id_of(qdev: str) -> str | None:
 async def list_disks(session: QmpSession) -> list[Disk]:
     """Every disk with a medium and an attached device, in ``query-block`` order."""
     disks = []
-    for info in await session.execute("query-block"):
+    for info in await query_block(session):
         inserted = info.get("inserted")
         qdev = info.get("qdev")
         if not inserted or not qdev:

@@ -12,12 +12,12 @@ import os
 import stat
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import StateError
 
 from fleece.errors import BadInput, QmpCommandError, QmpConnectError
+from fleece.qmp.answers import query_version
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,12 @@ class QmpSession:
         finally:
             await client.disconnect()
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Run one QMP command and return its ``return`` value."""
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run one QMP command and return its ``return`` value.
+
+        ``object``, as ``qemu.qmp`` returns it: callers that read an answer
+        take it through ``fleece.qmp.answers``, which checks and types it.
+        """
         log.debug("qmp %s %s", command, dict(arguments or {}))
         try:
             return await self._client.execute(command, dict(arguments) if arguments else None)
@@ -107,15 +111,10 @@ class QmpSession:
         with self._client.listen(listener):
             yield listener
 
-    async def hmp(self, command_line: str) -> str:
-        """Run an HMP command through QMP and return its output."""
-        out = await self.execute("human-monitor-command", {"command-line": command_line})
-        return str(out)
-
     async def qemu_version(self) -> tuple[int, int, int]:
         """QEMU's (major, minor, micro) version (asked once per session: it cannot change)."""
         if self._version is None:
-            v = (await self.execute("query-version"))["qemu"]
+            v = (await query_version(self))["qemu"]
             self._version = (int(v["major"]), int(v["minor"]), int(v["micro"]))
         return self._version
 

@@ -1,7 +1,7 @@
 """Backups and garbage collection exclude each other through leases (docs/format.md).
 
 A backup relies on chunks it did not upload: those its parent's and the
-latest point's indexes name, and those a ``has_chunk`` probe found. If gc
+latest point's indexes name, and those ``put_chunk``'s existence probe found. If gc
 deleted such a chunk between that decision and the backup's commit, the
 committed point would name a missing chunk. Backends offer no atomic
 multi-object operation, so the two sides use leases, shared for backups and

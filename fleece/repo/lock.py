@@ -74,7 +74,6 @@ class LeaseInfo:
         that its pid is gone and need not wait for the lease to expire.
         """
         return process_gone(self.host, self.pid)
-        return False
 
     def to_json(self) -> bytes:
         """The lease object's bytes."""
@@ -343,13 +342,19 @@ def repo_lock(
         yield lease
 
 
-def break_lock(backend: Backend, vm: str) -> LeaseInfo | None:
-    """Remove VM ``vm``'s lock whoever holds it; returns what was removed.
+def break_lease(backend: Backend, key: str, what: str,
+                expected: LeaseInfo | None = None) -> LeaseInfo | None:
+    """Remove the lease at ``key`` whoever holds it; what was removed (None: there was none).
 
-    Only for when its holder is known to be gone: a live holder notices at its
-    next renewal or check and commits nothing (its renewal cannot recreate it).
+    With ``expected`` (the lease as the caller read it and judged it), only
+    that lease goes: ``LockHeld`` if it changed hands since, so that a lease
+    someone just took over is never removed. Only for when its holder is known
+    to be gone: a live holder notices at its next renewal or check and commits
+    nothing (its renewal, a compare-and-swap, cannot recreate it).
     """
-    key = vm_lock_key(vm)
     info = read_lease(backend, key)
-    backend.delete(key)
+    if expected is not None and info != expected:
+        raise LockHeld(f"the lock of {what} changed hands meanwhile; nothing was removed")
+    if info is not None:
+        backend.delete(key)
     return info

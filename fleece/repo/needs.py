@@ -33,12 +33,6 @@ class PointObjects:
         """The point object's key (written last by anything that writes points)."""
         return keys.point_key(self.point.vm, self.point.id)
 
-    def object_keys(self) -> list[str]:
-        """Every key the point needs: chunks, then indexes, then the point itself."""
-        return ([keys.chunk_key(d) for d in sorted(self.chunks)]
-                + [keys.pack_key(d) for d in sorted(self.packs)]
-                + [d.index_key for d in self.point.disks] + [self.point_key])
-
 
 def point_objects(repo: Repository, point: RestorePoint) -> PointObjects:
     """Read ``point``'s indexes (``RepositoryCorrupt`` if one is missing or damaged) and list its needs."""

@@ -294,10 +294,6 @@ class Repository:
         """``chunks/<2 hex>/<64 hex>``."""
         return keys.chunk_key(digest)
 
-    def has_chunk(self, digest: bytes) -> bool:
-        """Whether the chunk is stored (dedup probe)."""
-        return self.backend.exists(keys.chunk_key(digest))
-
     def put_chunk(self, digest: bytes, blob: bytes) -> bool:
         """Store an encoded chunk unless it is there already; False when it was (no write).
 

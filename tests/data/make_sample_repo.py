@@ -53,17 +53,22 @@ def store(repo: Repository, point_id: str, name: str, chunks: list[bytes]) -> Di
                       index_digest=digest_hex, bitmap=f"fleece-{point_id}", stats={})
 
 
-def main() -> None:
-    """Regenerate the sample repository."""
-    ap = argparse.ArgumentParser(description=__doc__)
+def new_sample(target: Path, description: str | None, repository_id: str, format: int) -> Repository:
+    """Take ``--force`` from the command line, clear ``target`` if it allows, create the sample there."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--force", action="store_true", help="replace an existing sample")
     args = ap.parse_args()
-    if TARGET.exists():
+    if target.exists():
         if not args.force:
-            raise SystemExit(f"{TARGET} exists; pass --force to regenerate it")
-        shutil.rmtree(TARGET)
-    repo = Repository.init(FileBackend(TARGET), chunk_size=CHUNK, compression_level=3,
-                           repository_id="00112233445566778899aabbccddeeff", format=1)
+            raise SystemExit(f"{target} exists; pass --force to regenerate it")
+        shutil.rmtree(target)
+    return Repository.init(FileBackend(target), chunk_size=CHUNK, compression_level=3,
+                           repository_id=repository_id, format=format)
+
+
+def main() -> None:
+    """Regenerate the sample repository."""
+    repo = new_sample(TARGET, __doc__, "00112233445566778899aabbccddeeff", format=1)
     vda1 = store(repo, P1, "vda", [A, Z, B, A])
     vda1.stats = {"bytes_read": 3 * CHUNK, "chunks_new": 2, "chunks_reused": 1}
     repo.write_point(RestorePoint(

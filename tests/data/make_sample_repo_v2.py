@@ -18,12 +18,10 @@ repeated, E = b"delta!\\n\\0" repeated.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import shutil
 from pathlib import Path
 
-from fleece.repo.backends.file import FileBackend
+from make_sample_repo import CHUNK, A, B, C, new_sample
+
 from fleece.repo.format.codec import chunk_digest, encode_chunk
 from fleece.repo.format.delta import PackWriter, encode_delta, encode_delta_body
 from fleece.repo.format.index import ChunkIndex
@@ -32,10 +30,6 @@ from fleece.repo.repository import Repository
 
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "sample-repo-v2"
-CHUNK = 64 * 1024
-A = b"\x55" * CHUNK
-B = hashlib.shake_256(b"fleece sample chunk B").digest(CHUNK)
-C = b"fleece!\n" * (CHUNK // 8)
 E = b"delta!\n\0" * 1024
 D1 = [(4096, E)]
 D2 = [(0, b"\xee" * 100), (CHUNK - 100, b"\x11" * 100)]
@@ -76,15 +70,7 @@ def point(point_id: str, created: str, parent: str | None, disk: DiskRecord) -> 
 
 def main() -> None:
     """Regenerate the sample repository."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--force", action="store_true", help="replace an existing sample")
-    args = ap.parse_args()
-    if TARGET.exists():
-        if not args.force:
-            raise SystemExit(f"{TARGET} exists; pass --force to regenerate it")
-        shutil.rmtree(TARGET)
-    repo = Repository.init(FileBackend(TARGET), chunk_size=CHUNK, compression_level=3,
-                           repository_id="0123456789abcdef0123456789abcdef", format=2)
+    repo = new_sample(TARGET, __doc__, "0123456789abcdef0123456789abcdef", format=2)
     index = ChunkIndex.empty(CHUNK, 4 * CHUNK, repo.index_version)
     index.set(0, put_chunk(repo, A))
     index.set(2, put_chunk(repo, B))

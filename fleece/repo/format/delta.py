@@ -204,32 +204,3 @@ def build_pack(parts: Iterable[bytes], entries: Sequence[_Pending]) -> bytes:
     footer = PACK_FOOTER.pack(len(entries), 0, hashlib.sha256(table).digest())
     return b"".join([PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION), *parts, table, footer])
 
-
-class PackEntry(NamedTuple):
-    """One row of a pack's table."""
-
-    offset: int
-    length: int
-    kind: int
-    digest: bytes
-
-
-def read_pack_table(blob: bytes, what: str) -> list[PackEntry]:
-    """Parse and check a whole pack's header and table (verify, repair, tests)."""
-    if len(blob) < PACK_HEADER.size + PACK_FOOTER.size:
-        raise RepositoryCorrupt(f"{what} is truncated ({len(blob)} bytes)")
-    magic, version = PACK_HEADER.unpack_from(blob)
-    if magic != PACK_MAGIC or version != PACK_VERSION:
-        raise RepositoryCorrupt(f"{what} has bad magic {magic!r} or version {version}")
-    count, _, checksum = PACK_FOOTER.unpack_from(blob, len(blob) - PACK_FOOTER.size)
-    table_start = len(blob) - PACK_FOOTER.size - count * PACK_ENTRY.size
-    if table_start < PACK_HEADER.size:
-        raise RepositoryCorrupt(f"{what} claims {count} entries it has no room for")
-    table = blob[table_start : len(blob) - PACK_FOOTER.size]
-    if hashlib.sha256(table).digest() != checksum:
-        raise RepositoryCorrupt(f"{what}: its table fails its checksum")
-    entries = [PackEntry(*PACK_ENTRY.unpack_from(table, k * PACK_ENTRY.size)) for k in range(count)]
-    for e in entries:
-        if e.offset < PACK_HEADER.size or e.offset + e.length > table_start:
-            raise RepositoryCorrupt(f"{what}: entry at {e.offset}+{e.length} lies outside its data")
-    return entries

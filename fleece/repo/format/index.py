@@ -125,20 +125,6 @@ class ChunkIndex:
         return ChunkIndex(self.chunk_size, self.disk_size, bytearray(self._entries), self.deltas,
                           self.version)
 
-    def resized(self, disk_size: int) -> ChunkIndex:
-        """A copy for a disk that grew or shrank to ``disk_size``.
-
-        Chunks past the old end become zero markers; chunks past the new end
-        are dropped. The caller must re-read the chunk that was the old tail
-        and the one that is the new tail: their lengths changed, and format 1
-        requires each chunk's plaintext to be exactly its position's length.
-        """
-        new = ChunkIndex.empty(self.chunk_size, disk_size, self.version)
-        keep = min(len(self._entries), len(new._entries))
-        new._entries[:keep] = self._entries[:keep]
-        new.deltas = {i: d for i, d in self.deltas.items() if i < new.n_chunks}
-        return new
-
     def stored(self) -> Iterator[tuple[int, bytes]]:
         """``(chunk number, digest)`` for every stored base chunk, in order."""
         entries = self._entries

@@ -12,12 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 from fleece.errors import FleeceError
 from fleece.fleecing.graph import read_graph
 from fleece.fleecing.names import LIVE_PREFIX
 from fleece.qmp import QmpSession
+from fleece.qmp.answers import JobInfo, query_block_jobs, query_jobs, query_named_block_nodes
 from fleece.restore.live.state import LiveDisk, job_id
 from fleece.serve.server import NbdkitServer
 from fleece.testing import pause_point
@@ -33,13 +34,20 @@ Emit = Callable[..., None]
 """``emit(event, **fields)``: progress and milestones for the command line."""
 
 
-async def jobs(session: QmpSession) -> dict[str, dict[str, Any]]:
+@dataclass
+class StreamJob:
+    """One of our jobs: its ``query-jobs`` entry, and the io-status ``query-block-jobs`` adds."""
+
+    info: JobInfo
+    io_status: str = "ok"
+
+
+async def jobs(session: QmpSession) -> dict[str, StreamJob]:
     """Our jobs by id, ``query-jobs`` merged with ``query-block-jobs`` (its io-status)."""
-    found = {j["id"]: dict(j) for j in await session.execute("query-jobs")
-             if j["id"].startswith(LIVE_PREFIX)}
-    for b in await session.execute("query-block-jobs"):
+    found = {j["id"]: StreamJob(j) for j in await query_jobs(session) if j["id"].startswith(LIVE_PREFIX)}
+    for b in await query_block_jobs(session):
         if b["device"] in found:
-            found[b["device"]]["io-status"] = b.get("io-status", "ok")
+            found[b["device"]].io_status = b.get("io-status", "ok")
     return found
 
 
@@ -48,7 +56,7 @@ async def end_job(session: QmpSession, key: str) -> None:
     deadline = time.monotonic() + CANCEL_TIMEOUT
     cancelled = False
     while (job := (await jobs(session)).get(job_id(key))) is not None:
-        if job["status"] == "concluded":
+        if job.info["status"] == "concluded":
             await session.execute("job-dismiss", {"id": job_id(key)})
             return
         if not cancelled:
@@ -65,7 +73,7 @@ async def backing_filename(session: QmpSession, node: str) -> str | None:
     Read from ``query-named-block-nodes`` rather than the debug graph, which a
     QEMU may lack: whether the image still needs the point must never be a guess.
     """
-    for info in await session.execute("query-named-block-nodes"):
+    for info in await query_named_block_nodes(session):
         if info.get("node-name") == node:
             backing = (info.get("image") or {}).get("backing-image")
             return str(backing.get("filename") or "?") if backing else None
@@ -98,22 +106,22 @@ class Streams:
             current = await jobs(self.session)
             for key, d in list(self.pending.items()):
                 job = current.get(job_id(key))
-                if job is None or (job["status"] == "concluded" and not job.get("error")):
+                if job is None or (job.info["status"] == "concluded" and not job.info.get("error")):
                     # No job: a resume found the stream already complete.
                     await self._finish(d, job is not None)
                     continue
-                total = int(job.get("total-progress") or d.size)
-                self.emit("progress", drive=d.drive, done=int(job.get("current-progress", 0)),
+                total = int(job.info.get("total-progress") or d.size)
+                self.emit("progress", drive=d.drive, done=int(job.info.get("current-progress", 0)),
                           total=total)
                 self._check(d, job)
             if self.pending:
                 await asyncio.sleep(POLL_SECONDS)
 
-    def _check(self, d: LiveDisk, job: dict[str, Any]) -> None:
+    def _check(self, d: LiveDisk, job: StreamJob) -> None:
         why = None
-        if job.get("error"):
-            why = f"the stream job ended with an error: {job['error']}"
-        elif job.get("io-status", "ok") != "ok" and job["status"] == "paused":
+        if job.info.get("error"):
+            why = f"the stream job ended with an error: {job.info['error']}"
+        elif job.io_status != "ok" and job.info["status"] == "paused":
             why = "the stream job stopped on a read or write error"
         else:
             server = self.servers[d.key]

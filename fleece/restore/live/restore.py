@@ -19,6 +19,7 @@ from fleece.fleecing.graph import BlockGraph, read_graph
 from fleece.fleecing.names import LIVE_PREFIX, is_fleece_name, is_live_name, node_key
 from fleece.liveness import process_gone
 from fleece.qmp import QmpSession, resolve_drive
+from fleece.qmp.answers import query_status
 from fleece.repo.format.point import RestorePoint
 from fleece.restore.image import DiskImage
 from fleece.restore.live.image import create_image
@@ -112,13 +113,13 @@ def _backing_is_live(graph: BlockGraph, node: str) -> bool:
 
 
 async def _run_state(session: QmpSession) -> str:
-    return str((await session.execute("query-status"))["status"])
+    return str((await query_status(session))["status"])
 
 
 async def _warn_of_error_policy(session: QmpSession, d: LiveDisk) -> None:
     """Say so when the device would hand the guest I/O errors rather than pause, should the
     point's server die mid-stream (rerror/werror are fixed when the device is created)."""
-    policy = {}
+    policy: dict[str, object] = {}
     for prop in ("rerror", "werror"):
         with contextlib.suppress(FleeceError):
             policy[prop] = await session.execute("qom-get", {"path": d.qdev, "property": prop})
@@ -253,12 +254,7 @@ async def live_restore(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
             with contextlib.suppress(OSError):
                 scratch.rmdir()
             raise
-        emit("running", status=await _run_state(session), disks=plans)
-        try:
-            await Streams(session, plans, servers, emit).run()
-        finally:
-            stop_servers(servers)
-        return plans
+        return await _stream_to_the_end(session, plans, servers, emit)
 
 
 async def resume(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
@@ -284,12 +280,19 @@ async def resume(req: LiveRequest, emit: Emit) -> list[LiveDisk]:
         except BaseException:
             stop_servers(servers)
             raise
-        emit("running", status=await _run_state(session), disks=plans)
-        try:
-            await Streams(session, plans, servers, emit).run()
-        finally:
-            stop_servers(servers)
-        return plans
+        return await _stream_to_the_end(session, plans, servers, emit)
+
+
+async def _stream_to_the_end(session: QmpSession, plans: list[LiveDisk],
+                             servers: dict[str, NbdkitServer], emit: Emit) -> list[LiveDisk]:
+    """Say the VM runs, then stream every disk until its image stands alone; the servers stop
+    however that ends."""
+    emit("running", status=await _run_state(session), disks=plans)
+    try:
+        await Streams(session, plans, servers, emit).run()
+    finally:
+        stop_servers(servers)
+    return plans
 
 
 def _found(graph: BlockGraph, req: LiveRequest) -> list[LiveDisk]:

@@ -33,9 +33,7 @@ from urllib.parse import unquote
 
 from fleece.errors import FleeceError
 from fleece.fleecing.names import LIVE_PREFIX
-from fleece.fleecing.state import save_state_file
-
-VERSION = 1
+from fleece.fleecing.state import StateFile
 
 
 def job_id(key: str) -> str:
@@ -54,7 +52,7 @@ def new_nbd_node(key: str) -> str:
 
 
 @dataclass
-class LiveDisk:
+class LiveDisk(StateFile):
     """One disk being live-restored: its names in QEMU and where its data comes from."""
 
     drive: str
@@ -91,10 +89,6 @@ class LiveDisk:
         """Where this state is stored: beside the socket."""
         return Path(self.socket).with_suffix(".json")
 
-    def save(self) -> None:
-        """Write the file atomically."""
-        save_state_file(self.path, VERSION, self)
-
     def remove(self) -> None:
         """Delete the file (and a socket its dead server left), then the scratch directory once empty."""
         self.path.unlink(missing_ok=True)
@@ -106,15 +100,9 @@ class LiveDisk:
     @classmethod
     def load(cls, path: Path) -> LiveDisk:
         """Read a state file; a missing or foreign one is a :class:`FleeceError`."""
-        try:
-            raw: dict[str, Any] = json.loads(path.read_text())
-        except OSError as exc:
-            raise FleeceError(f"cannot read the live restore's state {path}: {exc.strerror}; "
-                              "nothing was changed") from None
-        except ValueError:
-            raise FleeceError(f"{path} is not a fleece live-restore state; nothing was changed") from None
-        if raw.pop("version", None) != VERSION:
-            raise FleeceError(f"{path} is not a version {VERSION} fleece live-restore state; "
+        raw = cls.read(path, "fleece live-restore state")
+        if raw is None:
+            raise FleeceError(f"cannot read the live restore's state {path}: it is gone; "
                               "nothing was changed")
         return cls(**raw)
 
