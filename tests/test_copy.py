@@ -133,5 +133,5 @@ def test_a_destination_with_another_chunk_size_is_refused(make_vm: Any, fleece: 
     ok(fleece("backup", "--qmp", vm2.qmp_path, "--drive", "vda", "--repo", other, "--chunk-size", "1M"))
     res = fleece("copy", "--from", local, "--to", other)
     assert res.rc == 2
-    assert "chunks are named by their hash, so both must use the same; nothing was copied" in res.err
+    assert "indexes name chunks by position, so both must use the same; nothing was copied" in res.err
     assert json.loads(ok(fleece("list", "--repo", other, "--json")).out)["points"][0]["vm"] == "db1"
