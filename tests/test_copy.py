@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FLEECE
+from conftest import FLEECE, S3_SERVERS
 
 pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 
@@ -45,8 +45,8 @@ def s3_keys(s3_env: Any, bucket: str) -> set[str]:
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
-# s3rver over HTTPS only: its HTTP side runs the rest of the life cycle (test_s3_backup.py).
-@pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
+# The life cycle's last step (test_s3_backup.py has the others), on every store over HTTP and HTTPS.
+@pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)
 def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_sends_nothing(
         make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     _, local, (p1, shadow1), (p2, shadow2) = two_points(make_vm, fleece, tmp_path)
