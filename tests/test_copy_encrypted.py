@@ -250,3 +250,38 @@ def test_a_destination_with_another_key_and_no_or_a_wrong_passphrase_gets_nothin
               env={"FLEECE_PASSPHRASE": TEST_PASSPHRASE, "FLEECE_TO_PASSPHRASE": OTHER_PASSPHRASE}))
     assert repo_files(dest) != before
 
+
+
+def test_renaming_fetches_only_the_chunks_no_point_held_by_both_names_yet(
+        store_point: Any, tmp_path: Path) -> None:
+    """The transfer layer alone: a second point's chunks are named from the first point's indexes,
+    read side by side in both repositories, not fetched and hashed again."""
+    from fleece.maintenance.replication import copy_points
+    from fleece.repo.backends.base import ForwardingBackend
+    from fleece.repo.backends.file import FileBackend
+    from fleece.repo.repository import Repository
+
+    class CountingChunkReads(ForwardingBackend):
+        reads = 0
+
+        def get(self, key: str) -> bytes:
+            self.reads += key.startswith("chunks/")
+            return self.inner.get(key)
+
+    size = 64 * 1024
+    source = Repository.init(FileBackend(tmp_path / "plain"), size)
+    data = random_image(tmp_path / "d.raw", 10 * size, 3).read_bytes()
+    p1 = store_point(source, "20260101T000000.000000Z-aaaaaa", {"vda": data})
+    changed = data[:size] + bytes([7]) * size + data[2 * size:]
+    p2 = store_point(source, "20260102T000000.000000Z-bbbbbb", {"vda": changed})
+    dest = Repository.init(FileBackend(tmp_path / "sealed"), size, encryption="aes-256-gcm",
+                           passphrase=b"offsite")
+    first = copy_points(source, dest, [p1])
+    assert first.chunks_copied == 10 and first.renamed
+
+    counting = CountingChunkReads(source.backend)
+    source.backend = counting
+    second = copy_points(source, dest, [p1, p2])
+    assert second.copied == [p2.id] and (second.chunks_copied, second.chunks_present) == (1, 9)
+    assert counting.reads == 1  # the changed chunk only
+    assert dest.get_chunk(dest.digest(changed[size : 2 * size])) == changed[size : 2 * size]
