@@ -68,6 +68,8 @@ def _copy(args: argparse.Namespace, record: Run) -> int:
     source = open_repository(args, limited_backend(open_backend(args.source), args))
     points = _select(source, args.points, args.vm)
     dest_backend = limited_backend(open_backend(args.dest, unsafe_locks=bool(args.unsafe_locks)), args)
+    if dest_backend.url == source.url:  # the same place, however it was spelled
+        raise BadInput("--from and --to name the same repository")
     dest_backend.reserve_connections(args.workers + 2)
     dest = open_destination(source, dest_backend, to_passphrase_source(args),
                             f"its passphrase with {TO_PASSPHRASE_ENV}, --to-passphrase-file or "
