@@ -285,3 +285,28 @@ def test_renaming_fetches_only_the_chunks_no_point_held_by_both_names_yet(
     assert second.copied == [p2.id] and (second.chunks_copied, second.chunks_present) == (1, 9)
     assert counting.reads == 1  # the changed chunk only
     assert dest.get_chunk(dest.digest(changed[size : 2 * size])) == changed[size : 2 * size]
+
+
+@pytest.mark.parametrize("way", ["sealed", "renamed"])
+def test_a_damaged_sealed_chunk_is_not_copied_and_no_point_appears(
+        make_vm: Any, fleece: Any, tmp_path: Path, monkeypatch: Any, way: str) -> None:
+    monkeypatch.setenv("FLEECE_PASSPHRASE", TEST_PASSPHRASE)
+    local = tmp_path / "local"
+    ok(fleece("init", "--repo", local, "--encryption", "aes-256-gcm"))
+    vm = make_vm([("qcow2", "8M")], name=VM_NAME)
+    vm.write("vda", 0, MiB, 0x5A)
+    ok(fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", local))
+    (chunk,) = (p for p in (local / "chunks").rglob("*") if p.is_file())
+    blob = bytearray(chunk.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    chunk.write_bytes(bytes(blob))
+    dest = tmp_path / "dest"
+    if way == "renamed":
+        ok(fleece("init", "--repo", dest, "--encryption", "aes-256-gcm",
+                  env={"FLEECE_PASSPHRASE": OTHER_PASSPHRASE}))
+    res = fleece("copy", "--from", local, "--to", dest, env={"FLEECE_TO_PASSPHRASE": OTHER_PASSPHRASE})
+    assert res.rc == 1
+    line = one_error_line(res.err)
+    assert "chunks/" in line and "was not copied" in line
+    assert ("outer checksum" if way == "sealed" else "fails authentication") in line
+    assert not any(k.startswith(("points/", "chunks/")) for k in stored_objects(dest))

@@ -294,11 +294,10 @@ class Renamed(Transfer):
         key = keys.chunk_key(digest)
         try:
             blob = self.source.backend.get(key)
+            plaintext = decode_chunk(blob, digest, self.source.digest)
         except ObjectMissing:
             raise self._missing_source(key, point) from None
-        try:
-            plaintext = decode_chunk(blob, digest, self.source.digest)
-        except RepositoryCorrupt as exc:
+        except RepositoryCorrupt as exc:  # fails to open, or to decode to its name
             raise self._damaged(key, point, str(exc)) from None
         new = self.dest.digest(plaintext)
         # The encoded bytes (zstd or plain) do not depend on the key: only the name and seal change.
