@@ -89,7 +89,8 @@ def _copy(args: argparse.Namespace, record: Run) -> int:
         print(f"copied {len(report.copied)} point{'s' if len(report.copied) != 1 else ''} "
               f"({report.chunks_copied} chunks, {human_size(report.bytes_copied)} sent, "
               f"{report.chunks_present} chunks already there) in {report.seconds:.1f} s; "
-              f"{len(report.skipped)} already in {dest.url}")
+              f"{len(report.skipped)} already in {dest.url}"
+              + ("; chunks renamed for the destination (another key or hash)" if report.renamed else ""))
     return 0
 
 
