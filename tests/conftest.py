@@ -469,9 +469,10 @@ def _free_port() -> int:
 
 ROOT = Path(__file__).resolve().parent.parent
 S3RVER = ROOT / ".s3rver" / "node_modules" / ".bin" / "s3rver"  # installed by scripts/bootstrap
-S3_SERVERS = ("moto", "s3rver-http", "s3rver-https")
-"""Every S3 implementation the suites run against (``@pytest.mark.parametrize("s3_server",
-S3_SERVERS, indirect=True)``); the default ``s3_server`` is moto."""
+S3_SERVERS = ("moto", "moto-https", "s3rver-http", "s3rver-https")
+"""Every S3 implementation the suites run against, each over HTTP and HTTPS
+(``@pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)``); the default
+``s3_server`` is moto over HTTP."""
 
 
 @dataclass
@@ -537,19 +538,40 @@ def _wait_for_port(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
             time.sleep(0.1)
 
 
+def _start_moto(base: Path, tls: bool) -> tuple[S3Server, Any]:
+    port = _free_port()
+    args = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    ca = None
+    if tls:
+        key, cert = _self_signed_certificate(base)
+        args += ["--ssl-cert", str(cert), "--ssl-key", str(key)]
+        ca = str(cert)
+    log = open(base / "moto.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    _wait_for_port(proc, port, "moto_server")
+    scheme = "https" if tls else "http"
+    return S3Server(f"{scheme}://127.0.0.1:{port}", proc, name="moto-https" if tls else "moto",
+                    ca_bundle=ca), log
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One ``moto_server`` process on 127.0.0.1 and a random port for the session."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    _wait_for_port(proc, port, "moto_server")
-    yield S3Server(f"http://127.0.0.1:{port}", proc)
-    proc.terminate()
-    proc.wait(10)
+    server, log = _start_moto(tmp_path_factory.mktemp("moto"), tls=False)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def moto_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``moto_server`` over HTTPS with a self-signed certificate (``AWS_CA_BUNDLE``), for the session."""
+    server, log = _start_moto(tmp_path_factory.mktemp("moto-https"), tls=True)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)
+    log.close()
 
 
 def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -631,7 +653,8 @@ def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]
 def s3_server(request: pytest.FixtureRequest) -> S3Server:
     """The S3 server of this test: moto, or the one named by an indirect parametrization."""
     name = getattr(request, "param", "moto")
-    fixture = {"moto": "moto_server", "s3rver-http": "s3rver_http", "s3rver-https": "s3rver_https"}[name]
+    fixture = {"moto": "moto_server", "moto-https": "moto_https", "s3rver-http": "s3rver_http",
+               "s3rver-https": "s3rver_https"}[name]
     server: S3Server = request.getfixturevalue(fixture)
     return server
 

@@ -152,6 +152,15 @@ CASES: list[tuple[str, Argv, int, str]] = [
      "no restore point '19990101'"),
     ("unlock-vm-and-gc", lambda w: ["unlock", "--repo", w.repo, "--vm", "web1", "--gc"], 2,
      "not allowed with argument --vm"),
+    # copy
+    ("copy-to-itself", lambda w: ["copy", "--from", w.repo, "--to", f"file://{w.repo}/"], 2,
+     "--from and --to name the same repository"),
+    ("copy-into-a-directory-of-other-files", lambda w: ["copy", "--from", w.repo, "--to", w.dir], 2,
+     "is not a fleece repository"),
+    ("copy-unknown-point", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "19990101"], 2,
+     "no restore point '19990101'"),
+    ("copy-no-workers", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "--workers", "0"],
+     2, "--workers must be between 1 and 64"),
 ]
 
 

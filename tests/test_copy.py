@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FLEECE
+from conftest import FLEECE, S3_SERVERS
+from test_metrics import scrape, value
 
 pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 
@@ -45,17 +46,25 @@ def s3_keys(s3_env: Any, bucket: str) -> set[str]:
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
-# s3rver over HTTPS only: its HTTP side runs the rest of the life cycle (test_s3_backup.py).
-@pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
+# The life cycle's last step (test_s3_backup.py has the others), on every store over HTTP and HTTPS.
+@pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)
 def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_sends_nothing(
         make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     _, local, (p1, shadow1), (p2, shadow2) = two_points(make_vm, fleece, tmp_path)
     url = f"s3://{s3_bucket}/offsite"
-    report = ok(fleece("copy", "--from", local, "--to", url, "--json", *s3_env.config_args)).json()
+    prom = tmp_path / "fleece.prom"
+    report = ok(fleece("copy", "--from", local, "--to", url, "--json", "--metrics-file", prom,
+                       *s3_env.config_args)).json()
     assert report["copied"] == [p1, p2] and report["skipped"] == []
     # 6 chunks for the full, the incremental's pack of deltas; its 6 chunks were already there.
     assert (report["chunks_copied"], report["chunks_present"]) == (7, 6)
     assert report["bytes_copied"] >= 24 * MiB  # random data: stored as it was, incompressible
+    samples = scrape(prom)  # prometheus_client's own parser, as node_exporter reads it
+    labels = {"command": "copy", "repository": url}
+    assert value(samples, "fleece_copy_points_copied", **labels) == 2
+    assert value(samples, "fleece_copy_bytes_copied", **labels) == report["bytes_copied"]
+    assert value(samples, "fleece_copy_objects_written", **labels) == report["objects_written"]
+    assert value(samples, "fleece_last_success_timestamp_seconds", **labels) > 0
 
     for point, shadow in ((p1, shadow1), (p2, shadow2)):
         out = tmp_path / f"{point}.raw"
@@ -133,5 +142,5 @@ def test_a_destination_with_another_chunk_size_is_refused(make_vm: Any, fleece: 
     ok(fleece("backup", "--qmp", vm2.qmp_path, "--drive", "vda", "--repo", other, "--chunk-size", "1M"))
     res = fleece("copy", "--from", local, "--to", other)
     assert res.rc == 2
-    assert "chunks are named by their hash, so both must use the same; nothing was copied" in res.err
+    assert "indexes name chunks by position, so both must use the same; nothing was copied" in res.err
     assert json.loads(ok(fleece("list", "--repo", other, "--json")).out)["points"][0]["vm"] == "db1"

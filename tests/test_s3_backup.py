@@ -1,9 +1,10 @@
 """`fleece backup` of real VMs into S3 on loopback, through the CLI.
 
 The life cycle runs on every S3 implementation in conftest's ``S3_SERVERS``:
-moto over HTTP, and s3rver (a second, independent implementation) over HTTP
-and HTTPS. s3rver ignores ``If-None-Match``, so lock-taking commands run there
-with the operator's explicit opt-in (``s3_env.config_args``: a config file
+moto, and s3rver (a second, independent implementation), each over HTTP and
+HTTPS (``fleece copy``, its last step, is in ``test_copy.py``). s3rver
+ignores ``If-None-Match``, so lock-taking commands run there with the
+operator's explicit opt-in (``s3_env.config_args``: a config file
 saying ``unsafe_locks = true``). The repository is ``s3://BUCKET/sites/a``: every object must land under that
 prefix. Restores are compared with the test's shadow of each disk. Faults
 come from ``S3FaultProxy`` (conftest's ``s3_proxy``) between the ``fleece``
@@ -372,7 +373,7 @@ def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
     assert set(vm.bitmaps("vda")) == {f"fleece-{first['point']}"}
 
 
-@pytest.mark.parametrize("s3_server", ["moto", "s3rver-https"], indirect=True)
+@ON_EVERY_STORE
 def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitly(
         make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
     locks = s3_env.config_args

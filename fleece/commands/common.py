@@ -121,21 +121,35 @@ def add_passphrase_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def passphrase_source(args: argparse.Namespace) -> Passphrase | None:
+def passphrase_source(args: argparse.Namespace, option: str = "passphrase_file",
+                      env: str = PASSPHRASE_ENV, command_env: str = PASSPHRASE_COMMAND_ENV
+                      ) -> Passphrase | None:
     """Where the passphrase comes from: ``--passphrase-file``, else ``$FLEECE_PASSPHRASE_COMMAND``
     (run, its standard output used), else ``$FLEECE_PASSPHRASE``; None when none is set.
 
     Read only when an encrypted repository asks for it; one trailing newline is dropped.
+    ``option``, ``env`` and ``command_env`` name another set of the three (``copy``'s
+    destination: :data:`TO_PASSPHRASE_ENV`…).
     """
-    path = getattr(args, "passphrase_file", None)
+    path = getattr(args, option, None)
     if path:
         return lambda: read_passphrase_file(path)
-    command = os.environ.get(PASSPHRASE_COMMAND_ENV)
+    command = os.environ.get(command_env)
     if command:
-        return lambda: run_passphrase_command(command)
-    if PASSPHRASE_ENV in os.environ:
-        return lambda: _non_empty(os.environ[PASSPHRASE_ENV].encode(), f"${PASSPHRASE_ENV}")
+        return lambda: run_passphrase_command(command, command_env)
+    if env in os.environ:
+        return lambda: _non_empty(os.environ[env].encode(), f"${env}")
     return None
+
+
+TO_PASSPHRASE_ENV = "FLEECE_TO_PASSPHRASE"
+TO_PASSPHRASE_COMMAND_ENV = "FLEECE_TO_PASSPHRASE_COMMAND"
+
+
+def to_passphrase_source(args: argparse.Namespace) -> Passphrase | None:
+    """``copy``'s destination passphrase: ``--to-passphrase-file``, ``$FLEECE_TO_PASSPHRASE_COMMAND``
+    or ``$FLEECE_TO_PASSPHRASE`` (the same rules as :func:`passphrase_source`)."""
+    return passphrase_source(args, "to_passphrase_file", TO_PASSPHRASE_ENV, TO_PASSPHRASE_COMMAND_ENV)
 
 
 def read_passphrase_file(path: str) -> bytes:
@@ -147,17 +161,16 @@ def read_passphrase_file(path: str) -> bytes:
     return _non_empty(data.removesuffix(b"\n"), f"passphrase file {path}")
 
 
-def run_passphrase_command(command: str) -> bytes:
-    """Run ``$FLEECE_PASSPHRASE_COMMAND``; its standard output is the passphrase."""
+def run_passphrase_command(command: str, variable: str = PASSPHRASE_COMMAND_ENV) -> bytes:
+    """Run ``$FLEECE_PASSPHRASE_COMMAND`` (or ``variable``); its standard output is the passphrase."""
     try:
         done = subprocess.run(shlex.split(command), capture_output=True, stdin=subprocess.DEVNULL,
                               timeout=120)
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        raise FleeceError(f"{PASSPHRASE_COMMAND_ENV} could not run: {exc}") from None
+        raise FleeceError(f"{variable} could not run: {exc}") from None
     if done.returncode != 0:
-        raise FleeceError(f"{PASSPHRASE_COMMAND_ENV} exited with status {done.returncode}; "
-                          "nothing was changed")
-    return _non_empty(done.stdout.removesuffix(b"\n"), PASSPHRASE_COMMAND_ENV)
+        raise FleeceError(f"{variable} exited with status {done.returncode}; nothing was changed")
+    return _non_empty(done.stdout.removesuffix(b"\n"), variable)
 
 
 def _non_empty(passphrase: bytes, where: str) -> bytes:

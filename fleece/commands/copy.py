@@ -7,12 +7,17 @@ import sys
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import (
+    TO_PASSPHRASE_COMMAND_ENV,
+    TO_PASSPHRASE_ENV,
     add_json_option,
     add_limit_options,
     add_metrics_option,
+    add_passphrase_option,
     human_size,
     limited_backend,
+    open_repository,
     print_json,
+    to_passphrase_source,
 )
 from fleece.commands.config import apply_config
 from fleece.commands.metrics import Run, recorded
@@ -22,7 +27,7 @@ from fleece.repo.backends.url import open_backend
 from fleece.repo.format.point import RestorePoint
 from fleece.repo.repository import Repository
 
-CONFIG_KEYS: dict[str, type] = {**BACKUP_KEYS}
+CONFIG_KEYS: dict[str, type] = {**BACKUP_KEYS, "to_passphrase_file": str}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +41,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")
     p.add_argument("points", nargs="*", metavar="POINT",
                    help="point ids, unique prefixes or 'latest' (default: every point)")
+    add_passphrase_option(p)
+    p.add_argument("--to-passphrase-file", metavar="FILE",
+                   help="the destination's passphrase, when it is encrypted with another key than the "
+                        f"source (or set {TO_PASSPHRASE_ENV} or {TO_PASSPHRASE_COMMAND_ENV})")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks copied in parallel (default {DEFAULT_WORKERS})")
     add_limit_options(p)
@@ -56,11 +65,15 @@ def _copy(args: argparse.Namespace, record: Run) -> int:
         raise BadInput("--workers must be between 1 and 64")
     if args.source.rstrip("/") == args.dest.rstrip("/"):
         raise BadInput("--from and --to name the same repository")
-    source = Repository.open(limited_backend(open_backend(args.source), args))
+    source = open_repository(args, limited_backend(open_backend(args.source), args))
     points = _select(source, args.points, args.vm)
     dest_backend = limited_backend(open_backend(args.dest, unsafe_locks=bool(args.unsafe_locks)), args)
+    if dest_backend.url == source.url:  # the same place, however it was spelled
+        raise BadInput("--from and --to name the same repository")
     dest_backend.reserve_connections(args.workers + 2)
-    dest = open_destination(source, dest_backend)
+    dest = open_destination(source, dest_backend, to_passphrase_source(args),
+                            f"its passphrase with {TO_PASSPHRASE_ENV}, --to-passphrase-file or "
+                            f"{TO_PASSPHRASE_COMMAND_ENV}")
 
     def say(line: str) -> None:
         if not args.json:
@@ -76,7 +89,8 @@ def _copy(args: argparse.Namespace, record: Run) -> int:
         print(f"copied {len(report.copied)} point{'s' if len(report.copied) != 1 else ''} "
               f"({report.chunks_copied} chunks, {human_size(report.bytes_copied)} sent, "
               f"{report.chunks_present} chunks already there) in {report.seconds:.1f} s; "
-              f"{len(report.skipped)} already in {dest.url}")
+              f"{len(report.skipped)} already in {dest.url}"
+              + ("; chunks renamed for the destination (another key or hash)" if report.renamed else ""))
     return 0
 
 

@@ -12,80 +12,88 @@ again is idempotent.
 The destination is written under the same protocol as a backup: the VM's
 lease is held while its points are copied, and a running gc is waited out
 (refused, as a backup is). A destination that does not exist yet is created
-with the source's chunk size, hash and compression; an existing one must
-share the chunk size and hash, since chunks are named by their hash.
+with the source's chunk size, hash and compression — and, from an encrypted
+source, with its master key and key objects (the same passphrases open
+both), so that sealed objects then move as they are. An existing destination
+must have the source's chunk size; how the objects travel (as they are,
+sealed as they are, or renamed for another key or hash) is
+:mod:`fleece.maintenance.transfer`'s business.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError
-from fleece.repo.backends.base import Backend, ObjectMissing
-from fleece.repo.format import keys
-from fleece.repo.format.codec import decode_chunk
+from fleece.errors import BadInput, NotARepository, RepositoryError, RepositoryExists
+from fleece.maintenance.transfer import CopyReport, Renamed, SameNames, Sealed, Transfer, names_agree
+from fleece.repo.backends.base import Backend
 from fleece.repo.format.point import RestorePoint
 from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.lock import vm_lock
-from fleece.repo.needs import point_objects
-from fleece.repo.repository import Repository, holds_objects
+from fleece.repo.repository import Passphrase, Repository, RepositoryConfig, holds_objects, read_config
+from fleece.testing import pause_point
 
-T = TypeVar("T")
+__all__ = ["DEFAULT_WORKERS", "CopyReport", "copy_points", "open_destination"]
+
 DEFAULT_WORKERS = 8
-_BATCH = 64  # chunks in flight per batch: memory stays bounded whatever the point's size
 
 
-@dataclass
-class CopyReport:
-    """What a copy did."""
+def open_destination(source: Repository, backend: Backend, passphrase: Passphrase | None = None,
+                     asked: str = "its passphrase") -> Repository:
+    """The destination repository, created like the source if the location is empty.
 
-    copied: list[str] = field(default_factory=list)
-    """Ids of the points written to the destination."""
-    skipped: list[str] = field(default_factory=list)
-    """Ids of the points the destination already held."""
-    chunks_copied: int = 0
-    chunks_present: int = 0
-    """Chunks the points need that the destination already held (not sent)."""
-    bytes_copied: int = 0
-    objects_written: int = 0
-    """Chunks, indexes and points written to the destination."""
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The ``copy --json`` object."""
-        return {"copied": self.copied, "skipped": self.skipped, "chunks_copied": self.chunks_copied,
-                "chunks_present": self.chunks_present, "bytes_copied": self.bytes_copied,
-                "objects_written": self.objects_written,
-                "seconds": round(self.seconds, 3)}
-
-
-def open_destination(source: Repository, backend: Backend) -> Repository:
-    """The destination repository, created like the source if the location is empty."""
+    An encrypted destination opens with the source's key when it shares it
+    (no passphrase asked), else with ``passphrase``; without one, a
+    :class:`RepositoryError` says to give ``asked``. Nothing is written
+    before it opens.
+    """
     try:
-        dest = Repository.open(backend)
+        config = read_config(backend)
     except NotARepository:
         if holds_objects(backend):
             raise
-        c = source.config
-        dest = Repository.open_or_init(backend, c.chunk_size, c.compression_level, hash=c.hash)
-    if (dest.config.chunk_size, dest.config.hash) != (source.config.chunk_size, source.config.hash):
+        try:
+            return _checked(source, _create_like(source, backend))
+        except RepositoryExists:  # another process made it between our look and our put
+            config = read_config(backend)
+    _check_geometry(source, config, backend.url)
+    if config.encryption == "none":
+        return Repository.open(backend)
+    if source.shares_key(config):
+        return Repository.open_with_key_of(backend, config, source)
+    if passphrase is None:
+        raise RepositoryError(f"repository {backend.url} is encrypted with another key than "
+                              f"{source.url}: give {asked}; nothing was copied")
+    return _checked(source, Repository.open(backend, passphrase))
+
+
+def _create_like(source: Repository, backend: Backend) -> Repository:
+    if source.master is not None:
+        return Repository.init_sharing_key(backend, source)
+    c = source.config
+    return Repository.init(backend, c.chunk_size, c.compression_level, hash=c.hash)
+
+
+def _check_geometry(source: Repository, config: RepositoryConfig, url: str) -> None:
+    if config.chunk_size != source.config.chunk_size:
         raise BadInput(
-            f"cannot copy from {source.url} (chunk size {source.config.chunk_size}, {source.config.hash})"
-            f" to {dest.url} (chunk size {dest.config.chunk_size}, {dest.config.hash}): chunks are "
-            "named by their hash, so both must use the same; nothing was copied")
+            f"cannot copy from {source.url} (chunk size {source.config.chunk_size}) to {url} (chunk "
+            f"size {config.chunk_size}): indexes name chunks by position, so both must use the same; "
+            "nothing was copied")
+
+
+def _checked(source: Repository, dest: Repository) -> Repository:
+    _check_geometry(source, dest.config, dest.url)
     return dest
 
 
-def _batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
+def pick_transfer(source: Repository, dest: Repository) -> type[Transfer]:
+    """How objects travel from ``source`` to ``dest`` (:mod:`fleece.maintenance.transfer`)."""
+    if not names_agree(source, dest):
+        return Renamed
+    return Sealed if source.master is not None else SameNames
 
 
 def copy_points(source: Repository, dest: Repository, points: list[RestorePoint], *,
@@ -97,8 +105,8 @@ def copy_points(source: Repository, dest: Repository, points: list[RestorePoint]
     by_vm: dict[str, list[RestorePoint]] = {}
     for p in sorted(points, key=lambda p: p.id):
         by_vm.setdefault(p.vm, []).append(p)
-    present: set[bytes] = set()  # chunks known to be in the destination, this run
     with ThreadPoolExecutor(workers, thread_name_prefix="fleece-copy") as pool:
+        transfer = pick_transfer(source, dest)(source, dest, pool, report)
         for vm, vm_points in by_vm.items():
             todo = [p for p in vm_points if (vm, p.id) not in have]
             report.skipped += [p.id for p in vm_points if (vm, p.id) in have]
@@ -106,77 +114,15 @@ def copy_points(source: Repository, dest: Repository, points: list[RestorePoint]
                 continue
             with vm_lock(dest.backend, vm) as lease:
                 check_no_gc(dest.backend)  # the backup protocol: our lease first, then the look
+                transfer.seed(vm, sorted(i for v, i in source.point_refs(vm) if (v, i) in have))
                 for point in todo:
-                    _copy_one(source, dest, point, pool, present, report)
+                    committed = transfer.objects(point)
+                    pause_point("before-point")  # test hook (fleece.testing); inert in production
                     lease.check()
-                    dest.write_point(point)
+                    transfer.commit(committed)
                     report.copied.append(point.id)
-                    report.objects_written += 1 + len(point.disks)
+                    report.objects_written += 1
                     if say is not None:
                         say(f"copied point {point.id} of VM {vm}")
     report.seconds = time.monotonic() - started
     return report
-
-
-def _copy_one(source: Repository, dest: Repository, point: RestorePoint, pool: ThreadPoolExecutor,
-              present: set[bytes], report: CopyReport) -> None:
-    needs = point_objects(source, point)
-
-    def copy_chunk(digest: bytes) -> int:
-        key = keys.chunk_key(digest)
-        if dest.backend.exists(key):
-            return -1
-        try:
-            blob = source.backend.get(key)
-        except ObjectMissing:
-            raise RepositoryCorrupt(f"chunk {key} of point {point.id} is missing from {source.url}; "
-                                    "the point was not copied") from None
-        try:
-            decode_chunk(blob, digest, source.digest)  # checked on the way: never copy damage
-        except RepositoryCorrupt as exc:
-            raise RepositoryCorrupt(f"{source.url}: {key}: {exc}; point {point.id} was not copied "
-                                    "(see fleece verify)") from None
-        dest.put_chunk(digest, blob)
-        return len(blob)
-
-    missing = needs.chunks - present
-    report.chunks_present += len(needs.chunks) - len(missing)  # sent for an earlier point of this run
-    for batch in _batched(sorted(missing), _BATCH):
-        for digest, sent in zip(batch, pool.map(copy_chunk, batch), strict=True):
-            present.add(digest)
-            if sent < 0:
-                report.chunks_present += 1
-            else:
-                report.chunks_copied += 1
-                report.objects_written += 1
-                report.bytes_copied += sent
-    for pack in sorted(needs.packs - present):
-        key = keys.pack_key(pack)
-        present.add(pack)
-        if dest.backend.exists(key):
-            report.chunks_present += 1
-            continue
-        try:
-            blob = source.backend.get(key)
-        except ObjectMissing:
-            raise RepositoryCorrupt(f"pack {key} of point {point.id} is missing from {source.url}; "
-                                    "the point was not copied") from None
-        if source.digest(blob) != pack:  # a pack is named by its bytes: never copy damage
-            raise RepositoryCorrupt(f"{source.url}: pack {key} does not match its name; point "
-                                    f"{point.id} was not copied (see fleece verify)")
-        dest.backend.put(key, blob, if_absent=True)
-        report.chunks_copied += 1
-        report.objects_written += 1
-        report.bytes_copied += len(blob)
-    for disk in point.disks:
-        if needs.indexes[disk.name].deltas and not dest.has_deltas:
-            raise RepositoryError(f"point {point.id} holds deltas (format 2) and {dest.url} is format 1; "
-                                  "copy it into a format-2 repository; the point was not copied")
-        blob = needs.indexes[disk.name].to_bytes()
-        if hashlib.sha256(blob).hexdigest() != disk.index_digest:
-            raise RepositoryError(f"index {disk.index_key} of point {point.id} does not re-encode to "
-                                  "the bytes its point names; the point was not copied")
-        key, _ = dest.write_index(point.id, disk.name, needs.indexes[disk.name])
-        if key != disk.index_key:
-            raise RepositoryError(f"index of disk {disk.name} of point {point.id} would land at {key}, "
-                                  f"not {disk.index_key}; the point was not copied")

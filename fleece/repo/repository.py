@@ -13,6 +13,7 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError, RepositoryExists
 from fleece.repo.backends.base import Backend, ObjectMissing
@@ -34,6 +35,9 @@ from fleece.repo.format.delta import DeltaRef, apply_delta, decode_delta
 from fleece.repo.format.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
 from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.testing import pause_point
+
+if TYPE_CHECKING:
+    from fleece.repo.backends.encrypted import EncryptedBackend
 
 Passphrase = Callable[[], bytes]
 """Where an encrypted repository's passphrase comes from; called only when one is needed."""
@@ -161,6 +165,9 @@ class Repository:
         self.master = master
         self.key_id = key_id
         """The key object the passphrase opened (encrypted repositories)."""
+        self.sealed: EncryptedBackend | None = None
+        """Encrypted repositories: the sealing wrapper (``backend``), for moving sealed objects as
+        they are."""
         self.digest = digest_function(config.hash, sealer.id_key if sealer else None)
         """The chunk-naming hash of this repository (its ``config``'s ``hash``; keyed when encrypted)."""
         self.index_version = INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION
@@ -237,13 +244,62 @@ class Repository:
         return cls._unlocked(backend, config, master, key_id)
 
     @classmethod
+    def init_sharing_key(cls, backend: Backend, source: Repository) -> Repository:
+        """Create an encrypted repository at an empty location with ``source``'s master key.
+
+        Its settings are the source's (new id), and every key object of the
+        source is stored there too, so the same passphrases open both. Chunks,
+        packs and name tokens then agree between the two, and sealed objects
+        can move from one to the other as they are (``fleece copy``).
+        """
+        if source.master is None:
+            raise BadInput(f"{source.url} is not encrypted: it has no key to share")
+        c = source.config
+        config = RepositoryConfig(id=secrets.token_hex(16), chunk_size=c.chunk_size,
+                                  compression_level=c.compression_level, hash=c.hash,
+                                  encryption=c.encryption)
+        config = RepositoryConfig(**{**config.__dict__,
+                                     "auth": config_auth(source.master, config.document())})
+        # Key objects first, config last (as init does): a location with keys and no config
+        # is no repository yet. Identical keys a racing creator stored are left alone.
+        for key in sorted(source.raw_backend.list(keys.KEY_OBJECTS_PREFIX)):
+            backend.put(key, source.raw_backend.get(key), if_absent=True)
+        if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
+            raise RepositoryExists(f"{backend.url} already holds a fleece repository; nothing was changed")
+        return cls._unlocked(backend, config, source.master, source.key_id)
+
+    def shares_key(self, config: RepositoryConfig) -> bool:
+        """Whether this (encrypted) repository's master key also authenticates ``config``.
+
+        Then the other repository was made with the same master key (by
+        :meth:`init_sharing_key`): its chunk names, name tokens and seals are
+        this one's, and it opens with this repository's key, no passphrase asked.
+        """
+        return (self.master is not None and config.auth is not None
+                and config.encryption == self.config.encryption
+                and secrets.compare_digest(config_auth(self.master, config.document()), config.auth))
+
+    @classmethod
+    def open_with_key_of(cls, backend: Backend, config: RepositoryConfig, other: Repository) -> Repository:
+        """Open the repository ``config`` describes with ``other``'s master key (see :meth:`shares_key`)."""
+        if other.master is None or not other.shares_key(config):
+            raise RepositoryError(f"{backend.url} does not share the key of {other.url}")
+        return cls._unlocked(backend, config, other.master, None)
+
+    def stored_key(self, key: str) -> str:
+        """Where the object with logical ``key`` lies on the store (names as tokens when encrypted)."""
+        return key if self.sealed is None else self.sealed.stored_key(key)
+
+    @classmethod
     def _unlocked(cls, backend: Backend, config: RepositoryConfig, master: MasterKey,
-                  key_id: str) -> Repository:
+                  key_id: str | None) -> Repository:
         from fleece.repo.backends.encrypted import EncryptedBackend
 
         sealer = Sealer(master, config.encryption)
-        return cls(EncryptedBackend(backend, sealer), config, sealer=sealer, raw_backend=backend,
-                   master=master, key_id=key_id)
+        sealed = EncryptedBackend(backend, sealer)
+        repo = cls(sealed, config, sealer=sealer, raw_backend=backend, master=master, key_id=key_id)
+        repo.sealed = sealed
+        return repo
 
     @classmethod
     def open(cls, backend: Backend, passphrase: Passphrase | None = None) -> Repository:

@@ -32,6 +32,13 @@ The phases of one ``fleece backup``, in order:
 With ``--qga`` one more phase comes first (not in :data:`PHASES`, which every
 backup reaches): ``guest-frozen``, the guest's filesystems are frozen and
 the snapshot point is not taken yet.
+The phases of one ``fleece copy`` (:data:`COPY_PHASES`), for its first point:
+
+``chunk-stored``
+    a chunk has been stored in the destination;
+``before-point``
+    the point's chunks, packs and indexes are in the destination, the point is not.
+
 The phase of one ``fleece restore --live`` (:data:`LIVE_PHASES`):
 
 ``live-streamed``
@@ -47,6 +54,7 @@ import time
 
 PHASES = ("export-live", "chunk-stored", "pack-stored", "before-point", "before-commit",
           "deltas-unlinked")
+COPY_PHASES = ("chunk-stored", "before-point")
 LIVE_PHASES = ("live-streamed",)
 PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
 PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
