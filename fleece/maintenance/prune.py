@@ -68,10 +68,12 @@ class PruneReport:
     policy: Policy
     dry_run: bool
     vms: list[VmPrune] = field(default_factory=list)
+    object_lock: bool = False
+    """The repository locks objects: ``--json`` says which points stay locked."""
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``prune --json`` object."""
-        return {
+        """The ``prune --json`` object (``locked`` only in Object Lock repositories)."""
+        doc: dict[str, Any] = {
             "dry_run": self.dry_run,
             "policy": self.policy.as_dict(),
             "kept": [{"vm": v.vm, "id": d.point_id, "reasons": list(d.reasons)}
@@ -79,9 +81,11 @@ class PruneReport:
             "removed": [{"vm": v.vm, "id": d.point_id, "reason": "no keep rule selects it"}
                         for v in self.vms for d in v.removed],
             "skipped": [{"vm": v.vm, "reason": v.skipped} for v in self.vms if v.skipped],
-            "locked": [{"vm": v.vm, "id": pid, "until": until}
-                       for v in self.vms for pid, until in v.locked.items()],
         }
+        if self.object_lock:
+            doc["locked"] = [{"vm": v.vm, "id": pid, "until": until}
+                             for v in self.vms for pid, until in v.locked.items()]
+        return doc
 
 
 def prune(
@@ -105,7 +109,7 @@ def prune(
     vms = sorted({v for v, _ in repo.point_refs(vm)})
     if vm is not None and not vms:
         raise BadInput(f"no restore points of VM {vm!r} in {repo.url}")
-    report = PruneReport(policy, dry_run)
+    report = PruneReport(policy, dry_run, object_lock=repo.lock is not None)
     for name in vms:
         report.vms.append(_prune_vm(repo, name, policy, dry_run, now, tz, say or log.info))
     return report

@@ -332,7 +332,7 @@ class Repository:
         """
         key = keys.chunk_key(digest)
         if self.lock is not None:
-            stored = self.put_immutable(key, blob)
+            stored = self.put_immutable(key, blob, probe=True)
             pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
             return stored
         if self.backend.exists(key):
@@ -358,25 +358,33 @@ class Repository:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
         return decode_chunk(blob, digest, self.digest)
 
-    def put_immutable(self, key: str, blob: bytes, *, existing_ok: bool = True) -> bool:
+    def put_immutable(self, key: str, blob: bytes, *, existing_ok: bool = True,
+                      probe: bool = False) -> bool:
         """Store ``key`` locked for N + S days unless it exists; an existing one keeps N days ahead.
 
-        Object Lock repositories only (:mod:`fleece.repo.object_lock`). An
-        existing object's lock comes with the HEAD that finds it and is
-        extended there if it ends before now + N days (not with
-        ``existing_ok=False``: a point is never written over). False when the
-        object existed. Every lock is noted in :attr:`lock_ledger`.
+        Object Lock repositories only (:mod:`fleece.repo.object_lock`). With
+        ``probe`` (chunks, which are often there) a HEAD comes first, as the
+        dedup probe it is anyway; otherwise the conditional create does, and
+        a HEAD follows only when it finds the object. An existing object's
+        lock comes with that HEAD and is extended there if it ends before
+        now + N days (not with ``existing_ok=False``: a point is never
+        written over). False when the object existed. Every lock is noted in
+        :attr:`lock_ledger`.
         """
         assert self.lock is not None
         now = lock_clock()
         try:
+            if not probe:
+                raise ObjectMissing(key)
             found = self.backend.lock_of(key)
         except ObjectMissing:
             retention = self.lock.retention(now)
             if self.backend.put_locked(key, blob, retention):
                 self.lock_ledger.note(key, retention.until)
                 return True
-            found = self.backend.lock_of(key)  # stored meanwhile by another writer
+            if not existing_ok:
+                return False
+            found = self.backend.lock_of(key)  # stored already (or meanwhile by another writer)
         if existing_ok:
             self.keep_locked(key, found, now)
         return False
@@ -495,7 +503,7 @@ class Repository:
         blob = index.to_bytes()
         self.flush()  # every chunk the index names is durable before the index exists
         if self.lock is not None:
-            if not self.put_immutable(key, blob):
+            if not self.put_immutable(key, blob, existing_ok=False):
                 raise RepositoryError(f"index {key} exists already; nothing was written over it")
         else:
             self.backend.put(key, blob)
