@@ -302,3 +302,15 @@ def test_an_encrypted_repository_locks_its_sealed_objects_config_and_key(
     with pytest.raises(ClientError, match="AccessDenied"):
         s3_env.client().delete_object(Bucket=bucket, Key=chunk, VersionId=version)
     assert json.loads(json.dumps(checked))["points"][0]["ok"] is True
+
+
+@pytest.mark.parametrize("s3_server", ["s3rver-http"], indirect=True)
+def test_init_on_a_store_without_object_lock_is_refused_in_one_line(
+        fleece: Any, s3_env: Any, s3_bucket: str) -> None:
+    res = fleece("init", "--repo", f"s3://{s3_bucket}/{PREFIX}", "--encryption", "none",
+                 "--object-lock-days", "7")
+    assert res.rc == 2, res.err
+    line = one_line(res)
+    assert "Object Lock" in line and line.endswith("nothing was changed"), line
+    pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+    assert [o for page in pages for o in page.get("Contents", [])] == []
