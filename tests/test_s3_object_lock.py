@@ -68,9 +68,9 @@ def lock_end(s3_env: Any, bucket: str, key: str) -> float:
     return float(until.timestamp()) if until else 0.0
 
 
-def data_keys(s3_env: Any, bucket: str) -> list[str]:
+def data_keys(s3_env: Any, bucket: str, prefix: str = PREFIX) -> list[str]:
     """The current objects a point may need: everything but leases and the store check."""
-    pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{PREFIX}/")
+    pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
     return [o["Key"] for page in pages for o in page.get("Contents", [])
             if o["Key"].split("/")[1] not in ("locks", "store")]
 
@@ -180,6 +180,7 @@ def test_points_stay_locked_prune_and_gc_cannot_remove_them_and_reused_locks_are
     lock1 = p1["object_lock"]
     # New objects are locked N + S = 2 days; the first backup re-locks config (1 request).
     assert lock1["mode"] == "governance" and lock1["locks_extended"] == 1
+    assert lock1["repository"] == made["id"]
     assert started + 2 * DAY - 5 < horizon(lock1) < time.time() + 2 * DAY + 1
     needed = data_keys(s3_env, bucket)
     assert {k.split("/")[1] for k in needed} == {"config", "chunks", "indexes", "points"}
@@ -259,6 +260,19 @@ def test_points_stay_locked_prune_and_gc_cannot_remove_them_and_reused_locks_are
     s3_proxy.plan.requests.clear()
     p4 = backup(fleece, vm, url, env=later)
     assert p4["object_lock"]["locks_extended"] == 0 == s3_proxy.plan.requests["PutObjectRetention"]
+
+    # A copy into another Object Lock repository: the copied points' horizon
+    # was measured in the source, so the next backup there does not trust it
+    # and locks everything it reuses for N days from now.
+    copy_url = f"s3://{bucket}/copy"
+    ok(fleece("init", "--repo", copy_url, "--encryption", "none", "--object-lock-days", "1"))
+    ok(fleece("copy", "--from", url, "--to", copy_url))
+    p5 = backup(fleece, vm, copy_url, env=later)
+    assert p5["disks"][0]["level"] == "incremental" and p5["object_lock"]["locks_extended"] > 1
+    copied = [k for k in versions(s3_env, bucket, "copy/") if k[0].split("/")[1] in ("chunks", "packs")]
+    assert copied
+    for key, _, _ in copied:
+        assert lock_end(s3_env, bucket, key) >= time.time() + 3 * DAY - 5, key
 
     # Someone allowed to bypass governance shortens a chunk's lock: verify fails.
     s3_env.client().put_object_retention(

@@ -472,8 +472,9 @@ def _check_locks(repo: Repository, item: _Loaded, checker: _ChunkChecker) -> Non
         return
     item.report.lock_until = min(ends.values())
     recorded = point.lock_horizon
-    if recorded is None:
-        return
+    if recorded is None or point.object_lock is None or (
+            point.object_lock.get("repository") != repo.config.id):
+        return  # no promise made here (a copied point's horizon is its source's)
     # S3 keeps lock ends to the second.
     short = sorted(k for k, end in ends.items() if end + 1 < recorded.timestamp())
     if short:

@@ -413,8 +413,8 @@ class Repository:
         earliest of their horizons is at least now + N they need no request;
         otherwise each of them, ``config`` and the key objects are extended to
         N + S days (one request each, in ``workers`` threads). Returns the
-        point's ``object_lock`` member: the mode and the horizon, the earliest
-        lock end of everything it needs.
+        point's ``object_lock`` member: the mode, this repository's id and the
+        horizon, the earliest lock end of everything it needs.
         """
         assert self.lock is not None
         now = lock_clock()
@@ -430,7 +430,10 @@ class Repository:
                 reused.append(key)
             else:
                 ends.append(until)
-        horizons = [p.lock_horizon.timestamp() if p.lock_horizon else 0.0 for p in sources]
+        # A horizon counts only where it was measured: a point copied from
+        # another repository carries that repository's (fleece copy).
+        horizons = [p.lock_horizon.timestamp() if p.lock_horizon and p.object_lock
+                    and p.object_lock.get("repository") == self.config.id else 0.0 for p in sources]
         previous = min(horizons, default=0.0)
         if previous >= self.lock.needed(now):
             ends.append(previous)  # covers the reused objects, config and the keys
@@ -442,7 +445,7 @@ class Repository:
                                     thread_name_prefix="fleece-lock") as pool:
                 ends += pool.map(lambda job: self.keep_locked(job[1], None, now, job[0]), jobs)
         horizon = min(ends, default=self.lock.retention(now).until)
-        return {"mode": self.lock.mode,
+        return {"mode": self.lock.mode, "repository": self.config.id,
                 "horizon": iso_utc(datetime.fromtimestamp(horizon, UTC))}
 
     # -- deltas and packs (format 2) -----------------------------------------

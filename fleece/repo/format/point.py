@@ -72,8 +72,9 @@ class RestorePoint:
     labels: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     object_lock: dict[str, str] | None = None
-    """Object Lock repositories: ``{"mode", "horizon"}``, the ISO time until which every
-    object the point needs is locked at least (written only when set)."""
+    """Object Lock repositories: ``{"mode", "repository", "horizon"}``: the ISO time until
+    which every object the point needs is locked at least, in the repository of that id
+    (written only when set)."""
 
     @property
     def lock_horizon(self) -> datetime | None:
