@@ -693,6 +693,15 @@ def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def s3_lock_bucket(s3_env: S3Server) -> str:
+    """A fresh bucket with S3 Object Lock enabled (and so versioned) on moto; its name."""
+    assert s3_env.name == "moto", "only moto implements Object Lock among the test's stores"
+    name = f"fleece-lock-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    return name
+
+
+@pytest.fixture
 def s3_proxy(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A fault-injecting HTTP proxy in front of the moto server (``S3FaultProxy``).
 

@@ -161,6 +161,15 @@ CASES: list[tuple[str, Argv, int, str]] = [
      "no restore point '19990101'"),
     ("copy-no-workers", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "--workers", "0"],
      2, "--workers must be between 1 and 64"),
+    # init --object-lock-days (S3 refusals: tests/test_s3_object_lock.py)
+    ("init-object-lock-on-a-directory", lambda w: ["init", "--repo", w.dir / "locked", "--encryption",
+                                                   "none", "--object-lock-days", "7"], 2,
+     "cannot lock objects: --object-lock-days needs an S3 bucket with Object Lock enabled"),
+    ("init-object-lock-zero-days", lambda w: ["init", "--repo", w.dir / "locked", "--encryption", "none",
+                                              "--object-lock-days", "0"], 2, "between 1 and 36500"),
+    ("init-object-lock-mode-alone", lambda w: ["init", "--repo", w.dir / "locked", "--encryption", "none",
+                                               "--object-lock-mode", "compliance"], 2,
+     "--object-lock-mode needs --object-lock-days N"),
 ]
 
 

@@ -101,10 +101,12 @@ class BackupResult:
     disks: list[DiskResult]
     pause_ms: float | None
     seconds: float
+    locks_extended: int = 0
+    """Object Lock repositories: PutObjectRetention requests this backup made."""
 
     def as_dict(self) -> dict[str, Any]:
         """The ``backup --json`` object."""
-        return {
+        doc: dict[str, Any] = {
             "point": self.point.id,
             "vm": self.point.vm,
             "parent": self.point.parent,
@@ -112,6 +114,9 @@ class BackupResult:
             "pause_ms": self.pause_ms,
             "seconds": round(self.seconds, 3),
         }
+        if self.point.object_lock is not None:
+            doc["object_lock"] = {**self.point.object_lock, "locks_extended": self.locks_extended}
+        return doc
 
 
 async def vm_name(session: QmpSession) -> str:
@@ -169,7 +174,12 @@ async def run_backup(
                 known_point=points.latest_id(),
             ) as export:
                 pause_point("export-live")  # test hook (fleece.testing); inert in production
-                results, records = await _back_up_disks(req, repo, export, points, lease, progress)
+                results, records, indexes = await _back_up_disks(req, repo, export, points, lease,
+                                                                 progress)
+                latest = points.latest()
+                object_lock = await asyncio.to_thread(
+                    lock_new_point, req, repo, indexes,
+                    [*(points.get(d.since) for d in export.disks if d.since), latest])
                 point = RestorePoint(
                     id=export.checkpoint,
                     vm=vm,
@@ -180,6 +190,7 @@ async def run_backup(
                     fleece_version=__version__,
                     qemu_version=qemu,
                     labels=dict(req.labels),
+                    object_lock=object_lock,
                     stats={
                         "pause_ms": export.pause_ms,
                         "seconds": round(time.monotonic() - started, 3),
@@ -188,7 +199,22 @@ async def run_backup(
                     },
                 )
                 await _commit(req, repo, lease, points, point, progress)
-    return BackupResult(point, results, export.pause_ms, time.monotonic() - started)
+    return BackupResult(point, results, export.pause_ms, time.monotonic() - started,
+                        repo.lock_ledger.extended)
+
+
+def lock_new_point(req: BackupRequest, repo: Repository, indexes: list[ChunkIndex],
+                   sources: list[RestorePoint | None]) -> dict[str, str] | None:
+    """Object Lock repositories: lock what the new point names N days past it; its ``object_lock``.
+
+    ``sources`` are the points whose indexes named chunks the backup reused
+    without a request (its parents and the VM's latest point). None when the
+    repository does not lock objects.
+    """
+    if repo.lock is None:
+        return None
+    return repo.lock_new_point(indexes, [p for p in sources if p is not None],
+                               req.settings.storers or repo.backend.preferred_concurrency or 4)
 
 
 async def _open_repository(req: BackupRequest, source: PointInTimeSource) -> Repository:
@@ -215,23 +241,25 @@ async def _back_up_disks(
     points: _PointsOfVm,
     lease: Lease,
     progress: Callable[[str, int], Callable[[int], None]] | None,
-) -> tuple[list[DiskResult], list[DiskRecord]]:
-    """Store every exported disk (chunks, deltas, index); what each stored, and its record."""
+) -> tuple[list[DiskResult], list[DiskRecord], list[ChunkIndex]]:
+    """Store every exported disk (chunks, deltas, index); what each stored, its record and index."""
     results: list[DiskResult] = []
     records: list[DiskRecord] = []
+    indexes: list[ChunkIndex] = []
     latest = points.latest()
     # Prune keeps the points whose indexes we are about to read.
     uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
     await asyncio.to_thread(lease.record_uses, sorted(uses))
     for disk in export.disks:
-        result, record = await asyncio.to_thread(
+        result, record, index = await asyncio.to_thread(
             _back_up_disk, req, repo, export.checkpoint, disk,
             points.get(disk.since) if disk.since else None, latest,
             export.trim_alignment if disk.discard else None, progress,
         )
         results.append(result)
         records.append(record)
-    return results, records
+        indexes.append(index)
+    return results, records, indexes
 
 
 def _parent(export: PointInTime, results: list[DiskResult]) -> str | None:
@@ -333,7 +361,7 @@ def _back_up_disk(
     latest: RestorePoint | None,
     trim_alignment: int | None,
     progress: Callable[[str, int], Callable[[int], None]] | None,
-) -> tuple[DiskResult, DiskRecord]:
+) -> tuple[DiskResult, DiskRecord, ChunkIndex]:
     """Plan, read and store one disk; write its index. Runs in a worker thread."""
     chunk_size = repo.config.chunk_size
     level, reason = disk.level, disk.reason
@@ -398,7 +426,7 @@ def _back_up_disk(
         bitmap=checkpoint_bitmap(point_id),
         stats=stats.as_dict(),
     )
-    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity), record
+    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity), record, index
 
 
 def _readable_index(repo: Repository, point: RestorePoint, drive: str) -> ChunkIndex | None:

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
-from fleece.backup.job import BackupRequest, BackupResult, DiskResult, _back_up_disk, _PointsOfVm
+from fleece.backup.job import (
+    BackupRequest,
+    BackupResult,
+    DiskResult,
+    _back_up_disk,
+    _PointsOfVm,
+    lock_new_point,
+)
 from fleece.errors import BadInput
 from fleece.fleecing import DiskExport
 from fleece.fleecing.export import TRIM_ALIGNMENT
@@ -32,6 +39,7 @@ from fleece.fleecing.names import CHECKPOINT_RE, checkpoint_bitmap
 from fleece.fleecing.transport import check_client_uri
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import Disk
+from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.lock import vm_lock
@@ -94,20 +102,25 @@ async def run_backup_from_export(
         await asyncio.to_thread(lease.record_uses, sorted(uses))
         results: list[DiskResult] = []
         records: list[DiskRecord] = []
+        indexes: list[ChunkIndex] = []
         for disk in disks:
             # A parent this repository lacks makes the disk full, with the reason.
             parent = points.get(disk.since) if disk.since else None
             trim = TRIM_ALIGNMENT if disk.discard and req.trim else None
-            result, record = await asyncio.to_thread(
+            result, record, index = await asyncio.to_thread(
                 _back_up_disk, req, repo, checkpoint, disk, parent, latest, trim, progress)
             results.append(result)
             records.append(record)
+            indexes.append(index)
         parents = sorted({d.since for d, r in zip(disks, results, strict=True)
                           if d.since and r.level == "incremental"})
         point = RestorePoint(
             id=checkpoint, vm=vm, created=iso_utc(), parent=parents[-1] if parents else None,
             chunk_size=repo.config.chunk_size, disks=records, fleece_version=__version__,
             labels=dict(req.labels),
+            object_lock=await asyncio.to_thread(
+                lock_new_point, req, repo, indexes,
+                [*(points.get(d.since) for d in disks if d.since), latest]),
             stats={"pause_ms": None, "seconds": round(time.monotonic() - started, 3),
                    "bytes_read": sum(r.stats.bytes_read for r in results),
                    "bytes_stored": sum(r.stats.bytes_stored for r in results)},
@@ -118,4 +131,4 @@ async def run_backup_from_export(
                                     progress=progress)
         lease.check()
         await asyncio.to_thread(repo.write_point, point)
-    return BackupResult(point, results, None, time.monotonic() - started)
+    return BackupResult(point, results, None, time.monotonic() - started, repo.lock_ledger.extended)

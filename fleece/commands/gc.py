@@ -94,6 +94,9 @@ def print_report(report: GcReport) -> None:
     kept_packs = f" and {report.packs_kept} packs" if report.packs_kept else ""
     print(f"kept {report.chunks_kept} chunks{kept_packs} named by {points}"
           + (f" and {report.indexes_spared} recent orphan indexes" if report.indexes_spared else ""))
+    if report.objects_locked:
+        print(f"left {report.objects_locked} unreferenced objects that Object Lock still protects; "
+              "a gc after their lock ends deletes them")
     if report.running_backups:
         print(f"note: backups of {', '.join(report.running_backups)} are running; gc would wait "
               "for them and spare their chunks")

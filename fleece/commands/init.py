@@ -10,7 +10,17 @@ from fleece.errors import BadInput
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, parse_compression
 from fleece.repo.format.crypto import CIPHERS
+from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
 from fleece.repo.repository import Repository, check_chunk_size
+
+
+def _days(text: str) -> int:
+    try:
+        return check_lock_days(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    except BadInput as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--object-lock-days ")) from None
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +34,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the hash that names chunks (keyed when encrypted; default sha256)")
     p.add_argument("--chunk-size", metavar="SIZE", help="chunk size, a power of two (default 4M)")
     p.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] (default zstd:3) or none")
+    p.add_argument("--object-lock-days", type=_days, metavar="N",
+                   help="immutable restore points: S3 Object Lock keeps every object a point needs "
+                        "for at least N days after the newest point that uses it (the bucket must "
+                        "have Object Lock enabled)")
+    p.add_argument("--object-lock-mode", choices=MODES, default=None,
+                   help="governance (default: s3:BypassGovernanceRetention may still delete) or "
+                        "compliance (nobody can, not even the root account)")
     add_json_option(p)
     p.set_defaults(func=run)
 
@@ -32,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     """Create the repository; exit 2 if the location holds one already."""
     chunk_size = check_chunk_size(parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK_SIZE)
     level = parse_compression(args.compress) if args.compress else DEFAULT_ZSTD_LEVEL
+    if args.object_lock_mode is not None and args.object_lock_days is None:
+        raise BadInput("--object-lock-mode needs --object-lock-days N")
+    lock = (None if args.object_lock_days is None
+            else ObjectLock(args.object_lock_days, args.object_lock_mode or "governance"))
     passphrase = None
     if args.encryption != "none":
         source = passphrase_source(args)
@@ -40,14 +61,18 @@ def run(args: argparse.Namespace) -> int:
                            "FLEECE_PASSPHRASE_COMMAND (never on the command line)")
         passphrase = source()
     repo = Repository.init(open_backend(args.repo), chunk_size, level, hash=args.hash,
-                           encryption=args.encryption, passphrase=passphrase)
+                           encryption=args.encryption, passphrase=passphrase, object_lock=lock)
     if args.json:
         print_json({"repo": repo.url, "id": repo.config.id, "format": repo.config.format,
                     "encryption": repo.config.encryption, "hash": repo.config.hash,
-                    "chunk_size": repo.config.chunk_size, "key": repo.key_id})
+                    "chunk_size": repo.config.chunk_size, "key": repo.key_id,
+                    "object_lock": None if lock is None else lock.document()})
     else:
         how = "not encrypted" if repo.master is None else f"encrypted with {repo.config.encryption}"
         print(f"created repository {repo.url} ({how}, format {repo.config.format})")
+        if lock is not None:
+            print(f"every object a restore point needs stays locked ({lock.mode}) for at least "
+                  f"{lock.days} days after the newest point that uses it")
         if repo.master is not None:
             print("keep the passphrase safe: without it nothing in the repository can be read "
                   "('fleece key export' makes a copy of the wrapped key)")

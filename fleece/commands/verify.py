@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 
 from fleece.commands.common import (
     add_json_option,
@@ -88,7 +89,8 @@ def run_outer(args: argparse.Namespace) -> int:
 def print_report(report: VerifyReport) -> None:
     """One line per point, one indented line per damage, then a summary."""
     for p in report.points:
-        print(f"{'ok' if p.ok else 'DAMAGED'}  {p.id}  {p.vm}")
+        locked = "" if p.lock_until is None else f"  locked until {_iso(p.lock_until)}"
+        print(f"{'ok' if p.ok else 'DAMAGED'}  {p.id}  {p.vm}{locked}")
         for d in p.damage:
             print(f"    {d.describe()}")
     damaged = sum(not p.ok for p in report.points)
@@ -98,3 +100,12 @@ def print_report(report: VerifyReport) -> None:
           f"{' deep' if report.deep else ''}: {report.chunks_checked} chunks, "
           f"{human_size(report.bytes_checked)} hashed in {secs:.1f} s{rate}; "
           f"{damaged} damaged")
+    if report.object_lock is not None:
+        horizon = report.lock_horizon
+        print(f"object lock ({report.object_lock['mode']}, {report.object_lock['days']} days): "
+              + ("no object could be read" if horizon is None else
+                 f"every object these points need is locked until at least {_iso(horizon)}"))
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -14,6 +14,12 @@ which no backup runs alongside:
    (``delete_many`` where the backend has it: 1000 keys per S3 request),
    checking before each batch that the gc lease is still ours.
 
+In an Object Lock repository the store refuses to delete an object whose
+lock has not ended (garbage of a failed backup, chunks of pruned points that
+later points shared until recently): gc leaves it, reports it
+(``objects_locked``) and deletes it in a run after its lock ends. It costs
+no extra request: the store's answer to the batched delete says which.
+
 A pack is kept whole while any kept point names any delta in it; gc reports
 the bytes of unnamed deltas inside kept packs (``pack_bytes_unreferenced``)
 rather than rewriting packs, because a delta's reference (pack, offset) is
@@ -69,6 +75,8 @@ class GcReport:
     temporaries_deleted: int = 0
     """Hidden ``.tmp-*`` files (file backend) that a killed writer left, older than the grace."""
     bytes_freed: int = 0
+    objects_locked: int = 0
+    """Unreferenced objects left because their Object Lock has not ended yet."""
     running_backups: list[str] = field(default_factory=list)
     """VMs whose lease was live (reported by dry runs, which take no lease)."""
     seconds: float = 0.0
@@ -88,6 +96,7 @@ class GcReport:
             "temporaries_deleted": self.temporaries_deleted,
             "objects_deleted": self.chunks_deleted + self.packs_deleted + self.indexes_deleted,
             "bytes_freed": self.bytes_freed,
+            "objects_locked": self.objects_locked,
             "running_backups": self.running_backups,
             "seconds": round(self.seconds, 3),
         }
@@ -157,7 +166,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
     sweeper = _Sweeper(backend, lease)
     try:
         for info in old_orphans:
-            if sweeper.add(info):
+            if sweeper.add(info, "indexes"):
                 report.indexes_deleted += 1
         for info in backend.list_info(keys.CHUNKS_PREFIX):
             digest = keys.parse_chunk_key(info.key)
@@ -165,7 +174,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
                 continue  # not ours to judge
             if digest in marked:
                 report.chunks_kept += 1
-            elif sweeper.add(info):
+            elif sweeper.add(info, "chunks"):
                 report.chunks_deleted += 1
         for info in backend.list_info(keys.PACKS_PREFIX):
             pack = keys.parse_pack_key(info.key)
@@ -176,7 +185,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
                 if info.size >= 0:
                     used = sum(n for _, n in live[pack])
                     report.pack_bytes_unreferenced += max(0, info.size - used - PACK_OVERHEAD)
-            elif sweeper.add(info):
+            elif sweeper.add(info, "packs"):
                 report.packs_deleted += 1
         sweeper.flush()
     except FleeceError as exc:
@@ -184,6 +193,13 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
                    "every restore point is intact; run gc again")
         raise (LockHeld(message) if isinstance(exc, LockHeld) else RepositoryError(message)) from exc
     report.bytes_freed = sweeper.bytes
+    report.chunks_deleted -= sweeper.locked.get("chunks", 0)
+    report.packs_deleted -= sweeper.locked.get("packs", 0)
+    report.indexes_deleted -= sweeper.locked.get("indexes", 0)
+    report.objects_locked = sum(sweeper.locked.values())
+    if report.objects_locked:
+        say(f"{report.objects_locked} unreferenced objects are still locked (Object Lock); "
+            "a gc after their lock ends deletes them")
     # A killed backup's staged chunks never became objects: hidden temporary
     # files of the file backend. Past the grace period nobody can publish them.
     count, size = backend.sweep_temporaries(now() - grace.total_seconds(), delete=lease is not None)
@@ -250,11 +266,18 @@ class _Sweeper:
         self.lease = lease
         """None in a dry run: nothing is deleted, only counted."""
         self.batch: list[str] = []
+        self.queued: dict[str, tuple[str, int]] = {}
+        """key → (kind, size) of the batch, to take back what a lock kept."""
         self.deleted = 0
         self.bytes = 0
+        self.locked: dict[str, int] = {}
+        """kind → objects the store kept because their lock has not ended."""
 
-    def add(self, info: ObjectInfo) -> bool:
-        """Queue ``info`` for deletion; False when it vanished before its size was known."""
+    def add(self, info: ObjectInfo, kind: str) -> bool:
+        """Queue ``info`` (a ``chunks``, ``packs`` or ``indexes`` object) for deletion.
+
+        False when it vanished before its size was known.
+        """
         size = info.size
         if size < 0:  # the backend lists no sizes: ask for the object itself
             try:
@@ -265,6 +288,7 @@ class _Sweeper:
         if self.lease is None:
             return True
         self.batch.append(info.key)
+        self.queued[info.key] = (kind, size)
         if len(self.batch) >= DELETE_BATCH:
             self.flush()
         return True
@@ -280,6 +304,11 @@ class _Sweeper:
         self.lease.renew()
         if lease_margin(self.lease) < CLOCK_SKEW:
             raise LockHeld("gc could not renew its lease in time, so it stopped deleting")
-        self.backend.delete_many(self.batch)
-        self.deleted += len(self.batch)
+        kept = self.backend.delete_unlocked(self.batch)
+        for key in kept:
+            kind, size = self.queued.get(key, ("chunks", 0))
+            self.locked[kind] = self.locked.get(kind, 0) + 1
+            self.bytes -= size
+        self.deleted += len(self.batch) - len(kept)
         self.batch = []
+        self.queued = {}

@@ -10,6 +10,10 @@ Removing a point deletes the point object first, so it stops existing as a
 whole, then its index objects. Chunks are left to :mod:`fleece.maintenance.gc`.
 Every index is complete on its own, so removing a parent never harms the
 points after it.
+
+In an Object Lock repository a point whose object is still locked (its
+lock, read with one HEAD per point to remove) is kept and reported with the
+time its lock ends; its indexes and chunks are locked no longer than it.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryError
 from fleece.maintenance.retention import Decision, Policy, select
-from fleece.repo.backends.base import Backend
+from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format import keys
+from fleece.repo.format.point import iso_utc
 from fleece.repo.gc_lock import lease_live
 from fleece.repo.lock import LeaseInfo, acquire, read_lease
+from fleece.repo.object_lock import lock_clock
 from fleece.repo.protect import is_protected, protected_ids
 from fleece.repo.repository import Repository
 
@@ -41,6 +47,8 @@ class VmPrune:
     decisions: list[Decision] = field(default_factory=list)
     skipped: str | None = None
     """Why this VM was left alone, or None."""
+    locked: dict[str, str] = field(default_factory=dict)
+    """Points no rule keeps that stay because their objects are locked: id → ISO lock end."""
 
     @property
     def kept(self) -> list[Decision]:
@@ -60,10 +68,12 @@ class PruneReport:
     policy: Policy
     dry_run: bool
     vms: list[VmPrune] = field(default_factory=list)
+    object_lock: bool = False
+    """The repository locks objects: ``--json`` says which points stay locked."""
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``prune --json`` object."""
-        return {
+        """The ``prune --json`` object (``locked`` only in Object Lock repositories)."""
+        doc: dict[str, Any] = {
             "dry_run": self.dry_run,
             "policy": self.policy.as_dict(),
             "kept": [{"vm": v.vm, "id": d.point_id, "reasons": list(d.reasons)}
@@ -72,6 +82,10 @@ class PruneReport:
                         for v in self.vms for d in v.removed],
             "skipped": [{"vm": v.vm, "reason": v.skipped} for v in self.vms if v.skipped],
         }
+        if self.object_lock:
+            doc["locked"] = [{"vm": v.vm, "id": pid, "until": until}
+                             for v in self.vms for pid, until in v.locked.items()]
+        return doc
 
 
 def prune(
@@ -95,7 +109,7 @@ def prune(
     vms = sorted({v for v, _ in repo.point_refs(vm)})
     if vm is not None and not vms:
         raise BadInput(f"no restore points of VM {vm!r} in {repo.url}")
-    report = PruneReport(policy, dry_run)
+    report = PruneReport(policy, dry_run, object_lock=repo.lock is not None)
     for name in vms:
         report.vms.append(_prune_vm(repo, name, policy, dry_run, now, tz, say or log.info))
     return report
@@ -118,6 +132,8 @@ def _prune_vm(repo: Repository, vm: str, policy: Policy, dry_run: bool, now: dat
         ids = [pid for _, pid in repo.point_refs(vm)]
         result.decisions = select(ids, policy, now=now, tz=tz,
                                   protected=protected_ids(backend, vm), in_use=in_use)
+        if repo.lock is not None:
+            _keep_locked_points(repo, result)
         if dry_run:
             return result
         for n, decision in enumerate(result.decisions):
@@ -136,6 +152,21 @@ def _prune_vm(repo: Repository, vm: str, policy: Policy, dry_run: bool, now: dat
                     "remaining point is intact (gc removes index objects left behind)") from exc
             say(f"{vm}: removed {decision.point_id}")
     return result
+
+
+def _keep_locked_points(repo: Repository, result: VmPrune) -> None:
+    """Keep the points to remove whose object is still locked, saying until when."""
+    for n, decision in enumerate(result.decisions):
+        if decision.keep:
+            continue
+        try:
+            lock = repo.backend.lock_of(keys.point_key(result.vm, decision.point_id))
+        except ObjectMissing:
+            continue
+        if lock is not None and lock.until > lock_clock():
+            until = iso_utc(datetime.fromtimestamp(lock.until, UTC))
+            result.locked[decision.point_id] = until
+            result.decisions[n] = Decision(decision.point_id, True, (f"locked until {until}",))
 
 
 def _running_holder(backend: Backend, vm: str, stack: ExitStack, dry_run: bool) -> LeaseInfo | None:

@@ -14,6 +14,13 @@ by a thread pool with a bounded number of requests in flight (hashlib,
 zstd and backend I/O release the GIL). A bad chunk is then mapped back to
 every (point, disk, byte range) that uses it, so the report says what is
 lost, not just which object.
+
+In an Object Lock repository verify also reads every object's lock (the
+HEAD of a shallow run returns it; a deep run adds one HEAD per object) and
+reports each point's *lock horizon*: the earliest lock end of everything it
+needs. An object whose lock ends before the horizon the point recorded (a
+governance lock shortened by someone allowed to) is damage: the point is no
+longer as immutable as promised.
 """
 
 from __future__ import annotations
@@ -23,16 +30,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.maintenance.damage import ByteRange, chunk_ranges, describe_ranges
-from fleece.repo.backends.base import ObjectMissing
+from fleece.repo.backends.base import ObjectMissing, Retention
 from fleece.repo.format import keys
 from fleece.repo.format.codec import decode_chunk
 from fleece.repo.format.delta import DeltaRef, delta_extent_end
 from fleece.repo.format.index import ChunkIndex
-from fleece.repo.format.point import RestorePoint
+from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.repo.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -84,6 +92,8 @@ class PointReport:
     id: str
     vm: str
     damage: list[Damage] = field(default_factory=list)
+    lock_until: float | None = None
+    """Object Lock repositories: the earliest lock end of every object the point needs."""
 
     @property
     def ok(self) -> bool:
@@ -91,9 +101,12 @@ class PointReport:
         return not self.damage
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``--json`` form."""
-        return {"id": self.id, "vm": self.vm, "ok": self.ok,
-                "damage": [d.as_dict() for d in self.damage]}
+        """The ``--json`` form (``lock_until`` only in Object Lock repositories)."""
+        doc: dict[str, Any] = {"id": self.id, "vm": self.vm, "ok": self.ok,
+                               "damage": [d.as_dict() for d in self.damage]}
+        if self.lock_until is not None:
+            doc["lock_until"] = _iso(self.lock_until)
+        return doc
 
 
 @dataclass
@@ -106,15 +119,23 @@ class VerifyReport:
     bytes_checked: int
     """Plaintext bytes fetched, decoded and hashed (0 without ``deep``)."""
     seconds: float
+    object_lock: dict[str, Any] | None = None
+    """Object Lock repositories: the config's ``mode`` and ``days``."""
 
     @property
     def ok(self) -> bool:
         """Whether every point verified."""
         return all(p.ok for p in self.points)
 
+    @property
+    def lock_horizon(self) -> float | None:
+        """The earliest lock end over every point checked (None: no lock, or nothing read)."""
+        ends = [p.lock_until for p in self.points if p.lock_until is not None]
+        return min(ends) if ends else None
+
     def as_dict(self) -> dict[str, Any]:
-        """The ``verify --json`` object."""
-        return {
+        """The ``verify --json`` object (``object_lock`` only in Object Lock repositories)."""
+        doc: dict[str, Any] = {
             "points": [p.as_dict() for p in self.points],
             "ok": self.ok,
             "deep": self.deep,
@@ -122,6 +143,15 @@ class VerifyReport:
             "bytes_checked": self.bytes_checked,
             "seconds": round(self.seconds, 3),
         }
+        if self.object_lock is not None:
+            horizon = self.lock_horizon
+            doc["object_lock"] = {**self.object_lock,
+                                  "horizon": None if horizon is None else _iso(horizon)}
+        return doc
+
+
+def _iso(seconds: float) -> str:
+    return iso_utc(datetime.fromtimestamp(seconds, UTC))
 
 
 @dataclass
@@ -179,8 +209,11 @@ def verify_points(
     checker.run(_distinct(loaded), progress)
     for item in loaded:
         _map_damage(item, checker)
+        if repo.lock is not None:
+            _check_locks(repo, item, checker)
     return VerifyReport([item.report for item in loaded], deep, checker.chunks_checked,
-                        checker.bytes_checked, time.monotonic() - started)
+                        checker.bytes_checked, time.monotonic() - started,
+                        None if repo.lock is None else repo.lock.document())
 
 
 def verify_new_point(
@@ -304,6 +337,9 @@ class _ChunkChecker:
         extent (deep only)."""
         self._packs: dict[bytes, bool] = {}
         """Shallow: whether each pack exists, asked once."""
+        self.lock_ends: dict[str, float] = {}
+        """Object Lock repositories: object key → its lock end (0: not locked)."""
+        self._locking = repo.lock is not None
         self.chunks_checked = 0
         self.bytes_checked = 0
 
@@ -315,7 +351,7 @@ class _ChunkChecker:
         key = keys.chunk_key(digest)
         if not self.deep:
             try:
-                present = self.repo.backend.exists(key)
+                present = self._exists(key)
             except RepositoryError as exc:
                 return 0, ("chunk unreadable", str(exc))
             return 0, None if present else ("chunk missing", f"{key} is missing")
@@ -328,9 +364,26 @@ class _ChunkChecker:
         except RepositoryError as exc:
             return 0, ("chunk unreadable", str(exc))
         try:
-            return len(decode_chunk(blob, digest, self.repo.digest)), None
+            length = len(decode_chunk(blob, digest, self.repo.digest))
         except RepositoryCorrupt as exc:
             return 0, ("chunk damaged", str(exc))
+        if self._locking:
+            try:
+                self._exists(key)
+            except RepositoryError as exc:
+                return 0, ("chunk unreadable", str(exc))
+        return length, None
+
+    def _exists(self, key: str) -> bool:
+        """Whether ``key`` exists; in an Object Lock repository the same HEAD notes its lock."""
+        if not self._locking:
+            return self.repo.backend.exists(key)
+        try:
+            lock: Retention | None = self.repo.backend.lock_of(key)
+        except ObjectMissing:
+            return False
+        self.lock_ends[key] = 0.0 if lock is None else lock.until
+        return True
 
     def _check_delta(self, ref: DeltaRef) -> tuple[int, tuple[str, str] | None]:
         key = keys.pack_key(ref.pack)
@@ -338,12 +391,14 @@ class _ChunkChecker:
             present = self._packs.get(ref.pack)
             if present is None:
                 try:
-                    present = self._packs[ref.pack] = self.repo.backend.exists(key)
+                    present = self._packs[ref.pack] = self._exists(key)
                 except RepositoryError as exc:
                     return 0, ("pack unreadable", str(exc))
             return 0, None if present else ("pack missing", f"{key} is missing")
         try:
             body = self.repo.get_delta(ref)
+            if self._locking and key not in self.lock_ends:
+                self._exists(key)
             return delta_extent_end(body, f"delta at {ref.offset} of {key}"), None
         except RepositoryCorrupt as exc:
             if not self.repo.backend.exists(key):
@@ -386,6 +441,48 @@ class _ChunkChecker:
             finally:
                 for f in pending:
                     f.cancel()
+
+
+def _check_locks(repo: Repository, item: _Loaded, checker: _ChunkChecker) -> None:
+    """The point's lock horizon from its objects' locks; damage where one ends before the recorded one.
+
+    The point object and its indexes are asked here (a HEAD each); chunks
+    and packs were asked by the checker.
+    """
+    point = item.point
+    if point is None:
+        return
+    ends: dict[str, float] = {}
+    for key in [keys.point_key(point.vm, point.id), *(d.index_key for d in point.disks)]:
+        try:
+            lock = repo.backend.lock_of(key)
+        except RepositoryError:
+            continue  # missing or unreadable: reported as such already
+        ends[key] = 0.0 if lock is None else lock.until
+    for index in item.indexes.values():
+        for _, digest in index.stored():
+            key = keys.chunk_key(digest)
+            if key in checker.lock_ends:
+                ends[key] = checker.lock_ends[key]
+        for _, ref in index.delta_refs():
+            key = keys.pack_key(ref.pack)
+            if key in checker.lock_ends:
+                ends[key] = checker.lock_ends[key]
+    if not ends:
+        return
+    item.report.lock_until = min(ends.values())
+    recorded = point.lock_horizon
+    if recorded is None or point.object_lock is None or (
+            point.object_lock.get("repository") != repo.config.id):
+        return  # no promise made here (a copied point's horizon is its source's)
+    # S3 keeps lock ends to the second.
+    short = sorted(k for k, end in ends.items() if end + 1 < recorded.timestamp())
+    if short:
+        first = ends[short[0]]
+        item.report.damage.append(Damage(
+            None, "lock too short", [], short,
+            f"{short[0]} is {'not locked' if not first else 'locked only until ' + _iso(first)}, "
+            f"the point promises {iso_utc(recorded)}"))
 
 
 def _map_damage(item: _Loaded, checker: _ChunkChecker) -> None:

@@ -24,6 +24,7 @@ from fleece.repo.format.crypto import (
     wrap_key,
 )
 from fleece.repo.format.point import iso_utc
+from fleece.repo.object_lock import lock_clock
 from fleece.repo.repository import Repository, read_config
 
 
@@ -66,8 +67,11 @@ def add_key(repo: Repository, passphrase: bytes) -> str:
     if not passphrase:
         raise BadInput("the new passphrase is empty")
     key_id = new_key_id()
-    repo.raw_backend.put(keys.key_object_key(key_id), wrap_key(repo.master, passphrase, key_id,
-                                                                 iso_utc()), if_absent=True)
+    blob = wrap_key(repo.master, passphrase, key_id, iso_utc())
+    if repo.lock is not None:  # locked like every object a point needs (fleece.repo.object_lock)
+        repo.raw_backend.put_locked(keys.key_object_key(key_id), blob, repo.lock.retention(lock_clock()))
+    else:
+        repo.raw_backend.put(keys.key_object_key(key_id), blob, if_absent=True)
     return key_id
 
 

@@ -12,11 +12,13 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError, RepositoryExists
-from fleece.repo.backends.base import Backend, ObjectMissing
+from fleece.repo.backends.base import Backend, ObjectMissing, Retention
 from fleece.repo.backends.store_check import STORE_PREFIX
 from fleece.repo.format import keys
 from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
@@ -34,6 +36,7 @@ from fleece.repo.format.crypto import (
 from fleece.repo.format.delta import DeltaRef, apply_delta, decode_delta
 from fleece.repo.format.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
 from fleece.repo.format.point import RestorePoint, iso_utc
+from fleece.repo.object_lock import LockLedger, ObjectLock, lock_clock
 from fleece.testing import pause_point
 
 if TYPE_CHECKING:
@@ -72,6 +75,8 @@ class RepositoryConfig:
     format: int = REPO_FORMAT
     auth: str | None = None
     """Encrypted repositories: the MAC binding this config to the master key."""
+    object_lock: ObjectLock | None = None
+    """Immutable restore points (S3 Object Lock), or None (docs/format.md ``config``)."""
 
     def document(self) -> dict[str, object]:
         """The ``config`` object as JSON data."""
@@ -84,6 +89,8 @@ class RepositoryConfig:
             "compression": {"codec": codec, "level": self.compression_level},
             "encryption": self.encryption,
         }
+        if self.object_lock is not None:
+            doc["object_lock"] = self.object_lock.document()
         if self.auth is not None:
             doc["auth"] = self.auth
         return doc
@@ -118,6 +125,8 @@ class RepositoryConfig:
                 encryption=str(doc["encryption"]),
                 format=int(doc["format"]),
                 auth=None if doc.get("auth") is None else str(doc["auth"]),
+                object_lock=(None if doc.get("object_lock") is None
+                             else ObjectLock.from_document(doc["object_lock"], url)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RepositoryCorrupt(f"{url}: config is missing or mangles {exc}") from None
@@ -172,6 +181,10 @@ class Repository:
         """The chunk-naming hash of this repository (its ``config``'s ``hash``; keyed when encrypted)."""
         self.index_version = INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION
         """The index version this repository's writers use (deltas only from format 2)."""
+        self.lock = config.object_lock
+        """How objects are locked (``fleece init --object-lock-days``), or None."""
+        self.lock_ledger = LockLedger()
+        """The locks of the objects this process wrote, probed or extended."""
 
     @property
     def has_deltas(self) -> bool:
@@ -191,16 +204,21 @@ class Repository:
         format: int = REPO_FORMAT,
         encryption: str = "none",
         passphrase: bytes | None = None,
+        object_lock: ObjectLock | None = None,
     ) -> Repository:
         """Create a repository at an empty location (``BadInput`` if it is one already).
 
         With ``encryption`` (a cipher of :data:`~fleece.repo.crypto.CIPHERS`) a
         master key is made and stored wrapped under ``passphrase``. ``format``
         1 is only for tests that need a repository as older fleece wrote it.
+        With ``object_lock`` the store must lock objects (checked before
+        anything is written) and ``config`` and the key are locked too.
         """
+        if object_lock is not None:
+            backend.check_object_lock()
         if encryption != "none":
             return cls._init_encrypted(backend, chunk_size, compression_level, repository_id, hash,
-                                       encryption, passphrase)
+                                       encryption, passphrase, object_lock)
         check_chunk_size(chunk_size)
         digest_function(hash)  # BadInput for an unknown name
         if compression_level is not None and not 1 <= compression_level <= 22:
@@ -211,15 +229,16 @@ class Repository:
             compression_level=compression_level,
             hash=hash,
             format=format,
+            object_lock=object_lock,
         )
-        if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
+        if not _create(backend, keys.CONFIG_KEY, config.to_json(), object_lock):
             raise RepositoryExists(f"{backend.url} already holds a fleece repository; nothing was changed")
         return cls(backend, config)
 
     @classmethod
     def _init_encrypted(cls, backend: Backend, chunk_size: int, compression_level: int | None,
                         repository_id: str | None, hash: str, encryption: str,
-                        passphrase: bytes | None) -> Repository:
+                        passphrase: bytes | None, object_lock: ObjectLock | None) -> Repository:
         if encryption not in CIPHERS:
             raise BadInput(f"unknown encryption {encryption!r} (choose from {', '.join(CIPHERS)}, none)")
         if not passphrase:
@@ -233,12 +252,12 @@ class Repository:
         master = MasterKey.generate()
         config = RepositoryConfig(id=repository_id or secrets.token_hex(16), chunk_size=chunk_size,
                                   compression_level=compression_level, hash=hash,
-                                  encryption=encryption)
+                                  encryption=encryption, object_lock=object_lock)
         config = RepositoryConfig(**{**config.__dict__, "auth": config_auth(master, config.document())})
         key_id = new_key_id()
-        backend.put(keys.key_object_key(key_id), wrap_key(master, passphrase, key_id, iso_utc()),
-                    if_absent=True)
-        if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
+        _create(backend, keys.key_object_key(key_id), wrap_key(master, passphrase, key_id, iso_utc()),
+                object_lock)
+        if not _create(backend, keys.CONFIG_KEY, config.to_json(), object_lock):
             backend.delete(keys.key_object_key(key_id))
             raise RepositoryExists(f"{backend.url} already holds a fleece repository; nothing was changed")
         return cls._unlocked(backend, config, master, key_id)
@@ -310,6 +329,9 @@ class Repository:
         is read beyond ``config`` and ``keys/``.
         """
         config = read_config(backend)
+        if config.object_lock is not None:
+            # Also makes the store delete whole objects (every version) from now on.
+            backend.check_object_lock()
         if config.encryption == "none":
             return cls(backend, config)
         if passphrase is None:
@@ -361,6 +383,10 @@ class Repository:
         next :meth:`flush`; the restore point is never written before that.
         """
         key = keys.chunk_key(digest)
+        if self.lock is not None:
+            stored = self.put_immutable(key, blob, probe=True)
+            pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+            return stored
         if self.backend.exists(key):
             return False
         stored = self.backend.stage(key, blob)
@@ -384,6 +410,96 @@ class Repository:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
         return decode_chunk(blob, digest, self.digest)
 
+    def put_immutable(self, key: str, blob: bytes, *, existing_ok: bool = True,
+                      probe: bool = False) -> bool:
+        """Store ``key`` locked for N + S days unless it exists; an existing one keeps N days ahead.
+
+        Object Lock repositories only (:mod:`fleece.repo.object_lock`). With
+        ``probe`` (chunks, which are often there) a HEAD comes first, as the
+        dedup probe it is anyway; otherwise the conditional create does, and
+        a HEAD follows only when it finds the object. An existing object's
+        lock comes with that HEAD and is extended there if it ends before
+        now + N days (not with ``existing_ok=False``: a point is never
+        written over). False when the object existed. Every lock is noted in
+        :attr:`lock_ledger`.
+        """
+        assert self.lock is not None
+        now = lock_clock()
+        try:
+            if not probe:
+                raise ObjectMissing(key)
+            found = self.backend.lock_of(key)
+        except ObjectMissing:
+            retention = self.lock.retention(now)
+            if self.backend.put_locked(key, blob, retention):
+                self.lock_ledger.note(key, retention.until)
+                return True
+            if not existing_ok:
+                return False
+            found = self.backend.lock_of(key)  # stored already (or meanwhile by another writer)
+        if existing_ok:
+            self.keep_locked(key, found, now)
+        return False
+
+    def keep_locked(self, key: str, found: Retention | None, now: float,
+                    backend: Backend | None = None) -> float:
+        """Extend ``key``'s lock (``found``, as read) to N + S days if it ends before now + N; its end."""
+        assert self.lock is not None
+        if found is not None and found.until >= self.lock.needed(now):
+            self.lock_ledger.note(key, found.until)
+            return found.until
+        wanted = self.lock.retention(now)
+        mode = found.mode if found is not None else wanted.mode  # compliance never becomes governance
+        until = (backend or self.backend).extend_lock(key, Retention(mode, wanted.until)).until
+        self.lock_ledger.note(key, until, extended=True)
+        return until
+
+    def lock_new_point(self, indexes: list[ChunkIndex], sources: list[RestorePoint],
+                       workers: int = 16) -> dict[str, str]:
+        """Make sure every object a new point names is locked until now + N days at least.
+
+        ``indexes`` are the new point's (written already); ``sources`` the
+        points whose indexes told the backup which objects were stored
+        (parents, the latest point). Objects this process wrote or probed are
+        in :attr:`lock_ledger`. The rest were named by ``sources``: while the
+        earliest of their horizons is at least now + N they need no request;
+        otherwise each of them, ``config`` and the key objects are extended to
+        N + S days (one request each, in ``workers`` threads). Returns the
+        point's ``object_lock`` member: the mode, this repository's id and the
+        horizon, the earliest lock end of everything it needs.
+        """
+        assert self.lock is not None
+        now = lock_clock()
+        needed: dict[str, None] = {}
+        for index in indexes:
+            needed.update((keys.chunk_key(d), None) for _, d in index.stored())
+            needed.update((keys.pack_key(r.pack), None) for _, r in index.delta_refs())
+        ends: list[float] = []
+        reused: list[str] = []
+        for key in needed:
+            until = self.lock_ledger.until(key)
+            if until is None:
+                reused.append(key)
+            else:
+                ends.append(until)
+        # A horizon counts only where it was measured: a point copied from
+        # another repository carries that repository's (fleece copy).
+        horizons = [p.lock_horizon.timestamp() if p.lock_horizon and p.object_lock
+                    and p.object_lock.get("repository") == self.config.id else 0.0 for p in sources]
+        previous = min(horizons, default=0.0)
+        if previous >= self.lock.needed(now):
+            ends.append(previous)  # covers the reused objects, config and the keys
+        else:
+            store = [(self.raw_backend, k) for k in
+                     (keys.CONFIG_KEY, *self.raw_backend.list(keys.KEY_OBJECTS_PREFIX))]
+            jobs = [(self.backend, k) for k in reused] + store
+            with ThreadPoolExecutor(max(1, min(workers, len(jobs))),
+                                    thread_name_prefix="fleece-lock") as pool:
+                ends += pool.map(lambda job: self.keep_locked(job[1], None, now, job[0]), jobs)
+        horizon = min(ends, default=self.lock.retention(now).until)
+        return {"mode": self.lock.mode, "repository": self.config.id,
+                "horizon": iso_utc(datetime.fromtimestamp(horizon, UTC))}
+
     # -- deltas and packs (format 2) -----------------------------------------
 
     def put_pack(self, blob: bytes) -> bytes:
@@ -394,7 +510,10 @@ class Repository:
         The restore point is never written before this returns.
         """
         digest = self.digest(blob)
-        self.backend.put(keys.pack_key(digest), blob, if_absent=True)
+        if self.lock is not None:
+            self.put_immutable(keys.pack_key(digest), blob)
+        else:
+            self.backend.put(keys.pack_key(digest), blob, if_absent=True)
         pause_point("pack-stored")  # test hook (fleece.testing); inert in production
         return digest
 
@@ -438,7 +557,11 @@ class Repository:
         key = keys.index_key(point_id, disk)
         blob = index.to_bytes()
         self.flush()  # every chunk the index names is durable before the index exists
-        self.backend.put(key, blob)
+        if self.lock is not None:
+            if not self.put_immutable(key, blob, existing_ok=False):
+                raise RepositoryError(f"index {key} exists already; nothing was written over it")
+        else:
+            self.backend.put(key, blob)
         return key, hashlib.sha256(blob).hexdigest()
 
     def read_index(self, point: RestorePoint, disk_name: str) -> ChunkIndex:
@@ -464,7 +587,11 @@ class Repository:
         """Commit ``point``: call this last, after its chunks and indexes are stored."""
         key = keys.point_key(point.vm, point.id)
         self.flush()
-        if not self.backend.put(key, point.to_json(), if_absent=True):
+        if self.lock is not None:
+            written = self.put_immutable(key, point.to_json(), existing_ok=False)
+        else:
+            written = self.backend.put(key, point.to_json(), if_absent=True)
+        if not written:
             raise RepositoryError(f"restore point {key} already exists; nothing was written")
 
     def point_refs(self, vm: str | None = None) -> list[tuple[str, str]]:
@@ -518,6 +645,13 @@ class Repository:
         for disk in point.disks:
             self.backend.delete(disk.index_key)
 
+
+
+def _create(backend: Backend, key: str, blob: bytes, lock: ObjectLock | None) -> bool:
+    """A conditional create, locked for N + S days when the repository locks objects."""
+    if lock is None:
+        return backend.put(key, blob, if_absent=True)
+    return backend.put_locked(key, blob, lock.retention(lock_clock()))
 
 
 def read_config(backend: Backend) -> RepositoryConfig:

@@ -12,6 +12,7 @@ happen, are in :mod:`fleece.testing.s3_faults`.
 
 from __future__ import annotations
 
+import builtins
 import random
 import threading
 import time
@@ -134,3 +135,9 @@ class FaultyBackend(ForwardingBackend):
         """The inner ``delete_many``, unless a fault is due."""
         keys = list(keys)
         self._run("delete_many", f"{len(keys)} keys", lambda: self.inner.delete_many(keys))
+
+    def delete_unlocked(self, keys: Iterable[str]) -> builtins.list[str]:
+        """The inner ``delete_unlocked``, faulted as ``delete_many`` (gc deletes with it)."""
+        keys = list(keys)
+        kept = self._run("delete_many", f"{len(keys)} keys", lambda: self.inner.delete_unlocked(keys))
+        return list(kept)

@@ -263,8 +263,14 @@ def s3_operation(method: str, target: str) -> str:
     if method == "POST" and "delete" in query:
         return "DeleteObjects"
     if on_bucket:
+        if method == "GET" and "versions" in query:
+            return "ListObjectVersions"
+        if method == "GET" and "object-lock" in query:
+            return "GetObjectLockConfiguration"
         return {"GET": "ListObjectsV2" if "list-type" in query else "ListObjects",
                 "PUT": "CreateBucket", "HEAD": "HeadBucket", "DELETE": "DeleteBucket"}.get(method, method)
+    if method == "PUT" and "retention" in query:
+        return "PutObjectRetention"
     return {"GET": "GetObject", "PUT": "PutObject", "HEAD": "HeadObject",
             "DELETE": "DeleteObject"}.get(method, method)
 

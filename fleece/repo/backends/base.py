@@ -10,7 +10,8 @@ for any backend, so nobody probes for a method at run time and a wrapper can
 never hide one: six methods are abstract (``put``, ``get``, ``exists``,
 ``list``, ``delete``, ``mtime``); the rest are *capabilities* a backend
 overrides where it can do better (ranged reads, listing with sizes, bulk
-deletes, staged writes with batched durability, connection pools).
+deletes, staged writes with batched durability, connection pools, object
+locks that keep an object from being deleted or overwritten until a date).
 
 Keys are ``/``-separated relative paths such as ``chunks/ab/ab12…`` or
 ``points/vm1/20261123T073600.123456Z-3f9a1c.json``.
@@ -19,11 +20,12 @@ Keys are ``/``-separated relative paths such as ``chunks/ab/ab12…`` or
 from __future__ import annotations
 
 import abc
+import builtins
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-from fleece.errors import RepositoryError
+from fleece.errors import BadInput, RepositoryError
 
 
 class ObjectMissing(RepositoryError):
@@ -32,6 +34,22 @@ class ObjectMissing(RepositoryError):
     def __init__(self, key: str) -> None:
         super().__init__(f"object {key} is missing from the repository")
         self.key = key
+
+
+class ObjectLocked(RepositoryError):
+    """A delete was refused because the object is locked (S3 Object Lock) until a date."""
+
+
+class Retention(NamedTuple):
+    """An object lock: nobody may delete or overwrite the object before ``until``.
+
+    ``mode`` is ``governance`` (a principal with s3:BypassGovernanceRetention
+    may still remove it) or ``compliance`` (nobody may, the root account
+    included); ``until`` is Unix seconds.
+    """
+
+    mode: str
+    until: float
 
 
 class ObjectInfo(NamedTuple):
@@ -160,6 +178,49 @@ class Backend(abc.ABC):
         creates, does it keep bodies whole), for ``--json``; None where nothing was checked."""
         return None
 
+    # -- object locks (S3 Object Lock; docs/s3.md "Immutable restore points") ------------
+
+    def check_object_lock(self) -> None:
+        """Refuse (:class:`BadInput`) unless this store can lock objects; changes nothing.
+
+        A store that can (an S3 bucket with Object Lock enabled, which is
+        always versioned) from then on removes *every version* of a key it
+        deletes, so that a deleted object is gone rather than hidden behind a
+        delete marker, and a locked version makes the delete fail with
+        :class:`ObjectLocked`.
+        """
+        raise BadInput(f"{self.url} cannot lock objects: --object-lock-days needs an S3 bucket "
+                       "with Object Lock enabled; nothing was changed")
+
+    def put_locked(self, key: str, data: bytes, retention: Retention) -> bool:
+        """A conditional create (as ``put(if_absent=True)``) of an object locked until ``retention.until``.
+
+        Returns False, writing nothing, when ``key`` exists already.
+        """
+        raise RepositoryError(f"{self.url} cannot lock objects (internal error: no object lock here)")
+
+    def lock_of(self, key: str) -> Retention | None:
+        """The object's lock (None: not locked); :class:`ObjectMissing` if absent. One HEAD on S3."""
+        if not self.exists(key):
+            raise ObjectMissing(key)
+        return None
+
+    def extend_lock(self, key: str, retention: Retention) -> Retention:
+        """Keep ``key`` locked until at least ``retention.until`` (a lock is never shortened).
+
+        Returns the lock the object has afterwards; :class:`ObjectMissing` if absent.
+        """
+        raise RepositoryError(f"{self.url} cannot lock objects (internal error: no object lock here)")
+
+    def delete_unlocked(self, keys: Iterable[str]) -> builtins.list[str]:
+        """Remove every key (every version of it, where the store keeps versions) that no lock holds.
+
+        Returns the keys left in place because a lock holds them (gc reports
+        them); absent keys are fine. The default is :meth:`delete_many`.
+        """
+        self.delete_many(keys)
+        return []
+
 
 class ForwardingBackend(Backend):
     """A wrapper that passes every operation and capability to ``inner``.
@@ -246,3 +307,23 @@ class ForwardingBackend(Backend):
     def store_report(self) -> dict[str, Any] | None:
         """The inner ``store_report``."""
         return self.inner.store_report()
+
+    def check_object_lock(self) -> None:
+        """The inner ``check_object_lock``."""
+        self.inner.check_object_lock()
+
+    def put_locked(self, key: str, data: bytes, retention: Retention) -> bool:
+        """The inner ``put_locked``."""
+        return self.inner.put_locked(key, data, retention)
+
+    def lock_of(self, key: str) -> Retention | None:
+        """The inner ``lock_of``."""
+        return self.inner.lock_of(key)
+
+    def extend_lock(self, key: str, retention: Retention) -> Retention:
+        """The inner ``extend_lock``."""
+        return self.inner.extend_lock(key, retention)
+
+    def delete_unlocked(self, keys: Iterable[str]) -> builtins.list[str]:
+        """The inner ``delete_unlocked``."""
+        return self.inner.delete_unlocked(keys)

@@ -18,12 +18,13 @@ cached (objects are immutable, or replaced whole with a new header).
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
 from fleece.errors import RepositoryError
-from fleece.repo.backends.base import Backend, ForwardingBackend, ObjectInfo, ObjectMissing
+from fleece.repo.backends.base import Backend, ForwardingBackend, ObjectInfo, ObjectMissing, Retention
 from fleece.repo.format import keys
 from fleece.repo.format.crypto import ENVELOPE_HEADER, Sealer
 
@@ -154,6 +155,29 @@ class EncryptedBackend(ForwardingBackend):
     def mtime(self, key: str) -> float:
         """The sealed object's time."""
         return self.inner.mtime(self.stored_key(key))
+
+    # -- object locks: the lock sits on the sealed object --------------------------------------
+
+    def put_locked(self, key: str, data: bytes, retention: Retention) -> bool:
+        """Seal and store locked."""
+        stored = self.stored_key(key)
+        self._forget(stored)
+        return self.inner.put_locked(stored, self.sealer.seal(key, data), retention)
+
+    def lock_of(self, key: str) -> Retention | None:
+        """The sealed object's lock."""
+        return self.inner.lock_of(self.stored_key(key))
+
+    def extend_lock(self, key: str, retention: Retention) -> Retention:
+        """Extend the sealed object's lock."""
+        return self.inner.extend_lock(self.stored_key(key), retention)
+
+    def delete_unlocked(self, keys: Iterable[str]) -> builtins.list[str]:
+        """Delete sealed objects; the logical keys of those a lock keeps."""
+        logical = {self.stored_key(k): k for k in keys}
+        for s in logical:
+            self._forget(s)
+        return [logical.get(s, s) for s in self.inner.delete_unlocked(list(logical))]
 
     # -- envelope headers --------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from fleece.errors import BadInput
-from fleece.repo.backends.base import Backend, ForwardingBackend
+from fleece.repo.backends.base import Backend, ForwardingBackend, Retention
 
 MiB = 1 << 20
 BURST_CHUNKS = 2
@@ -116,6 +116,11 @@ class RateLimitedBackend(ForwardingBackend):
         """Wait for the upload budget, then ``inner.replace_if``."""
         self._up(len(data))
         return self.inner.replace_if(key, data, expected)
+
+    def put_locked(self, key: str, data: bytes, retention: Retention) -> bool:
+        """Wait for the upload budget, then ``inner.put_locked``."""
+        self._up(len(data))
+        return self.inner.put_locked(key, data, retention)
 
     def stage(self, key: str, data: bytes) -> bool:
         """Wait for the upload budget, then ``inner.stage``."""

@@ -32,6 +32,7 @@ import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -52,7 +53,7 @@ from botocore.exceptions import (
 )
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
-from fleece.repo.backends.base import Backend, ObjectInfo, ObjectMissing
+from fleece.repo.backends.base import Backend, ObjectInfo, ObjectLocked, ObjectMissing, Retention
 from fleece.repo.backends.store_check import (
     ProbeOps,
     StoreCheck,
@@ -106,8 +107,14 @@ _ACTIONS = {
     "PutObject": "s3:PutObject", "GetObject": "s3:GetObject",
     "HeadObject": "s3:GetObject (and s3:ListBucket, so a missing key reads as 404)",
     "ListObjectsV2": "s3:ListBucket", "DeleteObject": "s3:DeleteObject",
-    "DeleteObjects": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject (and s3:DeleteObjectVersion in an Object Lock bucket)",
+    "GetObjectLockConfiguration": "s3:GetBucketObjectLockConfiguration",
+    "PutObjectRetention": "s3:PutObjectRetention",
+    "ListObjectVersions": "s3:ListBucketVersions",
 }
+LIST_DIRECTORY_ABOVE = 8
+"""Deleting more keys than this from one directory lists the directory's versions once
+instead of each key's (an Object Lock bucket keeps versions; see :meth:`S3Backend.delete_unlocked`)."""
 # Failures while reading a GET body arrive after botocore has returned, so
 # its retry handler never sees them; s3transfer retries these too.
 _BODY_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, FlexibleChecksumError)
@@ -218,6 +225,8 @@ class S3Backend(Backend):
         """What the store check found (None until it ran, or when disabled)."""
         self._check_pending = check_store
         self._check_lock = threading.Lock()
+        self._versioned = False
+        """Set by :meth:`check_object_lock`: deletes remove every version of a key."""
 
     # -- the Backend protocol ------------------------------------------------------
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
@@ -234,8 +243,12 @@ class S3Backend(Backend):
             return self._put_if_absent_by_head(key, data)
         return self._put(key, data, if_absent)
 
-    def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
+    def _put(self, key: str, data: bytes, if_absent: bool, lock: Retention | None = None) -> bool:
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        if lock is not None:
+            # S3 wants a checksum header with these (the CRC32 below is one).
+            extra["ObjectLockMode"] = lock.mode.upper()
+            extra["ObjectLockRetainUntilDate"] = datetime.fromtimestamp(lock.until, UTC)
         # Naming the algorithm too lets stores that keep checksums (AWS, moto)
         # return it on GET; a header already set keeps botocore from streaming.
         extra["ChecksumAlgorithm"] = "CRC32"
@@ -261,7 +274,7 @@ class S3Backend(Backend):
                     return bool(retried) and self._get_or_none(key) == data
                 if code == "NotImplemented" or status == 501:
                     self._disable_conditional_writes()
-                    return self._put_if_absent_by_head(key, data)
+                    return self._put_if_absent_by_head(key, data, lock)
                 if code != "ConditionalRequestConflict":
                     raise self._error(e, "PutObject", key) from e
                 last = e
@@ -368,7 +381,15 @@ class S3Backend(Backend):
             yield obj["Key"][len(self.prefix):]
 
     def delete(self, key: str) -> None:
-        """DeleteObject; S3 itself treats an absent key as deleted."""
+        """DeleteObject; S3 itself treats an absent key as deleted.
+
+        In an Object Lock bucket (after :meth:`check_object_lock`) every version
+        of the key goes, and a locked one raises :class:`ObjectLocked`.
+        """
+        if self._versioned:
+            if self.delete_unlocked([key]):
+                raise ObjectLocked(self._locked_message(key))
+            return
         # Some S3 clones answer 404 where S3 answers 204.
         with contextlib.suppress(ObjectMissing):
             self._call("DeleteObject", key, lambda: self.client.delete_object(
@@ -426,6 +447,160 @@ class S3Backend(Backend):
                 f"first {self._where(key)}: {first.get('Code') or 'no error code'}"
                 + (f" {msg}" if (msg := _one_line(first.get("Message"))) else ""))
 
+    # -- object locks ------------------------------------------------------------------
+    def check_object_lock(self) -> None:
+        """GetObjectLockConfiguration: refuse a bucket without Object Lock (one request, no write)."""
+        try:
+            resp = self.client.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        except ClientError as e:
+            code, status = _code(e), _status(e)
+            if code == "NotImplemented" or status == 501:
+                raise BadInput(f"the S3 store at {self.endpoint} does not implement Object Lock, so "
+                               f"fleece cannot make restore points in {self.url} immutable; nothing "
+                               "was changed") from e
+            if code != "ObjectLockConfigurationNotFoundError":
+                raise self._error(e, "GetObjectLockConfiguration", "") from e
+            enabled = False
+        except BotoCoreError as e:
+            raise self._error(e, "GetObjectLockConfiguration", "") from e
+        if not enabled:
+            raise BadInput(f"S3 bucket {self.bucket} does not have Object Lock enabled, so fleece cannot "
+                           "make restore points immutable there (Object Lock is chosen when a bucket "
+                           "is created: aws s3api create-bucket --object-lock-enabled-for-bucket); "
+                           "nothing was changed")
+        self._versioned = True
+
+    def put_locked(self, key: str, data: bytes, retention: Retention) -> bool:
+        """PutObject with ``If-None-Match: *``, ``x-amz-object-lock-mode`` and ``-retain-until-date``."""
+        if self._check_pending:
+            self._check_store()
+        if not self._conditional_writes:
+            return self._put_if_absent_by_head(key, data, retention)
+        return self._put(key, data, True, retention)
+
+    def lock_of(self, key: str) -> Retention | None:
+        """HeadObject's ``ObjectLockMode`` and ``ObjectLockRetainUntilDate`` (S3 returns both)."""
+        head = self._call("HeadObject", key, lambda: self.client.head_object(
+            Bucket=self.bucket, Key=self.prefix + key))
+        mode, until = head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate")
+        if not mode or until is None:
+            return None
+        return Retention(str(mode).lower(), until.timestamp())
+
+    def extend_lock(self, key: str, retention: Retention) -> Retention:
+        """PutObjectRetention of the current version.
+
+        A lock that ends later already (set by a host whose clock runs ahead)
+        cannot be shortened, and S3 refuses the request: then the lock found
+        is returned if it covers ``retention``.
+        """
+        lock: Any = {"Mode": retention.mode.upper(),
+                     "RetainUntilDate": datetime.fromtimestamp(retention.until, UTC)}
+        try:
+            self._call("PutObjectRetention", key, lambda: self.client.put_object_retention(
+                Bucket=self.bucket, Key=self.prefix + key, Retention=lock))
+        except ObjectMissing:
+            raise
+        except RepositoryError:
+            found = self.lock_of(key)
+            if found is not None and found.until >= retention.until:
+                return found
+            raise
+        return retention
+
+    def delete_unlocked(self, keys: Iterable[str]) -> builtins.list[str]:
+        """Delete every version of each key with DeleteObjects (1000 versions per request).
+
+        Versions come from ListObjectVersions: per key, or per directory when
+        more than :data:`LIST_DIRECTORY_ABOVE` keys of one directory go (gc).
+        Delete markers go too, so nothing stays hidden. A version under a
+        lock is refused by S3 (AccessDenied) and its key returned. Outside an
+        Object Lock bucket this is :meth:`delete_many`.
+        """
+        if not self._versioned:
+            self.delete_many(keys)
+            return []
+        locked: dict[str, None] = {}
+        batch: builtins.list[tuple[str, str]] = []
+        for version in self._versions_of(builtins.list(keys)):
+            batch.append(version)
+            if len(batch) == DELETE_BATCH:
+                locked.update(dict.fromkeys(self._delete_versions(batch)))
+                batch = []
+        if batch:
+            locked.update(dict.fromkeys(self._delete_versions(batch)))
+        return builtins.list(locked)
+
+    def _versions_of(self, keys: builtins.list[str]) -> Iterator[tuple[str, str]]:
+        """``(key, version id)`` of every version and delete marker of ``keys``."""
+        by_directory: dict[str, builtins.list[str]] = {}
+        for key in keys:
+            by_directory.setdefault(key.rpartition("/")[0], []).append(key)
+        for directory, members in by_directory.items():
+            wanted = set(members)
+            prefixes = ([directory + "/" if directory else ""] if len(members) > LIST_DIRECTORY_ABOVE
+                        else members)
+            for prefix in prefixes:
+                for page in self._version_pages(prefix):
+                    for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                        key = v["Key"][len(self.prefix):]
+                        if key in wanted:
+                            yield key, str(v.get("VersionId") or "null")
+
+    def _version_pages(self, prefix: str) -> Iterator[Any]:
+        pages = iter(self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix))
+        while True:
+            page = self._call("ListObjectVersions", prefix, lambda: next(pages, None))
+            if page is None:
+                return
+            yield page
+
+    def _delete_versions(self, versions: builtins.list[tuple[str, str]]) -> builtins.list[str]:
+        """One DeleteObjects naming versions; the keys whose versions a lock kept."""
+        resp = self._call("DeleteObjects", versions[0][0], lambda: self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": self.prefix + k, "VersionId": v}
+                                                    for k, v in versions], "Quiet": True}))
+        locked: builtins.list[str] = []
+        failed = []
+        for error in resp.get("Errors", []):
+            code = error.get("Code")
+            if code in _MISSING_CODES or code == "NoSuchVersion":
+                continue
+            key = str(error.get("Key") or "").removeprefix(self.prefix)
+            if code == "AccessDenied" and self._held_by_lock(key, str(error.get("Message") or "")):
+                locked.append(key)
+            else:
+                failed.append(error)
+        if failed:
+            first = failed[0]
+            key = str(first.get("Key") or "?").removeprefix(self.prefix)
+            raise RepositoryError(
+                f"S3 DeleteObjects could not delete {len(failed)} of {len(versions)} object versions, "
+                f"first {self._where(key)}: {first.get('Code') or 'no error code'}"
+                + (f" {msg}" if (msg := _one_line(first.get("Message"))) else ""))
+        return locked
+
+    def _held_by_lock(self, key: str, message: str) -> bool:
+        """Whether an AccessDenied for deleting ``key`` came from a lock, not from IAM."""
+        if any(word in message.lower() for word in ("lock", "worm", "retention")):
+            return True
+        try:  # a store whose message does not say: ask the object itself
+            lock = self.lock_of(key)
+        except RepositoryError:
+            return False
+        return lock is not None
+
+    def _locked_message(self, key: str) -> str:
+        try:
+            lock = self.lock_of(key)
+        except RepositoryError:
+            lock = None
+        until = (f" ({lock.mode}) until {datetime.fromtimestamp(lock.until, UTC):%Y-%m-%dT%H:%M:%SZ}"
+                 if lock else "")
+        return f"{self._where(key)} is locked by S3 Object Lock{until}; it cannot be deleted before then"
+
     # -- internals ---------------------------------------------------------------------
     def _listed(self, prefix: str) -> Iterator[Any]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -471,10 +646,10 @@ class S3Backend(Backend):
                             "read, compare, write, read again, which a takeover landing in between "
                             "can defeat", self.endpoint)
 
-    def _put_if_absent_by_head(self, key: str, data: bytes) -> bool:
+    def _put_if_absent_by_head(self, key: str, data: bytes, lock: Retention | None = None) -> bool:
         if self.exists(key):
             return False
-        self.put(key, data)
+        self._put(key, data, False, lock)
         return True
 
     def _check_store(self) -> None:

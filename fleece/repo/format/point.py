@@ -71,6 +71,18 @@ class RestorePoint:
     qemu_version: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    object_lock: dict[str, str] | None = None
+    """Object Lock repositories: ``{"mode", "repository", "horizon"}``: the ISO time until
+    which every object the point needs is locked at least, in the repository of that id
+    (written only when set)."""
+
+    @property
+    def lock_horizon(self) -> datetime | None:
+        """``object_lock``'s horizon as a time, or None (not recorded or unreadable)."""
+        try:
+            return parse_iso_utc(self.object_lock["horizon"]) if self.object_lock else None
+        except (KeyError, ValueError):
+            return None
 
     def disk(self, name: str) -> DiskRecord | None:
         """The record of disk ``name``, or None."""
@@ -79,6 +91,8 @@ class RestorePoint:
     def to_json(self) -> bytes:
         """The point object: JSON with ``format`` and a ``checksum`` over the rest."""
         doc: dict[str, Any] = {"format": POINT_FORMAT, **asdict(self)}
+        if doc["object_lock"] is None:
+            del doc["object_lock"]  # points of other repositories stay as they were
         doc["checksum"] = hashlib.sha256(canonical_json(doc)).hexdigest()
         return json.dumps(doc, sort_keys=True, indent=2).encode() + b"\n"
 
@@ -131,7 +145,11 @@ class RestorePoint:
             qemu_version=r.get_optional("qemu_version", str),
             labels=r.get("labels", dict),
             stats=r.get("stats", dict),
+            object_lock=r.get("object_lock", dict) if "object_lock" in r.doc else None,
         )
+        if point.object_lock is not None and not all(
+                isinstance(v, str) for v in point.object_lock.values()):
+            raise RepositoryCorrupt(f"{what} has an object_lock that is not strings")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in point.labels.items()):
             raise RepositoryCorrupt(f"{what} has labels that are not strings")
         if not POINT_ID_RE.match(point.id):
