@@ -261,12 +261,30 @@ def test_points_stay_locked_prune_and_gc_cannot_remove_them_and_reused_locks_are
     p4 = backup(fleece, vm, url, env=later)
     assert p4["object_lock"]["locks_extended"] == 0 == s3_proxy.plan.requests["PutObjectRetention"]
 
-    # A copy into another Object Lock repository: the copied points' horizon
-    # was measured in the source, so the next backup there does not trust it
-    # and locks everything it reuses for N days from now.
+    # A copy into another Object Lock repository locks everything the copied
+    # points need, there and then, and records the horizon it measured.
     copy_url = f"s3://{bucket}/copy"
     ok(fleece("init", "--repo", copy_url, "--encryption", "none", "--object-lock-days", "1"))
     ok(fleece("copy", "--from", url, "--to", copy_url))
+    landed = [k for k, _, marker in versions(s3_env, bucket, "copy/")
+              if not marker and k.split("/")[1] in ("chunks", "packs", "indexes", "points")]
+    assert {k.split("/")[1] for k in landed} == {"chunks", "packs", "indexes", "points"}
+    for key in landed:
+        assert lock_end(s3_env, bucket, key) >= time.time() + DAY - 5, key
+    with pytest.raises(ClientError) as refused:
+        s3_env.client().delete_object(Bucket=bucket, Key=landed[0], VersionId=next(
+            v for k, v, _ in versions(s3_env, bucket, landed[0]) if k == landed[0]))
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    checked = ok(fleece("verify", "--repo", copy_url, "--json")).json()
+    assert checked["points"] and all(
+        datetime.strptime(p["lock_until"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+        >= time.time() + DAY - 5 for p in checked["points"])
+    copy_id = json.loads(s3_env.client().get_object(Bucket=bucket, Key="copy/config")["Body"].read())["id"]
+    for key in (k for k in landed if k.split("/")[1] == "points"):
+        doc = json.loads(s3_env.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert doc["object_lock"]["repository"] == copy_id, key
+    # Two days later that horizon is too short: the next backup there
+    # extends everything it reuses for N days from then.
     p5 = backup(fleece, vm, copy_url, env=later)
     assert p5["disks"][0]["level"] == "incremental" and p5["object_lock"]["locks_extended"] > 1
     copied = [k for k in versions(s3_env, bucket, "copy/") if k[0].split("/")[1] in ("chunks", "packs")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from fleece.errors import BadInput, NotARepository, RepositoryError, RepositoryExists
 from fleece.maintenance.transfer import CopyReport, Renamed, SameNames, Sealed, Transfer, names_agree
@@ -117,6 +118,8 @@ def copy_points(source: Repository, dest: Repository, points: list[RestorePoint]
                 transfer.seed(vm, sorted(i for v, i in source.point_refs(vm) if (v, i) in have))
                 for point in todo:
                     committed = transfer.objects(point)
+                    if dest.lock is not None:
+                        committed = _lock_copied(transfer, dest, committed)
                     pause_point("before-point")  # test hook (fleece.testing); inert in production
                     lease.check()
                     transfer.commit(committed)
@@ -126,3 +129,17 @@ def copy_points(source: Repository, dest: Repository, points: list[RestorePoint]
                         say(f"copied point {point.id} of VM {vm}")
     report.seconds = time.monotonic() - started
     return report
+
+
+def _lock_copied(transfer: Transfer, dest: Repository, point: RestorePoint) -> RestorePoint:
+    """Object Lock destinations: lock everything ``point`` names N days ahead; the point to commit.
+
+    Objects the copy wrote are locked already; those the destination held
+    get their lock extended where it ends too soon (one request each, as a
+    backup's first extension round). The point then records the horizon
+    measured here, so the next backup trusts it — except a sealed point,
+    whose bytes move as they are and keep their own (untrusted) record.
+    """
+    indexes = [dest.read_index(point, disk.name) for disk in point.disks]
+    lock = dest.lock_new_point(indexes, [])
+    return point if isinstance(transfer, Sealed) else replace(point, object_lock=lock)

@@ -44,6 +44,7 @@ from fleece.repo.format.delta import DeltaRef, PackWriter, decode_delta
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.needs import PointObjects, point_objects
+from fleece.repo.object_lock import lock_clock
 from fleece.repo.repository import Repository
 from fleece.testing import pause_point
 
@@ -176,7 +177,10 @@ class SameNames(Transfer):
         else:
             if self.source.digest(blob) != digest:  # a pack is named by its bytes
                 raise self._damaged(key, point, "the pack does not match its name")
-            self.dest.backend.put(key, blob, if_absent=True)
+            if self.dest.lock is not None:
+                self.dest.put_immutable(key, blob)
+            else:
+                self.dest.backend.put(key, blob, if_absent=True)
         return len(blob)
 
     def _copy_index(self, point: RestorePoint, disk: DiskRecord, index: ChunkIndex) -> None:
@@ -210,12 +214,24 @@ class Sealed(SameNames):
         if self.dest.raw_backend.exists(stored):
             return -1
         blob = self._raw(key, point)
-        if key.startswith(keys.CHUNKS_PREFIX):
+        if self.dest.lock is not None:
+            self._put_locked(key, stored, blob)
+        elif key.startswith(keys.CHUNKS_PREFIX):
             self.dest.raw_backend.stage(stored, blob)  # made durable before any index names it
             pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
         else:
             self.dest.raw_backend.put(stored, blob, if_absent=True)
         return len(blob)
+
+    def _put_locked(self, key: str, stored: str, blob: bytes) -> bool:
+        """Object Lock destinations: the sealed object created locked N + S days (noted by its
+        logical ``key``); False when it existed."""
+        assert self.dest.lock is not None
+        retention = self.dest.lock.retention(lock_clock())
+        if not self.dest.raw_backend.put_locked(stored, blob, retention):
+            return False
+        self.dest.lock_ledger.note(key, retention.until)
+        return True
 
     def _copy_index(self, point: RestorePoint, disk: DiskRecord, index: ChunkIndex) -> None:
         # The index was read and authenticated (point_objects); its sealed bytes go as they are.
@@ -224,7 +240,14 @@ class Sealed(SameNames):
                                   f"{keys.index_key(point.id, disk.name)}; the point was not copied")
         blob = self._raw(disk.index_key, point)
         self.dest.flush()  # every chunk the index names is durable before the index exists
-        self.dest.raw_backend.put(self.dest.stored_key(disk.index_key), blob)
+        if self.dest.lock is not None:
+            # One a resumed copy finds came from the same source bytes: its lock is kept.
+            stored = self.dest.stored_key(disk.index_key)
+            if (not self._put_locked(disk.index_key, stored, blob)
+                    and self.dest.raw_backend.get(stored) != blob):
+                raise RepositoryError(f"index {disk.index_key} exists already; nothing was written over it")
+        else:
+            self.dest.raw_backend.put(self.dest.stored_key(disk.index_key), blob)
         self.report.objects_written += 1
 
     def commit(self, point: RestorePoint) -> None:
@@ -232,7 +255,12 @@ class Sealed(SameNames):
         key = keys.point_key(point.vm, point.id)
         blob = self._raw(key, point)
         self.dest.flush()
-        if not self.dest.raw_backend.put(self.dest.stored_key(key), blob, if_absent=True):
+        stored = self.dest.stored_key(key)
+        if self.dest.lock is not None:
+            written = self._put_locked(key, stored, blob)
+        else:
+            written = self.dest.raw_backend.put(stored, blob, if_absent=True)
+        if not written:
             raise RepositoryError(f"restore point {key} already exists; nothing was written")
 
 

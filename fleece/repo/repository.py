@@ -558,8 +558,12 @@ class Repository:
         blob = index.to_bytes()
         self.flush()  # every chunk the index names is durable before the index exists
         if self.lock is not None:
+            # A locked index cannot be written over; one a resumed copy finds
+            # with the very same bytes is the same index (its lock kept).
             if not self.put_immutable(key, blob, existing_ok=False):
-                raise RepositoryError(f"index {key} exists already; nothing was written over it")
+                if self.backend.get(key) != blob:
+                    raise RepositoryError(f"index {key} exists already; nothing was written over it")
+                self.keep_locked(key, self.backend.lock_of(key), lock_clock())
         else:
             self.backend.put(key, blob)
         return key, hashlib.sha256(blob).hexdigest()
