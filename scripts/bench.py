@@ -38,6 +38,7 @@ restore vs ``nbdcopy --flush``; peak RSS.
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
+       scripts/bench --restore [--dir /var/tmp] [--runs 3] [--keep]   # only the restore rows
        scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
        scripts/bench --full-versus OTHER_FLEECE [--runs 3]
 """
@@ -55,6 +56,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +102,18 @@ sys.stderr.write(f"{usage.ru_maxrss * 1024} {os.waitstatus_to_exitcode(status)}\
 
 def rss_of(*args: str | Path) -> tuple[int, dict[str, Any]]:
     """Run a command, return (its own peak RSS in bytes, its JSON output)."""
+    peak, out = peak_rss(*args)
+    return peak, json.loads(out)
+
+
+def peak_rss(*args: str | Path) -> tuple[int, str]:
+    """Run a command that must succeed, return (its own peak RSS in bytes, its stdout)."""
     p = subprocess.run(["/usr/bin/python3", "-c", _RSS_WRAPPER, *map(str, args)],
                        capture_output=True, text=True, check=True)
     peak, rc = p.stderr.split()[-2:]
     if int(rc):
         raise SystemExit(f"{args[:2]} failed with {rc}")
-    return int(peak), json.loads(p.stdout)
+    return int(peak), p.stdout
 
 
 def proc_cpu(pid: int) -> float:
@@ -488,18 +497,8 @@ def speed(args: argparse.Namespace) -> None:
             rows.append((f"{name}: incremental, nothing dirty (wall s)", f"{m:.2f}", "<= 0.3",
                          f"{ms} over {runs} runs"))
 
-            # restore vs nbdcopy --flush into a file
-            ref, mine = [], []
-            for _ in range(runs):
-                ref.append(nbdcopy("nbdcopy", "--flush", "URI", str(out)))
-                t, _ = timed(FLEECE, "restore", "--repo", repo, point_id, "--drive", "vda",
-                             "--output", out)
-                out.unlink()
-                mine.append(t)
-            r, rs = _median_spread(ref)
-            m, ms = _median_spread(mine)
-            rows.append((f"{name}: restore vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
-                         f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms})"))
+            rows.extend(restore_rows(name, runs, repo, point_id, out,
+                                     partial(nbdcopy, "nbdcopy", "--flush", "URI", str(out))))
 
             shutil.rmtree(repo, ignore_errors=True)
             peak, _ = rss_of(FLEECE, *backup, "--repo", repo, "--json")
@@ -515,6 +514,67 @@ def speed(args: argparse.Namespace) -> None:
     load = os.getloadavg()
     print(f"fleece bench --speed on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
           f"repository and copies in {args.dir}, median of {runs} interleaved runs (min-max)\n")
+    print_table(rows, (72, 6, 7))
+
+
+def restore_rows(name: str, runs: int, repo: Path, point_id: str, out: Path,
+                 reference: Callable[[], float]) -> list[tuple[str, str, str, str]]:
+    """Restore vs ``reference`` (``nbdcopy --flush`` of the export into ``out``), interleaved.
+
+    Both write the same file durably; the restore's peak RSS is taken from one more run.
+    """
+    ref, mine = [], []
+    restore: list[str | Path] = [FLEECE, "restore", "--repo", repo, point_id, "--drive", "vda",
+                                  "--output", out]
+    for _ in range(runs):
+        ref.append(reference())
+        t, _ = timed(*restore)
+        out.unlink()
+        mine.append(t)
+    r, rs = _median_spread(ref)
+    m, ms = _median_spread(mine)
+    peak, _ = peak_rss(*restore)
+    out.unlink()
+    return [(f"{name}: restore vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
+             f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms}); "
+             f"restore peak RSS {peak / MiB:.0f} MiB")]
+
+
+def restore_speed(args: argparse.Namespace) -> None:
+    """Only the restore rows of ``--speed``: one default full backup of each disk, then the pairs."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-restore.", dir=args.dir))
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        print(f"bench --restore: building two 4 GiB disks in {work} ...", file=sys.stderr)
+        for n, (name, (image, _)) in enumerate(build_speed_disks(work).items()):
+            vm = VM(work, image, f"restore{n}", fmt="raw")
+            out = work / "copy.raw"
+            repo = work / f"repo{n}"
+            try:
+                _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
+
+                def nbdcopy(vm: VM = vm, out: Path = out) -> float:
+                    _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+                    try:
+                        return timed("nbdcopy", "--flush", exp["disks"][0]["uri"], out)[0]
+                    finally:
+                        sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+                        out.unlink(missing_ok=True)
+
+                for row in restore_rows(name, args.runs, repo, res["point"], out, nbdcopy):
+                    print("bench --restore:", " | ".join(row), file=sys.stderr, flush=True)
+                    rows.append(row)
+            finally:
+                vm.stop()
+            image.unlink()
+    finally:
+        if args.keep:
+            print(f"bench --restore: kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --restore on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
+          f"repository and copies in {args.dir}, median of {args.runs} interleaved runs (min-max)\n")
     print_table(rows, (72, 6, 7))
 
 
@@ -605,6 +665,8 @@ def main() -> None:
                     help="only the data-path ratios against nbdcopy and nbdcopy | zstd (issue 16)")
     ap.add_argument("--dir", default="/var/tmp", help="--speed: file system for repositories and copies")
     ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
+    ap.add_argument("--restore", action="store_true",
+                    help="only the restore rows of --speed (restore vs nbdcopy --flush, peak RSS)")
     ap.add_argument("--idle-versus", metavar="FLEECE",
                     help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
     ap.add_argument("--full-versus", metavar="FLEECE",
@@ -625,6 +687,9 @@ def main() -> None:
         return
     if args.speed:
         speed(args)
+        return
+    if args.restore:
+        restore_speed(args)
         return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
