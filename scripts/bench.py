@@ -39,6 +39,7 @@ Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
        scripts/bench --restore [--dir /var/tmp] [--runs 3] [--keep]   # only the restore rows
+       scripts/bench --peers [--dir /var/tmp] [--runs 3]   # full backup vs QEMU's job, virtnbdbackup
        scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
        scripts/bench --full-versus OTHER_FLEECE [--runs 3]
 """
@@ -578,6 +579,142 @@ def restore_speed(args: argparse.Namespace) -> None:
     print_table(rows, (72, 6, 7))
 
 
+# -- --peers: the peer row of issue 16 ----------------------------------------------------------
+
+def qemu_backup_job(vm: VM, target: Path, size: int) -> float:
+    """QEMU's own full backup job into a new qcow2 ``target``, as qmpbackup drives it; seconds.
+
+    The whole of it: ``qemu-img create``, ``blockdev-add`` of the target,
+    ``blockdev-backup`` (sync=full) until ``BLOCK_JOB_COMPLETED``, and
+    ``blockdev-del``, which flushes the image to disk as it closes it.
+    """
+    def qmp(command: str, **arguments: Any) -> None:
+        reply = vm.mon.cmd_raw(command, arguments)
+        if "error" in reply:
+            raise SystemExit(f"bench --peers: {command} failed: {reply['error']}")
+
+    t = time.perf_counter()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", target, str(size))
+    qmp("blockdev-add", driver="qcow2", **{"node-name": "peer-target"},
+        file={"driver": "file", "filename": str(target)})
+    qmp("blockdev-backup", **{"job-id": "peer-backup"}, device="fmt-vda", target="peer-target",
+        sync="full")
+    while True:
+        event = vm.mon.pull_event(wait=600.0)
+        if event is None:
+            raise SystemExit("bench --peers: the QEMU backup job did not finish in 600 s")
+        if event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") \
+                and event["data"]["device"] == "peer-backup":
+            if event["event"] != "BLOCK_JOB_COMPLETED" or "error" in event["data"]:
+                raise SystemExit(f"bench --peers: the QEMU backup job failed: {event}")
+            break
+    qmp("blockdev-del", **{"node-name": "peer-target"})
+    return time.perf_counter() - t
+
+
+def _du(path: Path) -> int:
+    """Bytes allocated under ``path`` (a file or a directory)."""
+    return int(sh("du", "-s", "--block-size=1", path).stdout.split()[0])
+
+
+def _virtnbdbackup_fulls(work: Path, image: Path, runs: int) -> tuple[list[float], int] | str:
+    """virtnbdbackup full backups (uncompressed) of ``image`` run by a private libvirtd.
+
+    Returns (seconds of each, bytes of the last) or why it did not run.
+    """
+    if shutil.which("virtnbdbackup") is None:
+        return "not installed (Debian: virtnbdbackup)"
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench_libvirt import delete_checkpoints, start_domain
+    from libvirt_host import LibvirtHost  # type: ignore[import-not-found]
+
+    host = LibvirtHost()
+    times, stored = [], 0
+    try:
+        try:
+            name = start_domain(host, work, image)
+        except Exception as exc:  # no usable libvirtd here: say so in the table
+            return f"libvirt not usable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        out = work / "virtnbdbackup"
+        for _ in range(runs):
+            shutil.rmtree(out, ignore_errors=True)
+            delete_checkpoints(host, name)
+            t, _ = timed("virtnbdbackup", "-U", host.uri, "-d", name, "-o", out, "-l", "full",
+                         "-S", work)
+            times.append(t)
+            stored = _du(out)
+        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        host.stop()
+    return times, stored
+
+
+def peers(args: argparse.Namespace) -> None:
+    """fleece's default full backup beside QEMU's backup job, virtnbdbackup and nbdcopy."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-peers.", dir=args.dir))
+    rows: list[tuple[str, str, str, str]] = []
+    runs = args.runs
+    vm: VM | None = None
+    try:
+        print(f"bench --peers: building an ext4 disk from {args.data} in {work} ...", file=sys.stderr)
+        image = build_disk(work, Path(args.data), args.disk_size)
+        info = json.loads(sh("qemu-img", "info", "--output=json", image).stdout)
+        size, data = info["virtual-size"], info["actual-size"]
+        vm = VM(work, image, "peers")
+        repo, job, copy = work / "repo", work / "job.qcow2", work / "copy.raw"
+        mine, jobs, flushed, null, stored, read, job_bytes = [], [], [], [], 0, 0, 0
+        for _ in range(runs):
+            shutil.rmtree(repo, ignore_errors=True)
+            t, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+                                 "--level", "full")
+            mine.append(t)
+            stored, read = _du(repo), res["disks"][0]["bytes_read"]
+            jobs.append(qemu_backup_job(vm, job, size))
+            job_bytes = _du(job)
+            job.unlink()
+            _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+            uri = exp["disks"][0]["uri"]
+            try:
+                flushed.append(timed("nbdcopy", "--flush", uri, copy)[0])
+                copy.unlink()
+                null.append(timed("nbdcopy", uri, "null:")[0])
+            finally:
+                sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+        shutil.rmtree(repo, ignore_errors=True)
+        vm.stop()
+        m, ms = _median_spread(mine)
+        j, js = _median_spread(jobs)
+        rows.append(("full backup (defaults) / QEMU backup job to qcow2", f"{m / j:.2f}", "<= 1.5",
+                     f"fleece {m:.2f}s ({ms}), job {j:.2f}s ({js})"))
+        rows.append(("fleece backup, full, defaults (zstd:3, BLAKE3)", f"{m:.2f}s", "",
+                     f"({ms}); reads {read / MiB:.0f} MiB, stores {stored / MiB:.0f} MiB"))
+        rows.append(("QEMU backup job to qcow2 — what qmpbackup drives", f"{j:.2f}s", "",
+                     f"({js}); blockdev-add, blockdev-backup sync=full, blockdev-del; "
+                     f"writes {job_bytes / MiB:.0f} MiB"))
+        lv = _virtnbdbackup_fulls(work, image, runs)
+        if isinstance(lv, str):
+            rows.append(("virtnbdbackup -l full (uncompressed), libvirt", "-", "", lv))
+        else:
+            v, vs = _median_spread(lv[0])
+            rows.append(("virtnbdbackup -l full (uncompressed), libvirt", f"{v:.2f}s", "",
+                         f"({vs}); writes {lv[1] / MiB:.0f} MiB; same image, run after the others"))
+        r, rs = _median_spread(flushed)
+        rows.append(("reference: nbdcopy --flush of the export to a file", f"{r:.2f}s", "", f"({rs})"))
+        r, rs = _median_spread(null)
+        rows.append(("reference: nbdcopy of the export to null:", f"{r:.2f}s", "", f"({rs})"))
+    finally:
+        if vm is not None:
+            vm.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --peers on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}): "
+          f"{size / GiB:.0f} GiB qcow2 disk holding {data / MiB:.0f} MiB (ext4 of {args.data} and "
+          f"128 MiB random) in a running QEMU; files in {args.dir}; median of {runs} interleaved "
+          "runs (min-max)\n")
+    print_table(rows, (52, 7, 7))
+
+
 def idle_versus(args: argparse.Namespace) -> None:
     """The fixed cost of a run: an incremental with nothing dirty, this fleece vs another, interleaved."""
     work = Path(tempfile.mkdtemp(prefix="fleece-bench-idle.", dir=args.dir))
@@ -665,6 +802,8 @@ def main() -> None:
                     help="only the data-path ratios against nbdcopy and nbdcopy | zstd (issue 16)")
     ap.add_argument("--dir", default="/var/tmp", help="--speed: file system for repositories and copies")
     ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
+    ap.add_argument("--peers", action="store_true",
+                    help="only the peer row: full backup vs QEMU's backup job, virtnbdbackup, nbdcopy")
     ap.add_argument("--restore", action="store_true",
                     help="only the restore rows of --speed (restore vs nbdcopy --flush, peak RSS)")
     ap.add_argument("--idle-versus", metavar="FLEECE",
@@ -690,6 +829,9 @@ def main() -> None:
         return
     if args.restore:
         restore_speed(args)
+        return
+    if args.peers:
+        peers(args)
         return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
