@@ -81,7 +81,7 @@ def test_where_direct_io_is_refused_at_open_the_restore_is_the_same(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(output.os, "open", no_direct)
+    monkeypatch.setattr("fleece.restore.output.os.open", no_direct)
     disk = _disk()
     repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
     point = store_point(repo, POINT, {"vda": disk})
@@ -113,7 +113,7 @@ def test_a_direct_write_refused_midway_falls_back_to_the_page_cache(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr("fleece.restore.image.open_direct", open_direct)
-    monkeypatch.setattr(output.os, "pwrite", pwrite)
+    monkeypatch.setattr("fleece.restore.output.os.pwrite", pwrite)
     disk = _disk()
     repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
     point = store_point(repo, POINT, {"vda": disk})
