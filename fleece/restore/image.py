@@ -31,8 +31,8 @@ from fleece.restore.output import Buffer, FdTarget, aligned_buffer, open_direct,
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKERS = 4
-"""Chunks in flight: enough to keep two cores decoding while others wait on reads and writes."""
+DEFAULT_WORKERS = 8
+"""Chunks in flight: cores decoding while others wait on object reads (S3) and writes."""
 ZERO_RUN_MAX = 1 << 30
 
 
