@@ -39,6 +39,7 @@ Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
        scripts/bench --restore [--dir /var/tmp] [--runs 3] [--keep]   # only the restore rows
+       scripts/bench --restore-versus OTHER_FLEECE [--runs 3]   # the same, this vs another build
        scripts/bench --peers [--dir /var/tmp] [--runs 3]   # full backup vs QEMU's job, virtnbdbackup
        scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
        scripts/bench --full-versus OTHER_FLEECE [--runs 3]
@@ -518,27 +519,48 @@ def speed(args: argparse.Namespace) -> None:
     print_table(rows, (72, 6, 7))
 
 
+def wall_cpu(*args: str | Path) -> tuple[float, float]:
+    """Run a command that must succeed; (wall seconds, its own CPU seconds user + system)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{args[:2]} failed")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
+
+
 def restore_rows(name: str, runs: int, repo: Path, point_id: str, out: Path,
-                 reference: Callable[[], float]) -> list[tuple[str, str, str, str]]:
+                 reference: Callable[[], float],
+                 other: str | None = None) -> list[tuple[str, str, str, str]]:
     """Restore vs ``reference`` (``nbdcopy --flush`` of the export into ``out``), interleaved.
 
-    Both write the same file durably; the restore's peak RSS is taken from one more run.
+    Both write the same file durably; the restore's peak RSS is taken from
+    one more run. ``other``: another fleece's restore of the same point,
+    interleaved too (before/after), with both CPU times.
     """
-    ref, mine = [], []
-    restore: list[str | Path] = [FLEECE, "restore", "--repo", repo, point_id, "--drive", "vda",
-                                  "--output", out]
+    builds = {"this": FLEECE} if other is None else {"this": FLEECE, "other": other}
+    ref: list[float] = []
+    got: dict[str, list[tuple[float, float]]] = {k: [] for k in builds}
     for _ in range(runs):
         ref.append(reference())
-        t, _ = timed(*restore)
-        out.unlink()
-        mine.append(t)
+        for k, exe in builds.items():
+            got[k].append(wall_cpu(exe, "restore", "--repo", repo, point_id, "--drive", "vda",
+                                   "--output", out))
+            out.unlink()
     r, rs = _median_spread(ref)
-    m, ms = _median_spread(mine)
-    peak, _ = peak_rss(*restore)
-    out.unlink()
-    return [(f"{name}: restore vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
-             f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms}); "
-             f"restore peak RSS {peak / MiB:.0f} MiB")]
+    rows = []
+    for k, exe in builds.items():
+        m, ms = _median_spread([w for w, _ in got[k]])
+        cpu = statistics.median(c for _, c in got[k])
+        peak, _ = peak_rss(exe, "restore", "--repo", repo, point_id, "--drive", "vda",
+                           "--output", out)
+        out.unlink()
+        label = "" if k == "this" else f" ({exe})"
+        rows.append((f"{name}: restore{label} vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
+                     f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms}), its CPU {cpu:.2f}s; "
+                     f"peak RSS {peak / MiB:.0f} MiB"))
+    return rows
 
 
 def restore_speed(args: argparse.Namespace) -> None:
@@ -562,7 +584,8 @@ def restore_speed(args: argparse.Namespace) -> None:
                         sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
                         out.unlink(missing_ok=True)
 
-                for row in restore_rows(name, args.runs, repo, res["point"], out, nbdcopy):
+                for row in restore_rows(name, args.runs, repo, res["point"], out, nbdcopy,
+                                        args.restore_versus):
                     print("bench --restore:", " | ".join(row), file=sys.stderr, flush=True)
                     rows.append(row)
             finally:
@@ -806,6 +829,8 @@ def main() -> None:
                     help="only the peer row: full backup vs QEMU's backup job, virtnbdbackup, nbdcopy")
     ap.add_argument("--restore", action="store_true",
                     help="only the restore rows of --speed (restore vs nbdcopy --flush, peak RSS)")
+    ap.add_argument("--restore-versus", metavar="FLEECE",
+                    help="--restore: also restore with FLEECE, interleaved (before/after)")
     ap.add_argument("--idle-versus", metavar="FLEECE",
                     help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
     ap.add_argument("--full-versus", metavar="FLEECE",
@@ -827,7 +852,7 @@ def main() -> None:
     if args.speed:
         speed(args)
         return
-    if args.restore:
+    if args.restore or args.restore_versus:
         restore_speed(args)
         return
     if args.peers:
