@@ -686,13 +686,17 @@ def peers(args: argparse.Namespace) -> None:
         size, data = info["virtual-size"], info["actual-size"]
         vm = VM(work, image, "peers")
         repo, job, copy = work / "repo", work / "job.qcow2", work / "copy.raw"
-        mine, jobs, flushed, null, stored, read, job_bytes = [], [], [], [], 0, 0, 0
+        mine, plain, jobs, flushed, null = [], [], [], [], []
+        stored, read, job_bytes = 0, 0, 0
         for _ in range(runs):
             shutil.rmtree(repo, ignore_errors=True)
             t, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
                                  "--level", "full")
             mine.append(t)
             stored, read = _du(repo), res["disks"][0]["bytes_read"]
+            shutil.rmtree(repo, ignore_errors=True)
+            plain.append(fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+                                     "--level", "full", "--compress", "none")[0])
             jobs.append(qemu_backup_job(vm, job, size))
             job_bytes = _du(job)
             job.unlink()
@@ -712,6 +716,9 @@ def peers(args: argparse.Namespace) -> None:
                      f"fleece {m:.2f}s ({ms}), job {j:.2f}s ({js})"))
         rows.append(("fleece backup, full, defaults (zstd:3, BLAKE3)", f"{m:.2f}s", "",
                      f"({ms}); reads {read / MiB:.0f} MiB, stores {stored / MiB:.0f} MiB"))
+        p, ps = _median_spread(plain)
+        rows.append(("fleece backup, full, --compress none", f"{p:.2f}s", "",
+                     f"({ps}); {p / j:.2f}x the job"))
         rows.append(("QEMU backup job to qcow2 — what qmpbackup drives", f"{j:.2f}s", "",
                      f"({js}); blockdev-add, blockdev-backup sync=full, blockdev-del; "
                      f"writes {job_bytes / MiB:.0f} MiB"))
