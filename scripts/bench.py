@@ -650,7 +650,7 @@ def _virtnbdbackup_fulls(work: Path, image: Path, runs: int) -> tuple[list[float
     sys.path.insert(0, str(ROOT / "scripts"))
     sys.path.insert(0, str(ROOT / "tests"))
     from bench_libvirt import delete_checkpoints, start_domain
-    from libvirt_host import LibvirtHost  # type: ignore[import-not-found]
+    from libvirt_host import LibvirtHost
 
     host = LibvirtHost()
     times, stored = [], 0
