@@ -38,6 +38,9 @@ restore vs ``nbdcopy --flush``; peak RSS.
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
+       scripts/bench --restore [--dir /var/tmp] [--runs 3] [--keep]   # only the restore rows
+       scripts/bench --restore-versus OTHER_FLEECE [--runs 3]   # the same, this vs another build
+       scripts/bench --peers [--dir /var/tmp] [--runs 3]   # full backup vs QEMU's job, virtnbdbackup
        scripts/bench --idle-versus OTHER_FLEECE [--runs 10]
        scripts/bench --full-versus OTHER_FLEECE [--runs 3]
 """
@@ -55,6 +58,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +104,18 @@ sys.stderr.write(f"{usage.ru_maxrss * 1024} {os.waitstatus_to_exitcode(status)}\
 
 def rss_of(*args: str | Path) -> tuple[int, dict[str, Any]]:
     """Run a command, return (its own peak RSS in bytes, its JSON output)."""
+    peak, out = peak_rss(*args)
+    return peak, json.loads(out)
+
+
+def peak_rss(*args: str | Path) -> tuple[int, str]:
+    """Run a command that must succeed, return (its own peak RSS in bytes, its stdout)."""
     p = subprocess.run(["/usr/bin/python3", "-c", _RSS_WRAPPER, *map(str, args)],
                        capture_output=True, text=True, check=True)
     peak, rc = p.stderr.split()[-2:]
     if int(rc):
         raise SystemExit(f"{args[:2]} failed with {rc}")
-    return int(peak), json.loads(p.stdout)
+    return int(peak), p.stdout
 
 
 def proc_cpu(pid: int) -> float:
@@ -490,18 +501,8 @@ def speed(args: argparse.Namespace) -> None:
             rows.append((f"{name}: incremental, nothing dirty (wall s)", f"{m:.2f}", "<= 0.3",
                          f"{ms} over {runs} runs"))
 
-            # restore vs nbdcopy --flush into a file
-            ref, mine = [], []
-            for _ in range(runs):
-                ref.append(nbdcopy("nbdcopy", "--flush", "URI", str(out)))
-                t, _ = timed(FLEECE, "restore", "--repo", repo, point_id, "--drive", "vda",
-                             "--output", out)
-                out.unlink()
-                mine.append(t)
-            r, rs = _median_spread(ref)
-            m, ms = _median_spread(mine)
-            rows.append((f"{name}: restore vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
-                         f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms})"))
+            rows.extend(restore_rows(name, runs, repo, point_id, out,
+                                     partial(nbdcopy, "nbdcopy", "--flush", "URI", str(out))))
 
             shutil.rmtree(repo, ignore_errors=True)
             peak, _ = rss_of(FLEECE, *backup, "--repo", repo, "--json")
@@ -518,6 +519,232 @@ def speed(args: argparse.Namespace) -> None:
     print(f"fleece bench --speed on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
           f"repository and copies in {args.dir}, median of {runs} interleaved runs (min-max)\n")
     print_table(rows, (72, 6, 7))
+
+
+def wall_cpu(*args: str | Path) -> tuple[float, float]:
+    """Run a command that must succeed; (wall seconds, its own CPU seconds user + system)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{args[:2]} failed")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
+
+
+def restore_rows(name: str, runs: int, repo: Path, point_id: str, out: Path,
+                 reference: Callable[[], float],
+                 other: str | None = None) -> list[tuple[str, str, str, str]]:
+    """Restore vs ``reference`` (``nbdcopy --flush`` of the export into ``out``), interleaved.
+
+    Both write the same file durably; the restore's peak RSS is taken from
+    one more run. ``other``: another fleece's restore of the same point,
+    interleaved too (before/after), with both CPU times.
+    """
+    builds = {"this": FLEECE} if other is None else {"this": FLEECE, "other": other}
+    ref: list[float] = []
+    got: dict[str, list[tuple[float, float]]] = {k: [] for k in builds}
+    for _ in range(runs):
+        ref.append(reference())
+        for k, exe in builds.items():
+            got[k].append(wall_cpu(exe, "restore", "--repo", repo, point_id, "--drive", "vda",
+                                   "--output", out))
+            out.unlink()
+    r, rs = _median_spread(ref)
+    rows = []
+    for k, exe in builds.items():
+        m, ms = _median_spread([w for w, _ in got[k]])
+        cpu = statistics.median(c for _, c in got[k])
+        peak, _ = peak_rss(exe, "restore", "--repo", repo, point_id, "--drive", "vda",
+                           "--output", out)
+        out.unlink()
+        label = "" if k == "this" else f" ({exe})"
+        rows.append((f"{name}: restore{label} vs nbdcopy --flush", f"{r / m:.2f}", ">= 0.8",
+                     f"nbdcopy {r:.2f}s ({rs}), restore {m:.2f}s ({ms}), its CPU {cpu:.2f}s; "
+                     f"peak RSS {peak / MiB:.0f} MiB"))
+    return rows
+
+
+def restore_speed(args: argparse.Namespace) -> None:
+    """Only the restore rows of ``--speed``: one default full backup of each disk, then the pairs."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-restore.", dir=args.dir))
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        print(f"bench --restore: building two 4 GiB disks in {work} ...", file=sys.stderr)
+        for n, (name, (image, _)) in enumerate(build_speed_disks(work).items()):
+            vm = VM(work, image, f"restore{n}", fmt="raw")
+            out = work / "copy.raw"
+            repo = work / f"repo{n}"
+            try:
+                _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
+
+                def nbdcopy(vm: VM = vm, out: Path = out) -> float:
+                    _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+                    try:
+                        return timed("nbdcopy", "--flush", exp["disks"][0]["uri"], out)[0]
+                    finally:
+                        sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+                        out.unlink(missing_ok=True)
+
+                for row in restore_rows(name, args.runs, repo, res["point"], out, nbdcopy,
+                                        args.restore_versus):
+                    print("bench --restore:", " | ".join(row), file=sys.stderr, flush=True)
+                    rows.append(row)
+            finally:
+                vm.stop()
+            image.unlink()
+    finally:
+        if args.keep:
+            print(f"bench --restore: kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --restore on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}), "
+          f"repository and copies in {args.dir}, median of {args.runs} interleaved runs (min-max)\n")
+    print_table(rows, (72, 6, 7))
+
+
+# -- --peers: the peer row of issue 16 ----------------------------------------------------------
+
+def qemu_backup_job(vm: VM, target: Path, size: int) -> float:
+    """QEMU's own full backup job into a new qcow2 ``target``, as qmpbackup drives it; seconds.
+
+    The whole of it: ``qemu-img create``, ``blockdev-add`` of the target,
+    ``blockdev-backup`` (sync=full) until ``BLOCK_JOB_COMPLETED``, and
+    ``blockdev-del``, which flushes the image to disk as it closes it.
+    """
+    def qmp(command: str, **arguments: Any) -> None:
+        reply = vm.mon.cmd_raw(command, arguments)
+        if "error" in reply:
+            raise SystemExit(f"bench --peers: {command} failed: {reply['error']}")
+
+    t = time.perf_counter()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", target, str(size))
+    qmp("blockdev-add", driver="qcow2", **{"node-name": "peer-target"},
+        file={"driver": "file", "filename": str(target)})
+    qmp("blockdev-backup", **{"job-id": "peer-backup"}, device="fmt-vda", target="peer-target",
+        sync="full")
+    while True:
+        event = vm.mon.pull_event(wait=600.0)
+        if event is None:
+            raise SystemExit("bench --peers: the QEMU backup job did not finish in 600 s")
+        if event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") \
+                and event["data"]["device"] == "peer-backup":
+            if event["event"] != "BLOCK_JOB_COMPLETED" or "error" in event["data"]:
+                raise SystemExit(f"bench --peers: the QEMU backup job failed: {event}")
+            break
+    qmp("blockdev-del", **{"node-name": "peer-target"})
+    return time.perf_counter() - t
+
+
+def _du(path: Path) -> int:
+    """Bytes allocated under ``path`` (a file or a directory)."""
+    return int(sh("du", "-s", "--block-size=1", path).stdout.split()[0])
+
+
+def _virtnbdbackup_fulls(work: Path, image: Path, runs: int) -> tuple[list[float], int] | str:
+    """virtnbdbackup full backups (uncompressed) of ``image`` run by a private libvirtd.
+
+    Returns (seconds of each, bytes of the last) or why it did not run.
+    """
+    if shutil.which("virtnbdbackup") is None:
+        return "not installed (Debian: virtnbdbackup)"
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench_libvirt import delete_checkpoints, start_domain
+    from libvirt_host import LibvirtHost
+
+    host = LibvirtHost()
+    times, stored = [], 0
+    try:
+        try:
+            name = start_domain(host, work, image)
+        except Exception as exc:  # no usable libvirtd here: say so in the table
+            return f"libvirt not usable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        out = work / "virtnbdbackup"
+        for _ in range(runs):
+            shutil.rmtree(out, ignore_errors=True)
+            delete_checkpoints(host, name)
+            t, _ = timed("virtnbdbackup", "-U", host.uri, "-d", name, "-o", out, "-l", "full",
+                         "-S", work)
+            times.append(t)
+            stored = _du(out)
+        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        host.stop()
+    return times, stored
+
+
+def peers(args: argparse.Namespace) -> None:
+    """fleece's default full backup beside QEMU's backup job, virtnbdbackup and nbdcopy."""
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-peers.", dir=args.dir))
+    rows: list[tuple[str, str, str, str]] = []
+    runs = args.runs
+    vm: VM | None = None
+    try:
+        print(f"bench --peers: building an ext4 disk from {args.data} in {work} ...", file=sys.stderr)
+        image = build_disk(work, Path(args.data), args.disk_size)
+        info = json.loads(sh("qemu-img", "info", "--output=json", image).stdout)
+        size, data = info["virtual-size"], info["actual-size"]
+        vm = VM(work, image, "peers")
+        repo, job, copy = work / "repo", work / "job.qcow2", work / "copy.raw"
+        mine, plain, jobs, flushed, null = [], [], [], [], []
+        stored, read, job_bytes = 0, 0, 0
+        for _ in range(runs):
+            shutil.rmtree(repo, ignore_errors=True)
+            t, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+                                 "--level", "full")
+            mine.append(t)
+            stored, read = _du(repo), res["disks"][0]["bytes_read"]
+            shutil.rmtree(repo, ignore_errors=True)
+            plain.append(fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+                                     "--level", "full", "--compress", "none")[0])
+            jobs.append(qemu_backup_job(vm, job, size))
+            job_bytes = _du(job)
+            job.unlink()
+            _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+            uri = exp["disks"][0]["uri"]
+            try:
+                flushed.append(timed("nbdcopy", "--flush", uri, copy)[0])
+                copy.unlink()
+                null.append(timed("nbdcopy", uri, "null:")[0])
+            finally:
+                sh(FLEECE, "export", "stop", "--qmp", vm.qmp, "--abort")
+        shutil.rmtree(repo, ignore_errors=True)
+        vm.stop()
+        m, ms = _median_spread(mine)
+        j, js = _median_spread(jobs)
+        rows.append(("full backup (defaults) / QEMU backup job to qcow2", f"{m / j:.2f}", "<= 1.5",
+                     f"fleece {m:.2f}s ({ms}), job {j:.2f}s ({js})"))
+        rows.append(("fleece backup, full, defaults (zstd:3, BLAKE3)", f"{m:.2f}s", "",
+                     f"({ms}); reads {read / MiB:.0f} MiB, stores {stored / MiB:.0f} MiB"))
+        p, ps = _median_spread(plain)
+        rows.append(("fleece backup, full, --compress none", f"{p:.2f}s", "",
+                     f"({ps}); {p / j:.2f}x the job"))
+        rows.append(("QEMU backup job to qcow2 — what qmpbackup drives", f"{j:.2f}s", "",
+                     f"({js}); blockdev-add, blockdev-backup sync=full, blockdev-del; "
+                     f"writes {job_bytes / MiB:.0f} MiB"))
+        lv = _virtnbdbackup_fulls(work, image, runs)
+        if isinstance(lv, str):
+            rows.append(("virtnbdbackup -l full (uncompressed), libvirt", "-", "", lv))
+        else:
+            v, vs = _median_spread(lv[0])
+            rows.append(("virtnbdbackup -l full (uncompressed), libvirt", f"{v:.2f}s", "",
+                         f"({vs}); writes {lv[1] / MiB:.0f} MiB; same image, run after the others"))
+        r, rs = _median_spread(flushed)
+        rows.append(("reference: nbdcopy --flush of the export to a file", f"{r:.2f}s", "", f"({rs})"))
+        r, rs = _median_spread(null)
+        rows.append(("reference: nbdcopy of the export to null:", f"{r:.2f}s", "", f"({rs})"))
+    finally:
+        if vm is not None:
+            vm.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"fleece bench --peers on {os.cpu_count()} cores (load {load[0]:.1f} {load[1]:.1f}): "
+          f"{size / GiB:.0f} GiB qcow2 disk holding {data / MiB:.0f} MiB (ext4 of {args.data} and "
+          f"128 MiB random) in a running QEMU; files in {args.dir}; median of {runs} interleaved "
+          "runs (min-max)\n")
+    print_table(rows, (52, 7, 7))
 
 
 def idle_versus(args: argparse.Namespace) -> None:
@@ -607,6 +834,12 @@ def main() -> None:
                     help="only the data-path ratios against nbdcopy and nbdcopy | zstd (issue 16)")
     ap.add_argument("--dir", default="/var/tmp", help="--speed: file system for repositories and copies")
     ap.add_argument("--runs", type=int, default=3, help="--speed: runs of each comparison")
+    ap.add_argument("--peers", action="store_true",
+                    help="only the peer row: full backup vs QEMU's backup job, virtnbdbackup, nbdcopy")
+    ap.add_argument("--restore", action="store_true",
+                    help="only the restore rows of --speed (restore vs nbdcopy --flush, peak RSS)")
+    ap.add_argument("--restore-versus", metavar="FLEECE",
+                    help="--restore: also restore with FLEECE, interleaved (before/after)")
     ap.add_argument("--idle-versus", metavar="FLEECE",
                     help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
     ap.add_argument("--full-versus", metavar="FLEECE",
@@ -627,6 +860,12 @@ def main() -> None:
         return
     if args.speed:
         speed(args)
+        return
+    if args.restore or args.restore_versus:
+        restore_speed(args)
+        return
+    if args.peers:
+        peers(args)
         return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))

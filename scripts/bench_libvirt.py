@@ -85,6 +85,22 @@ def scattered_writes(uri: str, domain: str, size: int, fraction: float, seed: in
         piece.unlink()
 
 
+def start_domain(host: LibvirtHost, work: Path, image: Path, name: str = "fleece-bench") -> str:
+    """Start ``host`` and run ``image`` (qcow2, as ``vda``) there as domain ``name``, paused."""
+    host.start()
+    (work / "domain.xml").write_text(DOMAIN_XML.format(
+        name=name, disks=DISK_XML.format(fmt="qcow2", path=image, target="vda")))
+    host.virsh("define", str(work / "domain.xml"))
+    host.virsh("start", "--paused", name)
+    return name
+
+
+def delete_checkpoints(host: LibvirtHost, name: str) -> None:
+    """Drop every checkpoint of domain ``name`` (virtnbdbackup refuses to run beside others')."""
+    for cp in host.virsh("checkpoint-list", name, "--name").stdout.split():
+        host.virsh("checkpoint-delete", name, cp)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu", help="directory to fill the disk with")
@@ -104,12 +120,7 @@ def main() -> None:
         size = int(json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
                                              capture_output=True, text=True, check=True).stdout)
                    ["virtual-size"])
-        host.start()
-        name = "fleece-bench"
-        (work / "domain.xml").write_text(DOMAIN_XML.format(
-            name=name, disks=DISK_XML.format(fmt="qcow2", path=image, target="vda")))
-        host.virsh("define", str(work / "domain.xml"))
-        host.virsh("start", "--paused", name)
+        name = start_domain(host, work, image)
         lv = ["--libvirt", name, "--connect", host.uri]
         repo, out = work / "fleece-repo", work / "virtnbdbackup"
         vnb: list[str | Path] = ["virtnbdbackup", "-U", host.uri, "-d", name, "-o", out, "-z", "-n",
@@ -126,8 +137,7 @@ def main() -> None:
         written = scattered_writes(host.uri, name, size, 0.01, 20261130, work)
         t_vi, _ = timed(*vnb, "-l", "inc")
         s_vi = du(out) - s_vf
-        for cp in host.virsh("checkpoint-list", name, "--name").stdout.split():
-            host.virsh("checkpoint-delete", name, cp)
+        delete_checkpoints(host, name)
 
         def fleece_chain(repo: Path, *extra: str) -> tuple[float, int, float, int, dict[str, Any]]:
             t_full, res = timed(FLEECE, "backup", *lv, "--repo", repo, "--json", *extra)
@@ -139,8 +149,7 @@ def main() -> None:
             return t_full, s_full, t_inc, du(repo) - s_full, inc
 
         t_ff, s_ff, t_fi, s_fi, inc = fleece_chain(repo)
-        for cp in host.virsh("checkpoint-list", name, "--name").stdout.split():
-            host.virsh("checkpoint-delete", name, cp)
+        delete_checkpoints(host, name)
         t_sf, s_sf, t_si, s_si, inc_s = fleece_chain(work / "fleece-repo-256k", "--chunk-size", "256K")
         rows.append(("full", f"{t_ff:.1f} s, {s_ff / MiB:.0f} MiB", f"{t_sf:.1f} s, {s_sf / MiB:.0f} MiB",
                      f"{t_vf:.1f} s, {s_vf / MiB:.0f} MiB"))

@@ -10,7 +10,15 @@ import threading
 import pytest
 
 from fleece.errors import BadInput, RepositoryCorrupt
-from fleece.repo.format.codec import chunk_digest, decode_chunk, encode_chunk, is_zero, parse_compression
+from fleece.repo.format.codec import (
+    chunk_digest,
+    decode_chunk,
+    decode_chunk_into,
+    digest_function,
+    encode_chunk,
+    is_zero,
+    parse_compression,
+)
 
 CHUNK = 64 * 1024
 
@@ -75,17 +83,17 @@ def test_wrong_digest_is_reported_with_the_name() -> None:
         decode_chunk(blob, wrong)
 
 
-@pytest.mark.parametrize(
-    ("blob", "reason"),
-    [
-        (b"FLCK\x01", "truncated"),
-        (b"XXXX" + bytes([1, 0]) + struct.pack("<Q", 3) + b"abc", "magic"),
-        (b"FLCK" + bytes([2, 0]) + struct.pack("<Q", 3) + b"abc", "version"),
-        (b"FLCK" + bytes([1, 7]) + struct.pack("<Q", 3) + b"abc", "codec"),
-        (b"FLCK" + bytes([1, 0]) + struct.pack("<Q", 4) + b"abc", "header says 4"),
-        (b"FLCK" + bytes([1, 1]) + struct.pack("<Q", 1 << 40) + b"abc", "more than any chunk"),
-    ],
-)
+MALFORMED = [
+    (b"FLCK\x01", "truncated"),
+    (b"XXXX" + bytes([1, 0]) + struct.pack("<Q", 3) + b"abc", "magic"),
+    (b"FLCK" + bytes([2, 0]) + struct.pack("<Q", 3) + b"abc", "version"),
+    (b"FLCK" + bytes([1, 7]) + struct.pack("<Q", 3) + b"abc", "codec"),
+    (b"FLCK" + bytes([1, 0]) + struct.pack("<Q", 4) + b"abc", "header says 4"),
+    (b"FLCK" + bytes([1, 1]) + struct.pack("<Q", 1 << 40) + b"abc", "more than any chunk"),
+]
+
+
+@pytest.mark.parametrize(("blob", "reason"), MALFORMED)
 def test_malformed_headers(blob: bytes, reason: str) -> None:
     with pytest.raises(RepositoryCorrupt, match=reason):
         decode_chunk(blob)
@@ -148,3 +156,47 @@ def test_parse_compression(spec: str, level: int | None) -> None:
 def test_parse_compression_rejects(spec: str) -> None:
     with pytest.raises(BadInput):
         parse_compression(spec)
+
+
+# -- decode_chunk_into: the restore path decodes into its own buffer, with every check ----------
+
+def _decode_into(blob: bytes, digest: bytes, length: int) -> bytes:
+    out = memoryview(bytearray(length))
+    decode_chunk_into(blob, out, digest, digest_function("sha256"), "chunk under test")
+    return out.tobytes()
+
+
+@pytest.mark.parametrize("level", [3, None])
+def test_decode_into_gives_what_decode_gives(level: int | None) -> None:
+    for data in (b"abcd" * (CHUNK // 4), os.urandom(CHUNK), bytes(CHUNK), b"tail" * 1000):
+        blob = encode_chunk(data, level)
+        assert _decode_into(blob, chunk_digest(data), len(data)) == decode_chunk(blob) == data
+
+
+@pytest.mark.parametrize("compressible", [True, False])
+def test_decode_into_detects_a_flipped_byte_anywhere(compressible: bool) -> None:
+    data = (b"abcd" * (CHUNK // 4)) if compressible else os.urandom(CHUNK)
+    blob = bytearray(encode_chunk(data, 3))
+    for pos in (14, len(blob) // 2, len(blob) - 1):
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x01
+        with pytest.raises(RepositoryCorrupt):
+            _decode_into(bytes(damaged), chunk_digest(data), len(data))
+
+
+@pytest.mark.parametrize(("blob", "reason"), MALFORMED)
+def test_decode_into_refuses_malformed_headers(blob: bytes, reason: str) -> None:
+    length = struct.unpack_from("<Q", blob, 6)[0] if len(blob) >= 14 else 3
+    with pytest.raises(RepositoryCorrupt, match=reason):
+        _decode_into(blob, chunk_digest(b"abc"), min(length, 16))
+
+
+def test_decode_into_refuses_a_chunk_of_another_length_and_a_lying_frame() -> None:
+    data = b"z" * 5000
+    blob = encode_chunk(data, 3)
+    with pytest.raises(RepositoryCorrupt, match="holds 5000 bytes, expected 4096"):
+        _decode_into(blob, chunk_digest(data), 4096)
+    lying = bytearray(blob)
+    struct.pack_into("<Q", lying, 6, 4000)
+    with pytest.raises(RepositoryCorrupt, match="zstd frame says 5000"):
+        _decode_into(bytes(lying), chunk_digest(data), 4000)

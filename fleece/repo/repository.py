@@ -21,7 +21,14 @@ from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, Repositor
 from fleece.repo.backends.base import Backend, ObjectMissing, Retention
 from fleece.repo.backends.store_check import STORE_PREFIX
 from fleece.repo.format import keys
-from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, MAX_CHUNK_SIZE, decode_chunk, digest_function
+from fleece.repo.format.codec import (
+    DEFAULT_ZSTD_LEVEL,
+    HASHES,
+    MAX_CHUNK_SIZE,
+    decode_chunk,
+    decode_chunk_into,
+    digest_function,
+)
 from fleece.repo.format.crypto import (
     CIPHERS,
     MasterKey,
@@ -549,6 +556,30 @@ class Repository:
         for ref in layers:
             apply_delta(data, self.get_delta(ref), f"delta of pack {ref.pack.hex()} at chunk {i}")
         return bytes(data)
+
+    def read_position_into(self, index: ChunkIndex, i: int, out: memoryview) -> None:
+        """:meth:`read_position` into ``out`` (exactly the position's length): the restore path.
+
+        The same reads and checks, but the base chunk decodes straight into
+        the caller's buffer and the deltas are applied there, so a restore
+        allocates no chunk-sized object per position.
+        """
+        length = index.chunk_length(i)
+        if len(out) != length:
+            raise ValueError(f"buffer of {len(out)} bytes for a {length}-byte chunk")
+        digest = index.get(i)
+        if digest is None:
+            out[:] = bytes(length)  # a zero base under deltas (rare: fresh writes to a hole)
+        else:
+            key = keys.chunk_key(digest)
+            try:
+                blob = self.backend.get(key)
+            except ObjectMissing:
+                raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
+            decode_chunk_into(blob, out, digest, self.digest,
+                              f"chunk {digest.hex()} at chunk {i}")
+        for ref in index.deltas_of(i):
+            apply_delta(out, self.get_delta(ref), f"delta of pack {ref.pack.hex()} at chunk {i}")
 
     # -- indexes ------------------------------------------------------------
 

@@ -3,18 +3,17 @@
 :class:`DiskImage` answers "the bytes at offset X of disk D at point P" with
 one index lookup, one chunk fetch and (format 2) at most ``MAX_DEPTH`` delta
 reads, for ``restore``, ``verify`` and ``serve`` alike. :func:`restore_raw`
-writes a whole disk as a sparse raw image: zero chunks stay holes, stored chunks are fetched and decoded by a
-thread pool (hashlib, zstd and file I/O release the GIL) with a bounded
-number in flight, so memory does not grow with the disk.
+writes a whole disk as a sparse raw image: zero chunks stay holes, stored
+chunks are fetched, decoded and checked by a thread pool (zstd, the hashes
+and file I/O release the GIL) straight into a few reused aligned buffers,
+which go to the output with direct I/O (:mod:`fleece.restore.output`), so
+memory does not grow with the disk and no byte is copied more than needed.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import stat
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,15 +27,13 @@ from fleece.maintenance.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
+from fleece.restore.output import Buffer, FdTarget, aligned_buffer, open_direct, open_output
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 8
-BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h
+"""Chunks in flight: cores decoding while others wait on object reads (S3) and writes."""
 ZERO_RUN_MAX = 1 << 30
-HOLE_BLOCK = 64 << 10
-"""A fresh output file gets no write for an aligned all-zero block of this size."""
-_ZERO_BLOCK = bytes(HOLE_BLOCK)
 
 
 def select_disk(point: RestorePoint, drive: str | None) -> DiskRecord:
@@ -67,6 +64,14 @@ class DiskImage:
         """The plaintext of chunk ``i`` (base and deltas; zeroes for a zero chunk), length-checked."""
         try:
             return self.repo.read_position(self.index, i)
+        except RepositoryCorrupt as exc:
+            raise RepositoryCorrupt(f"{exc} (chunk {i} of {self.disk.name} in point "
+                                    f"{self.point.id})") from None
+
+    def read_chunk_into(self, i: int, out: memoryview) -> None:
+        """:meth:`read_chunk` into ``out``, which is exactly the chunk's length."""
+        try:
+            self.repo.read_position_into(self.index, i, out)
         except RepositoryCorrupt as exc:
             raise RepositoryCorrupt(f"{exc} (chunk {i} of {self.disk.name} in point "
                                     f"{self.point.id})") from None
@@ -111,89 +116,16 @@ class ChunkTarget(Protocol):
     fresh: bool
     """Whether the target reads as zeroes already, so zero chunks need no write."""
 
-    def write(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` (called from several threads at once)."""
+    def write(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset`` (called from several threads at once).
+
+        ``data`` is a buffer the caller reuses once this returns.
+        """
         ...
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeroes."""
         ...
-
-
-class FdTarget:
-    """A file descriptor: a fresh sparse file, or a block device that must be zeroed."""
-
-    def __init__(self, fd: int, fresh: bool) -> None:
-        self.fd = fd
-        self.fresh = fresh
-
-    def write(self, offset: int, data: bytes) -> None:
-        """pwrite all of ``data``; on a fresh file, aligned all-zero blocks stay holes.
-
-        A chunk of a fragmented disk is mostly the zeroes between its
-        extents: writing them cost as much as the data, and made the copy
-        less sparse than the disk.
-        """
-        view = memoryview(data)
-        if (self.fresh and isinstance(data, bytes | bytearray) and offset % HOLE_BLOCK == 0
-                and len(data) >= 2 * HOLE_BLOCK):
-            pos = 0
-            for off in range(0, len(data) - HOLE_BLOCK + 1, HOLE_BLOCK):
-                if data.startswith(_ZERO_BLOCK, off):  # a memcmp, no copy
-                    self._pwrite(view[pos:off], offset + pos)
-                    pos = off + HOLE_BLOCK
-            view, offset = view[pos:], offset + pos
-        self._pwrite(view, offset)
-
-    def _pwrite(self, view: memoryview, offset: int) -> None:
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
-            offset += written
-
-    def zero(self, offset: int, length: int) -> None:
-        """BLKZEROOUT (the device zeroes, or unmaps where that reads back as zeroes)."""
-        try:
-            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
-            return
-        except OSError:
-            pass  # not a block device, or the driver refuses: write the zeroes
-        zeros = bytes(min(length, 1 << 20))
-        end = offset + length
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            self.write(offset, zeros[:n])
-            offset += n
-
-
-def _open_output(output: Path, force: bool) -> tuple[int, bool]:
-    """Open ``output``; ``(fd, is block device)``. Refuse to clobber without ``force``."""
-    try:
-        st = os.stat(output)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise BadInput(f"cannot use output {output}: {exc.strerror}; nothing was written") from None
-    if st is not None:
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise BadInput(f"output {output} exists and is not a regular file or block device; "
-                           "nothing was written")
-        if not force:
-            raise BadInput(f"output {output} exists; use --force to overwrite it")
-        if stat.S_ISBLK(st.st_mode):
-            try:
-                return os.open(output, os.O_WRONLY | os.O_CLOEXEC | os.O_EXCL), True
-            except OSError as exc:
-                raise BadInput(f"cannot open block device {output}: {exc.strerror} (mounted or "
-                               "in use?); nothing was written") from None
-    # O_EXCL without --force: a file appearing meanwhile is never clobbered.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        return os.open(output, flags, 0o644), False
-    except FileExistsError:
-        raise BadInput(f"output {output} exists; use --force to overwrite it") from None
-    except OSError as exc:
-        raise BadInput(f"cannot create output {output}: {exc.strerror}; nothing was written") from None
 
 
 def restore_raw(
@@ -214,7 +146,8 @@ def restore_raw(
     listed in the result.
     """
     image = DiskImage(repo, point, drive)
-    fd, is_device = _open_output(output, force)
+    fd, is_device = open_output(output, force)
+    direct_fd = open_direct(fd)
     try:
         if is_device:
             device_size = os.lseek(fd, 0, os.SEEK_END)
@@ -224,10 +157,13 @@ def restore_raw(
         else:
             # A fresh file of the right size is all holes; only data is written.
             os.ftruncate(fd, image.size)
-        result = copy_chunks(image, FdTarget(fd, fresh=not is_device), workers=workers,
-                             allow_damage=allow_damage)
+        result = copy_chunks(image, FdTarget(fd, fresh=not is_device, direct_fd=direct_fd),
+                             workers=workers, allow_damage=allow_damage)
+        # The one flush: direct writes bypassed the page cache, but the
+        # file's extents and the device's write cache still need it.
         os.fsync(fd)
     except BaseException as exc:
+        _close(direct_fd)
         os.close(fd)
         left = (f"the device {output} holds a partial restore" if is_device
                 else f"the partial output {output} was removed")
@@ -240,9 +176,15 @@ def restore_raw(
         if isinstance(exc, FleeceError):
             exc.args = (f"{exc}; restore aborted and {left}",)
         raise
+    _close(direct_fd)
     os.close(fd)
     log.info("restored %s disk %s to %s", point.id, image.disk.name, output)
     return result
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def _remove_partial(output: Path) -> None:
@@ -254,27 +196,41 @@ def _remove_partial(output: Path) -> None:
 
 def copy_chunks(image: DiskImage, target: ChunkTarget, *, workers: int = DEFAULT_WORKERS,
                 allow_damage: bool = False) -> RestoreResult:
-    """Fetch, decode and write every chunk of ``image`` to ``target`` with a thread pool.
+    """Fetch, decode, check and write every chunk of ``image`` to ``target`` with a thread pool.
 
-    Missing or damaged chunks are collected (the pass goes on, so the error
-    names every damaged range); they raise :class:`RepositoryCorrupt` at the
-    end unless ``allow_damage``, which writes zeroes there instead.
+    Each chunk decodes into an aligned buffer taken from a free list (at
+    most one per worker, allocated once) and is written from there, so the
+    decoding of some chunks overlaps the writing of others with no
+    per-chunk allocation. Missing or damaged chunks are collected (the pass
+    goes on, so the error names every damaged range); they raise
+    :class:`RepositoryCorrupt` at the end unless ``allow_damage``, which
+    writes zeroes there instead.
     """
     chunk_size = image.chunk_size
     index = image.index
     damaged: dict[int, str] = {}
     lock = threading.Lock()
+    free: list[memoryview] = []
 
     def restore_one(i: int) -> None:
+        with lock:
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = aligned_buffer(chunk_size)
         try:
-            data = image.read_chunk(i)
-        except RepositoryCorrupt as exc:
+            view = buf[: index.chunk_length(i)]
+            try:
+                image.read_chunk_into(i, view)
+            except RepositoryCorrupt as exc:
+                with lock:
+                    damaged[i] = str(exc)
+                if not target.fresh:
+                    target.zero(i * chunk_size, len(view))
+                return
+            target.write(i * chunk_size, view)
+        finally:
             with lock:
-                damaged[i] = str(exc)
-            if not target.fresh:
-                target.zero(i * chunk_size, index.chunk_length(i))
-            return
-        target.write(i * chunk_size, data)
+                free.append(buf)
 
     def tasks() -> Iterator[tuple[Callable[[], None], bool]]:
         """``(work, is a stored chunk)``; zero runs only where the target is not fresh."""
@@ -297,7 +253,7 @@ def copy_chunks(image: DiskImage, target: ChunkTarget, *, workers: int = DEFAULT
             yield partial(target.zero, zero_start, image.size - zero_start), False
 
     written = 0
-    max_in_flight = 2 * workers
+    max_in_flight = 2 * workers  # the pool's queue stays fed; buffers are taken only when running
     pending: set[Future[None]] = set()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleece-restore") as pool:
         try:

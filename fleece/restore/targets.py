@@ -35,6 +35,7 @@ from fleece.repo.backends.file import fsync_dir
 from fleece.repo.format.point import RestorePoint
 from fleece.repo.repository import Repository
 from fleece.restore.image import DEFAULT_WORKERS, DiskImage, RestoreResult, copy_chunks
+from fleece.restore.output import Buffer, data_runs
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,17 @@ class NbdTarget:
         self.size = int(self.h.get_size())
         self._can_zero = bool(self.h.can_zero())
 
-    def write(self, offset: int, data: bytes) -> None:
-        """One NBD write (chunks are at most 16 MiB, below every server's limit)."""
-        self.h.pwrite(data, offset)
+    def write(self, offset: int, data: Buffer) -> None:
+        """NBD writes (chunks are at most 16 MiB, below every server's limit).
+
+        A fresh image gets no write for an aligned all-zero block: its
+        clusters stay unallocated, as the disk's holes were.
+        """
+        if not self.fresh:
+            self.h.pwrite(data, offset)
+            return
+        for off, run in data_runs(data, offset):
+            self.h.pwrite(run, off)
 
     def zero(self, offset: int, length: int) -> None:
         """NBD_CMD_WRITE_ZEROES, or plain writes of zeroes where the server lacks it."""

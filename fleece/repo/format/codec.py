@@ -126,16 +126,7 @@ def decode_chunk(blob: bytes, expected_digest: bytes | None = None,
     """
     if what is None:
         what = f"chunk {expected_digest.hex()}" if expected_digest is not None else "chunk"
-    if len(blob) < HEADER.size:
-        raise RepositoryCorrupt(f"{what} is truncated ({len(blob)} bytes, header needs 14)")
-    found, version, codec, length = HEADER.unpack_from(blob)
-    if found != magic:
-        raise RepositoryCorrupt(f"{what} has bad magic {found!r} (expected {magic!r})")
-    if version != CHUNK_VERSION:
-        raise RepositoryCorrupt(f"{what} has unknown chunk format version {version}")
-    if length > MAX_CHUNK_SIZE:
-        raise RepositoryCorrupt(f"{what} claims {length} bytes, more than any chunk may hold")
-    payload = memoryview(blob)[HEADER.size :]
+    codec, length, payload = _open_frame(blob, magic, what)
     if codec == CODEC_PLAIN:
         if len(payload) != length:
             raise RepositoryCorrupt(
@@ -150,6 +141,62 @@ def decode_chunk(blob: bytes, expected_digest: bytes | None = None,
     if expected_digest is not None and digest(data) != expected_digest:
         raise RepositoryCorrupt(f"{what} does not match its digest (content damaged)")
     return data
+
+
+def decode_chunk_into(blob: bytes, out: memoryview, expected_digest: bytes,
+                      hash: Callable[[Buffer], bytes], what: str) -> None:
+    """:func:`decode_chunk` into ``out``, which must be exactly the plaintext's length.
+
+    The restore path: zstd decodes straight into the caller's (reused,
+    aligned) buffer, so no chunk-sized object is allocated and copied per
+    chunk. Every check of :func:`decode_chunk` is made, the digest last;
+    on :class:`RepositoryCorrupt` the contents of ``out`` are undefined.
+    """
+    codec, length, payload = _open_frame(blob, CHUNK_MAGIC, what)
+    if length != len(out):
+        raise RepositoryCorrupt(f"{what} holds {length} bytes, expected {len(out)}")
+    if codec == CODEC_PLAIN:
+        if len(payload) != length:
+            raise RepositoryCorrupt(
+                f"{what} holds {len(payload)} plain bytes but its header says {length}"
+            )
+        out[:] = payload
+    elif codec == CODEC_ZSTD:
+        try:
+            claimed = zstandard.frame_content_size(payload)
+            if claimed != length:
+                raise RepositoryCorrupt(
+                    f"{what}: zstd frame says {claimed} bytes but the header says {length}"
+                )
+            reader = _decompressor().stream_reader(payload, read_size=len(payload))
+            got = 0
+            while got < length:
+                n = reader.readinto(out[got:])
+                if not n:
+                    break
+                got += n
+        except zstandard.ZstdError as exc:
+            raise RepositoryCorrupt(f"{what}: zstd frame does not decode ({exc})") from None
+        if got != length:
+            raise RepositoryCorrupt(f"{what} decodes to {got} bytes, header says {length}")
+    else:
+        raise RepositoryCorrupt(f"{what} has unknown codec {codec}")
+    if hash(out) != expected_digest:
+        raise RepositoryCorrupt(f"{what} does not match its digest (content damaged)")
+
+
+def _open_frame(blob: bytes, magic: bytes, what: str) -> tuple[int, int, memoryview]:
+    """``(codec, plaintext length, payload)`` of an object, its header checked."""
+    if len(blob) < HEADER.size:
+        raise RepositoryCorrupt(f"{what} is truncated ({len(blob)} bytes, header needs 14)")
+    found, version, codec, length = HEADER.unpack_from(blob)
+    if found != magic:
+        raise RepositoryCorrupt(f"{what} has bad magic {found!r} (expected {magic!r})")
+    if version != CHUNK_VERSION:
+        raise RepositoryCorrupt(f"{what} has unknown chunk format version {version}")
+    if length > MAX_CHUNK_SIZE:
+        raise RepositoryCorrupt(f"{what} claims {length} bytes, more than any chunk may hold")
+    return codec, length, memoryview(blob)[HEADER.size :]
 
 
 def _unzstd(frame: memoryview, length: int, what: str) -> bytes:

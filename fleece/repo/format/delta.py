@@ -99,7 +99,7 @@ def decode_delta_body(body: bytes, what: str) -> tuple[list[Extent], memoryview]
     return extents, data
 
 
-def apply_delta(chunk: bytearray, body: bytes, what: str) -> None:
+def apply_delta(chunk: bytearray | memoryview, body: bytes, what: str) -> None:
     """Write a delta's extents over ``chunk`` (the position's content before it)."""
     extents, data = decode_delta_body(body, what)
     pos = 0
