@@ -298,7 +298,7 @@ class Repository:
         """Whether the chunk is stored (dedup probe)."""
         return self.backend.exists(keys.chunk_key(digest))
 
-    def put_chunk(self, digest: bytes, blob: bytes) -> bool:
+    def put_chunk(self, digest: bytes, blob: bytes | memoryview) -> bool:
         """Store an encoded chunk unless it is there already; False when it was (no write).
 
         This is the dedup probe for chunks no index names: one existence check
