@@ -167,7 +167,7 @@ def test_a_chunk_encoded_in_its_frame_is_the_same_object(level: int | None, cont
 
 @pytest.mark.parametrize(
     ("spec", "level"),
-    [("zstd", 3), ("zstd:1", 1), ("zstd:22", 22), ("ZSTD:7", 7), ("none", None)],
+    [("zstd", 1), ("zstd:3", 3), ("zstd:22", 22), ("ZSTD:7", 7), ("none", None)],
 )
 def test_parse_compression(spec: str, level: int | None) -> None:
     assert parse_compression(spec) == level
