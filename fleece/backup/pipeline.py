@@ -216,7 +216,7 @@ class DiskBackup:
         # Chunk frames (header room + chunk_size), handed from reader to storer
         # and back: a chunk is read into one and, stored plain, written from it.
         # Page-aligned (mmap), so the file backend writes them with O_DIRECT as they are.
-        self._frames: queue.Queue[mmap.mmap] = queue.Queue()
+        self._frames: queue.Queue[_Frame] = queue.Queue()
         self._frames_made = 0
         self._frames_max = settings.readers + settings.queue_depth + settings.storers
         self._frames_lock = threading.Lock()
@@ -317,7 +317,7 @@ class DiskBackup:
         finally:
             disconnect(h)
 
-    def _frame(self) -> mmap.mmap:
+    def _frame(self) -> _Frame:
         """A free chunk frame; made while fewer than the bound exist, else waited for."""
         while True:
             try:
@@ -327,7 +327,7 @@ class DiskBackup:
             with self._frames_lock:
                 if self._frames_made < self._frames_max:
                     self._frames_made += 1
-                    return mmap.mmap(-1, HEADER.size + self.plan.chunk_size)
+                    return _Frame(self.plan.chunk_size)
             try:
                 return self._frames.get(timeout=0.2)
             except queue.Empty:
@@ -335,7 +335,7 @@ class DiskBackup:
                     raise _Failed from None
 
     def _read(self, h: Any, w: Work, size: int, offset: int,
-              frame: mmap.mmap | None = None) -> memoryview:
+              frame: _Frame | None = None) -> memoryview:
         """The ``size`` bytes ``w`` reads, zero where no read is.
 
         Laid into ``frame`` after its header room, or else into this
@@ -343,7 +343,7 @@ class DiskBackup:
         kept must be copied.
         """
         if frame is not None:
-            view = memoryview(frame)[HEADER.size : HEADER.size + size]
+            view = frame.prepare(w.reads, size)
         else:
             buffers: dict[int, bytearray] = self._local.buffers
             buf = buffers.get(size)
@@ -352,11 +352,8 @@ class DiskBackup:
                     buffers.clear()  # delta sizes vary: keep only a few
                 buf = buffers[size] = bytearray(size)
             view = memoryview(buf)
-        pos = 0
-        for _, n, at in sorted(w.reads, key=lambda r: r[2]):
-            _fill_zero(view, pos, at)  # a hole: zeroes without crossing the socket
-            pos = at + n
-        _fill_zero(view, pos, size)
+            for start, end in _holes(w.reads, size):
+                _fill_zero(view, start, end)  # a hole: zeroes without crossing the socket
         try:
             pread_into(h, view, w.reads)
         except Exception as exc:
@@ -377,10 +374,10 @@ class DiskBackup:
         blob = encode_delta(body, self.settings.compression_level)
         self._put((w.i, offset, digest, blob, w.extents, None))
 
-    def _process(self, w: Work, offset: int, length: int, frame: mmap.mmap) -> None:
+    def _process(self, w: Work, offset: int, length: int, frame: _Frame) -> None:
         """Hash, dedup and encode the chunk read into ``frame``; queue it, or give the frame back."""
         i = w.i
-        data = memoryview(frame)[HEADER.size : HEADER.size + length]
+        data = memoryview(frame.buf)[HEADER.size : HEADER.size + length]
         # The holes were filled with zeroes here: only what was read can be non-zero.
         if all(is_zero(data[at : at + n]) for _, n, at in w.reads):
             self._frames.put(frame)
@@ -400,7 +397,7 @@ class DiskBackup:
             self._trim(offset, length)
             return
         del data
-        blob = encode_chunk_in_place(frame, length, self.settings.compression_level)
+        blob = encode_chunk_in_place(frame.buf, length, self.settings.compression_level)
         if isinstance(blob, memoryview):
             self._put((i, offset, digest, blob, None, frame))  # the storer gives the frame back
         else:
@@ -504,3 +501,45 @@ def _fill_zero(view: memoryview, start: int, end: int) -> None:
     for pos in range(start, end, step):
         n = min(step, end - pos)
         view[pos : pos + n] = _ZEROS[:n]
+
+
+def _holes(reads: tuple[tuple[int, int, int], ...], size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of a buffer of ``size`` that no read covers."""
+    holes = []
+    pos = 0
+    for _, n, at in sorted(reads, key=lambda r: r[2]):
+        if at > pos:
+            holes.append((pos, at))
+        pos = max(pos, at + n)
+    if pos < size:
+        holes.append((pos, size))
+    return holes
+
+
+class _Frame:
+    """A page-aligned chunk buffer with room for the object header, and where it may hold data.
+
+    A fresh frame is all zeroes (anonymous memory); a reused one holds the
+    last chunk read into it. Preparing it for the next chunk zeroes only
+    what the last one wrote and this one will not read over, so the holes
+    of a fragmented chunk are neither copied nor (in a fresh frame) touched.
+    """
+
+    __slots__ = ("_written", "buf")
+
+    def __init__(self, chunk_size: int) -> None:
+        self.buf = mmap.mmap(-1, HEADER.size + chunk_size)
+        self._written: list[tuple[int, int]] = []
+        """``[start, end)`` of the data area that may not be zero."""
+
+    def prepare(self, reads: tuple[tuple[int, int, int], ...], size: int) -> memoryview:
+        """The data area of ``size`` bytes, zero wherever ``reads`` (``(_, length, at)``) will not land."""
+        view = memoryview(self.buf)[HEADER.size : HEADER.size + size]
+        for start, end in _holes(reads, size):
+            for a, b in self._written:
+                a, b = max(a, start), min(b, end)
+                if a < b:
+                    _fill_zero(view, a, b)
+        beyond = [(max(a, size), b) for a, b in self._written if b > size]  # past a short tail chunk
+        self._written = [(at, at + n) for _, n, at in reads] + beyond
+        return view
