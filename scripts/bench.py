@@ -30,7 +30,7 @@ the same run and shown in its own row.
 
 ``--speed`` runs only the issue-16 comparisons, whole processes, each pair
 interleaved: full backup ``--compress none`` vs ``nbdcopy --flush URI FILE``
-and default settings vs ``nbdcopy URI - | zstd -3 -T0 > FILE`` on a 4 GiB
+and default settings (and ``--compress zstd:3``) vs ``nbdcopy URI - | zstd -3 -T0 > FILE`` on a 4 GiB
 disk holding 2 GiB (half random, half text) and on a 4 GiB disk holding
 1 GiB in scattered 1 MiB pieces; an incremental with nothing dirty (wall);
 restore vs ``nbdcopy --flush``; peak RSS.
@@ -473,13 +473,13 @@ def speed(args: argparse.Namespace) -> None:
                          f"({read / data:.3f})"))
 
             # default settings vs nbdcopy | zstd -3 -T0 > FILE
-            # (and zstd:1, the speed end of the level trade-off, against the same reference)
-            ref, mine, fast, stored, stored1 = [], [], [], 0, 0
+            # (and zstd:3, the size end of the level trade-off, against the same reference)
+            ref, mine, other, stored, stored3 = [], [], [], 0, 0
             for _ in range(runs):
                 ref.append(nbdcopy("sh", "-c", f"nbdcopy 'URI' - | zstd -q -3 -T0 > {out}"))
-                t, res = full("--compress", "zstd:1")
-                fast.append(t)
-                stored1 = res["disks"][0]["bytes_stored"]
+                t, res = full("--compress", "zstd:3")
+                other.append(t)
+                stored3 = res["disks"][0]["bytes_stored"]
                 t, res = full()
                 mine.append(t)
                 stored = res["disks"][0]["bytes_stored"]
@@ -490,9 +490,9 @@ def speed(args: argparse.Namespace) -> None:
             rows.append((f"{name}: full (defaults) vs nbdcopy | zstd -3 -T0", f"{r / m:.2f}",
                          ">= 1.5", f"script {r:.2f}s ({rs}) storing {script_bytes / MiB:.0f} MiB, "
                          f"fleece {m:.2f}s ({ms}) storing {stored / MiB:.0f} MiB"))
-            m, ms = _median_spread(fast)
-            rows.append((f"{name}: full --compress zstd:1 vs nbdcopy | zstd -3 -T0", f"{r / m:.2f}",
-                         "", f"fleece {m:.2f}s ({ms}) storing {stored1 / MiB:.0f} MiB"))
+            m, ms = _median_spread(other)
+            rows.append((f"{name}: full --compress zstd:3 vs nbdcopy | zstd -3 -T0", f"{r / m:.2f}",
+                         "", f"fleece {m:.2f}s ({ms}) storing {stored3 / MiB:.0f} MiB"))
 
             # nothing dirty: the fixed cost of a run, end to end.
             idle = [fleece_json(*backup, "--repo", repo, "--level", "incremental")[0]
@@ -930,8 +930,9 @@ def main() -> None:
             repo_i = shm / f"repo-zstd-{i}" if i < 2 else work / "repo-zstd-2"
             q0 = proc_cpu(vm.proc.pid)
             t0 = time.perf_counter()
+            # zstd:3 explicitly: the bound below is zstd-3 (the default is zstd:1 since issue 16).
             own, res = cpu_of(FLEECE, "backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
-                              repo_i, "--level", "full", "--json")
+                              repo_i, "--level", "full", "--compress", "zstd:3", "--json")
             full_s.append(time.perf_counter() - t0)
             cpu_notes.append((own, proc_cpu(vm.proc.pid) - q0, full_s[-1]))
             if i < 2:

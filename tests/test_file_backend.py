@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import subprocess
 import sys
@@ -260,14 +261,27 @@ def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes
 
     A visible chunk may be reused by another backup without being read, so
     its bytes (and the directories holding it, made without an fsync of
-    their own) must be on stable storage before its name appears.
+    their own) must be on stable storage before its name appears. Big
+    objects are written with O_DIRECT (``pwrite``), which reaches the device
+    but maybe only its volatile cache: the same syncfs must come after them.
     """
     events: list[tuple[str, str]] = []
-    real_write, real_link, real_mkdir = os.write, os.link, os.mkdir
+    real_write, real_pwrite, real_link, real_mkdir = os.write, os.pwrite, os.link, os.mkdir
+    real_open = os.open
+    direct_opens: list[str] = []
 
     def write(fd: int, data: object) -> int:
         events.append(("write", os.readlink(f"/proc/self/fd/{fd}")))
         return real_write(fd, data)  # type: ignore[arg-type]
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        events.append(("write", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    def open_(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_DIRECT:
+            direct_opens.append(str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     def link(src: object, dst: object) -> None:
         events.append(("link", str(src)))
@@ -281,6 +295,8 @@ def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes
         events.append(("fsync_dir", str(path)))
 
     monkeypatch.setattr(file_backend.os, "write", write)  # type: ignore[attr-defined]
+    monkeypatch.setattr(file_backend.os, "pwrite", pwrite)  # type: ignore[attr-defined]
+    monkeypatch.setattr(file_backend.os, "open", open_)  # type: ignore[attr-defined]
     monkeypatch.setattr(file_backend.os, "link", link)  # type: ignore[attr-defined]
     monkeypatch.setattr(file_backend.os, "mkdir", mkdir)  # type: ignore[attr-defined]
     monkeypatch.setattr(file_backend, "fsync_dir", fsync_dir)
@@ -290,6 +306,11 @@ def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes
     b.put("config", b"{}")  # the root: made durably
     for n in range(3):
         b.stage(f"chunks/{n:02x}/obj{n}", bytes([n]) * 64)
+    # A chunk as the backup pipeline hands it over: a view of a page-aligned frame.
+    frame = mmap.mmap(-1, file_backend.DIRECT_MIN + 14)
+    frame[:] = b"\x07" * len(frame)
+    b.stage("chunks/03/obj3", memoryview(frame))
+    assert len(direct_opens) == 1 and "chunks/03" in direct_opens[0], direct_opens
     assert not any(kind in ("link", "syncfs") for kind, _ in events)
     assert not any(kind == "fsync_dir" and "chunks" in path for kind, path in events), \
         "a staged object's new directory is made durable by the flush's syncfs, not one by one"
@@ -299,8 +320,10 @@ def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes
     last_write = max(i for i, k in enumerate(kinds) if k == "write")
     last_mkdir = max(i for i, k in enumerate(kinds) if k == "mkdir")
     assert "syncfs" in kinds[max(last_write, last_mkdir) : first_link], kinds
-    assert kinds.count("link") == 3 and kinds[-1] == "syncfs", kinds
-    assert sorted(b.list("chunks/")) == ["chunks/00/obj0", "chunks/01/obj1", "chunks/02/obj2"]
+    assert kinds.count("link") == 4 and kinds[-1] == "syncfs", kinds
+    assert sorted(b.list("chunks/")) == ["chunks/00/obj0", "chunks/01/obj1", "chunks/02/obj2",
+                                         "chunks/03/obj3"]
+    assert b.get("chunks/03/obj3") == bytes(frame)
 
     # A durable put below a directory that only a stage made (not yet synced)
     # fsyncs that directory's entry itself.
@@ -309,6 +332,59 @@ def test_staged_objects_are_linked_only_after_a_syncfs_that_follows_their_writes
     b.put("packs/aa/q", b"q")
     assert ("fsync_dir", str(tmp_path / "repo" / "packs")) in events, events
     assert ("fsync_dir", str(tmp_path / "repo")) in events, events
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["page-aligned frame", "bytes"])
+@pytest.mark.parametrize("tail", [b"", b"\0" * (64 << 10), b"end"])
+def test_big_objects_bypass_the_page_cache_and_read_back_exactly(
+        backend: FileBackend, aligned: bool, tail: bytes) -> None:
+    """O_DIRECT: an aligned source is written as it is, another through a bounce buffer; holes
+    and an unaligned end (written through the page cache) come back as they were."""
+    block = 64 << 10
+    data = (b"\x01" * 14 + os.urandom(17 * block) + bytes(3 * block) + os.urandom(block - 14)
+            + bytes(2 * block) + tail)
+    assert len(data) >= file_backend.DIRECT_MIN
+    source: bytes | memoryview = data
+    if aligned:
+        frame = mmap.mmap(-1, len(data))
+        frame[:] = data
+        source = memoryview(frame)
+    backend.stage("chunks/ab/direct", source)
+    backend.flush()
+    assert backend._direct is not None  # O_DIRECT worked here: the write path under test ran
+    assert backend.get("chunks/ab/direct") == data
+    st = (backend.root / "chunks" / "ab" / "direct").stat()
+    assert st.st_size == len(data)
+    assert st.st_blocks * 512 <= 20 * block + len(tail), st.st_blocks  # the zero blocks are holes
+    backend.put("packs/ab/direct", data)  # durable puts too
+    assert backend.get("packs/ab/direct") == data
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_without_o_direct_gets_buffered_writes(
+        backend: FileBackend, monkeypatch: pytest.MonkeyPatch, refused: str) -> None:
+    """tmpfs before Linux 6.6 refuses O_DIRECT at open; some file systems at the first write."""
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_(path: object, flags: int, *args: object) -> int:
+        if refused == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if refused == "write":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(file_backend.os, "open", open_)  # type: ignore[attr-defined]
+    monkeypatch.setattr(file_backend.os, "pwrite", pwrite)  # type: ignore[attr-defined]
+    data = os.urandom(file_backend.DIRECT_MIN + 5)
+    backend.stage("chunks/ab/one", data)
+    backend.stage("chunks/ab/two", data[::-1])
+    backend.flush()
+    assert backend._direct is None
+    assert backend.get("chunks/ab/one") == data and backend.get("chunks/ab/two") == data[::-1]
+    assert not leftovers(backend.root)
 
 
 @pytest.mark.parametrize("tail", [b"", b"\0" * (64 << 10), b"end"])

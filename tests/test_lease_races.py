@@ -64,7 +64,7 @@ def before_lease_write(backend: Backend, action: Callable[[], object]) -> list[i
         write_temp = backend._write_temp
         lock_dir = backend.root / "locks" / "vms"
 
-        def wrapped(directory: Path, data: bytes, durable: bool = True) -> Path:
+        def wrapped(directory: Path, data: bytes | memoryview, durable: bool = True) -> Path:
             if directory == lock_dir:
                 fire()
             return write_temp(directory, data, durable)

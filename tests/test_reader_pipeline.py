@@ -141,6 +141,40 @@ def test_pipeline_restores_through_the_repository(make_vm: Any, tmp_path: Any) -
     assert len(list(repo.backend.list("chunks/"))) == 1
 
 
+@pytest.mark.parametrize("compress", [None, 1], ids=["plain", "zstd"])
+def test_reused_frames_hold_no_stale_bytes_in_the_holes(make_vm: Any, tmp_path: Any,
+                                                        compress: int | None) -> None:
+    """Three frames cycle over chunks of ever-changing layouts: full, then sparse, then full.
+
+    A frame zeroes only what its last chunk wrote and this one does not
+    read; a byte of the last chunk left in a hole would change the digest.
+    """
+    vm = make_vm([("qcow2", "16M")])
+    k = 64 * 1024
+    layouts = [[(0, CHUNK)], [(0, k)], [(CHUNK - k, k)], [(3 * k, 2 * k), (9 * k, k)],
+               [(0, CHUNK)], [(8 * k, k)], [(0, CHUNK)], [(k, CHUNK - 2 * k)], [(15 * k, k)]]
+    for i, layout in enumerate(layouts):
+        for off, n in layout:
+            vm.write("vda", i * CHUNK + off, n, 0x21 + i)
+    uri = export(vm)
+    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK, compression_level=compress)
+    h = connect(uri, (BASE_ALLOCATION,))
+    plan = plan_chunks(h, CHUNK)
+    disconnect(h)
+    index = ChunkIndex.empty(CHUNK, 16 * MiB)
+    settings = PipelineSettings(readers=1, storers=1, queue_depth=1, compression_level=compress)
+    stats = DiskBackup(repo, uri, plan, index, set(), settings).run()
+    assert stats.chunks_new == len(layouts)
+    assert stats.bytes_read < (len(layouts) - 2) * CHUNK  # the holes were not read
+    expected = whole_disk(uri)
+    for i in range(index.n_chunks):
+        chunk = expected[i * CHUNK:(i + 1) * CHUNK]
+        d = index.get(i)
+        assert d == (None if i >= len(layouts) else hashlib.sha256(chunk).digest()), f"chunk {i}"
+        if d is not None:
+            assert repo.get_chunk(d) == chunk, f"chunk {i}"
+
+
 class FailingRepo:
     """A repository whose stores fail after a few chunks, like a full disk."""
 

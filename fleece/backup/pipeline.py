@@ -18,7 +18,10 @@ the GIL (libnbd, hashlib, zstd, file and socket writes):
   that is safe.
 
 Memory is bounded by (readers + queue depth + storers) chunks plus one
-open pack, whatever the disk size. The chunk index is filled in place: a
+open pack, whatever the disk size: a chunk is read into one of that many
+page-aligned *frames*, which leave room for the object header in front, so
+a chunk stored plain goes from the frame to the file (``O_DIRECT``) with no
+copy, and the frame comes back to the readers once it is stored. The chunk index is filled in place: a
 chunk's digest is recorded only once its object is stored (or known to
 be), a delta's reference once its pack is.
 """
@@ -26,6 +29,7 @@ be), a delta's reference once its pack is.
 from __future__ import annotations
 
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -36,7 +40,7 @@ from typing import Any, NamedTuple
 from fleece.backup.reader import ChunkPlan, Extent, connect, disconnect, pread_into
 from fleece.errors import ExportError
 from fleece.fleecing.transport import ClientTls
-from fleece.repo.format.codec import encode_chunk, is_zero
+from fleece.repo.format.codec import HEADER, ZERO_BLOCK, encode_chunk_in_place, is_zero
 from fleece.repo.format.delta import (
     MAX_DELTA_FRACTION,
     MAX_DEPTH,
@@ -54,6 +58,7 @@ _DONE = object()
 FULL = 1
 DELTA = 2
 TRIMS_IN_FLIGHT = 8
+_ZEROS = memoryview(ZERO_BLOCK)
 """Trims each storer leaves unanswered before it waits for one."""
 
 
@@ -207,7 +212,14 @@ class DiskBackup:
         self._error: BaseException | None = None
         # One trim connection per thread that trims: a shared handle behind a
         # lock made every storer wait for the others' round trips.
-        self._local = threading.local()  # each reader thread's buffers
+        self._local = threading.local()  # each reader thread's delta buffers
+        # Chunk frames (header room + chunk_size), handed from reader to storer
+        # and back: a chunk is read into one and, stored plain, written from it.
+        # Page-aligned (mmap), so the file backend writes them with O_DIRECT as they are.
+        self._frames: queue.Queue[_Frame] = queue.Queue()
+        self._frames_made = 0
+        self._frames_max = settings.readers + settings.queue_depth + settings.storers
+        self._frames_lock = threading.Lock()
         self._trim_local = threading.local()
         self._trim_handles: list[Any] = []
         self._trim_lock = threading.Lock()
@@ -296,41 +308,61 @@ class DiskBackup:
             for w in self._work():
                 offset, length = self.plan.chunk_range(w.i)
                 if w.kind == FULL:
-                    data = self._read(h, w, length, offset)
-                    self._process(w.i, offset, data)
+                    frame = self._frame()
+                    self._read(h, w, length, offset, frame)
+                    self._process(w, offset, length, frame)
                 else:
                     self._delta(h, w, offset)
                 self.progress(sum(n for _, n, _ in w.reads))
         finally:
             disconnect(h)
 
-    def _read(self, h: Any, w: Work, size: int, offset: int) -> bytearray:
-        """The bytes ``w`` reads, laid into this thread's buffer of ``size``, zero where no read is.
+    def _frame(self) -> _Frame:
+        """A free chunk frame; made while fewer than the bound exist, else waited for."""
+        while True:
+            try:
+                return self._frames.get_nowait()
+            except queue.Empty:
+                pass
+            with self._frames_lock:
+                if self._frames_made < self._frames_max:
+                    self._frames_made += 1
+                    return _Frame(self.plan.chunk_size)
+            try:
+                return self._frames.get(timeout=0.2)
+            except queue.Empty:
+                if self._failed.is_set():
+                    raise _Failed from None
 
-        The buffer is reused by this thread's next read: whatever is kept must be copied.
+    def _read(self, h: Any, w: Work, size: int, offset: int,
+              frame: _Frame | None = None) -> memoryview:
+        """The ``size`` bytes ``w`` reads, zero where no read is.
+
+        Laid into ``frame`` after its header room, or else into this
+        thread's buffer of ``size``, which its next read reuses: whatever is
+        kept must be copied.
         """
-        buffers: dict[int, bytearray] = self._local.buffers
-        buf = buffers.get(size)
-        if buf is None:
-            if len(buffers) >= 4:
-                buffers.clear()  # delta sizes vary: keep only a few
-            buf = buffers[size] = bytearray(size)
-        pos = 0
-        for _, n, at in sorted(w.reads, key=lambda r: r[2]):
-            if at > pos:
-                buf[pos:at] = bytes(at - pos)  # a hole: zeroes without crossing the socket
-            pos = at + n
-        if pos < size:
-            buf[pos:] = bytes(size - pos)
+        if frame is not None:
+            view = frame.prepare(w.reads, size)
+        else:
+            buffers: dict[int, bytearray] = self._local.buffers
+            buf = buffers.get(size)
+            if buf is None:
+                if len(buffers) >= 4:
+                    buffers.clear()  # delta sizes vary: keep only a few
+                buf = buffers[size] = bytearray(size)
+            view = memoryview(buf)
+            for start, end in _holes(w.reads, size):
+                _fill_zero(view, start, end)  # a hole: zeroes without crossing the socket
         try:
-            pread_into(h, buf, w.reads)
+            pread_into(h, view, w.reads)
         except Exception as exc:
             raise ExportError(
                 f"reading the snapshot at offset {offset} failed: {exc} "
                 "(a full reverse delta breaks the snapshot)"
             ) from None
         self.stats.add(bytes_read=sum(n for _, n, _ in w.reads))
-        return buf
+        return view
 
     def _delta(self, h: Any, w: Work, offset: int) -> None:
         """Read a delta's extents, encode it and queue it for the pack."""
@@ -340,13 +372,18 @@ class DiskBackup:
         del data
         digest = self._digest(body)
         blob = encode_delta(body, self.settings.compression_level)
-        self._put((w.i, offset, digest, blob, w.extents))
+        self._put((w.i, offset, digest, blob, w.extents, None))
 
-    def _process(self, i: int, offset: int, data: bytearray) -> None:
-        if is_zero(data):
+    def _process(self, w: Work, offset: int, length: int, frame: _Frame) -> None:
+        """Hash, dedup and encode the chunk read into ``frame``; queue it, or give the frame back."""
+        i = w.i
+        data = memoryview(frame.buf)[HEADER.size : HEADER.size + length]
+        # The holes were filled with zeroes here: only what was read can be non-zero.
+        if all(is_zero(data[at : at + n]) for _, n, at in w.reads):
+            self._frames.put(frame)
             self.index.set(i, None)
             self.stats.add(chunks_zero=1)
-            self._trim(offset, len(data))
+            self._trim(offset, length)
             return
         digest = self._digest(data)
         with self._known_lock:
@@ -354,13 +391,18 @@ class DiskBackup:
             if not seen:
                 self._pending.add(digest)
         if seen:
+            self._frames.put(frame)
             self.index.set(i, digest)
             self.stats.add(chunks_reused=1)
-            self._trim(offset, len(data))
+            self._trim(offset, length)
             return
-        blob = encode_chunk(data, self.settings.compression_level)
         del data
-        self._put((i, offset, digest, blob, None))
+        blob = encode_chunk_in_place(frame.buf, length, self.settings.compression_level)
+        if isinstance(blob, memoryview):
+            self._put((i, offset, digest, blob, None, frame))  # the storer gives the frame back
+        else:
+            self._frames.put(frame)  # compressed: the frame is free again
+            self._put((i, offset, digest, blob, None, None))
 
     def _store_loop(self) -> None:
         while True:
@@ -374,7 +416,7 @@ class DiskBackup:
                 return
             if self._failed.is_set():
                 continue  # drop: the backup has failed; keep draining so readers never block
-            i, offset, digest, blob, extents = item
+            i, offset, digest, blob, extents, frame = item
             if extents is not None:
                 self._packs.add(i, blob, sum(n for _, n in extents), digest)
                 pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
@@ -386,6 +428,10 @@ class DiskBackup:
             # time, not in the readers: on S3 it is a round trip, and readers
             # waiting on it starve the pipeline.
             present = not self.repo.put_chunk(digest, blob)
+            size = len(blob)
+            if frame is not None:
+                del blob  # a view of the frame: stored, so the frame is free again
+                self._frames.put(frame)
             with self._known_lock:
                 self._pending.discard(digest)
                 self.known.add(digest)
@@ -393,7 +439,7 @@ class DiskBackup:
             if present:
                 self.stats.add(chunks_reused=1)
             else:
-                self.stats.add(chunks_new=1, bytes_stored=len(blob))
+                self.stats.add(chunks_new=1, bytes_stored=size)
             self._trim(offset, self.plan.chunk_range(i)[1])
 
     def _trim(self, offset: int, length: int) -> None:
@@ -448,3 +494,52 @@ class DiskBackup:
         except Exception as exc:  # the export went away: the trims no longer matter
             log.debug("trims not completed: %s", exc)
 
+
+def _fill_zero(view: memoryview, start: int, end: int) -> None:
+    """Zero ``view[start:end]`` from a shared block of zeroes (no allocation, unlike ``bytes(n)``)."""
+    step = len(_ZEROS)
+    for pos in range(start, end, step):
+        n = min(step, end - pos)
+        view[pos : pos + n] = _ZEROS[:n]
+
+
+def _holes(reads: tuple[tuple[int, int, int], ...], size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of a buffer of ``size`` that no read covers."""
+    holes = []
+    pos = 0
+    for _, n, at in sorted(reads, key=lambda r: r[2]):
+        if at > pos:
+            holes.append((pos, at))
+        pos = max(pos, at + n)
+    if pos < size:
+        holes.append((pos, size))
+    return holes
+
+
+class _Frame:
+    """A page-aligned chunk buffer with room for the object header, and where it may hold data.
+
+    A fresh frame is all zeroes (anonymous memory); a reused one holds the
+    last chunk read into it. Preparing it for the next chunk zeroes only
+    what the last one wrote and this one will not read over, so the holes
+    of a fragmented chunk are neither copied nor (in a fresh frame) touched.
+    """
+
+    __slots__ = ("_written", "buf")
+
+    def __init__(self, chunk_size: int) -> None:
+        self.buf = mmap.mmap(-1, HEADER.size + chunk_size)
+        self._written: list[tuple[int, int]] = []
+        """``[start, end)`` of the data area that may not be zero."""
+
+    def prepare(self, reads: tuple[tuple[int, int, int], ...], size: int) -> memoryview:
+        """The data area of ``size`` bytes, zero wherever ``reads`` (``(_, length, at)``) will not land."""
+        view = memoryview(self.buf)[HEADER.size : HEADER.size + size]
+        for start, end in _holes(reads, size):
+            for a, b in self._written:
+                a, b = max(a, start), min(b, end)
+                if a < b:
+                    _fill_zero(view, a, b)
+        beyond = [(max(a, size), b) for a, b in self._written if b > size]  # past a short tail chunk
+        self._written = [(at, at + n) for _, n, at in reads] + beyond
+        return view

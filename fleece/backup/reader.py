@@ -250,7 +250,7 @@ def _shared(view: memoryview) -> Any:
     return from_buffer(view) if from_buffer is not None else view
 
 
-def pread_into(h: NbdHandle, buf: bytearray, reads: Sequence[tuple[int, int, int]]) -> None:
+def pread_into(h: NbdHandle, buf: bytearray | memoryview, reads: Sequence[tuple[int, int, int]]) -> None:
     """Fill ``buf`` from the export: each ``(disk offset, length, where in buf)`` read in place.
 
     Every read (split at 32 MiB) is in flight at once on ``h``, so the

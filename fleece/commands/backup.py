@@ -30,11 +30,11 @@ from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
 from fleece.libvirt.source import LibvirtSource
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.codec import HASHES, parse_compression
+from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, parse_compression
 from fleece.repo.repository import Repository, check_chunk_size, holds_objects
 
 DEFAULT_CHUNK_SIZE = 4 << 20
-DEFAULT_COMPRESS = "zstd:3"
+DEFAULT_COMPRESS = f"zstd:{DEFAULT_ZSTD_LEVEL}"
 DEFAULT_HASH = "blake3"
 """New repositories name chunks by BLAKE3: 3.5x cheaper than sha256 on the backup's hot path."""
 

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--hash", choices=["sha256", "blake3"], default="sha256",
                    help="the hash that names chunks (keyed when encrypted; default sha256)")
     p.add_argument("--chunk-size", metavar="SIZE", help="chunk size, a power of two (default 4M)")
-    p.add_argument("--compress", metavar="CODEC", help="zstd[:LEVEL] (default zstd:3) or none")
+    p.add_argument("--compress", metavar="CODEC",
+                   help=f"zstd[:LEVEL] (default zstd:{DEFAULT_ZSTD_LEVEL}) or none")
     p.add_argument("--object-lock-days", type=_days, metavar="N",
                    help="immutable restore points: S3 Object Lock keeps every object a point needs "
                         "for at least N days after the newest point that uses it (the bucket must "

@@ -379,7 +379,7 @@ class Repository:
         """``chunks/<2 hex>/<64 hex>``."""
         return keys.chunk_key(digest)
 
-    def put_chunk(self, digest: bytes, blob: bytes) -> bool:
+    def put_chunk(self, digest: bytes, blob: bytes | memoryview) -> bool:
         """Store an encoded chunk unless it is there already; False when it was (no write).
 
         This is the dedup probe for chunks no index names: one existence check
@@ -391,7 +391,8 @@ class Repository:
         """
         key = keys.chunk_key(digest)
         if self.lock is not None:
-            stored = self.put_immutable(key, blob, probe=True)
+            data = blob if isinstance(blob, bytes) else bytes(blob)
+            stored = self.put_immutable(key, data, probe=True)
             pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
             return stored
         if self.backend.exists(key):

@@ -119,7 +119,7 @@ class FaultyBackend(ForwardingBackend):
         """The inner ``get_range``, faulted as ``get``."""
         return bytes(self._run("get", key, lambda: self.inner.get_range(key, offset, length)))
 
-    def stage(self, key: str, data: bytes) -> bool:
+    def stage(self, key: str, data: bytes | memoryview) -> bool:
         """The inner ``stage``, faulted as ``put``."""
         return bool(self._run("put", key, lambda: self.inner.stage(key, data)))
 

@@ -144,14 +144,15 @@ class Backend(abc.ABC):
         for key in keys:
             self.delete(key)
 
-    def stage(self, key: str, data: bytes) -> bool:
+    def stage(self, key: str, data: bytes | memoryview) -> bool:
         """Write an immutable object that becomes visible (and durable) at :meth:`flush`.
 
         Returns False when ``key`` already existed. The default is a
         conditional create, visible at once; the file backend batches the
-        durability of many objects into one sync.
+        durability of many objects into one sync. ``data`` may be a view of
+        the caller's buffer, which stays unchanged until this returns.
         """
-        return self.put(key, data, if_absent=True)
+        return self.put(key, data if isinstance(data, bytes) else bytes(data), if_absent=True)
 
     def flush(self) -> None:
         """Make every staged object durable, then visible (a no-op where puts already are)."""
@@ -284,7 +285,7 @@ class ForwardingBackend(Backend):
         """The inner ``delete_many``."""
         self.inner.delete_many(keys)
 
-    def stage(self, key: str, data: bytes) -> bool:
+    def stage(self, key: str, data: bytes | memoryview) -> bool:
         """The inner ``stage``."""
         return self.inner.stage(key, data)
 

@@ -101,7 +101,7 @@ class EncryptedBackend(ForwardingBackend):
         self._forget(stored)
         return self.inner.replace_if(stored, self.sealer.seal(key, data), current)
 
-    def stage(self, key: str, data: bytes) -> bool:
+    def stage(self, key: str, data: bytes | memoryview) -> bool:
         """Seal and stage."""
         return self.inner.stage(self.stored_key(key), self.sealer.seal(key, data))
 

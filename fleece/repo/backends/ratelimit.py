@@ -122,7 +122,7 @@ class RateLimitedBackend(ForwardingBackend):
         self._up(len(data))
         return self.inner.put_locked(key, data, retention)
 
-    def stage(self, key: str, data: bytes) -> bool:
+    def stage(self, key: str, data: bytes | memoryview) -> bool:
         """Wait for the upload budget, then ``inner.stage``."""
         self._up(len(data))
         return self.inner.stage(key, data)
