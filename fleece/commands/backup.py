@@ -11,9 +11,7 @@ from fleece.backup.pipeline import PipelineSettings
 from fleece.backup.remote import read_export, run_backup_from_export
 from fleece.commands.common import (
     add_client_tls_options,
-    add_json_option,
-    add_limit_options,
-    add_metrics_option,
+    add_recorded_run,
     add_repo_option,
     human_size,
     limited_backend,
@@ -89,10 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="back up an export made on another host: FILE ('-': stdin) is the output of "
                         "'fleece export start --json' there (needs --vm; no --qmp, --drive)")
     add_client_tls_options(p)
-    add_limit_options(p)
-    add_metrics_option(p)
-    add_json_option(p)
-    p.set_defaults(func=run, unsafe_locks=None)
+    add_recorded_run(p, run)
 
 
 def parse_size(text: str) -> int:

@@ -9,7 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,6 +80,18 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout and nothing else"
     )
+
+
+def add_recorded_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int]) -> None:
+    """The tail of a command that moves data and records its run.
+
+    The limits, ``--metrics-file`` and ``--json``, and ``run`` as the handler;
+    ``unsafe_locks`` comes only from the command's config file.
+    """
+    add_limit_options(parser)
+    add_metrics_option(parser)
+    add_json_option(parser)
+    parser.set_defaults(func=run, unsafe_locks=None)
 
 
 def print_json(obj: Any) -> None:

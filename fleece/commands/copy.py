@@ -9,10 +9,8 @@ from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import (
     TO_PASSPHRASE_COMMAND_ENV,
     TO_PASSPHRASE_ENV,
-    add_json_option,
-    add_limit_options,
-    add_metrics_option,
     add_passphrase_option,
+    add_recorded_run,
     human_size,
     limited_backend,
     open_repository,
@@ -47,10 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         f"source (or set {TO_PASSPHRASE_ENV} or {TO_PASSPHRASE_COMMAND_ENV})")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks copied in parallel (default {DEFAULT_WORKERS})")
-    add_limit_options(p)
-    add_metrics_option(p)
-    add_json_option(p)
-    p.set_defaults(func=run, unsafe_locks=None)
+    add_recorded_run(p, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,9 +8,7 @@ import time
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import (
-    add_json_option,
-    add_limit_options,
-    add_metrics_option,
+    add_recorded_run,
     add_repo_option,
     human_size,
     open_repository,
@@ -37,10 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         f"(default {format_duration(DEFAULT_GRACE)})")
     p.add_argument("--wait", metavar="DURATION", default=None,
                    help="while backups (or another gc) hold their locks, retry for up to DURATION")
-    add_limit_options(p)
-    add_metrics_option(p)
-    add_json_option(p)
-    p.set_defaults(func=run, unsafe_locks=None)
+    add_recorded_run(p, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from fleece.errors import BadInput
 from fleece.restore.image import DiskImage
 from fleece.restore.live import LiveRequest, live_restore, resume
 from fleece.restore.live.state import LiveDisk
+from fleece.restore.targets import check_image_output
 
 LIVE_ONLY = ("qmp", "device", "no_start", "resume", "speed", "json")
 
@@ -95,7 +95,8 @@ def _request(args: argparse.Namespace) -> LiveRequest:
     if speed < 0:
         raise BadInput("--speed must be positive")
     for out in outputs:
-        _check_output(out, args.force, args.resume)
+        check_image_output(out, args.force, resuming=args.resume,
+                           outcome="nothing was changed")
     source = passphrase_source(args)
     passphrase = source() if source is not None else None
     repo = open_repository(args, passphrase=passphrase)
@@ -110,26 +111,6 @@ def _request(args: argparse.Namespace) -> LiveRequest:
         speed=speed,
         disks=[(img, devices[i] if devices else img.disk.name, outputs[i])
                for i, img in enumerate(images)])
-
-
-def _check_output(output: Path, force: bool, resuming: bool) -> None:
-    try:
-        st = os.stat(output)
-    except FileNotFoundError:
-        if resuming:
-            raise BadInput(f"{output} does not exist: nothing to resume; nothing was changed") from None
-        if not output.parent.is_dir():
-            raise BadInput(f"cannot create {output}: its directory does not exist; "
-                           "nothing was changed") from None
-        return
-    except OSError as exc:
-        raise BadInput(f"cannot use output {output}: {exc.strerror}; nothing was changed") from None
-    if resuming:
-        return
-    if not stat.S_ISREG(st.st_mode):
-        raise BadInput(f"output {output} exists and is not a regular file; nothing was changed")
-    if not force:
-        raise BadInput(f"output {output} exists; use --force to overwrite it; nothing was changed")
 
 
 def _disk_json(d: LiveDisk) -> dict[str, Any]:

@@ -6,9 +6,7 @@ import argparse
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import (
-    add_json_option,
-    add_limit_options,
-    add_metrics_option,
+    add_recorded_run,
     add_repo_option,
     open_repository,
     print_json,
@@ -50,10 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--keep-within", metavar="DURATION", default=None,
                    help="keep every point younger than DURATION (e.g. 36h, 7d)")
     p.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
-    add_limit_options(p)
-    add_metrics_option(p)
-    add_json_option(p)
-    p.set_defaults(func=run, unsafe_locks=None)
+    add_recorded_run(p, run)
 
 
 def run(args: argparse.Namespace) -> int:

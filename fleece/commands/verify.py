@@ -6,9 +6,7 @@ import argparse
 from datetime import UTC, datetime
 
 from fleece.commands.common import (
-    add_json_option,
-    add_limit_options,
-    add_metrics_option,
+    add_recorded_run,
     add_repo_option,
     human_size,
     open_repository,
@@ -36,10 +34,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "whole (its outer checksum) — a job for the storage side")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks checked in parallel (default {DEFAULT_WORKERS})")
-    add_limit_options(p)
-    add_metrics_option(p)
-    add_json_option(p)
-    p.set_defaults(func=run)
+    add_recorded_run(p, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -159,7 +159,7 @@ def restore_qcow2(
 ) -> RestoreResult:
     """Write the disk as a new qcow2 image at ``output`` (replacing it only with ``force``)."""
     image = DiskImage(repo, point, drive)
-    _check_output(output, force)
+    check_image_output(output, force)
     tmp = output.with_name(f".{output.name}.fleece-{secrets.token_hex(4)}")
     _qemu_img_create(tmp, image.size, output)
     try:
@@ -189,21 +189,32 @@ def restore_qcow2(
     return result
 
 
-def _check_output(output: Path, force: bool) -> None:
+def check_image_output(output: Path, force: bool, *, resuming: bool = False,
+                       outcome: str = "nothing was written") -> None:
+    """Refuse an output path an image file cannot be made at (``BadInput`` ending in ``outcome``).
+
+    Its directory must exist; an existing path must be a regular file, and
+    ``force`` is needed to replace it. ``resuming`` (``restore --live
+    --resume``) needs the file to exist and takes it as it is.
+    """
     try:
         st = os.stat(output)
     except FileNotFoundError:
+        if resuming:
+            raise BadInput(f"{output} does not exist: nothing to resume; {outcome}") from None
         if not output.parent.is_dir():
             raise BadInput(f"cannot create output {output}: its directory does not exist; "
-                           "nothing was written") from None
+                           f"{outcome}") from None
         return
     except OSError as exc:
-        raise BadInput(f"cannot use output {output}: {exc.strerror}; nothing was written") from None
+        raise BadInput(f"cannot use output {output}: {exc.strerror}; {outcome}") from None
+    if resuming:
+        return
     if not stat.S_ISREG(st.st_mode):
-        raise BadInput(f"output {output} exists and is not a regular file (a qcow2 restore writes "
-                       "an image file); nothing was written")
+        raise BadInput(f"output {output} exists and is not a regular file (a qcow2 image is "
+                       f"written there); {outcome}")
     if not force:
-        raise BadInput(f"output {output} exists; use --force to overwrite it")
+        raise BadInput(f"output {output} exists; use --force to overwrite it; {outcome}")
 
 
 def _qemu_img_create(path: Path, size: int, output: Path) -> None:

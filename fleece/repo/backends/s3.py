@@ -440,12 +440,7 @@ class S3Backend(Backend):
             Delete={"Objects": [{"Key": self.prefix + k} for k in keys], "Quiet": True}))
         failed = [e for e in resp.get("Errors", []) if e.get("Code") not in _MISSING_CODES]
         if failed:
-            first = failed[0]
-            key = str(first.get("Key") or "?").removeprefix(self.prefix)
-            raise RepositoryError(
-                f"S3 DeleteObjects could not delete {len(failed)} of {len(keys)} objects, "
-                f"first {self._where(key)}: {first.get('Code') or 'no error code'}"
-                + (f" {msg}" if (msg := _one_line(first.get("Message"))) else ""))
+            raise self._delete_failed(failed, f"{len(keys)} objects")
 
     # -- object locks ------------------------------------------------------------------
     def check_object_lock(self) -> None:
@@ -574,12 +569,7 @@ class S3Backend(Backend):
             else:
                 failed.append(error)
         if failed:
-            first = failed[0]
-            key = str(first.get("Key") or "?").removeprefix(self.prefix)
-            raise RepositoryError(
-                f"S3 DeleteObjects could not delete {len(failed)} of {len(versions)} object versions, "
-                f"first {self._where(key)}: {first.get('Code') or 'no error code'}"
-                + (f" {msg}" if (msg := _one_line(first.get("Message"))) else ""))
+            raise self._delete_failed(failed, f"{len(versions)} object versions")
         return locked
 
     def _held_by_lock(self, key: str, message: str) -> bool:
@@ -611,6 +601,15 @@ class S3Backend(Backend):
             if page is None:
                 return
             yield from page.get("Contents", [])
+
+    def _delete_failed(self, failed: builtins.list[Any], what: str) -> RepositoryError:
+        """One line for the errors a DeleteObjects answered (S3 may send an empty message)."""
+        first = failed[0]
+        key = str(first.get("Key") or "?").removeprefix(self.prefix)
+        return RepositoryError(
+            f"S3 DeleteObjects could not delete {len(failed)} of {what}, "
+            f"first {self._where(key)}: {first.get('Code') or 'no error code'}"
+            + (f" {msg}" if (msg := _one_line(first.get("Message"))) else ""))
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
