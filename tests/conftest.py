@@ -554,24 +554,24 @@ def _start_moto(base: Path, tls: bool) -> tuple[S3Server, Any]:
                     ca_bundle=ca), log
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One ``moto_server`` process on 127.0.0.1 and a random port for the session."""
-    server, log = _start_moto(tmp_path_factory.mktemp("moto"), tls=False)
+def _moto_for_session(tmp_path_factory: pytest.TempPathFactory, *, tls: bool) -> Iterator[S3Server]:
+    server, log = _start_moto(tmp_path_factory.mktemp("moto-https" if tls else "moto"), tls=tls)
     yield server
     server.proc.terminate()
     server.proc.wait(10)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One ``moto_server`` process on 127.0.0.1 and a random port for the session."""
+    yield from _moto_for_session(tmp_path_factory, tls=False)
 
 
 @pytest.fixture(scope="session")
 def moto_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """``moto_server`` over HTTPS with a self-signed certificate (``AWS_CA_BUNDLE``), for the session."""
-    server, log = _start_moto(tmp_path_factory.mktemp("moto-https"), tls=True)
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
-    log.close()
+    yield from _moto_for_session(tmp_path_factory, tls=True)
 
 
 def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
