@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,8 +554,9 @@ def _start_moto(base: Path, tls: bool) -> tuple[S3Server, Any]:
                     ca_bundle=ca), log
 
 
-def _moto_for_session(tmp_path_factory: pytest.TempPathFactory, *, tls: bool) -> Iterator[S3Server]:
-    server, log = _start_moto(tmp_path_factory.mktemp("moto-https" if tls else "moto"), tls=tls)
+def _running(start: Callable[..., tuple[S3Server, Any]], base: Path, *, tls: bool) -> Iterator[S3Server]:
+    """A server made by ``start`` until the generator is closed (a session fixture's body)."""
+    server, log = start(base, tls=tls)
     yield server
     server.proc.terminate()
     server.proc.wait(10)
@@ -565,13 +566,13 @@ def _moto_for_session(tmp_path_factory: pytest.TempPathFactory, *, tls: bool) ->
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One ``moto_server`` process on 127.0.0.1 and a random port for the session."""
-    yield from _moto_for_session(tmp_path_factory, tls=False)
+    yield from _running(_start_moto, tmp_path_factory.mktemp("moto"), tls=False)
 
 
 @pytest.fixture(scope="session")
 def moto_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """``moto_server`` over HTTPS with a self-signed certificate (``AWS_CA_BUNDLE``), for the session."""
-    yield from _moto_for_session(tmp_path_factory, tls=True)
+    yield from _running(_start_moto, tmp_path_factory.mktemp("moto-https"), tls=True)
 
 
 def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -628,25 +629,16 @@ def _start_s3rver(base: Path, tls: bool) -> tuple[S3Server, Any]:
                     enforces_conditional_writes=False, config=config), log
 
 
-def _running_s3rver(tmp_path_factory: pytest.TempPathFactory, tls: bool) -> Iterator[S3Server]:
-    """An s3rver until the generator is closed (a session fixture's body)."""
-    server, log = _start_s3rver(tmp_path_factory.mktemp("s3rver-https" if tls else "s3rver-http"), tls=tls)
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
-    log.close()
-
-
 @pytest.fixture(scope="session")
 def s3rver_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """s3rver (npm) on 127.0.0.1 over plain HTTP, for the session."""
-    yield from _running_s3rver(tmp_path_factory, tls=False)
+    yield from _running(_start_s3rver, tmp_path_factory.mktemp("s3rver-http"), tls=False)
 
 
 @pytest.fixture(scope="session")
 def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """s3rver (npm) on 127.0.0.1 over HTTPS with a self-signed certificate, for the session."""
-    yield from _running_s3rver(tmp_path_factory, tls=True)
+    yield from _running(_start_s3rver, tmp_path_factory.mktemp("s3rver-https"), tls=True)
 
 
 @pytest.fixture
