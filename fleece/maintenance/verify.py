@@ -216,7 +216,7 @@ def verify_points(
                         None if repo.lock is None else repo.lock.document())
 
 
-def verify_new_point(
+def require_new_point_intact(
     repo: Repository,
     point: RestorePoint,
     parent: RestorePoint | None,
@@ -224,11 +224,13 @@ def verify_new_point(
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
 ) -> VerifyReport:
-    """Deep-verify what a backup stored for ``point`` before the point is written.
+    """Deep-verify what a backup stored for ``point``; :class:`RepositoryCorrupt` on any damage.
 
-    The point's indexes are read back from the repository and checked; its
-    chunks are fetched and hashed, except those its parent's indexes already
-    name (they were there before this backup; ``fleece verify`` covers them).
+    ``fleece backup --verify`` calls this before writing the point, so a
+    failure leaves no point and aborts the checkpoint. The point's indexes
+    are read back from the repository and checked; its chunks are fetched
+    and hashed, except those its parent's indexes already name (they were
+    there before this backup; ``fleece verify`` covers them).
     """
     started = time.monotonic()
     item = _Loaded(PointReport(point.id, point.vm), point)
@@ -247,24 +249,8 @@ def verify_new_point(
     checker = _ChunkChecker(repo, True, workers)
     checker.run(wanted, progress)
     _map_damage(item, checker)
-    return VerifyReport([item.report], True, checker.chunks_checked, checker.bytes_checked,
-                        time.monotonic() - started)
-
-
-def require_new_point_intact(
-    repo: Repository,
-    point: RestorePoint,
-    parent: RestorePoint | None,
-    *,
-    workers: int = DEFAULT_WORKERS,
-    progress: Progress | None = None,
-) -> VerifyReport:
-    """:func:`verify_new_point`, raising :class:`RepositoryCorrupt` when anything is damaged.
-
-    ``fleece backup --verify`` calls this before writing the point, so a
-    failure leaves no point and aborts the checkpoint.
-    """
-    report = verify_new_point(repo, point, parent, workers=workers, progress=progress)
+    report = VerifyReport([item.report], True, checker.chunks_checked, checker.bytes_checked,
+                          time.monotonic() - started)
     if not report.ok:
         found = "; ".join(d.describe() for d in report.points[0].damage)
         raise RepositoryCorrupt(f"--verify found damage in what this backup stored ({found}); "
