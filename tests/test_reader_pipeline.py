@@ -8,12 +8,21 @@ rest, and the index must restore to the bytes QEMU serves.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from fleece.backup.pipeline import DiskBackup, PipelineSettings
-from fleece.backup.reader import BASE_ALLOCATION, ChunkPlan, connect, disconnect, plan_chunks, pread_chunk
+from fleece.backup.reader import (
+    BASE_ALLOCATION,
+    READ_SPLIT,
+    ChunkPlan,
+    connect,
+    disconnect,
+    plan_chunks,
+    pread_chunk,
+    pread_into,
+)
 from fleece.errors import ExportError
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.format.index import ChunkIndex
@@ -57,6 +66,48 @@ def test_full_plan_reads_only_chunks_with_data(make_vm: Any) -> None:
     assert list(plan.to_read()) == [0, 2, 3, 11]
     assert 9 in set(plan.zero())
     assert plan.bytes_to_read == 4 * CHUNK
+
+
+def test_reads_go_out_at_once_in_pieces_the_server_can_stream(make_vm: Any) -> None:
+    """A chunk's extents leave as requests of at most READ_SPLIT, every one before the first wait.
+
+    QEMU's NBD server reads a request whole before it sends it: one 4 MiB
+    request leaves nothing to overlap; several smaller ones in flight do.
+    libnbd is told not to zero the buffer before each read (fleece fills it).
+    """
+    vm = make_vm([("qcow2", "16M")])
+    vm.write("vda", 0, 3 * MiB + 4096, 0x31)
+    vm.write("vda", 8 * MiB, 512 * 1024, 0x32)
+    uri = export(vm)
+    h = connect(uri)
+    sizes: list[int] = []
+    polled_after: list[int] = []
+
+    class Recording:
+        def aio_pread(self, buf: Any, offset: int) -> Any:
+            sizes.append(len(memoryview(buf)) if not hasattr(buf, "size") else buf.size())
+            return h.aio_pread(buf, offset)
+
+        def poll(self, timeout: int) -> Any:
+            polled_after.append(len(sizes))
+            return h.poll(timeout)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(h, name)
+
+    try:
+        assert cast(Any, h).get_pread_initialize() is False
+        buf = bytearray(b"\xee" * (4 * MiB + 512 * 1024))
+        first = 3 * MiB + 4096
+        pread_into(Recording(), buf, [(0, first, 0), (8 * MiB, 512 * 1024, first)])
+        expected = pread_chunk(h, 0, first) + pread_chunk(h, 8 * MiB, 512 * 1024)
+    finally:
+        disconnect(h)
+    assert bytes(buf[: len(expected)]) == expected
+    assert buf[len(expected):] == b"\xee" * (len(buf) - len(expected))  # nothing written past the reads
+    assert sorted(sizes, reverse=True) == [READ_SPLIT] * 3 + [512 * 1024, 4096]
+    assert MiB >= READ_SPLIT
+    assert polled_after and set(polled_after) == {len(sizes)}  # all in flight before any wait
 
 
 def test_incremental_plan_reads_only_dirty_chunks_and_zeroes_dirty_holes(make_vm: Any) -> None:

@@ -308,6 +308,9 @@ class NbdHandle(Protocol):
     def set_handle_name(self, name: str) -> None:
         """Name the handle in libnbd's debug output."""
 
+    def set_pread_initialize(self, request: bool) -> None:
+        """Whether libnbd zeroes a read buffer before the read (libnbd 1.12+)."""
+
     def set_tls(self, tls: int) -> None:
         """``nbd.TLS_DISABLE``, ``TLS_ALLOW`` or ``TLS_REQUIRE``."""
 
