@@ -320,3 +320,17 @@ def test_an_encrypted_full_backup_and_restore_through_a_passphrase_command_on_s3
     assert identical(out, vm.shadow("vda"))
     ok(fleece("verify", "--repo", url, "--deep", env=command))
     assert keys.KEY_OBJECTS_PREFIX.rstrip("/") in {k.split("/")[1] for k in all_objects(url, s3_env)}
+
+
+@pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
+def test_init_names_chunks_by_blake3_unless_told_otherwise(fleece: Any, tmp_path: Path,
+                                                           encryption: str) -> None:
+    """New repositories hash with BLAKE3 (keyed when encrypted), as one a backup creates does."""
+    made = ok(fleece("init", "--repo", tmp_path / "default", "--encryption", encryption, "--json",
+                     env=PASS)).json()
+    assert made["hash"] == "blake3"
+    config = json.loads((tmp_path / "default" / "config").read_bytes())  # the config is never sealed
+    assert config["hash"] == "blake3" and config["encryption"] == encryption
+    made = ok(fleece("init", "--repo", tmp_path / "old", "--encryption", encryption, "--hash", "sha256",
+                     "--json", env=PASS)).json()
+    assert made["hash"] == "sha256"

@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--encryption", required=True, choices=[*CIPHERS, "none"],
                    help="seal every object with this AEAD (the passphrase comes from "
                         "FLEECE_PASSPHRASE, --passphrase-file or FLEECE_PASSPHRASE_COMMAND), or none")
-    p.add_argument("--hash", choices=["sha256", "blake3"], default="sha256",
-                   help="the hash that names chunks (keyed when encrypted; default sha256)")
+    p.add_argument("--hash", choices=["sha256", "blake3"], default="blake3",
+                   help="the hash that names chunks (keyed when encrypted; default blake3, "
+                        "as for a repository a backup creates)")
     p.add_argument("--chunk-size", metavar="SIZE", help="chunk size, a power of two (default 4M)")
     p.add_argument("--compress", metavar="CODEC",
                    help=f"zstd[:LEVEL] (default zstd:{DEFAULT_ZSTD_LEVEL}) or none")
