@@ -59,9 +59,10 @@ def _sha256(data: Buffer) -> bytes:
 def digest_function(name: str, key: bytes | None = None) -> Callable[[Buffer], bytes]:
     """The chunk-naming hash called ``name``; keyed with ``key`` in an encrypted repository.
 
-    sha256 (the default) runs at ~1.7 GB/s per core with SHA-NI; BLAKE3 at
-    ~6 GB/s, which matters when a 2-core host must hash as fast as QEMU
-    serves NBD (docs/format.md, scripts/bench). Keyed, they become
+    sha256 runs at ~1.7 GB/s per core with SHA-NI; BLAKE3, which the
+    commands choose for new repositories, at ~6 GB/s: that matters when a
+    2-core host must hash as fast as QEMU serves NBD (docs/format.md,
+    scripts/bench). Keyed, they become
     HMAC-SHA256 and keyed BLAKE3: a name no longer tells whether an object
     holds a guessed plaintext.
     """
