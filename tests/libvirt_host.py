@@ -96,7 +96,10 @@ class LibvirtHost:
         self.start_libvirtd()
 
     def _in_namespace(self) -> list[str]:
-        return ["nsenter", f"--mount=/proc/{self.virtlogd_pid}/ns/mnt", "--"]
+        # -r/-w: the daemons' root and working directory too. Entering a mount
+        # namespace otherwise resets the root to the namespace's, which inside
+        # a chroot (a Debian 13 check from a Debian 12 host) is the host's.
+        return ["nsenter", "-t", str(self.virtlogd_pid), "-m", "-r", "-w", "--"]
 
     def start_libvirtd(self) -> None:
         """Start libvirtd in the daemons' namespace and wait until it answers."""
