@@ -849,24 +849,14 @@ def main() -> None:
     ap.add_argument("--live-restore", action="store_true",
                     help="run only the live-restore benchmark (scripts/bench_live.py)")
     args = ap.parse_args()
-    if args.live_restore:
-        live_restore_main(args)
-        return
-    if args.full_versus:
-        full_versus(args)
-        return
-    if args.idle_versus:
-        idle_versus(args)
-        return
-    if args.speed:
-        speed(args)
-        return
-    if args.restore or args.restore_versus:
-        restore_speed(args)
-        return
-    if args.peers:
-        peers(args)
-        return
+    sections: list[tuple[object, Callable[[argparse.Namespace], None]]] = [
+        (args.live_restore, live_restore_main), (args.full_versus, full_versus),
+        (args.idle_versus, idle_versus), (args.speed, speed),
+        (args.restore or args.restore_versus, restore_speed), (args.peers, peers)]
+    for wanted, section in sections:  # one section alone, or the default bench below
+        if wanted:
+            section(args)
+            return
     work = Path(tempfile.mkdtemp(prefix="fleece-bench."))
     shm = Path(tempfile.mkdtemp(prefix="fleece-bench.", dir="/dev/shm"))
     rows: list[tuple[str, str, str, str]] = []
