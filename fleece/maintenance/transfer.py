@@ -177,10 +177,7 @@ class SameNames(Transfer):
         else:
             if self.source.digest(blob) != digest:  # a pack is named by its bytes
                 raise self._damaged(key, point, "the pack does not match its name")
-            if self.dest.lock is not None:
-                self.dest.put_immutable(key, blob)
-            else:
-                self.dest.backend.put(key, blob, if_absent=True)
+            self.dest.create(key, blob)
         return len(blob)
 
     def _copy_index(self, point: RestorePoint, disk: DiskRecord, index: ChunkIndex) -> None:
@@ -214,19 +211,21 @@ class Sealed(SameNames):
         if self.dest.raw_backend.exists(stored):
             return -1
         blob = self._raw(key, point)
-        if self.dest.lock is not None:
-            self._put_locked(key, stored, blob)
-        elif key.startswith(keys.CHUNKS_PREFIX):
+        if self.dest.lock is None and key.startswith(keys.CHUNKS_PREFIX):
             self.dest.raw_backend.stage(stored, blob)  # made durable before any index names it
             pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
         else:
-            self.dest.raw_backend.put(stored, blob, if_absent=True)
+            self._create_sealed(key, blob)
         return len(blob)
 
-    def _put_locked(self, key: str, stored: str, blob: bytes) -> bool:
-        """Object Lock destinations: the sealed object created locked N + S days (noted by its
-        logical ``key``); False when it existed."""
-        assert self.dest.lock is not None
+    def _create_sealed(self, key: str, blob: bytes) -> bool:
+        """The sealed object of logical ``key`` created as it is; False when it existed.
+
+        An Object Lock destination gets it locked N + S days (noted by ``key``).
+        """
+        stored = self.dest.stored_key(key)
+        if self.dest.lock is None:
+            return self.dest.raw_backend.put(stored, blob, if_absent=True)
         retention = self.dest.lock.retention(lock_clock())
         if not self.dest.raw_backend.put_locked(stored, blob, retention):
             return False
@@ -242,9 +241,8 @@ class Sealed(SameNames):
         self.dest.flush()  # every chunk the index names is durable before the index exists
         if self.dest.lock is not None:
             # One a resumed copy finds came from the same source bytes: its lock is kept.
-            stored = self.dest.stored_key(disk.index_key)
-            if (not self._put_locked(disk.index_key, stored, blob)
-                    and self.dest.raw_backend.get(stored) != blob):
+            if (not self._create_sealed(disk.index_key, blob)
+                    and self.dest.raw_backend.get(self.dest.stored_key(disk.index_key)) != blob):
                 raise RepositoryError(f"index {disk.index_key} exists already; nothing was written over it")
         else:
             self.dest.raw_backend.put(self.dest.stored_key(disk.index_key), blob)
@@ -255,12 +253,7 @@ class Sealed(SameNames):
         key = keys.point_key(point.vm, point.id)
         blob = self._raw(key, point)
         self.dest.flush()
-        stored = self.dest.stored_key(key)
-        if self.dest.lock is not None:
-            written = self._put_locked(key, stored, blob)
-        else:
-            written = self.dest.raw_backend.put(stored, blob, if_absent=True)
-        if not written:
+        if not self._create_sealed(key, blob):
             raise RepositoryError(f"restore point {key} already exists; nothing was written")
 
 

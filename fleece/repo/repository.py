@@ -418,6 +418,17 @@ class Repository:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
         return decode_chunk(blob, digest, self.digest)
 
+    def create(self, key: str, blob: bytes, *, existing_ok: bool = True) -> bool:
+        """A conditional create of an immutable object; False when ``key`` existed.
+
+        In an Object Lock repository the object is locked (and an existing
+        one's lock kept ahead unless ``existing_ok`` is False):
+        :meth:`put_immutable`.
+        """
+        if self.lock is not None:
+            return self.put_immutable(key, blob, existing_ok=existing_ok)
+        return self.backend.put(key, blob, if_absent=True)
+
     def put_immutable(self, key: str, blob: bytes, *, existing_ok: bool = True,
                       probe: bool = False) -> bool:
         """Store ``key`` locked for N + S days unless it exists; an existing one keeps N days ahead.
@@ -518,10 +529,7 @@ class Repository:
         The restore point is never written before this returns.
         """
         digest = self.digest(blob)
-        if self.lock is not None:
-            self.put_immutable(keys.pack_key(digest), blob)
-        else:
-            self.backend.put(keys.pack_key(digest), blob, if_absent=True)
+        self.create(keys.pack_key(digest), blob)
         pause_point("pack-stored")  # test hook (fleece.testing); inert in production
         return digest
 
@@ -623,11 +631,7 @@ class Repository:
         """Commit ``point``: call this last, after its chunks and indexes are stored."""
         key = keys.point_key(point.vm, point.id)
         self.flush()
-        if self.lock is not None:
-            written = self.put_immutable(key, point.to_json(), existing_ok=False)
-        else:
-            written = self.backend.put(key, point.to_json(), if_absent=True)
-        if not written:
+        if not self.create(key, point.to_json(), existing_ok=False):
             raise RepositoryError(f"restore point {key} already exists; nothing was written")
 
     def point_refs(self, vm: str | None = None) -> list[tuple[str, str]]:
