@@ -12,7 +12,6 @@ are never written, so the copy is as sparse as the disk.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -24,15 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleece.errors import BadInput
+from fleece.repo.backends.file import SPARSE_BLOCK, is_aligned, sparse_runs
 
 log = logging.getLogger(__name__)
 
 ALIGN = 4096
 """Offset, length and address alignment of a direct write (the largest logical block size in use)."""
 BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h
-HOLE_BLOCK = 64 << 10
+HOLE_BLOCK = SPARSE_BLOCK
 """A fresh output gets no write for an aligned all-zero block of this size."""
-_ZERO_BLOCK = bytes(HOLE_BLOCK)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -47,26 +46,14 @@ def data_runs(data: Buffer, offset: int) -> Iterator[tuple[int, memoryview]]:
 
     A chunk of a fragmented disk is mostly the zeroes between its extents:
     writing them cost as much as the data, and made the copy less sparse
-    than the disk. The comparison is a memcmp against a zero block, no copy.
+    than the disk. The blocks are the file backend's (:func:`sparse_runs`).
     """
     view = memoryview(data)
-    if offset % HOLE_BLOCK or len(view) < 2 * HOLE_BLOCK:
+    if offset % HOLE_BLOCK:
         yield offset, view
         return
-    pos = 0
-    for off in range(0, len(view) - HOLE_BLOCK + 1, HOLE_BLOCK):
-        if _ZERO_BLOCK.startswith(view[off : off + HOLE_BLOCK]):
-            if off > pos:
-                yield offset + pos, view[pos:off]
-            pos = off + HOLE_BLOCK
-    if pos < len(view):
-        yield offset + pos, view[pos:]
-
-
-def _is_aligned(view: memoryview) -> bool:
-    if view.readonly or not view.nbytes:
-        return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
+    for start, end in sparse_runs(view):
+        yield offset + start, view[start:end]
 
 
 class FdTarget:
@@ -92,7 +79,7 @@ class FdTarget:
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         direct = self.direct_fd
-        if direct is not None and offset % ALIGN == 0 and _is_aligned(view):
+        if direct is not None and offset % ALIGN == 0 and is_aligned(view, ALIGN):
             whole = len(view) - len(view) % ALIGN
             try:
                 offset, view = self._pwrite_all(direct, view, offset, whole)

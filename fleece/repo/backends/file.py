@@ -107,7 +107,7 @@ def _flocked(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-def _data_runs(view: memoryview) -> list[tuple[int, int]]:
+def sparse_runs(view: memoryview) -> list[tuple[int, int]]:
     """``[start, end)`` runs of ``view`` outside its aligned all-zero blocks of :data:`SPARSE_BLOCK`."""
     size = len(view)
     runs = []
@@ -137,7 +137,7 @@ def _write_sparse(fd: int, data: bytes | memoryview, direct: _DirectWriter | Non
     """
     view = memoryview(data)
     size = len(view)
-    runs = _data_runs(view)
+    runs = sparse_runs(view)
     for start, end in runs:
         if direct is None:
             _write_at(fd, view[start:end], start)
@@ -165,7 +165,7 @@ class _DirectWriter:
 
     def write(self, fd: int, view: memoryview, offset: int) -> None:
         """Write ``view`` (a multiple of :data:`DIRECT_ALIGN` long) at the aligned ``offset``."""
-        if _address(view) % DIRECT_ALIGN == 0:
+        if is_aligned(view, DIRECT_ALIGN):
             _pwrite_all(fd, view, offset)
             return
         bounce: mmap.mmap | None = getattr(self._local, "bounce", None)
@@ -178,12 +178,12 @@ class _DirectWriter:
                 _pwrite_all(fd, b[: len(part)], offset + pos)
 
 
-def _address(view: memoryview) -> int:
-    """The address of ``view``'s first byte; -1 (unaligned) for read-only memory, which ctypes cannot map."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except TypeError:
-        return -1
+def is_aligned(view: memoryview, align: int) -> bool:
+    """Whether ``view`` starts at a multiple of ``align`` (never for read-only or empty memory,
+    which ctypes cannot map)."""
+    if view.readonly or not view.nbytes:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % align == 0
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
