@@ -237,11 +237,15 @@ class S3Backend(Backend):
         only with ``unsafe_locks``) they become HEAD-then-PUT, which two
         writers racing for one key can both win.
         """
-        if if_absent and self._check_pending:
+        return self._create(key, data) if if_absent else self._put(key, data, False)
+
+    def _create(self, key: str, data: bytes, lock: Retention | None = None) -> bool:
+        """A conditional create (locked with ``lock``), after the store check on the first one."""
+        if self._check_pending:
             self._check_store()
-        if if_absent and not self._conditional_writes:
-            return self._put_if_absent_by_head(key, data)
-        return self._put(key, data, if_absent)
+        if not self._conditional_writes:
+            return self._put_if_absent_by_head(key, data, lock)
+        return self._put(key, data, True, lock)
 
     def _put(self, key: str, data: bytes, if_absent: bool, lock: Retention | None = None) -> bool:
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
@@ -468,11 +472,7 @@ class S3Backend(Backend):
 
     def put_locked(self, key: str, data: bytes, retention: Retention) -> bool:
         """PutObject with ``If-None-Match: *``, ``x-amz-object-lock-mode`` and ``-retain-until-date``."""
-        if self._check_pending:
-            self._check_store()
-        if not self._conditional_writes:
-            return self._put_if_absent_by_head(key, data, retention)
-        return self._put(key, data, True, retention)
+        return self._create(key, data, retention)
 
     def lock_of(self, key: str) -> Retention | None:
         """HeadObject's ``ObjectLockMode`` and ``ObjectLockRetainUntilDate`` (S3 returns both)."""
