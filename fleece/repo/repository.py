@@ -365,7 +365,9 @@ class Repository:
             return cls.open(backend)
         except NotARepository:
             if holds_objects(backend):
-                raise
+                # Another process may have created it since our look: open
+                # again; still no config means the objects are not ours.
+                return cls.open(backend)
         try:
             return cls.init(backend, chunk_size, compression_level, hash=hash)
         except RepositoryExists:
