@@ -14,6 +14,7 @@ from fleece.libvirt import export as lv_export
 from fleece.libvirt.checkpoints import list_checkpoints
 from fleece.libvirt.domain import (
     bindings,
+    command,
     disks_of,
     dotted,
     libvirt_errors,
@@ -23,6 +24,7 @@ from fleece.libvirt.domain import (
     version_tuple,
 )
 from fleece.libvirt.job import JobState, running_job
+from fleece.liveness import process_gone
 
 T = TypeVar("T")
 
@@ -65,7 +67,7 @@ def export_start(args: argparse.Namespace) -> int:
     for d in export.disks:
         what = f"incremental since {d.since}, dirty bitmap {d.dirty_bitmap}" if d.since else "full"
         print(f"  {d.drive}: {d.uri}  {human_size(d.size)} ({d.size} bytes), {what}")
-    print(f"end it with: fleece export stop --libvirt {args.libvirt} [--abort]")
+    print("end it with: " + command("fleece", "export", "stop", "--libvirt", args.libvirt) + " [--abort]")
     return 0
 
 
@@ -103,12 +105,13 @@ def collect_status(dom: Any) -> dict[str, Any]:
     job = running_job(dom) if running else None
     job_state = JobState.load(job.scratch) if job is not None and job.scratch else None
     cps = list_checkpoints(dom)
-    ours = [c for c in cps if c.point is not None]
     leftovers: list[str] = []
     if job is not None and job_state is not None and job_state.owner_gone():
         leftovers.append(f"backup job of killed fleece pid {job_state.pid}")
-    if job is None and len(ours) > 1:
-        leftovers += [c.name for c in ours[1:]]
+    for run in lv_export.ended_runs(dom, job):
+        what = "being set up or ended by" if not process_gone(run.host, run.pid) else "left by"
+        leftovers.append(f"unfinished run of restore point {run.checkpoint} ({what} fleece pid "
+                         f"{run.pid}, scratch directory {run.scratch})")
     return {
         "vm": dom.name(),
         "uuid": dom.UUIDString(),
@@ -146,13 +149,17 @@ def status(args: argparse.Namespace) -> int:
     job = st["backup_job"]
     if job is None:
         print("  no backup job")
+    elif job["fleece"] and job["owner"] == "session":
+        print(f"  a fleece backup holds an export at checkpoint {job['checkpoint']} "
+              f"({', '.join(job['drives'])}, socket {job['socket']}); it ends it itself (if its process "
+              "is gone, the next backup or " + command("fleece", "cleanup", "--libvirt", st["vm"]) + " does)")
     elif job["fleece"]:
         print(f"  a fleece export is up at checkpoint {job['checkpoint']} ({', '.join(job['drives'])}, "
-              f"socket {job['socket']}): end it with 'fleece export stop --libvirt {st['vm']}' (or "
-              f"'fleece cleanup --libvirt {st['vm']}' if the process that started it is gone)")
+              f"socket {job['socket']}): end it with "
+              + command("fleece", "export", "stop", "--libvirt", st["vm"]))
     else:
         print(f"  a backup job that is not fleece's is running (socket {job['socket']})")
     if st["leftovers"]:
-        print(f"  leftovers of an interrupted fleece run: {', '.join(st['leftovers'])} "
-              f"(run 'fleece cleanup --libvirt {st['vm']}')")
+        print(f"  leftovers of an interrupted fleece run: {', '.join(st['leftovers'])} (the next fleece "
+              "backup finishes them, or now: " + command("fleece", "cleanup", "--libvirt", st["vm"]) + ")")
     return 0
