@@ -206,6 +206,32 @@ class LibvirtVM:
             raise RuntimeError(f"qemu-io {command!r} on {target}: {out.strip()}")
         return out
 
+    def qemu_pid(self) -> int:
+        """The pid of the domain's QEMU (from libvirt's pid file)."""
+        return int((self.host.base / "run" / "libvirt" / "qemu" / f"{self.name}.pid").read_text())
+
+    def flush(self, target: str) -> None:
+        """The guest flushes ``target``: its writes survive a kill of QEMU (bitmaps do not)."""
+        self.qemu_io(target, "flush")
+
+    def kill_qemu(self) -> None:
+        """SIGKILL the domain's QEMU, as the OOM killer or a crash would; wait until libvirt sees it."""
+        os.kill(self.qemu_pid(), signal.SIGKILL)
+        _wait_for("libvirt seeing QEMU die", lambda: self.state() == "shut off")
+
+    def shut_down(self) -> None:
+        """QEMU exits cleanly (SIGTERM: ``destroy --graceful``): persistent bitmaps are stored."""
+        self.virsh("destroy", "--graceful", self.name)
+
+    def start(self) -> None:
+        """Start the domain again, paused."""
+        self.virsh("start", "--paused", self.name)
+        self._qdev.clear()
+
+    def state(self) -> str:
+        """``virsh domstate``."""
+        return self.virsh("domstate", self.name).stdout.strip()
+
     def disk(self, target: str) -> LibvirtDisk:
         """The disk ``target``."""
         return next(d for d in self.disks if d.target == target)
