@@ -180,15 +180,24 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_bitmaps_and_the_backup_s
     vm.write("vda", 0, 2 * MiB, 0x51)
     p1, _ = backup(fleece, vm, repo)
     name = f"fleece-{p1['point']}"
+    vm.shut_down()  # the bitmaps reach the images
+    vm.start()
     vm.virsh("checkpoint-delete", vm.name, name, "--metadata")  # libvirt forgets; the bitmaps stay
     assert vm.checkpoints() == [] and vm.qcow2_bitmaps("vda") == [name]
+    # status shows them, and what the next backup does with them.
+    st = lv(fleece, vm, "status", "--json").json()
+    assert st["checkpoints"] == [] and st["bitmaps"] == [
+        {"drive": d, "bitmap": name, "point": p1["point"], "usable": None} for d in ("vda", "vdb")]
+    assert f"bitmap {name} on vda has no libvirt checkpoint" in lv(fleece, vm, "status").out
     vm.write("vda", 30 * MiB, 1 * MiB, 0x52)
     vm.write("vdb", 0, 4096, 0x53)
 
     p2, err = backup(fleece, vm, repo)
     assert f"libvirt had lost checkpoint {name}" in err and "redefined" in err
     assert levels(p2) == {"vda": "incremental", "vdb": "incremental"} and p2["parent"] == p1["point"]
-    assert {d["drive"]: d["bytes_read"] for d in p2["disks"]} == {"vda": MiB, "vdb": GRANULE}
+    read = {d["drive"]: d["bytes_read"] for d in p2["disks"]}
+    # (vdb: its one granule, less what block status shows as zero after QEMU's restart)
+    assert read["vda"] == MiB and 4096 <= read["vdb"] <= GRANULE, read
     for d in ("vda", "vdb"):
         assert identical(restore(fleece, repo, p2["point"], d, tmp_path / f"r2-{d}"), vm.disk(d).shadow)
     assert vm.checkpoints() == [f"fleece-{p2['point']}"]

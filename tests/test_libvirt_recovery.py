@@ -18,6 +18,8 @@ from typing import Any
 from backups import identical
 from test_libvirt import GRANULE, MiB, backup, levels, lv, one_line_error, restore
 
+from fleece.libvirt.offline import image_bitmaps
+
 
 def point_ids(fleece: Any, repo: Path) -> list[str]:
     res = fleece("list", "--repo", repo, "--json")
@@ -56,7 +58,7 @@ def test_qemu_killed_makes_the_next_backup_full_with_the_reason_and_drops_the_st
     res = lv(fleece, vm, "cleanup")
     assert res.rc == 0 and f"checkpoint fleece-{p2['point']}" in res.out, res.err
     assert "missing or broken" in res.err
-    assert vm.checkpoints() == []
+    assert vm.checkpoints() == [] and image_bitmaps(vm.disk("vda").path) == {}
     assert lv(fleece, vm, "cleanup").out.strip() == "nothing to clean up"
     vm.start()
     p3, err = backup(fleece, vm, repo)
@@ -194,12 +196,12 @@ def test_export_stop_refuses_an_export_a_running_backup_holds(
     held = hold_backup(vm, repo, "export-live")
     held.wait_held()
     before = vm.libvirt_state()
-    st = lv(fleece, vm, "status")
-    assert "a fleece backup holds an export" in st.out and "export stop" not in st.out, st.out
     for args in (["export", "stop"], ["export", "stop", "--abort"]):
         line = one_line_error(lv(fleece, vm, *args), 1)
         assert f"belongs to a fleece backup that is running (pid {held.proc.pid})" in line
         assert vm.libvirt_state() == before
+    st = lv(fleece, vm, "status")  # and status does not tell the user to run it
+    assert "a fleece backup holds an export" in st.out and "export stop" not in st.out, st.out
     rc, out, err = held.release()
     assert rc == 0, err
     p2 = json.loads(out)

@@ -11,7 +11,8 @@ from fleece.commands.common import human_size, print_json, say
 from fleece.errors import BadInput
 from fleece.fleecing.names import checkpoint_of
 from fleece.libvirt import export as lv_export
-from fleece.libvirt.checkpoints import list_checkpoints
+from fleece.libvirt import offline
+from fleece.libvirt.checkpoints import Checkpoint, list_checkpoints
 from fleece.libvirt.domain import (
     bindings,
     command,
@@ -113,6 +114,7 @@ def collect_status(dom: Any) -> dict[str, Any]:
         leftovers.append(f"unfinished run of restore point {run.checkpoint} ({what} fleece pid "
                          f"{run.pid}, scratch directory {run.scratch})")
     return {
+        "bitmaps": image_bitmaps(xml, cps, running),
         "vm": dom.name(),
         "uuid": dom.UUIDString(),
         "libvirt": dotted(version_tuple(conn.getLibVersion())),
@@ -131,6 +133,29 @@ def collect_status(dom: Any) -> dict[str, Any]:
     }
 
 
+def image_bitmaps(xml: Any, cps: list[Checkpoint], running: bool) -> list[dict[str, Any]]:
+    """fleece bitmaps stored in the disks' qcow2 images that no libvirt checkpoint names.
+
+    Read from the image files (``qemu-img info -U``): a running QEMU stores
+    the bitmaps it made only at its clean exit, so those made since the
+    domain started do not show. ``usable``: stored at a clean exit (True),
+    left by a QEMU that did not exit cleanly (False), or held by the running
+    QEMU (None: the next backup checks it, and redefines its checkpoint when
+    the repository holds the point).
+    """
+    named = {c.name for c in cps}
+    found = []
+    for disk in disks_of(xml):
+        path = offline.local_image(disk)
+        for b in (offline.image_bitmaps(path) or {}).values() if path is not None else ():
+            if checkpoint_of(b.name) is None or b.name in named:
+                continue
+            usable = None if running and b.in_use else not b.in_use
+            found.append({"drive": disk.target, "bitmap": b.name, "point": checkpoint_of(b.name),
+                          "usable": usable})
+    return found
+
+
 def status(args: argparse.Namespace) -> int:
     """``fleece status --libvirt DOMAIN``."""
     st = with_domain(args, collect_status)
@@ -146,6 +171,12 @@ def status(args: argparse.Namespace) -> int:
     for c in st["checkpoints"]:
         print(f"  checkpoint {c['name']}" + (f" (parent {c['parent']})" if c["parent"] else "")
               + f" on {', '.join(c['disks']) or 'no disk'}" + ("" if c["fleece"] else " (not fleece's)"))
+    for b in st["bitmaps"]:
+        how = {True: "stored intact", False: "inconsistent: QEMU did not exit cleanly; unusable",
+               None: "held by the running QEMU"}[b["usable"]]
+        print(f"  bitmap {b['bitmap']} on {b['drive']} has no libvirt checkpoint ({how})"
+              + ("; the next backup redefines the checkpoint from it when the newest restore point "
+                 f"of the VM in the repository is {b['point']}" if b["usable"] is not False else ""))
     job = st["backup_job"]
     if job is None:
         print("  no backup job")
