@@ -11,7 +11,11 @@ guest's disk (its shadow image).
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +250,19 @@ def test_raw_disks_go_full_every_time_and_a_drive_subset_keeps_the_other_disks_c
     # A raw disk cannot be incremental.
     res = lv(fleece, vm, "backup", "--repo", repo, "--level", "incremental")
     assert raw in one_line_error(res, 1)
+
+
+def test_every_hint_names_the_domain_so_that_it_can_be_pasted(make_domain: Any, fleece: Any,
+                                                                tmp_path: Any) -> None:
+    vm = make_domain(name="db server \u2013 \u00fc")
+    res = lv(fleece, vm, "export", "start")
+    assert res.rc == 0, res.err
+    hint = res.out.splitlines()[-1].removeprefix("end it with: ").removesuffix(" [--abort]")
+    assert shlex.split(hint) == ["fleece", "export", "stop", "--libvirt", vm.name]
+    line = one_line_error(lv(fleece, vm, "backup", "--repo", tmp_path / "repo"), 1)
+    assert shlex.join(["fleece", "export", "stop", "--libvirt", vm.name]) in line
+    # Pasted into a shell (with this test's --connect), it works.
+    pasted = subprocess.run(f"{hint} --connect {shlex.quote(vm.host.uri)}", shell=True, capture_output=True,
+                            text=True, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                                  f"{os.environ['PATH']}"})
+    assert pasted.returncode == 0 and "committed" in pasted.stdout, pasted.stderr

@@ -25,7 +25,6 @@ from fleece.libvirt.domain import (
     version_tuple,
 )
 from fleece.libvirt.job import JobState, running_job
-from fleece.liveness import process_gone
 
 T = TypeVar("T")
 
@@ -110,7 +109,7 @@ def collect_status(dom: Any) -> dict[str, Any]:
     if job is not None and job_state is not None and job_state.owner_gone():
         leftovers.append(f"backup job of killed fleece pid {job_state.pid}")
     for run in lv_export.ended_runs(dom, job):
-        what = "being set up or ended by" if not process_gone(run.host, run.pid) else "left by"
+        what = "being set up or ended by" if not run.process_exited() else "left by"
         leftovers.append(f"unfinished run of restore point {run.checkpoint} ({what} fleece pid "
                          f"{run.pid}, scratch directory {run.scratch})")
     return {

@@ -61,7 +61,6 @@ from fleece.libvirt.job import (
     remove_scratch,
     running_job,
 )
-from fleece.liveness import process_gone
 from fleece.testing import pause_point
 
 _log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def recover(dom: Any, log: Log, *, act: bool = True, exports: bool = False) -> l
         elif act:
             done += _finish(dom, state, f"fleece pid {state.pid}, which has exited,", log)
     for state in ended_runs(dom, job):
-        if not process_gone(state.host, state.pid):
+        if not state.process_exited():
             raise LeftoversPresent(f"another fleece run on domain {name} is under way (pid {state.pid}, "
                                    f"scratch directory {state.scratch}); nothing was changed")
         if act:

@@ -33,6 +33,7 @@ from fleece.fleecing.names import SOCKET_FILE, checkpoint_bitmap
 from fleece.fleecing.setup import default_scratch_parent
 from fleece.fleecing.state import ScratchState
 from fleece.libvirt.domain import JOB_OPERATION_BACKUP, bindings
+from fleece.liveness import process_gone
 
 STATE_FILE = "fleece-libvirt-export.json"
 SCRATCH_PREFIX = "fleece-lv-"
@@ -70,6 +71,10 @@ class JobState(ScratchState):
     host: str = field(default_factory=gethostname)
     outcome: str | None = None
     disks: list[JobDisk] = field(default_factory=list)
+
+    def process_exited(self) -> bool:
+        """Whether the process that wrote this state (whatever its owner) has certainly exited."""
+        return process_gone(self.host, self.pid)
 
     @classmethod
     def load(cls, scratch: str | Path) -> JobState | None:
