@@ -75,6 +75,19 @@ def test_qemu_killed_makes_the_next_backup_full_with_the_reason_and_drops_the_st
     assert levels(p4) == {"vda": "incremental"} and p4["parent"] == p3["point"]
     assert p4["disks"][0]["bytes_read"] == GRANULE
     assert identical(restore(fleece, repo, p4["point"], "vda", tmp_path / "r4"), vm.disk("vda").shadow)
+
+    # Inconsistent while the domain runs, and --level full: the point is stored and the run
+    # succeeds (it used to fail deleting the stale checkpoint); no stale bitmap is left.
+    vm.shut_down()
+    vm.start()
+    vm.write("vda", 24 * MiB, 4096, 0x15)
+    vm.flush("vda")
+    vm.kill_qemu()
+    vm.start()
+    p5, _ = backup(fleece, vm, repo, "--level", "full")
+    assert levels(p5) == {"vda": "full"}
+    assert identical(restore(fleece, repo, p5["point"], "vda", tmp_path / "r5"), vm.disk("vda").shadow)
+    assert vm.checkpoints() == vm.qcow2_bitmaps("vda") == [f"fleece-{p5['point']}"]
     assert list(scratch_tmpdir.iterdir()) == []
 
 
