@@ -117,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         if args.qmp and args.libvirt:
             raise BadInput(f"config file {args.config} names both qmp and libvirt")
     on_libvirt.check_connect(args)
+    if args.libvirt and args.dead_only:
+        # libvirt's own job state says who holds a backup job; the next
+        # `fleece backup --libvirt` recovers from a dead run. Touch nothing here.
+        print(f"left alone: --dead-only looks only at QMP-direct VMs; the next "
+              f"{shlex.join(['fleece', 'backup', '--libvirt', args.libvirt])} cleans up after a dead run")
+        return 0
     if args.libvirt:
         return on_libvirt.cleanup(args)
     if not args.qmp and not args.stale:
