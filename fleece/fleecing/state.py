@@ -103,8 +103,14 @@ class ScratchState(StateFile):
 
     @property
     def process(self) -> Owner:
-        """The process that wrote the state (``boot_id`` and the rest where the file has them)."""
-        return Owner.from_json({f: getattr(self, f, None) for f in ("host", "pid", *IDENTITY_FIELDS)})
+        """The process that wrote the state (``boot_id`` and the rest where the file has them).
+
+        A record with a field of the wrong type names nobody who could be certainly dead.
+        """
+        try:
+            return Owner.from_json({f: getattr(self, f, None) for f in ("host", "pid", *IDENTITY_FIELDS)})
+        except ValueError:
+            return Owner(str(getattr(self, "host", "")), 0)
 
     def owner_gone(self) -> bool:
         """Whether this is a session's export whose process has certainly exited
