@@ -120,11 +120,12 @@ def recover(dom: Any, log: Log, *, act: bool = True, exports: bool = False) -> l
 
     Refused (changing nothing): another tool's backup job, a fleece export
     that is up (``export start``), a fleece run whose process may be alive.
-    A run whose process is gone (same host, pid exited), or whose backup job
-    is gone (the domain stopped), is finished as :func:`cleanup` does: as an
-    abort, unless its state file says the commit had been decided (its point
-    is stored). Each finished run is said in one line. ``act=False`` only checks;
-    ``exports`` takes down an export left up by ``export start`` too, as an abort.
+    A run whose process has certainly exited (``JobState.process_exited``),
+    with its backup job still running or gone with the domain's QEMU, is
+    finished as :func:`cleanup` does: as an abort, unless its state file says
+    the commit had been decided (its point is stored). Each finished run is
+    said in one line. ``act=False`` only checks; ``exports`` takes down an
+    export left up by ``export start`` too, as an abort.
     """
     name = dom.name()
     job = running_job(dom) if is_running(dom) else None
