@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,27 @@ def test_every_hint_names_the_domain_so_that_it_can_be_pasted(make_domain: Any, 
                             text=True, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
                                                                   f"{os.environ['PATH']}"})
     assert pasted.returncode == 0 and "committed" in pasted.stdout, pasted.stderr
+
+
+def test_sigterm_mid_backup_aborts_and_leaves_libvirt_as_found(make_domain: Any, fleece: Any, tmp_path: Any,
+                                                              scratch_tmpdir: Any, hold_backup: Any) -> None:
+    # systemctl stop, a unit's timeout, a shutdown: SIGTERM aborts like Ctrl-C.
+    vm = make_domain()
+    repo = tmp_path / "repo"
+    vm.write("vda", 0, 2 * MiB, 0x81)
+    p1, _ = backup(fleece, vm, repo)
+    vm.write("vda", 6 * MiB, MiB, 0x82)
+    held = hold_backup(vm, repo, "export-live")
+    held.wait_held()
+    before = vm.libvirt_state()
+    assert before["job"] == "Unbounded"
+    held.proc.send_signal(signal.SIGTERM)
+    rc, _, err = held.release()
+    assert rc == 143 and "Traceback" not in err, (rc, err)
+    assert vm.libvirt_state() == {"checkpoints": {f"fleece-{p1['point']}": None}, "job": "None",
+                                  "state": "paused"}
+    assert point_ids(fleece, repo) == [p1["point"]] and list(scratch_tmpdir.iterdir()) == []
+    p2, err = backup(fleece, vm, repo)
+    assert "left its libvirt backup" not in err  # nothing was left to finish
+    assert levels(p2) == {"vda": "incremental"} and p2["disks"][0]["bytes_read"] == MiB
+    assert identical(restore(fleece, repo, p2["point"], "vda", tmp_path / "r2"), vm.disk("vda").shadow)
