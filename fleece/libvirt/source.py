@@ -19,6 +19,7 @@ from fleece.libvirt.domain import (
     command,
     disks_of,
     dotted,
+    is_running,
     libvirt_errors,
     live_xml,
     lookup,
@@ -136,7 +137,10 @@ async def libvirt_export(
         yield export
     except BaseException as exc:
         try:
-            await asyncio.to_thread(_end, dom, uri, state, False, log)
+            done = await asyncio.to_thread(_end, dom, uri, state, False, log)
+            if not await asyncio.to_thread(_running, dom):
+                log(f"domain {state.domain} stopped during the backup; aborted it and removed "
+                    f"{', '.join(done) or 'nothing'}; the next backup after the domain starts goes on")
         except FleeceError as undo:
             exc.add_note(str(undo))
             log(str(undo))
@@ -151,18 +155,25 @@ async def libvirt_export(
             + command("fleece", "cleanup", "--libvirt", state.domain) + ")")
 
 
-def _end(dom: Any, uri: str, state: JobState, commit: bool, log: Log) -> None:
+def _running(dom: Any) -> bool:
+    """Whether the domain still runs (False when libvirt cannot say either)."""
+    try:
+        return is_running(dom)
+    except bindings().libvirtError:
+        return False
+
+
+def _end(dom: Any, uri: str, state: JobState, commit: bool, log: Log) -> list[str]:
     """End the export; when the connection to libvirtd broke (libvirtd restarted), once more on a
     new connection (libvirtd keeps the domain's backup job across its restart)."""
     try:
         with libvirt_errors(state.domain):
-            lv_export.end(dom, state, commit=commit, log=log)
-        return
+            return lv_export.end(dom, state, commit=commit, log=log)
     except ConnectionLost as exc:
         log(f"the connection to libvirtd broke ({exc}); ending the backup job on a new connection")
     conn = open_connection(uri)
     try:
         with libvirt_errors(state.domain):
-            lv_export.end(conn.lookupByUUIDString(state.uuid), state, commit=commit, log=log)
+            return lv_export.end(conn.lookupByUUIDString(state.uuid), state, commit=commit, log=log)
     finally:
         conn.close()
