@@ -42,6 +42,38 @@ TRIM_ALIGNMENT = 65536
 """The copy-before-write cluster: an NBD trim not aligned to it aborts QEMU < 9.0 (docs/design.md §2.4).
 Kept on later versions too: a smaller trim frees nothing in the reverse delta."""
 
+CBW_CLUSTER = 65536
+"""The copy-before-write filter's cluster: fleece's reverse delta is a plain file, so QEMU's
+block-copy uses its default (64 KiB) on every supported version."""
+HBITMAP_STATUS_FIXED = (8, 0, 0)
+"""First QEMU whose copy-before-write snapshot answers every request right: before it,
+``hbitmap_status()`` called a range that starts in an already-copied run and goes past it
+"not copied", and QEMU answered it from the live disk (docs/design.md §2.4)."""
+
+
+def parse_qemu_version(text: str | None) -> tuple[int, int, int] | None:
+    """``"7.2.22"`` → ``(7, 2, 22)``; None when it is not of that form."""
+    parts = (text or "").split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def max_request(qemu_version: tuple[int, int, int] | None) -> int | None:
+    """How far one NBD read or block-status request on the export may reach, or None: any.
+
+    On QEMU before 8.0 (or an unknown version), every request must lie within one
+    :data:`CBW_CLUSTER`-aligned cluster: inside one cluster the filter's answer cannot be
+    wrong (its "copied" bitmap has one bit per cluster). QEMU's own NBD server keeps a
+    client's request whole, and answers a structured read's holes and a block-status
+    request from the same bitmap over the client's whole range, so the bound is the
+    client's to keep.
+    """
+    if qemu_version is not None and qemu_version >= HBITMAP_STATUS_FIXED:
+        return None
+    return CBW_CLUSTER
+
+
 _log = logging.getLogger(__name__)
 
 
@@ -110,6 +142,12 @@ class PointInTimeExport:
     transport: ServerTransport | None = None
     """Where the NBD server listens and the client credentials it wants."""
 
+    @property
+    def max_request(self) -> int | None:
+        """Every read and block-status request must stay inside one aligned block of this many
+        bytes (QEMU < 8.0, docs/design.md §2.4); None: any request is answered right."""
+        return max_request(self.qemu_version)
+
     def disk(self, drive: str) -> DiskExport:
         """The export of ``drive`` (the name it was asked under)."""
         for d in self.disks:
@@ -122,7 +160,8 @@ class PointInTimeExport:
         out: dict[str, Any] = {
             "checkpoint": self.checkpoint, "disks": [d.as_dict() for d in self.disks],
             "pause_ms": None if self.pause_ms is None else round(self.pause_ms, 3),
-            "socket": self.socket_path, "trim_alignment": self.trim_alignment}
+            "socket": self.socket_path, "trim_alignment": self.trim_alignment,
+            "max_request": self.max_request}
         if self.transport is not None and self.transport.is_tcp:
             # Paths and names only: which credentials a client needs, never a key.
             out["transport"] = self.transport.client_credentials()
@@ -256,9 +295,12 @@ async def cleanup(session: QmpSession, log: Callable[[str], None] | None = None)
 
 
 __all__ = [
+    "CBW_CLUSTER",
     "DiskExport",
     "PointInTimeExport",
     "cleanup",
+    "max_request",
+    "parse_qemu_version",
     "point_in_time_export",
     "start_export",
     "stop_export",
