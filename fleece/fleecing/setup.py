@@ -306,9 +306,13 @@ def copy_before_write_options(d: DiskState, version: tuple[int, int, int]) -> di
     snapshot breaks and the write goes on. Older QEMU (7.2 included) keeps it
     unset: its timeout arithmetic wraps around above 4 s.
     """
+    # discard: unmap passes the guest's discards on to SRC (whose own discard
+    # option then decides, as without the filter), after the filter has
+    # copied the old data away; QEMU's default (ignore) would drop them
+    # silently while the export is up (docs/design.md §2.4).
     options: dict[str, object] = {"driver": "copy-before-write", "node-name": cbw_node(d.key),
                                   "file": d.src, "target": delta_node(d.key),
-                                  "on-cbw-error": "break-snapshot"}
+                                  "on-cbw-error": "break-snapshot", "discard": "unmap"}
     if version >= CBW_TIMEOUT_SINCE:
         options["cbw-timeout"] = CBW_TIMEOUT_SECONDS
     return options
