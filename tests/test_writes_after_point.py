@@ -27,7 +27,13 @@ import nbd
 import pytest
 from backups import CHUNK, MiB, backup, identical, random_image, restore
 
-pytestmark = pytest.mark.qemu
+from fleece.errors import ExportError
+from fleece.fleecing.request_bound import (
+    CBW_CLUSTER,
+    max_request,
+    parse_qemu_version,
+    refuse_unbounded_reader,
+)
 
 KiB = 1 << 10
 
@@ -63,6 +69,7 @@ def guest_writes(vm: Any) -> None:
             vm._shadow_write("vda", offset, bytes(length))
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 @pytest.mark.parametrize("phase", ["export-live", "chunk-stored"])
 def test_writes_after_the_snapshot_point_stay_out_of_the_backup(
@@ -129,13 +136,14 @@ def read_like_a_vendor(uri: str, size: int, max_request: int | None, *, structur
     return bytes(out)
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple-replies"])
 def test_a_vendor_reader_of_export_start_sees_the_point(
         make_vm: Any, fleece: Any, tmp_path: Path, structured: bool) -> None:
     seed = random_image(tmp_path / "seed.raw", DISK, 33)
     vm = make_vm([("qcow2", DISK)], contents={"vda": seed}, node_opts=UNMAP)
     at_snapshot = seed.read_bytes()
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--json")
+    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--bounded-requests", "--json")
     assert res.rc == 0, res.err
     export = res.json()
     try:
@@ -146,3 +154,38 @@ def test_a_vendor_reader_of_export_start_sees_the_point(
         assert fleece("export", "stop", "--qmp", vm.qmp_path).rc == 0
     bad = next((i for i in range(0, DISK, 4096) if got[i:i + 4096] != at_snapshot[i:i + 4096]), None)
     assert bad is None, f"the export showed a write from after its point near offset {bad}"
+
+
+@pytest.mark.qemu
+def test_export_start_without_bounded_requests_is_refused_on_qemu_before_8(
+        make_vm: Any, fleece: Any, tmp_path: Path) -> None:
+    vm = make_vm()
+    version = vm.qmp("query-version")["qemu"]
+    if (version["major"], version["minor"]) >= (8, 0):
+        pytest.skip("QEMU 8.0 and later answer every request right")  # (Debian 13: see the unit test)
+    before = vm.block_graph()
+    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--json")
+    assert res.rc == 1 and res.out == ""
+    line = res.err.strip()
+    assert "\n" not in line and line.startswith("fleece: error: "), res.err
+    assert "hbitmap_status" in line and "--bounded-requests" in line and "nothing was changed" in line
+    assert vm.block_graph() == before
+
+
+@pytest.mark.parametrize(("version", "bound"), [
+    ((7, 1, 0), CBW_CLUSTER), ((7, 2, 22), CBW_CLUSTER), ((7, 2, 99), CBW_CLUSTER),
+    ((8, 0, 0), None), ((9, 2, 0), None), ((10, 0, 13), None), (None, CBW_CLUSTER),
+])
+def test_requests_are_bounded_on_every_qemu_before_8_and_when_the_version_is_unknown(
+        version: Any, bound: int | None) -> None:
+    assert max_request(version) == bound
+    if version is not None:
+        if bound is None:
+            refuse_unbounded_reader(version, False)  # fast path: no promise needed
+        else:
+            with pytest.raises(ExportError, match="hbitmap_status"):
+                refuse_unbounded_reader(version, False)
+        refuse_unbounded_reader(version, True)
+    assert parse_qemu_version("7.2.22") == (7, 2, 22)
+    assert parse_qemu_version("10.0.13") == (10, 0, 13)
+    assert parse_qemu_version("unknown") is None

@@ -29,8 +29,8 @@ from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chun
 from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, QmpSource, qmp_vm_name
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
-from fleece.fleecing.export import max_request, parse_qemu_version
 from fleece.fleecing.names import checkpoint_bitmap
+from fleece.fleecing.request_bound import max_request, parse_qemu_version
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
 from fleece.repo.format.index import ChunkIndex

@@ -34,8 +34,9 @@ from fleece.backup.job import (
 )
 from fleece.errors import BadInput
 from fleece.fleecing import DiskExport
-from fleece.fleecing.export import CBW_CLUSTER, TRIM_ALIGNMENT
+from fleece.fleecing.export import TRIM_ALIGNMENT
 from fleece.fleecing.names import CHECKPOINT_RE, checkpoint_bitmap
+from fleece.fleecing.request_bound import CBW_CLUSTER
 from fleece.fleecing.transport import check_client_uri
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import Disk

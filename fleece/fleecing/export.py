@@ -32,6 +32,7 @@ from fleece.fleecing.checkpoints import ParentOk
 from fleece.fleecing.graph import export_states, read_graph
 from fleece.fleecing.leftovers import Leftovers
 from fleece.fleecing.names import checkpoint_bitmap, dirty_bitmap_context, export_id, frozen_bitmap
+from fleece.fleecing.request_bound import CBW_CLUSTER, max_request, parse_qemu_version
 from fleece.fleecing.setup import SetUp, set_up
 from fleece.fleecing.state import ExportState
 from fleece.fleecing.teardown import tear_down
@@ -41,38 +42,6 @@ from fleece.qmp import Disk, QmpSession
 TRIM_ALIGNMENT = 65536
 """The copy-before-write cluster: an NBD trim not aligned to it aborts QEMU < 9.0 (docs/design.md §2.4).
 Kept on later versions too: a smaller trim frees nothing in the reverse delta."""
-
-CBW_CLUSTER = 65536
-"""The copy-before-write filter's cluster: fleece's reverse delta is a plain file, so QEMU's
-block-copy uses its default (64 KiB) on every supported version."""
-HBITMAP_STATUS_FIXED = (8, 0, 0)
-"""First QEMU whose copy-before-write snapshot answers every request right: before it,
-``hbitmap_status()`` called a range that starts in an already-copied run and goes past it
-"not copied", and QEMU answered it from the live disk (docs/design.md §2.4)."""
-
-
-def parse_qemu_version(text: str | None) -> tuple[int, int, int] | None:
-    """``"7.2.22"`` → ``(7, 2, 22)``; None when it is not of that form."""
-    parts = (text or "").split(".")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        return None
-    return int(parts[0]), int(parts[1]), int(parts[2])
-
-
-def max_request(qemu_version: tuple[int, int, int] | None) -> int | None:
-    """How far one NBD read or block-status request on the export may reach, or None: any.
-
-    On QEMU before 8.0 (or an unknown version), every request must lie within one
-    :data:`CBW_CLUSTER`-aligned cluster: inside one cluster the filter's answer cannot be
-    wrong (its "copied" bitmap has one bit per cluster). QEMU's own NBD server keeps a
-    client's request whole, and answers a structured read's holes and a block-status
-    request from the same bitmap over the client's whole range, so the bound is the
-    client's to keep.
-    """
-    if qemu_version is not None and qemu_version >= HBITMAP_STATUS_FIXED:
-        return None
-    return CBW_CLUSTER
-
 
 _log = logging.getLogger(__name__)
 
@@ -197,6 +166,7 @@ async def start_export(
     qga: str | None = None,
     log: Callable[[str], None] | None = None,
     transport: ServerTransport | None = None,
+    bounded_requests: bool = False,
 ) -> PointInTimeExport:
     """Make the export live and leave it up; end it with :func:`stop_export`.
 
@@ -205,7 +175,7 @@ async def start_export(
     """
     done = await set_up(session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
                         discard=discard, scratch_dir=scratch_dir, qga=qga, log=log or _log.warning,
-                        transport=transport)
+                        transport=transport, bounded_requests=bounded_requests)
     return _describe(done)
 
 
@@ -222,6 +192,7 @@ async def point_in_time_export(
     qga: str | None = None,
     log: Callable[[str], None] | None = None,
     transport: ServerTransport | None = None,
+    bounded_requests: bool = False,
 ) -> AsyncIterator[PointInTimeExport]:
     """Export ``drives`` at one point in time over QEMU's NBD server while the block runs.
 
@@ -237,6 +208,11 @@ async def point_in_time_export(
     filesystems around the snapshot point. ``transport`` is where QEMU's NBD
     server listens (default a unix socket in the scratch directory; TCP with
     TLS: :func:`fleece.fleecing.transport.server_transport`).
+    ``bounded_requests=True`` says the reader keeps every read and
+    block-status request inside one aligned block of the export's
+    ``max_request``; on QEMU < 8.0 (where ``max_request`` is 64 KiB) the
+    export is refused without it, before any change (docs/export.md,
+    "Reading an export").
 
     Normal exit commits the checkpoints; an exception aborts them; either way
     QEMU is left as found plus one checkpoint bitmap per disk.
@@ -248,7 +224,7 @@ async def point_in_time_export(
     export = _describe(await set_up(
         session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
         discard=discard, scratch_dir=scratch_dir, qga=qga, log=say, owner="session",
-        transport=transport))
+        transport=transport, bounded_requests=bounded_requests))
     state = ExportState.load(export.scratch_dir)
     try:
         yield export

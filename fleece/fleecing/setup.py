@@ -42,6 +42,7 @@ from fleece.fleecing.names import (
     snapshot_node,
 )
 from fleece.fleecing.qga import GuestAgent
+from fleece.fleecing.request_bound import refuse_unbounded_reader
 from fleece.fleecing.state import DiskState, ExportState
 from fleece.fleecing.teardown import tear_down
 from fleece.fleecing.transport import ServerTransport, link_psk
@@ -93,16 +94,21 @@ async def set_up(
     log: Log,
     owner: str = "export",
     transport: ServerTransport | None = None,
+    bounded_requests: bool = False,
 ) -> SetUp:
     """Make the export live; on failure undo everything and raise.
 
     ``transport`` is where QEMU's NBD server listens (default: a unix socket
     in the scratch directory; see :mod:`fleece.fleecing.transport`).
+    ``bounded_requests``: the reader keeps every request inside one
+    ``max_request`` block; QEMU < 8.0 is refused without it
+    (:mod:`fleece.fleecing.request_bound`).
     """
     version = await session.qemu_version()
     if version < MIN_QEMU:
         raise ExportError(f"QEMU {'.'.join(map(str, version))} is too old: fleece needs 7.1 or later "
                           "(snapshot-access); nothing was changed")
+    refuse_unbounded_reader(version, bounded_requests)
     graph = await read_graph(session)
     _refuse_leftovers(graph)
     point = checkpoint or new_point_id()
