@@ -27,7 +27,8 @@ import nbd
 import pytest
 from backups import CHUNK, MiB, backup, identical, random_image, restore
 
-from fleece.errors import ExportError
+from fleece.backup.remote import read_export
+from fleece.errors import BadInput, ExportError
 from fleece.fleecing.request_bound import (
     CBW_CLUSTER,
     max_request,
@@ -189,3 +190,26 @@ def test_requests_are_bounded_on_every_qemu_before_8_and_when_the_version_is_unk
     assert parse_qemu_version("7.2.22") == (7, 2, 22)
     assert parse_qemu_version("10.0.13") == (10, 0, 13)
     assert parse_qemu_version("unknown") is None
+
+
+@pytest.mark.parametrize(("said", "bound"), [
+    ({}, CBW_CLUSTER),                      # an older fleece or --libvirt: which QEMU is unknown
+    ({"max_request": None}, None),          # QEMU 8.0 or later
+    ({"max_request": CBW_CLUSTER}, CBW_CLUSTER),
+])
+def test_backup_from_export_bounds_its_requests_unless_the_export_says_it_need_not(
+        tmp_path: Path, said: dict[str, Any], bound: int | None) -> None:
+    exported = tmp_path / "export.json"
+    exported.write_text(json.dumps({
+        "checkpoint": "20261123T073600.123456Z-3f9a1c", **said,
+        "disks": [{"drive": "vda", "uri": "nbds://192.0.2.10:10809/vda", "size": DISK, "level": "full"}]}))
+    assert read_export(str(exported))[2] == bound
+
+
+def test_backup_from_export_refuses_a_max_request_that_does_not_divide_the_cluster(tmp_path: Path) -> None:
+    exported = tmp_path / "export.json"
+    exported.write_text(json.dumps({
+        "checkpoint": "20261123T073600.123456Z-3f9a1c", "max_request": 100_000,
+        "disks": [{"drive": "vda", "uri": "nbds://192.0.2.10:10809/vda", "size": DISK, "level": "full"}]}))
+    with pytest.raises(BadInput, match="max_request"):
+        read_export(str(exported))

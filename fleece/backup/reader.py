@@ -205,6 +205,8 @@ def _covered(offset: int, end: int, answers: dict[str, list[int]], contexts: Seq
         if not entries:
             raise ExportError(f"the export sent no block status for {ctx} at offset {offset}")
         covered = min(covered, offset + sum(entries[0::2]))
+    if covered <= offset:  # asking again from here would loop for ever
+        raise ExportError(f"the export's block status at offset {offset} covered nothing")
     return covered
 
 
