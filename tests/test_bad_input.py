@@ -91,8 +91,8 @@ CASES: list[tuple[str, Argv, int, str]] = [
     ("export-start-checkpoint-before-parent",
      lambda w: ["export", "start", "--bounded-requests", "--qmp", w.qmp, "--drive", "vda",
                 "--checkpoint", "20000101T000000.000000Z-aaaaaa"], 2, "does not sort after vda's parent"),
-    ("export-stop-abort-without-export", lambda w: ["export", "stop", "--qmp", w.qmp, "--abort"], 1,
-     "no fleece export is up in this QEMU; nothing was changed"),
+    ("export-stop-commit-and-abort", lambda w: ["export", "stop", "--qmp", w.qmp, "--abort", "--commit"],
+     2, "argument --commit: not allowed with argument --abort"),
     ("cleanup-unknown-option", lambda w: ["cleanup", "--qmp", w.qmp, "--drive", "vda"], 2,
      "unrecognized arguments: --drive vda"),
     # backup: repository URLs

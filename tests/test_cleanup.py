@@ -130,3 +130,24 @@ def test_filter_left_without_state_file(vm: Any, fleece: Any, tmp_path: Any) -> 
     assert "devices on filters" in res.out
     assert vm.block_graph() == before
     assert not delta.exists()
+
+
+def test_cleanup_takes_the_vm_from_a_backups_config(vm: Any, fleece: Any, tmp_path: Any) -> None:
+    vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
+    config = tmp_path / "vm1.toml"
+    config.write_text(f'qmp = "{vm.qmp_path}"\ndrives = ["vda"]\nrepo = "{tmp_path / "repo"}"\n'
+                      'scratch_dir = "/var/lib/fleece/scratch"\n[prune]\nkeep_last = 3\n')
+    res = fleece("cleanup", "--config", config, "--json")
+    assert res.rc == 0, res.err
+    assert res.json()["removed"]["bitmaps"] == ["fmt-vda/fleece-tmp-vda"]
+    # Leftovers no state file explains are not a dead process's: --dead-only leaves them.
+    vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
+    res = fleece("cleanup", "--config", config, "--dead-only", "--json")
+    assert res.rc == 0, res.err
+    doc = res.json()
+    assert doc["removed"]["bitmaps"] == [] and "an earlier fleece run left" in doc["kept"]
+    assert "fleece-tmp-vda" in vm.bitmaps("vda")
+    bare = tmp_path / "bare.toml"
+    bare.write_text('repo = "/srv/fleece"\n')
+    res = fleece("cleanup", "--config", bare)
+    assert res.rc == 2 and "names no qmp socket" in res.err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from typing import Any
 
@@ -55,7 +56,12 @@ def test_snapshot_keeps_old_bytes_and_stop_leaves_qemu_as_found(
     (shown,) = status["disks"]
     assert (shown["node"], shown["filter"], shown["format"]) == ("fmt-vda", "fleece-cbw-vda", "qcow2")
     assert [b["checkpoint"] for b in shown["bitmaps"]] == [disk["checkpoint"]]
-    assert status["export"] == {"checkpoint": disk["checkpoint"], "drives": ["vda"], "socket": out["socket"]}
+    # Left up by `export start`: `export stop` ends it.
+    assert status["export"] == {"checkpoint": disk["checkpoint"], "drives": ["vda"], "socket": out["socket"],
+                                "owner": "export", "pid": status["export"]["pid"],
+                                "host": os.uname().nodename,
+                                "owner_exited": False,
+                                "end_with": f"fleece export stop --qmp {shlex.quote(vm.qmp_path)}"}
 
     # The guest overwrites both patterns and a never-written region while the export is up.
     vm.write("vda", 0, 1 * MiB, 0x99)
