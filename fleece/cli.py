@@ -71,7 +71,8 @@ JSON_OUTPUT = {
               "  checkpoint}]}], export: null | {checkpoint, drives, socket},\n"
               " leftovers: {nodes, exports, jobs, bitmaps, attached, nbd_server}}",
     "export": "export start: {checkpoint, disks: [{drive, uri, size, dirty_bitmap, checkpoint, since,\n"
-              "  level, reason, discard, export, node, persistent}], pause_ms, socket, trim_alignment}",
+              "  level, reason, discard, export, node, persistent}], pause_ms, socket, trim_alignment,\n"
+              "  max_request}",
     "cleanup": "{removed: {nodes, exports, jobs, bitmaps, attached, nbd_server}}",
     "backup": "{point, vm, parent, disks: [{drive, level, size, bytes_read, bytes_stored, bytes_dirty,\n"
               "  objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused, chunks_zero,\n"
