@@ -7,6 +7,7 @@ local repositories do not pay for it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -43,6 +44,9 @@ def _s3_url(url: str, unsafe_locks: bool = False) -> Backend:
     return S3Backend(bucket, prefix, unsafe_locks=unsafe_locks)
 
 
+_SCHEME_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+"""What starts a URL: a word and a colon (a local path that starts so is written ``./NAME``)."""
+
 SCHEMES: dict[str, Callable[[str, bool], Backend]] = {
     "file": _file_url,
     "s3": _s3_url,
@@ -59,6 +63,12 @@ def open_backend(url: str, *, unsafe_locks: bool = False) -> Backend:
     if not url:
         raise BadInput("--repo needs a directory path, file:///abs/path or s3://bucket/prefix")
     if "://" not in url:
+        if (typo := _SCHEME_LIKE.match(url)) is not None:
+            # s3:/vault/fleece or s3:vault would otherwise be a local directory named "s3:".
+            raise BadInput(
+                f"repository {url!r} looks like a mistyped URL ({typo.group(0)} without '//'): "
+                "write s3://bucket/prefix or file:///abs/path, or ./" + url
+                + " for a local directory of that name; nothing was written")
         return _local(Path(url))
     scheme = urlsplit(url).scheme.lower()
     factory = SCHEMES.get(scheme)
