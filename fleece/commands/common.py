@@ -273,7 +273,7 @@ def open_repository(args: argparse.Namespace, backend: Backend | None = None,
 def no_repository_message(url: str, encrypted: bool, init_hint: str = "") -> str:
     """"No repository here", with the command that makes one (and ``init_hint``, e.g. ``--init``)."""
     how = "--encryption aes-256-gcm" if encrypted else "--encryption aes-256-gcm|none"
-    return (f"{url} holds no fleece repository; create it with 'fleece init --repo "
+    return (f"{url} is not a fleece repository (no config): create one with 'fleece init --repo "
             f"{shlex.quote(url)} {how}'{init_hint}; nothing was written")
 
 
