@@ -46,7 +46,7 @@ CONFIG_KEYS: dict[str, type] = {
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
     "trim": bool, "labels": dict, "verify": bool, "passphrase_file": str, "unsafe_locks": bool,
     "limit_upload": str, "limit_download": str, "metrics_file": str, "libvirt": str, "connect": str,
-    "accept_change": bool,
+    "accept_change": bool, "group_access": bool,
 }
 
 INIT_KEYS: dict[str, type] = {
@@ -186,7 +186,8 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
             raise BadInput(f"--label wants KEY=VALUE, not {item!r}")
         labels[key] = value
 
-    store = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks))
+    store = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks),
+                         group_access=bool(args.group_access))
     backend = limited_backend(store, args)
     if args.storers is None:
         # S3 is latency-bound and wants more uploads in flight than a local disk.

@@ -103,7 +103,7 @@ def add_recorded_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Na
     add_limit_options(parser)
     add_metrics_option(parser)
     add_json_option(parser)
-    parser.set_defaults(func=run, unsafe_locks=None)
+    parser.set_defaults(func=run, unsafe_locks=None, group_access=None)
 
 
 def print_json(obj: Any) -> None:
@@ -261,8 +261,9 @@ def open_repository(args: argparse.Namespace, backend: Backend | None = None,
     source = passphrase_source(args) if passphrase is None else (lambda: passphrase)
     if backend is None:
         # Paced below any encryption: the limit counts the bytes that travel.
-        backend = limited_backend(open_backend(args.repo, unsafe_locks=bool(getattr(
-            args, "unsafe_locks", False))), args)
+        backend = limited_backend(open_backend(
+            args.repo, unsafe_locks=bool(getattr(args, "unsafe_locks", False)),
+            group_access=bool(getattr(args, "group_access", False))), args)
     try:
         return Repository.open(backend, source, state=local_state(),
                                accept_change=bool(getattr(args, "accept_change", False)))

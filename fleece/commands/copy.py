@@ -84,7 +84,8 @@ def _copy(args: argparse.Namespace, record: Run) -> int:
         raise BadInput("--from and --to name the same repository")
     source = open_repository(args, limited_backend(open_backend(args.source), args))
     points = _select(source, args.points, args.vm)
-    dest_backend = limited_backend(open_backend(args.dest, unsafe_locks=bool(args.unsafe_locks)), args)
+    dest_backend = limited_backend(open_backend(args.dest, unsafe_locks=bool(args.unsafe_locks),
+                                                group_access=bool(args.group_access)), args)
     if dest_backend.url == source.url:  # the same place, however it was spelled
         raise BadInput("--from and --to name the same repository")
     dest_backend.reserve_connections(args.workers + 2)

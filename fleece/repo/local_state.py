@@ -71,6 +71,7 @@ class LocalState:
     def _dir(self, name: str) -> Path:
         d = self.root / name
         try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             for p in (self.root, d):
                 p.mkdir(mode=0o700, exist_ok=True)
                 if p.stat().st_mode & 0o077:

@@ -84,8 +84,9 @@ class NbdkitServer:
         private_dir: Path | None = None,
         limit_download: float | None = None,
     ) -> None:
-        """``passphrase`` opens an encrypted repository in the plugin (passed in nbdkit's
-        environment only, never on its command line)."""
+        """``passphrase`` opens an encrypted repository in the plugin: it reaches nbdkit on an
+        inherited pipe (``passphrase_fd=N``), never in its environment or on its command line,
+        where other processes of the user could read it (``/proc/PID/environ``)."""
         self.sock = sock
         self._passphrase = passphrase
         self.transport = transport or ServerTransport(socket=str(sock))
@@ -125,17 +126,29 @@ class NbdkitServer:
             *self.transport.nbdkit_args(), "--pidfile", str(pidfile), *self.options,
             "python", str(PLUGIN), *self.parameters,
         ]
-        env = {**os.environ, "FLEECE_SYS_PATH": _fleece_sys_path()}
-        env.pop("FLEECE_PASSPHRASE_COMMAND", None)
+        env = {k: v for k, v in os.environ.items()
+               if not (k.startswith("FLEECE_") and "PASSPHRASE" in k)}
+        env["FLEECE_SYS_PATH"] = _fleece_sys_path()
+        pass_fds: tuple[int, ...] = ()
         if self._passphrase is not None:
-            env["FLEECE_PASSPHRASE"] = self._passphrase.decode("utf-8", errors="surrogateescape")
+            # The whole passphrase fits the pipe's buffer: written and closed before nbdkit starts.
+            read_end, write_end = os.pipe()
+            try:
+                os.write(write_end, self._passphrase)
+            finally:
+                os.close(write_end)
+            pass_fds = (read_end,)
+            self.argv.append(f"passphrase_fd={read_end}")
         try:
             self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, umask=0o077)
+                                         stdout=subprocess.DEVNULL, umask=0o077, pass_fds=pass_fds)
         except FileNotFoundError:
             self._remove_private()
             raise FleeceError("nbdkit is not installed (Debian: apt install nbdkit "
                               "nbdkit-plugin-python); nothing is served") from None
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Wait until the launched nbdkit accepts connections; raise if it exits or is too slow."""
