@@ -80,7 +80,8 @@ def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_se
 
     # And back: a new local repository from the offsite copy, only the latest point.
     back = tmp_path / "restored-repo"
-    report = ok(fleece("copy", "--init", "--from", url, "--to", back, "latest", "--vm", "web1", "--json")).json()
+    report = ok(fleece("copy", "--init", "--from", url, "--to", back, "latest", "--vm", "web1",
+                       "--json")).json()
     assert report["copied"] == [p2]
     ok(fleece("restore", "--repo", back, p2, "--drive", "vda", "--output", tmp_path / "back.raw"))
     # The incremental names its parent, which stayed behind: it restores all the same.

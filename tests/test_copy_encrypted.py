@@ -186,8 +186,8 @@ def test_an_interrupted_encrypted_copy_leaves_no_point_and_the_next_one_finishes
     _, points = marked_points(make_vm, fleece, tmp_path, local)
     url = f"s3://{s3_bucket}/offsite"
     marker = tmp_path / "held"
-    proc = subprocess.Popen([FLEECE, "copy", "--init", "--from", str(local), "--to", url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([FLEECE, "copy", "--init", "--from", str(local), "--to", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env={**os.environ, "FLEECE_TEST_PAUSE_AT": "before-point",
                                  "FLEECE_TEST_PAUSE_FILE": str(marker)})
     try:
