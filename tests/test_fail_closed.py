@@ -204,3 +204,79 @@ def test_modes_of_every_new_file_and_directory(
     assert res.rc == 2 and "is open to its group or others (mode 0644)" in one_line(res)
     secret.chmod(0o600)
     assert without_passphrase(fleece, "list", "--repo", repo, "--passphrase-file", secret).rc == 0
+
+
+def test_no_child_process_gets_a_passphrase_in_its_environment(
+        store_point: Any, tmp_path: Path, short_tmp: Path) -> None:
+    """nbdkit gets the passphrase on a pipe; qemu-img, qemu-nbd, nbdkit and the passphrase command
+    get no ``FLEECE_*PASSPHRASE*`` variable. Each tool is wrapped by a script that saves the
+    environment it was started with (``/proc/$$/environ``) and then becomes the real tool."""
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    import nbd
+
+    fleece_bin = str(Path(sys.executable).parent / "fleece")
+    repo = tmp_path / "repo"
+    Repository.init(FileBackend(repo), 64 * 1024, 3, encryption="aes-256-gcm",
+                    passphrase=TEST_PASSPHRASE.encode())
+    opened = Repository.open(FileBackend(repo), lambda: TEST_PASSPHRASE.encode())
+    data = bytes(range(256)) * 4096  # 1 MiB
+    point = store_point(opened, new_point_id(), {"vda": data}, vm="web1").id
+
+    dumps, bin_dir = tmp_path / "environ", tmp_path / "bin"
+    dumps.mkdir()
+    bin_dir.mkdir()
+    for tool in ("nbdkit", "qemu-img", "qemu-nbd", "qemu-io"):
+        real = shutil.which(tool)
+        assert real is not None, tool
+        wrapper = bin_dir / tool
+        wrapper.write_text(f'#!/bin/sh\ncat /proc/$$/environ > "{dumps}/{tool}.$$"\nexec {real} "$@"\n')
+        wrapper.chmod(0o755)
+    command = bin_dir / "passphrase-command"
+    command.write_text(f'#!/bin/sh\ncat /proc/$$/environ > "{dumps}/command.$$"\n'
+                       f'printf "%s" "{TEST_PASSPHRASE}"\n')
+    command.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FLEECE_PASSPHRASE": TEST_PASSPHRASE,
+           "FLEECE_TO_PASSPHRASE": TEST_PASSPHRASE, "FLEECE_NEW_PASSPHRASE": TEST_PASSPHRASE}
+
+    # serve: nbdkit's plugin opens the repository with the passphrase from the pipe.
+    sock = short_tmp / "s.sock"
+    proc = subprocess.Popen([fleece_bin, "serve", "--repo", str(repo), point, "--socket", str(sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=env)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        uri = proc.stdout.readline().strip() if ready else ""
+        assert uri.startswith("nbd+unix://"), proc.stderr.read() if proc.stderr else ""
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "nbdkit runs as a child of fleece serve"
+        for pid in children:  # the running nbdkit itself
+            (dumps / f"running-child.{pid}").write_bytes(Path(f"/proc/{pid}/environ").read_bytes())
+            assert TEST_PASSPHRASE.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(len(data), 0) == data  # the plugin did open the encrypted repository
+        h.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+    # restore to qcow2 (qemu-img, qemu-nbd), the passphrase from a command.
+    command_env = {k: v for k, v in env.items() if k != "FLEECE_PASSPHRASE"}
+    command_env["FLEECE_PASSPHRASE_COMMAND"] = str(command)
+    done = subprocess.run([fleece_bin, "restore", "--repo", str(repo), point, "-o", str(tmp_path / "x.qcow2"),
+                           "--format", "qcow2"], capture_output=True, text=True, env=command_env,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+
+    seen = sorted(p.name.split(".")[0] for p in dumps.iterdir())
+    assert {"nbdkit", "qemu-img", "qemu-nbd", "command", "running-child"} <= set(seen), seen
+    for dump in dumps.iterdir():
+        environ = dump.read_bytes()
+        assert b"FLEECE_" not in environ.replace(b"FLEECE_SYS_PATH", b"").replace(
+            b"FLEECE_TEST", b""), (dump.name, [v for v in environ.split(b"\0") if b"FLEECE" in v])
+        assert TEST_PASSPHRASE.encode() not in environ, dump.name
