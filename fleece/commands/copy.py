@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
+from fleece.commands.backup import INIT_KEYS as BACKUP_INIT_KEYS
 from fleece.commands.common import (
     TO_PASSPHRASE_COMMAND_ENV,
     TO_PASSPHRASE_ENV,
@@ -31,9 +32,10 @@ from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
 from fleece.repo.repository import InitSettings, Repository, plaintext_refused
 
 CONFIG_KEYS: dict[str, type] = {**BACKUP_KEYS, "to_passphrase_file": str, "to_plaintext": bool}
-INIT_KEYS: dict[str, type] = {"object_lock": bool, "object_lock_days": int, "object_lock_mode": str}
+INIT_KEYS: dict[str, type] = {**BACKUP_INIT_KEYS, "object_lock": bool}
 """The ``[init]`` table of ``copy --config``: create the destination if it is empty; its Object
-Lock settings if not the source's (``object_lock = false``: none)."""
+Lock settings if not the source's (``object_lock = false``: none). The destination is made like
+the source, so backup's other keys are accepted (one file serves both) and must agree with it."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -145,6 +147,10 @@ def _init_settings(args: argparse.Namespace, source: Repository) -> InitSettings
     elif days is not None:
         lock = ObjectLock(check_lock_days(days), mode or "governance")
     settings = settings_like(source, to_plaintext=bool(args.to_plaintext), object_lock=lock)
+    wanted = table.get("encryption")
+    if wanted is not None and wanted != settings.encryption:
+        raise BadInput(f"[init] encryption = {wanted!r}, but copy makes {args.dest} like the source: "
+                       f"{settings.encryption} (--to-plaintext: none); nothing was copied")
     if settings.encryption == "none" and to_passphrase_source(args) is not None:
         # A destination passphrase given means an encrypted destination (fail closed).
         raise plaintext_refused(args.dest, "create")
