@@ -461,10 +461,11 @@ def fleece() -> Any:
         encryption = os.environ.get(ENCRYPTION_UNDER_TEST)
         words = [str(a) for a in args]
         repo = None
-        if words[:1] == ["backup"] and "--repo" in words:
+        command = next((n for n, w in enumerate(words) if not w.startswith("-")), 0)  # after -vvv
+        if words[command:command + 1] == ["backup"] and "--repo" in words:
             repo = words[words.index("--repo") + 1]
             if init and "--init" not in words:
-                words.insert(1, "--init")
+                words.insert(command + 1, "--init")
         p = subprocess.run(
             [FLEECE, *words],
             capture_output=True,

@@ -6,11 +6,20 @@ only supplies the data: :mod:`fleece.serve.plugin` runs inside nbdkit's
 embedded Python. The socket is created with umask 077 (mode 0600), so only
 the serving user can connect. On TCP, nbdkit requires TLS and verifies the
 client's certificate (:mod:`fleece.fleecing.transport` builds its options).
+
+nbdkit (1.32, Debian 12) cannot let in only one client identity, so with
+``--tls-authz`` nbdkit listens on a unix socket in the private directory and
+QEMU's ``qemu-nbd`` fronts it on TCP: TLS with the same credentials plus an
+``authz-simple`` object naming the one DN (or PSK user) that may connect —
+the same check ``fleece export start --tls-authz`` has QEMU make. It dies
+with fleece (``PR_SET_PDEATHSIG``), as nbdkit does (``--exit-with-parent``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import shutil
 import signal
@@ -24,7 +33,7 @@ from types import TracebackType
 
 import fleece
 from fleece.errors import BadInput, FleeceError
-from fleece.fleecing.transport import ServerTransport
+from fleece.fleecing.transport import ServerTransport, link_psk
 from fleece.repo.format.point import RestorePoint
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 
@@ -56,6 +65,11 @@ def prepare_socket(path: str | Path) -> Path:
     if sock.exists() or sock.is_symlink():
         raise BadInput(f"{sock} exists and is not a socket; choose another --socket path")
     return sock
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when fleece dies (qemu-nbd has no --exit-with-parent)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _fleece_sys_path() -> str:
@@ -106,6 +120,8 @@ class NbdkitServer:
         self._private_dir = private_dir
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.front: subprocess.Popen[bytes] | None = None
+        """``qemu-nbd`` in front of nbdkit when one client identity is allowed (``--tls-authz``)."""
 
     def start(self, timeout: float = 30) -> None:
         """Start nbdkit and wait until it accepts connections."""
@@ -121,9 +137,12 @@ class NbdkitServer:
         else:
             self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
         pidfile = self._private / "nbdkit.pid"
+        listen = self.transport
+        if self.transport.authz:
+            listen = ServerTransport(socket=str(self._private / "nbdkit.sock"))  # qemu-nbd fronts it
         self.argv = [
             NBDKIT, "--foreground", "--exit-with-parent", "--readonly",
-            *self.transport.nbdkit_args(), "--pidfile", str(pidfile), *self.options,
+            *listen.nbdkit_args(), "--pidfile", str(pidfile), *self.options,
             "python", str(PLUGIN), *self.parameters,
         ]
         env = {k: v for k, v in os.environ.items()
@@ -168,6 +187,40 @@ class NbdkitServer:
             time.sleep(0.02)
         if self.sock is not None and not self.transport.is_tcp:
             os.chmod(self.sock, 0o600)
+        if self.transport.authz:
+            self._start_front(deadline)
+
+    def _start_front(self, deadline: float) -> None:
+        """``qemu-nbd`` on TCP with TLS and ``authz-simple``, reading nbdkit's private socket."""
+        assert self._private is not None
+        inner = self._private / "nbdkit.sock"
+        pidfile = self._private / "qemu-nbd.pid"
+        objects = self.transport.qemu_objects(link_psk(self.transport, self._private))
+        argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=0", "--format=raw",
+                f"--bind={self.transport.host}", f"--port={self.transport.port}",
+                *(f"--object={json.dumps(o)}" for o in objects),
+                f"--tls-creds={objects[0]['id']}", f"--tls-authz={objects[-1]['id']}",
+                f"--pid-file={pidfile}", ServerTransport(socket=str(inner)).uri()]
+        env = {k: v for k, v in os.environ.items()
+               if not (k.startswith("FLEECE_") and "PASSPHRASE" in k)}
+        try:
+            self.front = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, umask=0o077,
+                                          preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            self.stop()
+            raise FleeceError("qemu-nbd is not installed (Debian: qemu-utils); --tls-authz needs it; "
+                              "nothing is served") from None
+        while not pidfile.exists():
+            rc = self.front.poll()
+            if rc is not None:
+                self.stop()
+                raise FleeceError(f"qemu-nbd exited with status {rc} before serving (its messages "
+                                  "are above); nothing is served")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise FleeceError("qemu-nbd did not start serving in time; stopped it")
+            time.sleep(0.02)
 
     def wait(self) -> int:
         """Wait for nbdkit to exit; its status."""
@@ -175,15 +228,19 @@ class NbdkitServer:
         try:
             return self.proc.wait()
         finally:
+            self._stop_front()
             self._remove_private()
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Ask nbdkit to stop (it finishes requests in progress)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signum)
+        if self.front is not None and self.front.poll() is None:
+            self.front.send_signal(signum)
 
     def stop(self, timeout: float = 10) -> int | None:
         """Stop nbdkit (SIGTERM, then SIGKILL after ``timeout``); its status."""
+        self._stop_front(timeout)
         if self.proc is None:
             self._remove_private()
             return None
@@ -198,6 +255,17 @@ class NbdkitServer:
             if self.sock is not None and not self.transport.is_tcp and self.sock.is_socket():
                 self.sock.unlink()
         return rc
+
+    def _stop_front(self, timeout: float = 10) -> None:
+        if self.front is None:
+            return
+        if self.front.poll() is None:
+            self.front.terminate()
+        try:
+            self.front.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.front.kill()
+            self.front.wait()
 
     def _remove_private(self) -> None:
         if self._private is not None:
