@@ -122,6 +122,10 @@ def test_a_typo_in_the_location_with_a_passphrase_creates_nothing_plaintext(
         res = fleece(*backup, "--repo", url, env=PASS, init=False)
         assert res.rc == 2 and "looks like a mistyped URL" in one_line(res)
     assert not Path("s3:").exists() and vm.block_graph() == graph
+    # The checkpoint stayed with the real repository: its next backup is an incremental.
+    vm.write("vda", 4 * MiB, MiB, 0x62)
+    nxt = fleece(*backup, "--repo", repo, "--json", env=PASS)
+    assert nxt.rc == 0 and nxt.json()["disks"][0]["level"] == "incremental", nxt.err
     # Told to create it (--init), with a passphrase: encrypted, never plain.
     assert fleece(*backup, "--repo", typo, "--init", env=PASS, init=False).rc == 0
     assert json.loads((typo / "config").read_bytes())["encryption"] == "aes-256-gcm"

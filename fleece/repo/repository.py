@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError, RepositoryExists
+from fleece.errors import (
+    BadInput,
+    NotARepository,
+    RepositoryChanged,
+    RepositoryCorrupt,
+    RepositoryError,
+    RepositoryExists,
+)
 from fleece.repo.backends.base import Backend, ObjectMissing, Retention
 from fleece.repo.backends.store_check import STORE_PREFIX
 from fleece.repo.format import keys
@@ -412,7 +419,18 @@ class Repository:
                 # again; still no config means the objects are not ours.
                 return cls.open(backend, passphrase, state=state, accept_change=accept_change)
         if state is not None and not accept_change:
-            state.check_location_empty(backend.url)
+            try:
+                state.check_location_empty(backend.url)
+            except RepositoryChanged:
+                # Another run on this host may have made it since our look (and recorded it).
+                try:
+                    return cls.open(backend, passphrase, state=state)
+                except NotARepository:
+                    raise RepositoryChanged(
+                        f"{backend.url} held a repository when this host last used it and now holds "
+                        "none (deleted, or the store hides it): not creating another there; "
+                        "nothing was written; if the change was deliberate, run again with "
+                        "--accept-change") from None
         try:
             repo = cls.init(backend, settings.chunk_size, settings.compression_level,
                             hash=settings.hash, encryption=settings.encryption,
