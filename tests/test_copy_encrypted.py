@@ -173,6 +173,11 @@ def test_copies_between_different_keys_and_plain_rename_every_chunk_and_restore_
     # encrypted → plain: back in clear, restorable without any passphrase.
     back = tmp_path / "back"
     ok(fleece("init", "--repo", back, "--encryption", "none"))
+    # Only when asked for: a plaintext destination of an encrypted source is refused otherwise.
+    before = stored_objects(back)
+    res = fleece("copy", "--from", other, "--to", back, env=pass_env)
+    assert res.rc == 2 and "give --to-plaintext if that is what you want" in one_error_line(res.err)
+    assert stored_objects(back) == before
     ok(fleece("copy", "--to-plaintext", "--from", other, "--to", back, env=pass_env))
     restores_identical(fleece, back, points, tmp_path)
     assert ok(fleece("verify", "--repo", back, "--deep", "--json")).json()["ok"] is True
