@@ -148,6 +148,7 @@ def take_passphrases_from_environment() -> None:
     ``/proc/PID/environ``. nbdkit gets it on a pipe instead
     (:mod:`fleece.serve.server`).
     """
+    _taken.clear()  # what this run's environment says, never an earlier run's (in-process callers)
     for name in [n for n in os.environ if n.startswith("FLEECE_") and "PASSPHRASE" in n]:
         _taken[name] = os.environ.pop(name)
 
