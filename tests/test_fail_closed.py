@@ -284,3 +284,24 @@ def test_no_child_process_gets_a_passphrase_in_its_environment(
         assert b"FLEECE_" not in environ.replace(b"FLEECE_SYS_PATH", b"").replace(
             b"FLEECE_TEST", b""), (dump.name, [v for v in environ.split(b"\0") if b"FLEECE" in v])
         assert TEST_PASSPHRASE.encode() not in environ, dump.name
+
+
+def test_a_typo_in_an_s3_prefix_with_a_passphrase_file_in_the_config_writes_nothing(
+        make_vm: Any, fleece: Any, tmp_path: Path, s3_env: Any, s3_bucket: str) -> None:
+    """The issue's reproduction: ``backup --config vm1.toml --repo s3://vault/flece`` with
+    ``passphrase_file`` set used to make a new plaintext repository there and move the checkpoint."""
+    secret = tmp_path / "vm1.pass"
+    secret.write_text(TEST_PASSPHRASE)
+    secret.chmod(0o600)
+    config = tmp_path / "vm1.toml"
+    config.write_text(f'passphrase_file = "{secret}"\n')
+    vm = make_vm([("qcow2", "8M")], name="web1")
+    vm.write("vda", 0, MiB, 0x61)
+    graph = vm.block_graph()
+    res = fleece("backup", "--config", config, "--qmp", vm.qmp_path, "--drive", "vda",
+                 "--repo", f"s3://{s3_bucket}/flece", init=False)
+    assert res.rc == 2
+    assert "is not a fleece repository (no config): create one with 'fleece init" in one_line(res)
+    listed = s3_env.client().list_objects_v2(Bucket=s3_bucket)
+    assert listed.get("KeyCount", 0) == 0, listed.get("Contents")
+    assert vm.block_graph() == graph
