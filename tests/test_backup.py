@@ -237,6 +237,7 @@ def test_backup_reads_settings_from_a_config_file(make_vm: Any, fleece: Any, tmp
     cfg.write_text(
         f'[backup]\nqmp = "{vm.qmp_path}"\ndrives = ["vda"]\nrepo = "{tmp_path / "repo"}"\n'
         'vm = "from-config"\ncompress = "none"\nchunk-size = "1M"\nlabels = {{ tier = "gold" }}\n'
+        '[init]\n'  # create the repository on the first run
         .replace("{{", "{").replace("}}", "}")
     )
     res = fleece("backup", "--config", cfg, "--json")
