@@ -462,8 +462,9 @@ def fleece() -> Any:
         words = [str(a) for a in args]
         repo = None
         command = next((n for n, w in enumerate(words) if not w.startswith("-")), 0)  # after -vvv
-        if words[command:command + 1] == ["backup"] and "--repo" in words:
-            repo = words[words.index("--repo") + 1]
+        if words[command:command + 1] == ["backup"]:
+            if "--repo" in words:
+                repo = words[words.index("--repo") + 1]
             if init and "--init" not in words:
                 words.insert(command + 1, "--init")
         p = subprocess.run(
