@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.backup import INIT_KEYS as BACKUP_INIT_KEYS
@@ -122,8 +123,11 @@ def _copy(args: argparse.Namespace, record: Run) -> int:
     return 0
 
 
-def _init_settings(args: argparse.Namespace, source: Repository) -> InitSettings | None:
-    """How to create a missing destination (``--init`` or ``[init]``), or None: it must exist."""
+def _init_settings(args: argparse.Namespace, source: Repository) -> Callable[[], InitSettings] | None:
+    """How to create a missing destination (``--init`` or ``[init]``), or None: it must exist.
+
+    The options are checked at once; what depends on the destination being created (a plaintext
+    one refused while a destination passphrase is given) when it is."""
     table = read_table(args, "init", INIT_KEYS)
     lock_given = (args.object_lock_days is not None or args.object_lock_mode is not None
                   or args.no_object_lock)
@@ -148,13 +152,17 @@ def _init_settings(args: argparse.Namespace, source: Repository) -> InitSettings
         lock = ObjectLock(check_lock_days(days), mode or "governance")
     settings = settings_like(source, to_plaintext=bool(args.to_plaintext), object_lock=lock)
     wanted = table.get("encryption")
-    if wanted is not None and wanted != settings.encryption:
-        raise BadInput(f"[init] encryption = {wanted!r}, but copy makes {args.dest} like the source: "
-                       f"{settings.encryption} (--to-plaintext: none); nothing was copied")
-    if settings.encryption == "none" and to_passphrase_source(args) is not None:
-        # A destination passphrase given means an encrypted destination (fail closed).
-        raise plaintext_refused(args.dest, "create")
-    return settings
+
+    def create() -> InitSettings:
+        if wanted is not None and wanted != settings.encryption:
+            raise BadInput(f"[init] encryption = {wanted!r}, but copy makes {args.dest} like the "
+                           f"source: {settings.encryption} (--to-plaintext: none); nothing was copied")
+        if settings.encryption == "none" and to_passphrase_source(args) is not None:
+            # A destination passphrase given means an encrypted destination (fail closed).
+            raise plaintext_refused(args.dest, "create")
+        return settings
+
+    return create
 
 
 def _select(source: Repository, wanted: list[str], vm: str | None) -> list[RestorePoint]:

@@ -54,11 +54,12 @@ DEFAULT_WORKERS = 8
 
 
 def open_destination(source: Repository, backend: Backend, passphrase: Passphrase | None = None,
-                     asked: str = "its passphrase", *, init: InitSettings | None = None,
+                     asked: str = "its passphrase", *, init: Callable[[], InitSettings] | None = None,
                      to_plaintext: bool = False, state: LocalState | None = None,
                      accept_change: bool = False) -> Repository:
-    """The destination repository; created with ``init`` (:func:`settings_like`) if the location
-    is empty and the user said so, else an empty location is :class:`NotARepository`.
+    """The destination repository; created with the settings ``init`` returns (called only then;
+    :func:`settings_like`) if the location is empty and the user said so, else an empty location
+    is :class:`NotARepository`.
 
     An encrypted destination opens with the source's key when it shares it
     (no passphrase asked), else with ``passphrase``; without one, a
@@ -77,7 +78,7 @@ def open_destination(source: Repository, backend: Backend, passphrase: Passphras
         if state is not None and not accept_change:
             state.check_location_empty(backend.url)
         try:
-            dest = _checked(source, _create_like(source, backend, init))
+            dest = _checked(source, _create_like(source, backend, init()))
             return dest if state is None else dest.remember(state, accept_change=True)
         except RepositoryExists:  # another process made it between our look and our put
             config = read_config(backend)
