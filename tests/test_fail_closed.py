@@ -305,3 +305,14 @@ def test_a_typo_in_an_s3_prefix_with_a_passphrase_file_in_the_config_writes_noth
     listed = s3_env.client().list_objects_v2(Bucket=s3_bucket)
     assert listed.get("KeyCount", 0) == 0, listed.get("Contents")
     assert vm.block_graph() == graph
+
+
+def test_a_repository_id_from_the_store_never_names_a_path(tmp_path: Path) -> None:
+    """``config``'s id is whatever the store says: the state file is named by its hash."""
+    from fleece.repo.local_state import LocalState
+
+    state = LocalState(tmp_path / "a" / "state")
+    memory = state.open_repository(str(tmp_path / "repo"), "../../../escape", "none", None)
+    memory.note_point("web1", new_point_id())
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(p.is_relative_to(tmp_path / "a" / "state") for p in written), written

@@ -8,7 +8,7 @@ it saw last (docs/format.md "Threat model", docs/guarantees.md):
 
 * ``locations/<sha256 of the location>.json``: which repository id a
   location held;
-* ``repositories/<id>.json``: its encryption, the identity of its master
+* ``repositories/<sha256 of the id>.json``: its encryption, the identity of its master
   key (``config``'s ``auth``, a MAC only that key can make), the key
   objects that opened it, and the newest point id seen per VM.
 
@@ -60,6 +60,12 @@ def location_name(url: str) -> str:
     if "://" not in url:
         return os.path.abspath(url)
     return url.rstrip("/")
+
+
+def _file_name(text: str) -> str:
+    """A record's file name: a hash, for an id or a location comes from the store or the user
+    (``config``'s ``id`` is whatever the store says; never a path)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class LocalState:
@@ -125,14 +131,14 @@ class LocalState:
         if accept_change:
             return
         where = location_name(url)
-        with self._record("locations", hashlib.sha256(where.encode()).hexdigest()) as loc:
+        with self._record("locations", _file_name(where)) as loc:
             held = loc.get("id")
         if held not in (None, repository_id):
             raise RepositoryChanged(
                 f"{url} held repository {held} when this host last used it and now holds "
                 f"{repository_id} (replaced, or another repository made there); nothing was "
                 f"changed; {ACCEPT_HINT}")
-        with self._record("repositories", repository_id) as rec:
+        with self._record("repositories", _file_name(repository_id)) as rec:
             seen_enc, seen_key = rec.get("encryption"), rec.get("key")
         if seen_enc is None:
             return
@@ -154,7 +160,7 @@ class LocalState:
     def check_location_empty(self, url: str) -> None:
         """Refuse to create a repository at ``url`` if this host saw one there (the store may hide it)."""
         where = location_name(url)
-        with self._record("locations", hashlib.sha256(where.encode()).hexdigest()) as loc:
+        with self._record("locations", _file_name(where)) as loc:
             held = loc.get("id")
         if held is not None:
             raise RepositoryChanged(
@@ -171,7 +177,7 @@ class LocalState:
         """
         self.check(url, repository_id, encryption, key_identity, accept_change=accept_change)
         where = location_name(url)
-        with self._record("locations", hashlib.sha256(where.encode()).hexdigest()) as loc:
+        with self._record("locations", _file_name(where)) as loc:
             loc.update(version=STATE_VERSION, location=where, id=repository_id)
         memory = RepositoryMemory(self, repository_id, url)
         with memory.record() as rec:
@@ -195,7 +201,7 @@ class RepositoryMemory:
 
     def record(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
         """This repository's record, locked for a read-modify-write."""
-        return self.state._record("repositories", self.id)
+        return self.state._record("repositories", _file_name(self.id))
 
     def note_key(self, key_id: str | None) -> None:
         """Remember that key object ``key_id`` opened the repository here."""
