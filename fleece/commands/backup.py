@@ -255,8 +255,9 @@ def init_settings(args: argparse.Namespace, chunk_size: int,
 
     The command line's (and the top-level config's) ``chunk_size``/``hash``
     win over ``[init]``'s. Without an encryption setting a passphrase given
-    means :data:`DEFAULT_CIPHER`, none means plain; with a passphrase a
-    plain repository is refused (fail closed), without one an encrypted one.
+    means :data:`DEFAULT_CIPHER`, none means plain; when the repository is
+    made, a plain one with a passphrase is refused (fail closed), and an
+    encrypted one without.
     """
     table = read_table(args, "init", INIT_KEYS)
     if table is None and not args.init:
@@ -267,9 +268,8 @@ def init_settings(args: argparse.Namespace, chunk_size: int,
     if encryption not in (*CIPHERS, "none"):
         raise BadInput(f"[init] encryption must be one of {', '.join(CIPHERS)}, none; not "
                        f"{encryption!r}")
-    if encryption != "none" and not given:
-        raise BadInput(f"[init] encryption = {encryption!r} needs a passphrase: FLEECE_PASSPHRASE, "
-                       "--passphrase-file or FLEECE_PASSPHRASE_COMMAND; nothing was written")
+    # A cipher without a passphrase is refused when the repository is made (Repository.init),
+    # not here: an existing repository opens whatever [init] says.
     if args.chunk_size is None and table.get("chunk_size"):
         chunk_size = check_chunk_size(parse_size(table["chunk_size"]))
     if args.compress is None and table.get("compress"):
