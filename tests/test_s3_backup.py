@@ -79,7 +79,7 @@ def random_seed(path: Path, size: int, seed: int) -> Path:
 def start_backup(vm: Any, url: str, *extra: str) -> subprocess.Popen[str]:
     """A ``fleece backup`` in the background, for faults switched on while it runs."""
     return subprocess.Popen(
-        [FLEECE, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra],
+        [FLEECE, "backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
 
 
