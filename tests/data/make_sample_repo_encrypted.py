@@ -85,7 +85,7 @@ def store(repo: Repository, data: bytes) -> bytes:
 
 
 def pack(repo: Repository, deltas: list[tuple[int, list[tuple[int, bytes]]]], index: ChunkIndex) -> None:
-    """Store ``(position, [(offset, bytes)])`` deltas in one pack (keyed digests) and add them to ``index``."""
+    """Store ``(position, [(offset, bytes)])`` deltas in one pack (keyed digests), added to ``index``."""
     writer = PackWriter(repo.put_pack)
     for position, extents in deltas:
         body = encode_delta_body([(off, len(b)) for off, b in extents], b"".join(b for _, b in extents))
