@@ -35,15 +35,19 @@ from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
 
 HERE = Path(__file__).resolve().parent
-CIPHER = {1: "aes-256-gcm"}
+CIPHER = {1: "aes-256-gcm", 2: "chacha20-poly1305"}
 """The cipher each envelope version's sample uses (both ciphers are covered between them)."""
 P1 = "20261201T010203.000001Z-ee0001"
 P2 = "20261202T010203.000002Z-ee0002"
 
 
 def envelope_version() -> int:
-    """The envelope version this fleece seals new objects in."""
-    return int(getattr(crypto, "ENVELOPE_WRITE_VERSION", getattr(crypto, "ENVELOPE_VERSION", 0)))
+    """The envelope version this fleece seals new objects in (version 1 was crypto's constant)."""
+    try:
+        from fleece.repo.format import envelope
+    except ImportError:
+        return int(crypto.ENVELOPE_VERSION)  # type: ignore[attr-defined]
+    return envelope.WRITE_VERSION
 
 
 def main() -> None:
