@@ -9,7 +9,11 @@ of each, and the encrypted one as a ratio of the plain one (goal: at most
 1.10 for backup and restore). ``scripts/bench`` prints the same rows
 (:func:`encryption_rows`).
 
-Usage: scripts/bench-encryption [--runs 3] [--keep]
+``--versus OTHER_FLEECE`` measures another build too, interleaved with this
+one run by run (before/after on one machine under the same load), and prints
+each build's ratios.
+
+Usage: scripts/bench-encryption [--runs 3] [--keep] [--versus OTHER_FLEECE]
 """
 
 from __future__ import annotations
@@ -32,36 +36,44 @@ MODES = ("none", "aes-256-gcm", "chacha20-poly1305")
 GOAL = "<= 1.10"
 
 
-def timed_fleece(*args: str | Path) -> float:
+def timed_fleece(*args: str | Path, fleece: str = FLEECE) -> float:
     """Seconds a whole ``fleece`` process took (the passphrase in its environment)."""
     env = {**os.environ, "FLEECE_PASSPHRASE": PASSPHRASE}
     t = time.perf_counter()
-    subprocess.run([FLEECE, *map(str, args)], check=True, capture_output=True, env=env)
+    subprocess.run([fleece, *map(str, args)], check=True, capture_output=True, env=env)
     return time.perf_counter() - t
 
 
-def encryption_rows(vm: VM, work: Path, runs: int) -> list[tuple[str, str, str, str]]:
-    """Backup and restore, each cipher against plain: ``(measure, ratio, goal, notes)`` rows."""
-    backup_s: dict[str, list[float]] = {m: [] for m in MODES}
-    restore_s: dict[str, list[float]] = {m: [] for m in MODES}
+def encryption_rows(vm: VM, work: Path, runs: int,
+                    builds: dict[str, str] | None = None) -> list[tuple[str, str, str, str]]:
+    """Backup and restore, each cipher against plain: ``(measure, ratio, goal, notes)`` rows,
+    for each of ``builds`` (name → fleece executable; this one alone by default)."""
+    builds = builds or {"": FLEECE}
+    backup_s: dict[tuple[str, str], list[float]] = {(b, m): [] for b in builds for m in MODES}
+    restore_s: dict[tuple[str, str], list[float]] = {(b, m): [] for b in builds for m in MODES}
     for run in range(runs):
         for mode in MODES[run % len(MODES):] + MODES[: run % len(MODES)]:  # rotate the order
-            repo, out = work / f"repo-enc-{mode}", work / "restore-enc.raw"
-            shutil.rmtree(repo, ignore_errors=True)
-            timed_fleece("init", "--repo", repo, "--encryption", mode)
-            backup_s[mode].append(timed_fleece("backup", "--qmp", vm.qmp, "--drive", "vda",
-                                               "--repo", repo, "--level", "full"))
-            restore_s[mode].append(timed_fleece("restore", "--repo", repo, "latest", "-o", out, "--force"))
-            out.unlink()
-            shutil.rmtree(repo)
+            for build, fleece in builds.items():
+                repo, out = work / f"repo-enc-{mode}", work / "restore-enc.raw"
+                shutil.rmtree(repo, ignore_errors=True)
+                timed_fleece("init", "--repo", repo, "--encryption", mode, fleece=fleece)
+                backup_s[build, mode].append(timed_fleece("backup", "--qmp", vm.qmp, "--drive", "vda",
+                                                          "--repo", repo, "--level", "full", fleece=fleece))
+                restore_s[build, mode].append(timed_fleece("restore", "--repo", repo, "latest", "-o", out,
+                                                           "--force", fleece=fleece))
+                out.unlink()
+                shutil.rmtree(repo)
     rows = []
-    for what, times in (("full backup", backup_s), ("restore", restore_s)):
-        plain = statistics.median(times["none"])
-        for mode in MODES[1:]:
-            t = statistics.median(times[mode])
-            rows.append((f"{what}, {mode} / plain", f"{t / plain:.2f}", GOAL,
-                         f"{t:.2f} s vs {plain:.2f} s (runs: {', '.join(f'{x:.2f}' for x in times[mode])}"
-                         f" / {', '.join(f'{x:.2f}' for x in times['none'])})"))
+    for build in builds:
+        for what, times in (("full backup", backup_s), ("restore", restore_s)):
+            plain_runs = times[build, "none"]
+            plain = statistics.median(plain_runs)
+            for mode in MODES[1:]:
+                t = statistics.median(times[build, mode])
+                rows.append((f"{build}{what}, {mode} / plain", f"{t / plain:.2f}", GOAL,
+                             f"{t:.2f} s vs {plain:.2f} s (runs: "
+                             f"{', '.join(f'{x:.2f}' for x in times[build, mode])} / "
+                             f"{', '.join(f'{x:.2f}' for x in plain_runs)})"))
     return rows
 
 
@@ -71,18 +83,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--versus", metavar="FLEECE", help="another fleece build, measured interleaved")
     args = ap.parse_args()
+    builds = {"this: ": FLEECE, "versus: ": args.versus} if args.versus else None
     work = Path(tempfile.mkdtemp(prefix="fleece-bench-enc."))
     vm = None
     try:
         print(f"bench-encryption: building the disk in {work} ...", file=sys.stderr)
         vm = VM(work, build_disk(work, Path(args.data), "2G", 384), "enc")
-        rows = encryption_rows(vm, work, args.runs)
+        rows = encryption_rows(vm, work, args.runs, builds)
     finally:
         if vm is not None:
             vm.stop()
         end_work("bench-encryption", work, args.keep)
-    print_table(rows, widths=(44, 7, 7),
+    print_table(rows, widths=(52, 7, 7),
                 title=f"fleece encryption bench on {os.cpu_count()} cores, {args.runs} runs each, medians")
 
 
