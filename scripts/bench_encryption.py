@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,12 +37,23 @@ MODES = ("none", "aes-256-gcm", "chacha20-poly1305")
 GOAL = "<= 1.10"
 
 
-def timed_fleece(*args: str | Path, fleece: str = FLEECE) -> float:
-    """Seconds a whole ``fleece`` process took (the passphrase in its environment)."""
+CPU: dict[str, list[float]] = {}
+"""CPU seconds (user + system) of each measured process, by what it was: on a shared host the
+wall time follows the load, the CPU time much less."""
+
+
+def timed_fleece(*args: str | Path, fleece: str = FLEECE, cpu_as: str | None = None) -> float:
+    """Seconds a whole ``fleece`` process took (the passphrase in its environment); its CPU
+    seconds go to ``CPU[cpu_as]``."""
     env = {**os.environ, "FLEECE_PASSPHRASE": PASSPHRASE}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run([fleece, *map(str, args)], check=True, capture_output=True, env=env)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu_as is not None:
+        CPU.setdefault(cpu_as, []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
 
 
 def encryption_rows(vm: VM, work: Path, runs: int,
@@ -58,9 +70,11 @@ def encryption_rows(vm: VM, work: Path, runs: int,
                 shutil.rmtree(repo, ignore_errors=True)
                 timed_fleece("init", "--repo", repo, "--encryption", mode, fleece=fleece)
                 backup_s[build, mode].append(timed_fleece("backup", "--qmp", vm.qmp, "--drive", "vda",
-                                                          "--repo", repo, "--level", "full", fleece=fleece))
+                                                          "--repo", repo, "--level", "full", fleece=fleece,
+                                                          cpu_as=f"{build}full backup {mode}"))
                 restore_s[build, mode].append(timed_fleece("restore", "--repo", repo, "latest", "-o", out,
-                                                           "--force", fleece=fleece))
+                                                           "--force", fleece=fleece,
+                                                           cpu_as=f"{build}restore {mode}"))
                 out.unlink()
                 shutil.rmtree(repo)
     rows = []
@@ -68,12 +82,15 @@ def encryption_rows(vm: VM, work: Path, runs: int,
         for what, times in (("full backup", backup_s), ("restore", restore_s)):
             plain_runs = times[build, "none"]
             plain = statistics.median(plain_runs)
+            plain_cpu = statistics.median(CPU[f"{build}{what} none"])
             for mode in MODES[1:]:
                 t = statistics.median(times[build, mode])
+                cpu = statistics.median(CPU[f"{build}{what} {mode}"])
                 rows.append((f"{build}{what}, {mode} / plain", f"{t / plain:.2f}", GOAL,
                              f"{t:.2f} s vs {plain:.2f} s (runs: "
                              f"{', '.join(f'{x:.2f}' for x in times[build, mode])} / "
-                             f"{', '.join(f'{x:.2f}' for x in plain_runs)})"))
+                             f"{', '.join(f'{x:.2f}' for x in plain_runs)}); CPU of fleece "
+                             f"{cpu / plain_cpu:.2f}x ({cpu:.2f} s vs {plain_cpu:.2f} s)"))
     return rows
 
 
