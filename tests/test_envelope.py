@@ -211,7 +211,7 @@ def test_a_key_object_asking_for_more_than_the_cap_is_not_a_key(kdf: dict[str, A
 
 
 @pytest.mark.parametrize("kdf", [
-    {"name": "scrypt", "n": 1 << 15, "r": 8, "p": 1, "salt": SALT},  # every key before fleece 0.3
+    {"name": "scrypt", "n": 1 << 15, "r": 8, "p": 1, "salt": SALT},  # every key before envelope 2
     {"name": "scrypt", "n": 1 << 17, "r": 8, "p": 1, "salt": SALT},
     {"name": "argon2id", "memory_kib": 64 * 1024, "iterations": 12, "lanes": 4, "salt": SALT},
     {"name": "argon2id", "memory_kib": 256 * 1024, "iterations": 3, "lanes": 4, "salt": SALT},

@@ -5,7 +5,7 @@ Every ``keys/<id>`` object wraps the same master key under one passphrase
 new one and removing the old one; nothing else in the repository changes,
 so every point stays restorable. Key objects live on the store itself, in
 clear (they hold nothing but the wrapped key and its KDF parameters: Argon2id,
-or scrypt in keys made before fleece 0.3).
+or scrypt in keys made by earlier fleece).
 """
 
 from __future__ import annotations

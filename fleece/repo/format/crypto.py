@@ -5,7 +5,7 @@ docs/format.md ("Encryption") is the source of truth; in short:
 * a repository has one random 64-byte *master key*, never stored in clear:
   each ``keys/<id>`` object holds it wrapped (AES-256-GCM) under a key
   derived from one passphrase with Argon2id (scrypt in key objects written
-  before fleece 0.3, still read), so several passphrases (or a rotated one)
+  by earlier fleece, still read), so several passphrases (or a rotated one)
   open the same repository. The Argon2id cost is calibrated when the key is
   made; a key object asking for more than :data:`COST_CAP` times the default
   is not tried (a planted one must not stall or kill a restore);
