@@ -16,13 +16,17 @@ measures:
   random data each (goal <= 256 MiB, flat);
 * restore to a file vs ``nbdcopy`` of the export to a file;
 * reverse-delta peak while the guest overwrites the disk during a backup,
-  with and without trim.
+  with and without trim;
+* encryption: full backup and restore into AES-256-GCM and ChaCha20-Poly1305
+  repositories as a ratio of a plain one (goal <= 1.10; scripts/bench_encryption.py).
 
 Every time is a whole process's (``fleece`` and ``nbdcopy`` alike, start to
 exit), as a user waits for it. Repositories of the I/O and compute rows live on tmpfs (``/dev/shm``):
 ``nbdcopy … null:`` writes nothing, and a backup into a local directory is
 bounded by that disk's durable write speed instead — which is measured in
 the same run and shown in its own row.
+
+``--encryption`` runs only the encryption rows (as ``scripts/bench-encryption``).
 
 ``--tls`` runs only the TLS section: the same export read over TCP with TLS
 (x509, loopback) vs over the unix socket, by ``nbdcopy … null:`` and by a
@@ -36,6 +40,7 @@ disk holding 2 GiB (half random, half text) and on a 4 GiB disk holding
 restore vs ``nbdcopy --flush``; peak RSS.
 
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
+       scripts/bench --encryption [--runs 3]   # only the encryption cost rows
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
        scripts/bench --restore [--dir /var/tmp] [--runs 3] [--keep]   # only the restore rows
@@ -852,6 +857,8 @@ def main() -> None:
                     help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
     ap.add_argument("--full-versus", metavar="FLEECE",
                     help="only full backups of the --speed disks, this fleece vs FLEECE, interleaved")
+    ap.add_argument("--encryption", action="store_true",
+                    help="only the encryption rows: backup and restore, each cipher vs plain")
     ap.add_argument("--tls", action="store_true",
                     help="only the TLS section: reads over nbds:// on loopback vs the unix socket")
     ap.add_argument("--live-restore", action="store_true",
@@ -877,6 +884,10 @@ def main() -> None:
         vms.append(vm)
         if args.tls:
             rows.extend(tls_rows(vm, work, shm))
+            print_rows(rows, args)
+            return
+        if args.encryption:
+            rows.extend(encryption_rows(vm, work, args.runs))
             print_rows(rows, args)
             return
 
@@ -987,6 +998,9 @@ def main() -> None:
                      f"{t_copy_file / t_restore:.2f}", "",
                      f"nbdcopy {t_copy_file:.2f}s, restore {t_restore:.2f}s (both durable)"))
 
+        # -- encryption: each cipher vs plain, backup and restore (bench_encryption.py) ----------------
+        rows.extend(encryption_rows(vm, work, args.runs))
+
         # -- reverse delta while the guest overwrites ---------------------------------------------
         peak_trim, _ = overwrite_during_backup(vm, work / "repo-delta-1", work / "scratch-trim",
                                                data_bytes, [])
@@ -1020,6 +1034,14 @@ def main() -> None:
         end_work("bench", work, args.keep)
         shutil.rmtree(shm, ignore_errors=True)
     print_rows(rows, args)
+
+
+def encryption_rows(vm: VM, work: Path, runs: int) -> list[tuple[str, str, str, str]]:
+    """The encryption cost rows of scripts/bench_encryption.py, on this bench's VM."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_encryption import encryption_rows as rows
+
+    return rows(vm, work, runs)
 
 
 def end_work(name: str, work: Path, keep: bool) -> None:

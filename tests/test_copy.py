@@ -122,10 +122,12 @@ def test_an_interrupted_copy_leaves_no_point_and_the_next_one_finishes_it(
 def test_a_damaged_source_chunk_is_not_copied_and_no_point_appears(
         make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     _, local, (p1, _), _ = two_points(make_vm, fleece, tmp_path)
+    damaged = set()
     for chunk in (p for p in (local / "chunks").rglob("*") if p.is_file()):  # every one: p1 needs some
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 1
         chunk.write_bytes(bytes(data))
+        damaged.add(bytes(data))
     dest = tmp_path / "dest"
     res = fleece("copy", "--init", "--from", local, "--to", dest, p1)
     assert res.rc == 1
@@ -133,6 +135,11 @@ def test_a_damaged_source_chunk_is_not_copied_and_no_point_appears(
     assert len(lines) == 1 and "chunks/" in lines[0] and "Traceback" not in res.err, res.err
     assert not list(dest.rglob("points/**/*.json"))
     assert ok(fleece("list", "--repo", dest, "--json")).json()["points"] == []
+    # Not copied: the destination holds none of the damaged bytes, under any name, visible or
+    # in a temporary file (and, every source chunk being damaged, no chunk at all).
+    held = [p for p in dest.rglob("*") if p.is_file() and p.name != "config"]
+    assert not [p for p in held if p.read_bytes() in damaged], held
+    assert not [p for p in held if "chunks" in p.parts or p.name.startswith(".tmp-")], held
 
 
 def test_a_destination_with_another_chunk_size_is_refused(make_vm: Any, fleece: Any, tmp_path: Any) -> None:
