@@ -14,7 +14,8 @@ from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.fleecing.names import new_point_id
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.format.codec import chunk_digest, encode_chunk
-from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.delta import DeltaRef
+from fleece.repo.format.index import INDEX_VERSION_DELTAS, ChunkIndex
 from fleece.repo.format.keys import escape_name, unescape_name
 from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
@@ -173,6 +174,19 @@ def test_chunk_index_basics() -> None:
         idx.get(4)
     with pytest.raises(ValueError):
         idx.set(1, bytes(32))  # the zero marker is not a digest
+
+
+def test_a_zero_base_under_deltas_is_data_and_zero_runs_skip_it() -> None:
+    idx = ChunkIndex.empty(CHUNK, 6 * CHUNK + 10, version=INDEX_VERSION_DELTAS)
+    idx.set(1, chunk_digest(b"1"))
+    idx.add_delta(3, DeltaRef(chunk_digest(b"pack"), 0, 100, 512, chunk_digest(b"d")))
+    assert idx.get(3) is None and not idx.is_zero(3)  # a base of zeroes, data on top
+    assert [i for i in range(idx.n_chunks) if idx.is_zero(i)] == [0, 2, 4, 5, 6]
+    assert list(idx.zero_runs(1 << 30)) == [(0, CHUNK), (2 * CHUNK, CHUNK), (4 * CHUNK, 2 * CHUNK + 10)]
+    assert list(idx.zero_runs(CHUNK)) == [(0, CHUNK), (2 * CHUNK, CHUNK), (4 * CHUNK, CHUNK),
+                                          (5 * CHUNK, CHUNK), (6 * CHUNK, 10)]
+    idx.set(3, None)  # rewritten whole as zeroes: the deltas go
+    assert idx.is_zero(3) and list(idx.zero_runs(1 << 30)) == [(0, CHUNK), (2 * CHUNK, 4 * CHUNK + 10)]
 
 
 def test_chunk_index_binary_round_trip() -> None:
