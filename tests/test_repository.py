@@ -25,7 +25,7 @@ CHUNK = 64 * 1024
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
-    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK)
+    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK, hash="sha256")
 
 
 def flip_byte(path: Path, pos: int) -> None:
@@ -59,7 +59,7 @@ def make_point(repo: Repository, vm: str = "vm1", disks: dict[str, bytes] | None
 
 def test_init_then_open(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path / "r")
-    created = Repository.init(backend, chunk_size=1 << 20, compression_level=7)
+    created = Repository.init(backend, chunk_size=1 << 20, compression_level=7, hash="sha256")
     doc = json.loads((tmp_path / "r" / "config").read_bytes())
     assert doc["format"] == 2 and doc["chunk_size"] == 1 << 20 and doc["hash"] == "sha256"
     assert doc["compression"] == {"codec": "zstd", "level": 7}
@@ -71,7 +71,7 @@ def test_init_then_open(tmp_path: Path) -> None:
 
 
 def test_uncompressed_repository(tmp_path: Path) -> None:
-    Repository.init(FileBackend(tmp_path), compression_level=None)
+    Repository.init(FileBackend(tmp_path), compression_level=None, hash="sha256")
     assert json.loads((tmp_path / "config").read_bytes())["compression"]["codec"] == "none"
     assert Repository.open(FileBackend(tmp_path)).config.compression_level is None
 
@@ -79,13 +79,13 @@ def test_uncompressed_repository(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [0, 32 * 1024, 3 * CHUNK, 32 << 20, 100_000])
 def test_chunk_size_must_be_a_power_of_two_in_range(tmp_path: Path, size: int) -> None:
     with pytest.raises(BadInput, match="power of two"):
-        Repository.init(FileBackend(tmp_path), chunk_size=size)
+        Repository.init(FileBackend(tmp_path), chunk_size=size, hash="sha256")
     assert not (tmp_path / "config").exists()
 
 
 def test_init_twice_is_refused(repo: Repository) -> None:
     with pytest.raises(BadInput, match="already holds"):
-        Repository.init(repo.backend)
+        Repository.init(repo.backend, hash="sha256")
 
 
 def test_not_a_repository(tmp_path: Path) -> None:
@@ -95,14 +95,14 @@ def test_not_a_repository(tmp_path: Path) -> None:
 
 
 def test_open_or_init_creates_only_in_an_empty_location(tmp_path: Path) -> None:
-    fresh = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=CHUNK)
+    fresh = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=CHUNK, hash="sha256")
     assert fresh.config.chunk_size == CHUNK
-    again = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=1 << 20)
+    again = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=1 << 20, hash="sha256")
     assert again.config == fresh.config  # opened, not re-created with other settings
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BadInput, match="not a fleece repository"):
-        Repository.open_or_init(FileBackend(tmp_path / "other"))
+        Repository.open_or_init(FileBackend(tmp_path / "other"), hash="sha256")
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
 
 

@@ -44,7 +44,7 @@ def chain(vm: Any, fleece: Any, repo: Path, tmp_path: Path) -> list[tuple[str, P
     points: list[tuple[str, Path]] = []
 
     def point(*extra: str) -> dict[str, Any]:
-        result = backup(fleece, vm, repo, *extra)
+        result: dict[str, Any] = backup(fleece, vm, repo, *extra)
         points.append((str(result["point"]), vm.snapshot_shadow("vda", tmp_path / f"p{len(points)}.raw")))
         return result
 

@@ -41,6 +41,7 @@ from fleece.backup.reader import ChunkPlan, Extent, connect, disconnect, pread_i
 from fleece.errors import ExportError
 from fleece.fleecing.transport import ClientTls
 from fleece.repo.format.codec import HEADER, ZERO_BLOCK, encode_chunk_in_place, is_zero
+from fleece.repo.format.defaults import DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.delta import (
     MAX_DELTA_FRACTION,
     MAX_DEPTH,
@@ -50,7 +51,7 @@ from fleece.repo.format.delta import (
 )
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.repository import Repository
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class PipelineSettings:
     readers: int = 4
     storers: int = 4
     queue_depth: int = 4
-    compression_level: int | None = 3
+    compression_level: int | None = DEFAULT_ZSTD_LEVEL
     trim_alignment: int | None = None
     """Trim each stored chunk from the snapshot when set (writable export with discard)."""
     tls: ClientTls | None = None
@@ -419,7 +420,7 @@ class DiskBackup:
             i, offset, digest, blob, extents, frame = item
             if extents is not None:
                 self._packs.add(i, blob, sum(n for _, n in extents), digest)
-                pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+                pause_point(Phase.CHUNK_STORED)
                 self.stats.add(deltas=1)
                 for off, n in extents:
                     self._trim(off, n)

@@ -56,7 +56,7 @@ from fleece.libvirt.job import (
     running_job,
 )
 from fleece.liveness import process_gone
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 _log = logging.getLogger(__name__)
 TRIM_ALIGNMENT = 65536
@@ -260,7 +260,7 @@ def end(dom: Any, state: JobState, *, commit: bool, log: Log | None = None) -> l
         job = running_job(dom)
         if job is not None and job.socket == state.socket and end_job(dom):
             done.append("backup job")
-        pause_point("before-commit")  # test hook (fleece.testing); inert in production
+        pause_point(Phase.BEFORE_COMMIT)
         for cp in checkpoints.fleece_checkpoints(dom):
             if (cp.name != new) if commit else (cp.name == new):
                 checkpoints.delete(dom, cp.name)

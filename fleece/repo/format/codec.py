@@ -21,6 +21,7 @@ import blake3
 import zstandard
 
 from fleece.errors import BadInput, RepositoryCorrupt
+from fleece.repo.format.defaults import DEFAULT_ZSTD_LEVEL
 
 CHUNK_MAGIC = b"FLCK"
 DELTA_MAGIC = b"FLDT"
@@ -31,9 +32,6 @@ CODEC_ZSTD = 1
 HEADER = struct.Struct("<4sBBQ")
 """magic, version, codec, plaintext length."""
 
-DEFAULT_ZSTD_LEVEL = 1
-"""zstd's fastest level: on two cores the backup window is bound by compression, and level 1
-costs about a third less CPU than level 3 for a few per cent more bytes (README, Performance)."""
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 """The largest chunk format 1 allows; a header claiming more is corrupt."""
 
