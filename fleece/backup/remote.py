@@ -7,8 +7,9 @@ disk over ``nbds://`` (the dirty bitmap too, for an incremental) and writes
 the restore point under the export's checkpoint id; then the hypervisor runs
 ``fleece export stop`` (which commits the checkpoint bitmaps) — or ``stop
 --abort`` if this backup failed, so that the next export covers these writes
-again. The order is the same as a local backup's (``fleece.backup.job``): chunks,
-indexes, then the point, all before the checkpoint is committed.
+again. The point is stored and committed by the very code of a local backup
+(:func:`fleece.backup.job.store_point`): chunks, indexes, then the point under
+the VM's lease, all before the checkpoint is committed.
 
 An export whose parent checkpoint this repository does not hold is backed up
 in full, and says why.

@@ -114,7 +114,7 @@ def encode_chunk(data: Buffer, level: int | None, magic: bytes = CHUNK_MAGIC) ->
     return b"".join((HEADER.pack(magic, CHUNK_VERSION, CODEC_PLAIN, length), data))
 
 
-def encode_chunk_in_place(frame: bytearray | mmap.mmap, length: int, level: int | None) -> Buffer:
+def encode_chunk_in_place(frame: bytearray | mmap.mmap, length: int, level: int | None) -> bytes | memoryview:
     """Encode the plaintext at ``frame[HEADER.size : HEADER.size + length]`` as a chunk object.
 
     The backup's reader threads read each chunk into such a frame, which
