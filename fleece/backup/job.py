@@ -30,6 +30,7 @@ from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, 
 from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
+from fleece.fleecing.request_bound import max_request, parse_qemu_version
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
 from fleece.repo.commit import commit_point, writer_lease
@@ -172,7 +173,8 @@ async def run_backup(
                 known_point=points.latest_id(),
             ) as export:
                 pause_point(Phase.EXPORT_LIVE)
-                point, results = await store_point(req, repo, export, lease, points, qemu, started,
+                point, results = await store_point(req, repo, export, lease, points, qemu,
+                                                   max_request(parse_qemu_version(qemu)), started,
                                                    progress)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started,
                         repo.lock_ledger.extended)
@@ -216,8 +218,12 @@ async def _back_up_disks(
     points: _PointsOfVm,
     lease: Lease,
     progress: Callable[[str, int], Callable[[int], None]] | None,
+    bound: int | None,
 ) -> tuple[list[DiskResult], list[DiskRecord], list[ChunkIndex]]:
-    """Store every exported disk (chunks, deltas, index); what each stored, its record and index."""
+    """Store every exported disk (chunks, deltas, index); what each stored, its record and index.
+
+    ``bound`` is how far one request to the export may reach (``max_request``; None: unbounded).
+    """
     results: list[DiskResult] = []
     records: list[DiskRecord] = []
     indexes: list[ChunkIndex] = []
@@ -229,7 +235,7 @@ async def _back_up_disks(
         result, record, index = await asyncio.to_thread(
             _back_up_disk, req, repo, export.checkpoint, disk,
             points.get(disk.since) if disk.since else None, latest,
-            export.trim_alignment if disk.discard else None, progress,
+            export.trim_alignment if disk.discard else None, progress, bound,
         )
         results.append(result)
         records.append(record)
@@ -244,6 +250,7 @@ async def store_point(
     lease: Lease,
     points: _PointsOfVm,
     qemu: str | None,
+    bound: int | None,
     started: float,
     progress: Callable[[str, int], Callable[[int], None]] | None,
 ) -> tuple[RestorePoint, list[DiskResult]]:
@@ -252,8 +259,12 @@ async def store_point(
     The one sequence every backup takes, local or from another host's export:
     chunks, deltas and indexes; the Object Lock extension; the point built
     from its disks and parents; ``--verify``; the lease-checked commit.
+    ``qemu`` is the source's QEMU version, recorded in the point (None when
+    another host's export does not say); ``bound`` how far one request to the
+    export may reach (``max_request``).
     """
-    results, records, indexes = await _back_up_disks(req, repo, export, points, lease, progress)
+    results, records, indexes = await _back_up_disks(req, repo, export, points, lease, progress,
+                                                     bound)
     latest = points.latest()
     object_lock = await asyncio.to_thread(
         lock_new_point, req, repo, indexes,
@@ -345,8 +356,13 @@ def _back_up_disk(
     latest: RestorePoint | None,
     trim_alignment: int | None,
     progress: Callable[[str, int], Callable[[int], None]] | None,
+    max_request: int | None,
 ) -> tuple[DiskResult, DiskRecord, ChunkIndex]:
-    """Plan, read and store one disk; write its index. Runs in a worker thread."""
+    """Plan, read and store one disk; write its index. Runs in a worker thread.
+
+    ``max_request`` bounds every request to the export (QEMU < 8.0: the
+    copy-before-write cluster, :func:`fleece.fleecing.export.max_request`).
+    """
     chunk_size = repo.config.chunk_size
     level, reason = disk.level, disk.reason
     index = ChunkIndex.empty(chunk_size, disk.size, repo.index_version)
@@ -388,7 +404,7 @@ def _back_up_disk(
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
     h = connect(disk.uri, contexts, tls=req.settings.tls)
     try:
-        plan = plan_chunks(h, chunk_size, dirty_context)
+        plan = plan_chunks(h, chunk_size, dirty_context, max_request)
     finally:
         disconnect(h)
     deltas = level == "incremental" and repo.has_deltas
@@ -397,6 +413,7 @@ def _back_up_disk(
     settings = PipelineSettings(**{**req.settings.__dict__})
     settings.compression_level = req.compression_level
     settings.trim_alignment = trim_alignment
+    settings.max_request = max_request
     stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance, deltas=deltas).run()
     index_key, index_digest = repo.write_index(point_id, disk.drive, index)
     stats.objects_written += 1  # the index

@@ -9,6 +9,7 @@ from pathlib import Path
 from fleece.backup.job import BackupRequest, BackupResult, run_backup
 from fleece.backup.pipeline import PipelineSettings
 from fleece.backup.remote import read_export, run_backup_from_export
+from fleece.commands.cleanup import heal_before_backup, stop_guard
 from fleece.commands.common import (
     add_client_tls_options,
     add_recorded_run,
@@ -31,6 +32,8 @@ from fleece.repo.backends.url import open_backend
 from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS, DEFAULT_HASH
 from fleece.repo.repository import Repository, check_chunk_size, holds_objects
+
+STOPPED_NOTE = "its restore point exists only if it was written before the signal (see fleece list)"
 
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
@@ -208,7 +211,11 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         if args.from_export:
             result = run_async(run_backup_from_export(req, *exported, progress))
         else:
-            result = run_async(run_backup(req, progress, say))
+            # SIGTERM aborts like Ctrl-C; a dead earlier run's leftovers are cleaned first.
+            with stop_guard(args, "the backup", STOPPED_NOTE):
+                if args.qmp:
+                    heal_before_backup(args.qmp)
+                result = run_async(run_backup(req, progress, say))
     record.vm = result.point.vm
     record.values = backup_metrics(result)
     if args.json:

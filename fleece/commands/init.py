@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "as for a repository a backup creates)")
     p.add_argument("--chunk-size", metavar="SIZE",
                    help=f"chunk size, a power of two (default {DEFAULT_CHUNK_SIZE >> 20}M)")
-    p.add_argument("--compress", metavar="CODEC",
+    p.add_argument("--compress", metavar="zstd[:LEVEL]|none",
                    help=f"zstd[:LEVEL] (default zstd:{DEFAULT_ZSTD_LEVEL}) or none")
     p.add_argument("--object-lock-days", type=_days, metavar="N",
                    help="immutable restore points: S3 Object Lock keeps every object a point needs "

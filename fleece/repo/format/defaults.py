@@ -12,7 +12,7 @@ from __future__ import annotations
 
 DEFAULT_ZSTD_LEVEL = 1
 """zstd's fastest level: on two cores the backup window is bound by compression, and level 1
-costs about a third less CPU than level 3 for a few per cent more bytes (README, Performance)."""
+costs about a third less CPU than level 3 for a few per cent more bytes (docs/performance.md)."""
 
 DEFAULT_COMPRESS = f"zstd:{DEFAULT_ZSTD_LEVEL}"
 """``--compress`` as the user would write the default."""
