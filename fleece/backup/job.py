@@ -33,7 +33,7 @@ from fleece.fleecing.names import checkpoint_bitmap
 from fleece.fleecing.request_bound import max_request, parse_qemu_version
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
-from fleece.repo.commit import commit_point, writer_lease
+from fleece.repo.commit import commit_point_async, writer_lease
 from fleece.repo.format.defaults import DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
@@ -254,7 +254,8 @@ async def store_point(
     started: float,
     progress: Callable[[str, int], Callable[[int], None]] | None,
 ) -> tuple[RestorePoint, list[DiskResult]]:
-    """Store every disk of ``export``, then commit its restore point (:func:`commit_point`).
+    """Store every disk of ``export``, then commit its restore point
+    (:func:`fleece.repo.commit.commit_point_async`).
 
     The one sequence every backup takes, local or from another host's export:
     chunks, deltas and indexes; the Object Lock extension; the point built
@@ -295,7 +296,7 @@ async def store_point(
             points.get(point.parent) if point.parent else None, progress=progress)
     # From here on the point exists. The export's normal exit then commits
     # the checkpoint bitmaps; a lost lease fails the backup, which aborts them.
-    await asyncio.to_thread(commit_point, repo, lease, point)
+    await commit_point_async(repo, lease, point)
     return point, results
 
 

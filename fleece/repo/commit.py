@@ -3,22 +3,30 @@
 A backup (local, ``--from-export``, through libvirt) and ``fleece copy``
 take the VM's writer lease with :func:`writer_lease` (then look for a
 running gc: our lease exists first, so a gc starting later sees it), store
-chunks, deltas and indexes, then call :func:`commit_point`, which
+chunks, deltas and indexes, then commit the point — ``copy`` with
+:func:`commit_point`, the asynchronous backup with :func:`commit_point_async`,
+both running the steps of :func:`_commit_steps` in order:
 
-1. checks that the VM's lease (:mod:`fleece.repo.lock`) is still exactly
+1. check that the VM's lease (:mod:`fleece.repo.lock`) is still exactly
    ours — a lapsed or broken lease means a gc may have run and deleted
    chunks the point names: nothing is written;
-2. writes the point object (a conditional create): from here on it exists;
-3. checks the lease again — a break that landed between the first check and
+2. write the point object (a conditional create): from here on it exists;
+3. check the lease again — a break that landed between the first check and
    the write let a gc run that saw no lease, so the point is withdrawn
    (deleted again) and the writer fails. A lease still ours now was there
    all along.
+
+The test hooks before the first step and after the write run in the
+caller's thread: a backup stopped there (SIGTERM, Ctrl-C) is cancelled
+before it writes, never behind its back in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from fleece.errors import FleeceError, LockHeld
 from fleece.repo.format.point import RestorePoint
@@ -49,10 +57,34 @@ def commit_point(repo: Repository, lease: Lease, point: RestorePoint,
     :class:`LockHeld` when the lease was lost; the point is then not in the
     repository (or the message says it could not be removed).
     """
-    pause_point(Phase.BEFORE_POINT)
-    lease.check()
-    (write or repo.write_point)(point)
-    pause_point(Phase.POINT_WRITTEN)
+    for step, _ in _commit_steps(repo, lease, point, write):
+        step()
+
+
+async def commit_point_async(repo: Repository, lease: Lease, point: RestorePoint) -> None:
+    """:func:`commit_point` from a coroutine: the repository's requests in worker threads."""
+    for step, blocking in _commit_steps(repo, lease, point, None):
+        if blocking:
+            await asyncio.to_thread(step)
+        else:
+            step()
+
+
+def _commit_steps(repo: Repository, lease: Lease, point: RestorePoint,
+                  write: Callable[[RestorePoint], None] | None
+                  ) -> list[tuple[Callable[[], None], bool]]:
+    """The commit, step by step: ``(step, whether it waits on the repository)``."""
+    return [
+        (partial(pause_point, Phase.BEFORE_POINT), False),
+        (lease.check, True),
+        (partial(write or repo.write_point, point), True),
+        (partial(pause_point, Phase.POINT_WRITTEN), False),
+        (partial(_withdraw_unless_still_ours, repo, lease, point), True),
+    ]
+
+
+def _withdraw_unless_still_ours(repo: Repository, lease: Lease, point: RestorePoint) -> None:
+    """Delete ``point`` again and raise if the lease was lost since the check before the write."""
     try:
         lease.check()
     except LockHeld as lost:
