@@ -44,7 +44,7 @@ def extras(point_id: str) -> dict[str, Any]:
 @pytest.fixture
 def repo_dir(tmp_path: Path, store_point: Any) -> Path:
     path = tmp_path / "repo"
-    repo = Repository.init(FileBackend(path), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(path), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, {"vda": VDA}, **extras(P1))
     store_point(repo, P2, {"vda": VDA[: 4 * MiB] + b"\x42" * CHUNK + VDA[4 * MiB + CHUNK :],
                            "#block5": VDB}, parent=P1, **extras(P2))

@@ -32,16 +32,13 @@ from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
 from fleece.libvirt.source import LibvirtSource
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, parse_compression
+from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.format.crypto import CIPHERS
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS, DEFAULT_HASH
 from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
 from fleece.repo.repository import InitSettings, Repository, check_chunk_size, holds_objects
 
 STOPPED_NOTE = "its restore point exists only if it was written before the signal (see fleece list)"
-DEFAULT_CHUNK_SIZE = 4 << 20
-DEFAULT_COMPRESS = f"zstd:{DEFAULT_ZSTD_LEVEL}"
-DEFAULT_HASH = "blake3"
-"""New repositories name chunks by BLAKE3: 3.5x cheaper than sha256 on the backup's hot path."""
 
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
@@ -85,7 +82,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         f"{DEFAULT_CIPHER} when a passphrase is given; an [init] table in --config "
                         "says the same and how); without it a missing repository is an error")
     p.add_argument("--chunk-size", metavar="SIZE", default=None,
-                   help="chunk size when this backup creates the repository (--init; default 4M)")
+                   help="chunk size when this backup creates the repository "
+                        f"(--init; default {DEFAULT_CHUNK_SIZE >> 20}M)")
     p.add_argument("--hash", choices=HASHES, default=None,
                    help=f"chunk hash when this backup creates the repository (--init; default "
                         f"{DEFAULT_HASH}; ~3.5x faster to compute than sha256)")
