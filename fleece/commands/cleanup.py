@@ -1,5 +1,6 @@
 """``fleece cleanup``: remove what a killed fleece run left in QEMU, as an abort; with
-``--stale``, also the scratch directories of exports whose QEMU and fleece are both gone."""
+``--stale``, also the scratch directories of exports whose QEMU and fleece are both gone, and
+those of ``verify --fsck``/``--boot`` runs whose fleece is gone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from fleece.commands import on_libvirt
 from fleece.commands.common import add_json_option, add_vm_options, print_json, run_async, say
 from fleece.errors import BadInput
 from fleece.fleecing import Leftovers, cleanup
-from fleece.fleecing.stale_scratch import scratch_parents, sweep
+from fleece.fleecing.stale_scratch import ScratchDir, scratch_parents, sweep
+from fleece.guest import scratch as guest_scratch
 from fleece.qmp import QmpSession
 
 
@@ -44,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
         if not d.is_dir():
             raise BadInput(f"--scratch-dir {d} is not a directory; nothing was removed")
     removed = run_async(_cleanup(args.qmp)) if args.qmp else None
-    swept = sweep(scratch_parents(args.scratch_dir)) if args.stale else None
+    swept = None
+    if args.stale:
+        parents = scratch_parents(args.scratch_dir)
+        # Exports' scratch directories, then those of verify --fsck/--boot runs (fleece.guest).
+        swept = sweep(parents) + [ScratchDir(s.path, s.stale, s.why)
+                                  for s in guest_scratch.sweep(parents)]
     if args.json:
         doc: dict[str, object] = {}
         if removed is not None:
