@@ -122,3 +122,37 @@ def zero(path: Path, offset: int, length: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(bytes(length))
+
+
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+
+
+def bios_boot_disk(path: Path, kernel_dir: Path, append: str, data_files: dict[str, bytes] | None = None,
+                   size: int = 160 * MiB) -> Path:
+    """A disk that boots by itself through the BIOS: syslinux's MBR code, an active FAT partition
+    holding syslinux, the kernel and the initramfs of ``kernel_dir`` (``syslinux --install`` on the
+    partition's image, through mtools), and an ext4 data partition. Nothing is mounted."""
+    fat = vfat(path.with_suffix(".boot"), 96 * MiB, "BOOT")
+    run("syslinux", "--install", fat)
+    cfg = path.with_suffix(".cfg")
+    cfg.write_text(f"DEFAULT fleece\nPROMPT 0\nTIMEOUT 0\nLABEL fleece\n  KERNEL /vmlinuz\n"
+                   f"  APPEND initrd=/initrd.img {append}\n")
+    for src, name in [(kernel_dir / "vmlinuz", "vmlinuz"), (kernel_dir / "initrd.img", "initrd.img"),
+                      (cfg, "syslinux.cfg")]:
+        run("mcopy", "-i", fat, src, f"::{name}")
+    data = ext4(path.with_suffix(".data"), 32 * MiB, "data", data_files or {"hello.txt": b"hello\n"})
+    partitioned(path, size, "dos", [Part(96, "c", fat, bootable=True), Part(32, "83", data)])
+    code = SYSLINUX_MBR.read_bytes()[:440]
+    with open(path, "r+b") as f:
+        f.write(code)  # the boot code only: the partition table after byte 446 stays
+    return path
+
+
+def hanging_boot_disk(path: Path, size: int = 16 * MiB) -> Path:
+    """A disk whose boot sector loops forever (``jmp $``): the firmware boots it, nothing comes up."""
+    blank(path, size)
+    with open(path, "r+b") as f:
+        f.write(b"\xeb\xfe")
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    return path

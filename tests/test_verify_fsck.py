@@ -31,11 +31,16 @@ def test_a_zeroed_superblock_passes_verify_deep_and_fails_verify_fsck(
     assert deep.rc == 0, deep.err  # every stored byte matches its digest…
     assert "0 damaged" in deep.out
 
-    fsck = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", point)
+    metrics = tmp_path / "fleece.prom"
+    fsck = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", point, "--metrics-file", metrics)
     assert fsck.rc == 1, fsck.out + fsck.err  # …and the file system is broken all the same
     reason = fsck.err.strip().splitlines()[-1]
     assert reason.startswith("fleece: error: point ") and "FAILED" in reason and "/dev/sda" in reason
     assert "Bad magic number in super-block" in fsck.out  # the checker's own findings
+    prom = metrics.read_text()
+    assert 'fleece_verify_result{command="verify-fsck",' in prom
+    assert 'fleece_failures_total{command="verify-fsck",' in prom
+    assert "fleece_verify_newest_verified_point_timestamp_seconds" not in prom  # none passed
 
     listed = fleece("list", "--repo", repo, "--json").json()["points"][0]
     assert listed["verification"]["ok"] is False
@@ -89,7 +94,8 @@ def test_a_clean_point_with_mbr_and_gpt_disks_and_many_file_systems_passes(
     repo = tmp_path / "repo"
     point = back_up_images(make_vm, fleece, repo, [mbr, gpt])
 
-    res = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", "--json")
+    metrics = tmp_path / "fleece.prom"
+    res = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", "--json", "--metrics-file", metrics)
     assert res.rc == 0, res.out + res.err
     doc = res.json()
     assert doc["ok"] is True and doc["point"] == point and doc["summary"] == "fsck clean"
@@ -109,6 +115,9 @@ def test_a_clean_point_with_mbr_and_gpt_disks_and_many_file_systems_passes(
     assert leftovers(scratch_tmpdir) == []
     listed = fleece("list", "--repo", repo).out
     assert "fsck clean" in listed
+    prom = metrics.read_text()
+    assert "fleece_verify_newest_verified_point_timestamp_seconds{" in prom
+    assert 'fleece_verify_result{command="verify-fsck",repository=' in prom
 
 
 def test_an_encrypted_s3_point_is_checked_and_its_verdict_is_sealed(

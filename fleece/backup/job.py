@@ -196,6 +196,8 @@ async def run_backup(
                         "seconds": round(time.monotonic() - started, 3),
                         "bytes_read": sum(r.stats.bytes_read for r in results),
                         "bytes_stored": sum(r.stats.bytes_stored for r in results),
+                        # verify --boot then expects the agent to answer.
+                        "guest_agent": req.qga is not None,
                     },
                 )
                 await _commit(req, repo, lease, points, point, progress)

@@ -34,8 +34,8 @@ from fleece.repo.gc_lock import lease_live
 from fleece.repo.lock import LeaseInfo, acquire, read_lease
 from fleece.repo.object_lock import lock_clock
 from fleece.repo.protect import is_protected, protected_ids
-from fleece.repo.verification import delete_for_point
 from fleece.repo.repository import Repository
+from fleece.repo.verification import delete_for_point
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import fleece
 from fleece.errors import RepositoryCorrupt
 from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format import keys
@@ -54,7 +53,8 @@ class Verification:
     time_to_ready: float | None = None
     """``boot``: seconds from QEMU's start until the guest was judged ready."""
     host: str = field(default_factory=socket.gethostname)
-    fleece_version: str = fleece.__version__
+    fleece_version: str = ""
+    """The writer's version (the command fills it in; the repository layer does not know it)."""
     report: dict[str, Any] = field(default_factory=dict)
     """The run's report (file systems, console excerpt, commands' output …), free-form."""
 
