@@ -324,7 +324,7 @@ def _print_boot(rep: dict[str, Any], verdict: Verification) -> None:
                 print("      " + c[stream].rstrip("\n").replace("\n", "\n      "))
     for disk, n in rep.get("bytes_read", {}).items():
         errors = rep.get("read_errors", {}).get(disk, 0)
-        print(f"  {disk}: {n} bytes read from the point, {errors} read errors")
+        print(f"  {disk}: the guest read {n} bytes, {errors} read errors")
     if rep.get("screendump"):
         print(f"  screendump: {rep['screendump']}")
     if not verdict.ok:

@@ -240,6 +240,8 @@ def check_filesystems(app: Appliance) -> list[FilesystemCheck]:
     g = app.g
     out = []
     for device, fstype in sorted(g.list_filesystems().items()):
+        # parted and sgdisk (partition types, below) open whole disks: let udev's re-read end.
+        app.sh("udevadm settle")
         disk = _disk_of(app, device)
         if fstype == "unknown":
             fstype, clean, checker, findings = _unrecognised(app, device)
@@ -255,8 +257,19 @@ def check_filesystems(app: Appliance) -> list[FilesystemCheck]:
 
 
 def check_point(app: Appliance) -> FsckReport:
-    """Partition tables, then file systems."""
-    return FsckReport(check_partition_tables(app), check_filesystems(app))
+    """File systems, then partition tables.
+
+    In this order because the table verifiers open whole disks, and the
+    appliance's udev answers their close by re-reading the partition table:
+    for a moment the partitions' devices vanish (seen: ``e2fsck: No such
+    file or directory while trying to open /dev/sdb2``, and reads of stale
+    partitions). Each phase waits for udev to settle first.
+    """
+    app.sh("udevadm settle")
+    filesystems = check_filesystems(app)
+    tables = check_partition_tables(app)
+    app.sh("udevadm settle")
+    return FsckReport(tables, filesystems)
 
 
 @dataclass
