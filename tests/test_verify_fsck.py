@@ -19,6 +19,7 @@ from disks import MiB, Part, btrfs, ext4, ntfs, partitioned, swap, vfat, zero
 from verifying import back_up_images, leftovers
 
 
+@pytest.mark.usefixtures("repo_encryption")  # plain, then encrypted (the fleece fixture inits it)
 def test_a_zeroed_superblock_passes_verify_deep_and_fails_verify_fsck(
         make_vm: Any, fleece: Any, tmp_path: Path, scratch_tmpdir: Path) -> None:
     # A guest's ext4 whose primary superblock was zeroed (a stray dd), backed up as it is.

@@ -159,6 +159,10 @@ def run(args: argparse.Namespace, record: Run) -> int:
         plans.append((point, expectations(args, point) if args.boot else None))
     if shape is not None:
         check_shape(shape)  # QEMU's own verdict on the flags, before anything starts
+    if args.fsck:
+        from fleece.guest.appliance import require
+
+        require()
     secret = passphrase if repo.master is not None else None
     verdicts = []
     for point, expect in plans:

@@ -41,6 +41,11 @@ def _guestfs() -> Any:
     return guestfs
 
 
+def require() -> None:
+    """Fail (exit 1, nothing started) when libguestfs's Python binding is missing."""
+    _guestfs()
+
+
 class Appliance:
     """One libguestfs handle over the served disks, launched on ``__enter__``, closed on exit."""
 
