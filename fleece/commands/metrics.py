@@ -49,6 +49,8 @@ METRICS: dict[str, tuple[str, str]] = {
         "gauge", "Bytes the dirty bitmaps marked since the parent point (incremental disks; 0 for full)."),
     "fleece_backup_bytes_read": ("gauge", "Bytes read from the VM's disks by the last backup."),
     "fleece_backup_bytes_stored": ("gauge", "Bytes of new objects the last backup stored (compressed)."),
+    "fleece_backup_audit_mismatches": (
+        "gauge", "backup --audit-bitmap: sampled clean chunks that differed from the parent (then full)."),
     "fleece_backup_objects_written": ("gauge", "Chunks, indexes and points the last backup wrote."),
     "fleece_prune_points_kept": ("gauge", "Restore points the last prune kept."),
     "fleece_prune_points_removed": ("gauge", "Restore points the last prune removed."),
