@@ -125,8 +125,9 @@ def _disk_of(app: Appliance, device: str) -> str:
             parent = device if device in app.devices else g.part_to_dev(device)
             return app.devices.get(parent, parent)
         vg = device.split("/")[2]  # /dev/VG/LV
-        uuids = set(g.vgpvuuids(vg))
-        pvs = [p["pv_name"] for p in g.pvs_full() if p["pv_uuid"] in uuids]
+        # vgpvuuids gives LVM's dashed form, pvs_full the bare one.
+        uuids = {u.replace("-", "") for u in g.vgpvuuids(vg)}
+        pvs = [p["pv_name"] for p in g.pvs_full() if p["pv_uuid"].replace("-", "") in uuids]
         parents = {pv if pv in app.devices else g.part_to_dev(pv) for pv in pvs}
         return ",".join(sorted(app.devices.get(p, p) for p in parents)) or "?"
     except (RuntimeError, IndexError):
