@@ -88,7 +88,10 @@ def build(work: Path, disk_size: int, data_size: int) -> tuple[Path, Path]:
 def back_up(work: Path, disk: Path, repo: Path) -> str:
     qmp = work / "qmp.sock"
     proc = subprocess.Popen(["qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-S",
-                             "-name", "bench", "-drive", f"file={disk},format=raw,if=virtio,id=vda",
+                             "-name", "bench",
+                             "-blockdev", f"driver=file,filename={disk},node-name=bench-file,read-only=on",
+                             "-blockdev", "driver=raw,file=bench-file,node-name=bench-fmt,read-only=on",
+                             "-device", "virtio-blk-pci,drive=bench-fmt,id=vda",
                              "-qmp", f"unix:{qmp},server=on,wait=off"])
     try:
         while not qmp.exists():

@@ -33,11 +33,15 @@ def test_a_zeroed_superblock_passes_verify_deep_and_fails_verify_fsck(
     assert "0 damaged" in deep.out
 
     metrics = tmp_path / "fleece.prom"
-    fsck = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", point, "--metrics-file", metrics)
+    # The nightly job's form: every point without a fsck verdict (this one), newest first.
+    fsck = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", "--unverified", "--limit", "5",
+                  "--metrics-file", metrics)
     assert fsck.rc == 1, fsck.out + fsck.err  # …and the file system is broken all the same
     reason = fsck.err.strip().splitlines()[-1]
     assert reason.startswith("fleece: error: point ") and "FAILED" in reason and "/dev/sda" in reason
     assert "Bad magic number in super-block" in fsck.out  # the checker's own findings
+    assert f"point {point} of VM vm1, fsck" in fsck.out
+    assert "1 unverified point of VM vm1 judged (fsck): 1 failed" in fsck.out
     prom = metrics.read_text()
     assert 'fleece_verify_result{command="verify-fsck",' in prom
     assert 'fleece_failures_total{command="verify-fsck",' in prom
@@ -116,6 +120,8 @@ def test_a_clean_point_with_mbr_and_gpt_disks_and_many_file_systems_passes(
     assert leftovers(scratch_tmpdir) == []
     listed = fleece("list", "--repo", repo).out
     assert "fsck clean" in listed
+    again = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", "--unverified", "--json")
+    assert again.rc == 0 and again.json() == {"mode": "fsck", "ok": True, "points": []}
     prom = metrics.read_text()
     assert "fleece_verify_newest_verified_point_timestamp_seconds{" in prom
     assert 'fleece_verify_result{command="verify-fsck",repository=' in prom
