@@ -100,7 +100,8 @@ def test_a_clean_point_with_mbr_and_gpt_disks_and_many_file_systems_passes(
     point = back_up_images(make_vm, fleece, repo, [mbr, gpt])
 
     metrics = tmp_path / "fleece.prom"
-    res = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", "--json", "--metrics-file", metrics)
+    res = fleece("verify", "--repo", repo, "--vm", "vm1", "--fsck", "--json", "--metrics-file", metrics,
+                 timeout=1200)
     assert res.rc == 0, res.out + res.err
     doc = res.json()
     assert doc["ok"] is True and doc["point"] == point and doc["summary"] == "fsck clean"

@@ -17,6 +17,7 @@ recovery process kills the appliance if fleece dies.
 from __future__ import annotations
 
 import os
+import shlex
 from types import TracebackType
 from typing import Any
 
@@ -88,6 +89,34 @@ class Appliance:
         out = self.g.debug("sh", [f"{command} 2>&1; echo fleece-rc=$?"])
         body, _, rc = out.rstrip("\n").rpartition("fleece-rc=")
         return int(rc), body.rstrip("\n")
+
+    def kernel_device(self, device: str) -> str:
+        """The appliance kernel's own name for the libguestfs device ``device``.
+
+        libguestfs's API names the drives /dev/sda, /dev/sdb … in the order
+        they were added and translates; the appliance's kernel probes SCSI
+        disks asynchronously and may name its own root disk sda (seen under
+        load: a shell command on "/dev/sda1" then reads the appliance's
+        disk, or nothing). Shell commands therefore use the stable link
+        udev makes from the serial libguestfs gives drive N (``hdN``).
+        Logical volumes (``/dev/VG/LV``) are named the same on both sides.
+        """
+        if not device.startswith("/dev/sd"):
+            return device
+        if device in self.devices:
+            return f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_hd{self.g.device_index(device)}"
+        parent, number = self.g.part_to_dev(device), self.g.part_to_partnum(device)
+        return f"{self.kernel_device(parent)}-part{number}"
+
+    def sh_on(self, command: str, device: str) -> tuple[int, str]:
+        """``sh`` with ``{dev}`` in ``command`` naming ``device`` as the appliance's kernel knows it;
+        the output names it as libguestfs does."""
+        real = self.kernel_device(device)
+        rc, out = self.sh(f"test -b {shlex.quote(real)} || {{ echo 'no device {real}'; exit 99; }}; "
+                          + command.format(dev=shlex.quote(real)))
+        if rc == 99 and out.startswith("no device "):
+            raise ApplianceError(f"the appliance has no device for {device} ({real}); nothing was judged")
+        return rc, out.replace(real, device)
 
     def close(self) -> None:
         """Stop the appliance (its overlays go with it) and free the handle."""

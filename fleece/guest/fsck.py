@@ -145,10 +145,10 @@ def check_partition_tables(app: Appliance) -> list[PartitionTableCheck]:
             out.append(PartitionTableCheck(device, disk, "none", True, "no partition table"))
             continue
         if kind == "gpt":
-            rc, text = app.sh(f"sgdisk -v {device}")
+            rc, text = app.sh_on("sgdisk -v {dev}", device)
             ok = rc == 0 and "No problems found" in text
         elif kind == "msdos":
-            rc, text = app.sh(f"sfdisk --verify {device}")
+            rc, text = app.sh_on("sfdisk --verify {dev}", device)
             ok = rc == 0 and "No errors detected" in text
         else:
             ok, text = True, f"{kind}: no verifier"
@@ -177,24 +177,24 @@ def _check(app: Appliance, device: str, fstype: str) -> tuple[bool | None, str, 
     """Run the checker for ``fstype``: (clean, checker, findings)."""
     if fstype in ("ext2", "ext3", "ext4"):
         # Replay into libguestfs's overlay, as a mount at boot would; never touches the point.
-        rc, replay = app.sh(f"e2fsck -E journal_only -y {device}")
-        rc, text = app.sh(f"e2fsck -fn {device}")
+        rc, replay = app.sh_on("e2fsck -E journal_only -y {dev}", device)
+        rc, text = app.sh_on("e2fsck -fn {dev}", device)
         return rc == 0, "e2fsck -fn", (replay + "\n" if "recovering journal" in replay else "") + text
     if fstype == "xfs":
         # A dirty log makes xfs_repair -n refuse; a mount replays it (into the overlay).
         with contextlib.suppress(RuntimeError):
             app.g.mount_ro(device, "/")
         app.g.umount_all()
-        rc, text = app.sh(f"xfs_repair -n {device}")
+        rc, text = app.sh_on("xfs_repair -n {dev}", device)
         return rc == 0, "xfs_repair -n", text
     if fstype == "btrfs":
-        rc, text = app.sh(f"btrfs check --readonly {device}")
+        rc, text = app.sh_on("btrfs check --readonly {dev}", device)
         return rc == 0, "btrfs check --readonly", text
     if fstype == "vfat":
-        rc, text = app.sh(f"fsck.vfat -n {device}")
+        rc, text = app.sh_on("fsck.vfat -n {dev}", device)
         return rc == 0, "fsck.vfat -n", text
     if fstype == "ntfs":
-        rc, text = app.sh(f"ntfsfix -n {device}")
+        rc, text = app.sh_on("ntfsfix -n {dev}", device)
         return rc == 0, "ntfsfix -n", text
     if fstype in NO_FS_BY_DESIGN:
         return None, "-", NO_FS_BY_DESIGN[fstype]
@@ -208,7 +208,7 @@ def _unrecognised(app: Appliance, device: str) -> tuple[str, bool | None, str, s
         return "none", None, "-", why
     if app.g.is_zero_device(device):
         return "none", None, "-", "all zeroes"
-    _, text = app.sh(f"e2fsck -fn {device}")
+    _, text = app.sh_on("e2fsck -fn {dev}", device)
     if "trying backup blocks" in text and "could not be read or does not describe" not in text:
         return "ext (primary superblock unreadable)", False, "e2fsck -fn", text
     return ("unknown", False, "e2fsck -fn",
@@ -260,11 +260,10 @@ def check_filesystems(app: Appliance) -> list[FilesystemCheck]:
 def check_point(app: Appliance) -> FsckReport:
     """File systems, then partition tables.
 
-    In this order because the table verifiers open whole disks, and the
-    appliance's udev answers their close by re-reading the partition table:
-    for a moment the partitions' devices vanish (seen: ``e2fsck: No such
-    file or directory while trying to open /dev/sdb2``, and reads of stale
-    partitions). Each phase waits for udev to settle first.
+    The table tools (parted, sfdisk, sgdisk) open whole disks, and the
+    appliance's udev answers their close by re-reading the partition table,
+    so each check waits for udev to settle first. Shell commands name
+    devices as the appliance's kernel does (:meth:`Appliance.kernel_device`).
     """
     app.sh("udevadm settle")
     filesystems = check_filesystems(app)
