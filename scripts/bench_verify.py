@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -39,7 +40,7 @@ def size_of(text: str) -> int:
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
-def fleece(*args: str | Path) -> tuple[float, int, dict[str, object] | None, str]:
+def fleece(*args: str | Path) -> tuple[float, int, dict[str, Any] | None, str]:
     t0 = time.perf_counter()
     res = subprocess.run([FLEECE, *map(str, args)], capture_output=True, text=True)
     took = time.perf_counter() - t0
@@ -150,7 +151,9 @@ def main() -> None:
                                     "--memory", "256", "--expect", "serial", "^FLEECE-IDLE", "--json")
         if rc != 0 or doc is None:
             raise SystemExit(f"verify --boot failed: {err}")
-        read = sum(int(v) for v in doc["bytes_read"].values())  # type: ignore[union-attr]
+        bytes_read = doc["bytes_read"]
+        assert isinstance(bytes_read, dict)
+        read = sum(int(v) for v in bytes_read.values())
         rows += [("boot: local copy, QEMU start to ready (reference)", f"{ref:.1f} s", ""),
                  ("boot: verify --boot, whole process", f"{took:.1f} s",
                   f"{took / ref:.2f}x (goal <= 1.3x)"),
@@ -163,7 +166,7 @@ def main() -> None:
         took, rc, doc, err = fleece("verify", "--repo", repo, "--vm", "bench", "--fsck", point, "--json")
         if rc != 0 or doc is None or e2.returncode != 0:
             raise SystemExit(f"verify --fsck failed: {err}{e2.stdout}")
-        appliance = float(doc["appliance_seconds"])  # type: ignore[arg-type]
+        appliance = float(doc["appliance_seconds"])
         rows += [("fsck: e2fsck -fn of a local raw copy (reference)", f"{e2fsck_s:.1f} s", ""),
                  ("fsck: libguestfs appliance start (separate)", f"{appliance:.1f} s", ""),
                  ("fsck: verify --fsck minus the appliance's start", f"{took - appliance:.1f} s",
