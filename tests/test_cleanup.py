@@ -21,7 +21,7 @@ def checkpoints(vm: Any, drive: Any="vda") -> list[str]:
 
 
 def start(fleece: Any, vm: Any, *args: Any) -> Any:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()
 
@@ -42,7 +42,7 @@ def test_agent_killed_while_the_export_is_up(make_vm: Any, fleece: Any, tmp_path
 
         async def main():
             async with QmpSession.open({vm.qmp_path!r}) as qmp:
-                async with point_in_time_export(qmp, ["vda", "vdb"]) as export:
+                async with point_in_time_export(qmp, ["vda", "vdb"], bounded_requests=True) as export:
                     print(export.disks[0].since, flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -56,7 +56,7 @@ def test_agent_killed_while_the_export_is_up(make_vm: Any, fleece: Any, tmp_path
     status = fleece("status", "--qmp", vm.qmp_path, "--json").json()["leftovers"]
     assert status["exports"] == ["fleece-export-vda", "fleece-export-vdb"]
     assert status["attached"] and status["nbd_server"]
-    refused = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda")
+    refused = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda")
     # The agent's pid is gone: the refusal says so and points to cleanup.
     assert refused.rc == 1 and "which has exited" in refused.err and "fleece cleanup" in refused.err
 
@@ -84,7 +84,7 @@ def test_cut_short_commit_keeps_the_older_checkpoint(vm: Any, fleece: Any) -> No
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="theirs", persistent=True)
 
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda")
     assert res.rc == 1 and f"fmt-vda/{new}" in res.err and "fleece cleanup" in res.err
 
     res = fleece("cleanup", "--qmp", vm.qmp_path, "--json")
@@ -130,3 +130,24 @@ def test_filter_left_without_state_file(vm: Any, fleece: Any, tmp_path: Any) -> 
     assert "devices on filters" in res.out
     assert vm.block_graph() == before
     assert not delta.exists()
+
+
+def test_cleanup_takes_the_vm_from_a_backups_config(vm: Any, fleece: Any, tmp_path: Any) -> None:
+    vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
+    config = tmp_path / "vm1.toml"
+    config.write_text(f'qmp = "{vm.qmp_path}"\ndrives = ["vda"]\nrepo = "{tmp_path / "repo"}"\n'
+                      'scratch_dir = "/var/lib/fleece/scratch"\n[prune]\nkeep_last = 3\n')
+    res = fleece("cleanup", "--config", config, "--json")
+    assert res.rc == 0, res.err
+    assert res.json()["removed"]["bitmaps"] == ["fmt-vda/fleece-tmp-vda"]
+    # Leftovers no state file explains are not a dead process's: --dead-only leaves them.
+    vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
+    res = fleece("cleanup", "--config", config, "--dead-only", "--json")
+    assert res.rc == 0, res.err
+    doc = res.json()
+    assert doc["removed"]["bitmaps"] == [] and "an earlier fleece run left" in doc["kept"]
+    assert "fleece-tmp-vda" in vm.bitmaps("vda")
+    bare = tmp_path / "bare.toml"
+    bare.write_text('repo = "/srv/fleece"\n')
+    res = fleece("cleanup", "--config", bare)
+    assert res.rc == 2 and "names no qmp socket" in res.err

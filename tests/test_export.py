@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from typing import Any
 
@@ -20,7 +21,7 @@ def granules(*writes: tuple[int, int]) -> set[int]:
 
 
 def start(fleece: Any, vm: Any, *args: str) -> dict[str, Any]:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return dict(res.json())
 
@@ -55,7 +56,12 @@ def test_snapshot_keeps_old_bytes_and_stop_leaves_qemu_as_found(
     (shown,) = status["disks"]
     assert (shown["node"], shown["filter"], shown["format"]) == ("fmt-vda", "fleece-cbw-vda", "qcow2")
     assert [b["checkpoint"] for b in shown["bitmaps"]] == [disk["checkpoint"]]
-    assert status["export"] == {"checkpoint": disk["checkpoint"], "drives": ["vda"], "socket": out["socket"]}
+    # Left up by `export start`: `export stop` ends it.
+    assert status["export"] == {"checkpoint": disk["checkpoint"], "drives": ["vda"], "socket": out["socket"],
+                                "owner": "export", "pid": status["export"]["pid"],
+                                "host": os.uname().nodename,
+                                "owner_exited": False,
+                                "end_with": f"fleece export stop --qmp {shlex.quote(vm.qmp_path)}"}
 
     # The guest overwrites both patterns and a never-written region while the export is up.
     vm.write("vda", 0, 1 * MiB, 0x99)
@@ -177,7 +183,8 @@ def test_two_disks_share_one_point_and_the_pause_is_reported(
 
 def test_drive_by_node_name_and_backend_name_human_output(make_vm: Any, fleece: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("raw", "16M")])
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "fmt-vda", "--drive", "vdb")
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "fmt-vda", "--drive", "vdb")
     assert res.rc == 0, res.err
     assert "fmt-vda: nbd+unix:///fmt-vda?socket=" in res.out
     assert "checkpoint lives only while QEMU runs" in res.out

@@ -27,6 +27,8 @@ import pytest
 from backups import identical, restore
 from conftest import FLEECE, VMFactory
 
+from fleece.commands.stop_signals import STOP_DEADLINE
+
 ROOT = Path(__file__).parent.parent
 UNIT = ROOT / "configs" / "fleece-backup@.service"
 CONFIG = ROOT / "configs" / "web1.toml"
@@ -160,3 +162,45 @@ def test_a_backup_run_as_the_unit_runs_it_reaches_a_qemu_outside_its_namespace(
             shutil.rmtree(parent, ignore_errors=True)
             with contextlib.suppress(OSError):
                 parent.parent.rmdir()
+
+
+def test_the_unit_gives_fleece_time_to_abort_and_cleans_up_after_a_kill() -> None:
+    settings = service_settings(UNIT)
+    # SIGTERM: fleece aborts and exits within STOP_DEADLINE; systemd waits longer before SIGKILL.
+    assert float(settings["TimeoutStopSec"][-1].removesuffix("s")) > STOP_DEADLINE
+    assert settings["ExecStopPost"] == [
+        "-/usr/local/bin/fleece cleanup --config /etc/fleece/%i.toml --dead-only"]
+
+
+@pytest.mark.qemu
+def test_the_units_stop_post_removes_what_a_killed_backup_left_and_nothing_a_live_one_holds(
+        make_vm: Any, fleece: Any, hold_backup: Any, tmp_path: Path, scratch_tmpdir: Path) -> None:
+    other = scratch_tmpdir / "other.sock"  # the config's QMP monitor; the held backup uses another
+    vm = make_vm([("qcow2", "16M")], extra_args=["-qmp", f"unix:{other},server=on,wait=off"])
+    vm.write("vda", 0, MiB, 0x5A)
+    repo = tmp_path / "repo"
+    config = tmp_path / "web1.toml"
+    shipped = CONFIG.read_text().replace("/run/qemu/web1/fleece-qmp.sock", str(other))
+    config.write_text(shipped.replace("s3://backups/fleece", str(repo))
+                      .replace('"/var/lib/fleece/scratch"', json.dumps(str(scratch_tmpdir))))
+    post = [FLEECE if w == "/usr/local/bin/fleece" else str(config) if w == "/etc/fleece/%i.toml" else w
+            for w in shlex.split(service_settings(UNIT)["ExecStopPost"][0].removeprefix("-"))]
+    assert fleece("backup", "--config", config).rc == 0
+    before = vm.block_graph()
+
+    held = hold_backup(vm, repo, "export-live")
+    held.wait_held()
+    up = vm.block_graph()
+    # A backup of this VM that is running (another unit, or one started by hand) is left alone.
+    live = subprocess.run(post, capture_output=True, text=True, timeout=60)
+    assert live.returncode == 0, live.stderr
+    assert live.stdout.startswith(f"left alone: fleece pid {held.proc.pid} on "), live.stdout
+    assert vm.block_graph() == up
+    held.kill()
+    done = subprocess.run(post, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("removed exports fleece-export-vda"), done.stdout
+    assert vm.block_graph() == before
+    again = subprocess.run(post, capture_output=True, text=True, timeout=60)
+    assert (again.returncode, again.stdout.strip()) == (0, "nothing to clean up")
+    assert fleece("backup", "--config", config).rc == 0

@@ -43,8 +43,12 @@ class BitmapAudit:
 
 
 def audit_clean_chunks(h: NbdHandle, plan: ChunkPlan, parent: ChunkIndex, repo: Repository,
-                       percent: float, rng: random.Random | None = None) -> BitmapAudit:
-    """Read a sample of the clean chunks through ``h`` and compare them with ``parent``."""
+                       percent: float, max_request: int | None = None,
+                       rng: random.Random | None = None) -> BitmapAudit:
+    """Read a sample of the clean chunks through ``h`` and compare them with ``parent``.
+
+    Reads are at most ``max_request`` bytes (the export's bound on old QEMU).
+    """
     rng = rng or random.Random()
     audit = BitmapAudit()
     clean = [i for i in range(parent.n_chunks) if plan.read[i] == 0 and not parent.deltas_of(i)]
@@ -54,7 +58,9 @@ def audit_clean_chunks(h: NbdHandle, plan: ChunkPlan, parent: ChunkIndex, repo: 
     count = min(len(clean), max(1, round(len(clean) * percent / 100)))
     for i in sorted(rng.sample(clean, count)):
         length = parent.chunk_length(i)
-        data = h.pread(length, i * parent.chunk_size)
+        step = max_request or length
+        data = b"".join(h.pread(min(step, length - at), i * parent.chunk_size + at)
+                        for at in range(0, length, step))
         audit.sampled += 1
         audit.bytes_read += length
         expected = parent.get(i)

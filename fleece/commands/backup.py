@@ -9,6 +9,7 @@ from pathlib import Path
 from fleece.backup.job import BackupRequest, BackupResult, run_backup
 from fleece.backup.pipeline import PipelineSettings
 from fleece.backup.remote import read_export, run_backup_from_export
+from fleece.commands.cleanup import heal_before_backup, stop_guard
 from fleece.commands.common import (
     add_client_tls_options,
     add_recorded_run,
@@ -31,6 +32,7 @@ from fleece.repo.backends.url import open_backend
 from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, parse_compression
 from fleece.repo.repository import Repository, check_chunk_size, holds_objects
 
+STOPPED_NOTE = "its restore point exists only if it was written before the signal (see fleece list)"
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESS = f"zstd:{DEFAULT_ZSTD_LEVEL}"
 DEFAULT_HASH = "blake3"
@@ -221,7 +223,11 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         if args.from_export:
             result = run_async(run_backup_from_export(req, *exported, progress))
         else:
-            result = run_async(run_backup(req, progress, say))
+            # SIGTERM aborts like Ctrl-C; a dead earlier run's leftovers are cleaned first.
+            with stop_guard(args, "the backup", STOPPED_NOTE):
+                if args.qmp:
+                    heal_before_backup(args.qmp)
+                result = run_async(run_backup(req, progress, say))
     record.vm = result.point.vm
     record.values = backup_metrics(result)
     if args.json:
@@ -236,7 +242,7 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
 
 
 def print_summary(result: BackupResult) -> None:
-    """The one-screen summary after a backup."""
+    """The one-screen summary after a backup (why a disk is full was said on stderr, once)."""
     p = result.point
     print(f"restore point {p.id} of VM {p.vm}" + (f" (parent {p.parent})" if p.parent else ""))
     total_dirty = total_read = total_stored = 0
@@ -253,8 +259,6 @@ def print_summary(result: BackupResult) -> None:
             f" in {s.objects_written} objects; chunks {s.chunks_new} new, {s.chunks_reused} reused,"
             f" {s.chunks_zero} zero, {s.chunks_unchanged} unchanged{deltas}"
         )
-        if d.reason:
-            print(f"    full because {d.reason}")
     secs = max(result.seconds, 1e-9)
     pause = f", guest paused {result.pause_ms:.1f} ms" if result.pause_ms is not None else ""
     print(

@@ -33,11 +33,22 @@ def add_vm_options(parser: argparse.ArgumentParser, required: bool = True) -> No
 
 
 def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--repo URL``: the repository (not required where ``--config`` may give it)."""
+    """``--config FILE``, ``--repo URL`` and the passphrase options, the same on every command.
+
+    The repository is ``--repo``, else ``repo`` in ``--config``, else
+    ``$FLEECE_REPOSITORY`` (``config.apply_repository_settings`` resolves it
+    before the command runs; ``required`` makes its absence an error there).
+    """
+    if "--config" not in parser._option_string_actions:
+        parser.add_argument("--config", metavar="FILE",
+                            help="read settings from a TOML file (see configs/): here repo, "
+                                 "passphrase_file and vm")
     parser.add_argument(
-        "--repo", required=required, metavar="URL",
-        help="repository: a directory, file:///abs/path or s3://bucket/prefix",
+        "--repo", metavar="URL", default=None,
+        help="repository: a directory, file:///abs/path or s3://bucket/prefix "
+             "(default: repo in --config, else $FLEECE_REPOSITORY)",
     )
+    parser.set_defaults(repo_required=required)
     add_passphrase_option(parser)
 
 

@@ -8,11 +8,53 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import argparse
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from fleece.errors import BadInput
+
+# What every command that opens a repository reads from --config (others' keys are theirs).
+REPOSITORY_SETTINGS: dict[str, type] = {"repo": str, "passphrase_file": str, "vm": str}
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def apply_repository_settings(args: argparse.Namespace) -> None:
+    """Resolve the repository of a command that takes ``--repo``, before it runs.
+
+    ``--repo`` wins, then ``repo`` in ``--config``, then ``$FLEECE_REPOSITORY``;
+    ``passphrase_file`` and ``vm`` come from the file where the command has them
+    and the command line left them unset. Other keys in the file (a per-VM file
+    also holds the backup's settings) are left to the commands that read them.
+    """
+    if not hasattr(args, "repo"):
+        return
+    path = getattr(args, "config", None)
+    if path:
+        doc = _read(path)
+        for attr, want in REPOSITORY_SETTINGS.items():
+            value = doc.get(attr, doc.get(attr.replace("_", "-")))
+            if value is None or not hasattr(args, attr) or getattr(args, attr) is not None:
+                continue
+            if not isinstance(value, want):
+                raise BadInput(f"config file {path}: {attr} must be a {want.__name__}")
+            setattr(args, attr, value)
+    if args.repo is None:
+        args.repo = os.environ.get("FLEECE_REPOSITORY") or None
+    if args.repo is None and getattr(args, "repo_required", False):
+        raise BadInput(f"{args.command} needs a repository: --repo URL, repo = … in --config, "
+                       "or $FLEECE_REPOSITORY")
 
 
 def apply_config(args: argparse.Namespace, allowed: dict[str, type], section: str) -> None:
@@ -24,14 +66,7 @@ def apply_config(args: argparse.Namespace, allowed: dict[str, type], section: st
     path = getattr(args, "config", None)
     if not path:
         return
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise BadInput(f"cannot read config file {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
+    doc = _read(path)
     # A top-level table is another command's section ([prune], [gc]) unless it
     # is a setting whose value is a table (labels).
     settings: dict[str, Any] = {

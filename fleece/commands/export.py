@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from fleece.commands import on_libvirt
+from fleece.commands.cleanup import stop_guard
 from fleece.commands.common import (
     add_json_option,
     add_vm_options,
@@ -19,9 +20,11 @@ from fleece.commands.common import (
     run_async,
     say,
 )
-from fleece.errors import BadInput
-from fleece.fleecing import PointInTimeExport, start_export, stop_export
+from fleece.errors import BadInput, ExportError
+from fleece.fleecing import PointInTimeExport, cleanup, start_export, stop_export
 from fleece.fleecing.checkpoints import LEVELS
+from fleece.fleecing.graph import read_graph
+from fleece.fleecing.leftovers import ownership, stop_command
 from fleece.fleecing.transport import ServerTransport, server_transport
 from fleece.qmp import QmpSession
 
@@ -49,14 +52,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="guest agent socket: freeze the guest's filesystems around the snapshot "
                             "point (with --libvirt: no SOCKET, libvirt reaches the agent)")
     start.add_argument("--checkpoint", metavar="ID", help="the new point id (default: a fresh one)")
+    start.add_argument("--bounded-requests", action="store_true",
+                       help="the reader keeps every read and block-status request inside one aligned "
+                            "block of max_request (64 KiB on QEMU < 8.0, which refuses the export "
+                            "without this; docs/export.md)")
     add_listen_options(start, authz=True)
     add_json_option(start)
     start.set_defaults(func=cmd_start)
 
     stop = commands.add_parser("stop", help="tear the export down and commit the checkpoint bitmaps")
     add_vm_options(stop)
-    stop.add_argument("--abort", action="store_true",
-                      help="drop the new checkpoint instead: the next export covers these writes again")
+    outcome = stop.add_mutually_exclusive_group()
+    outcome.add_argument("--abort", action="store_true",
+                         help="drop the new checkpoint instead: the next export covers these writes again")
+    outcome.add_argument("--commit", action="store_true",
+                         help="commit even the export of a fleece process that has exited (by default "
+                              "it is aborted: nobody may have read it all)")
     stop.set_defaults(func=cmd_stop)
 
 
@@ -86,9 +97,13 @@ def transport_from(args: argparse.Namespace, socket_path: str | None = None) -> 
 
 async def _start(args: argparse.Namespace, transport: ServerTransport) -> PointInTimeExport:
     async with QmpSession.open(args.qmp) as session:
+        owned = ownership(await read_graph(session))
+        if owned.left:
+            raise owned.refusal(session.address)  # with the exact command that ends it
         return await start_export(session, args.drive, checkpoint=args.checkpoint, level=args.level,
                                   discard=args.discard, scratch_dir=args.scratch_dir, qga=args.qga,
-                                  log=say, transport=transport if transport.is_tcp else None)
+                                  log=say, transport=transport if transport.is_tcp else None,
+                                  bounded_requests=args.bounded_requests)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -104,7 +119,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     if transport.insecure:
         say(f"warning: the export listens on {transport.describe()}: anyone who can reach "
              "that port can read these disks")
-    export = run_async(_start(args, transport))
+    with stop_guard(args, "the export's set-up"):
+        export = run_async(_start(args, transport))
     if args.json:
         print_json(export.as_dict())
         return 0
@@ -118,19 +134,43 @@ def cmd_start(args: argparse.Namespace) -> int:
     if transport.is_tcp:
         creds = transport.client_credentials()
         print(f"  listening on {transport.describe()}; client: {creds['client']}")
-    print(f"end it with: fleece export stop --qmp {args.qmp} [--abort]")
+    print(f"end it with: {stop_command(args.qmp)} [--abort]")
     return 0
 
 
 async def _stop(args: argparse.Namespace) -> str:
+    """Who holds the export decides (docs/design.md §3.2); one line saying what was done."""
     async with QmpSession.open(args.qmp) as session:
+        owned = ownership(await read_graph(session))
+        if not owned.left:
+            return "nothing to stop: no fleece export is up in this QEMU"
+        live = owned.live_owner
+        if live is not None:
+            raise ExportError(
+                f"the export of {', '.join(d.drive for d in live.disks)} (checkpoint {live.checkpoint}) "
+                f"belongs to fleece pid {live.pid} on {live.host}, which may still be running (a backup "
+                "or a program using the Python API): it ends the export itself; nothing was changed")
+        if not owned.states:
+            raise owned.refusal(session.address)
+        st = owned.states[0]
+        if st.outcome is not None:
+            # A tear-down was cut short after it had decided: finish it that way.
+            removed = await cleanup(session)
+            return (f"finished the cut-short {st.outcome} of checkpoint {st.checkpoint}: "
+                    f"removed {removed.describe()}")
+        if st.owner == "session":
+            said = await stop_export(session, abort=not args.commit)
+            return (f"fleece pid {st.pid} on {st.host}, which held this export, has exited; {said}"
+                    + ("" if args.commit else " (as 'fleece cleanup' does; --commit would have kept it)"))
         return await stop_export(session, abort=args.abort)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """Tear the export down; commit or abort."""
+    """Tear the export down; commit or abort, as its owner allows."""
     on_libvirt.check_connect(args)
     if args.libvirt:
+        if args.commit:
+            raise BadInput("export stop --libvirt has no --commit (it commits unless --abort)")
         return on_libvirt.export_stop(args)
     print(run_async(_stop(args)))
     return 0

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the hash that names chunks (keyed when encrypted; default blake3, "
                         "as for a repository a backup creates)")
     p.add_argument("--chunk-size", metavar="SIZE", help="chunk size, a power of two (default 4M)")
-    p.add_argument("--compress", metavar="CODEC",
+    p.add_argument("--compress", metavar="zstd[:LEVEL]|none",
                    help=f"zstd[:LEVEL] (default zstd:{DEFAULT_ZSTD_LEVEL}) or none")
     p.add_argument("--object-lock-days", type=_days, metavar="N",
                    help="immutable restore points: S3 Object Lock keeps every object a point needs "

@@ -100,7 +100,7 @@ def _request(args: argparse.Namespace) -> LiveRequest:
     source = passphrase_source(args)
     passphrase = source() if source is not None else None
     repo = open_repository(args, passphrase=passphrase)
-    point = repo.find_point(args.point)
+    point = repo.find_point(args.point, args.vm)
     images = [DiskImage(repo, point, d) for d in drives]
     names = [i.disk.name for i in images]
     if len(set(names)) != len(names):

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_repo_option(p)
     add_limit_options(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
+    p.add_argument("--vm", metavar="NAME", help="the VM, where 'latest' or a prefix needs it")
     p.add_argument("--drive", metavar="NAME", action="append",
                    help="the disk to restore (needed if several; --live takes several)")
     p.add_argument("--output", "-o", required=True, metavar="PATH|URI", action="append",
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if nbd_output and not args.force:
         raise BadInput(f"restoring onto the NBD export {args.output} overwrites it; add --force")
     repo = open_repository(args)
-    point = repo.find_point(args.point)
+    point = repo.find_point(args.point, args.vm)
     workers, allow_damage = args.workers, args.allow_damage
     result: RestoreResult
     if nbd_output:

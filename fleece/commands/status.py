@@ -9,7 +9,7 @@ from typing import Any
 from fleece.commands import on_libvirt
 from fleece.commands.common import add_json_option, add_vm_options, human_size, print_json, run_async
 from fleece.fleecing.graph import BlockGraph, export_states, format_node, read_graph
-from fleece.fleecing.leftovers import find_leftovers
+from fleece.fleecing.leftovers import cleanup_command, find_leftovers, stop_command
 from fleece.fleecing.names import checkpoint_of, is_fleece_name
 from fleece.fleecing.stale_scratch import scratch_parents, survey
 from fleece.fleecing.state import ExportState
@@ -41,6 +41,7 @@ async def collect_status(qmp: str) -> dict[str, Any]:
         leftovers = await find_leftovers(session)
     live = [s for s in export_states(graph) if s.outcome is None]
     export = live[0] if live and graph.exports else None
+    leftovers_hint = cleanup_command(qmp) if leftovers else None
     disks = [_disk_view(d, graph) for d in graph.disks]
     return {
         "vm": name,
@@ -72,17 +73,26 @@ async def collect_status(qmp: str) -> dict[str, Any]:
             }
             for d, on_filter, bitmaps in disks
         ],
-        "export": None if export is None else _export_view(export),
+        "export": None if export is None else _export_view(export, qmp),
         "leftovers": leftovers.as_dict(),
+        "cleanup": None if export is not None else leftovers_hint,
         "stale_scratch": [d.path for d in survey(scratch_parents()) if d.stale],
     }
 
 
-def _export_view(export: ExportState) -> dict[str, Any]:
-    """The live export; a TCP one also says where it listens and whether that is insecure."""
+def _export_view(export: ExportState, qmp: str) -> dict[str, Any]:
+    """The live export and who holds it (what ends it); a TCP one also says where it listens
+    and whether that is insecure."""
     server = export.server
+    exited = export.owner_gone()
+    if export.owner == "export":
+        end_with: str | None = stop_command(qmp)
+    else:
+        end_with = cleanup_command(qmp) if exited else None  # a live holder ends it itself
     view: dict[str, Any] = {"checkpoint": export.checkpoint, "drives": [d.drive for d in export.disks],
-                            "socket": None if server.is_tcp else export.socket}
+                            "socket": None if server.is_tcp else export.socket,
+                            "owner": export.owner, "pid": export.pid, "host": export.host,
+                            "owner_exited": exited, "end_with": end_with}
     if server.is_tcp:
         view["listen"] = server.address
         view["tls"] = server.tls
@@ -150,15 +160,22 @@ def run(args: argparse.Namespace) -> int:
     if status["export"]:
         e = status["export"]
         where = f"socket {e['socket']}" if e["socket"] else f"TCP {e['listen']} TLS {e['tls'] or 'off'}"
-        print(f"  a fleece export is up at checkpoint {e['checkpoint']} ({', '.join(e['drives'])}, "
-              f"{where}): end it with 'fleece export stop' (or 'fleece cleanup' if the "
-              "process that started it is gone)")
+        up = f"  a fleece export is up at checkpoint {e['checkpoint']} ({', '.join(e['drives'])}, {where})"
+        if e["owner"] == "export":
+            print(f"{up}, left up by 'fleece export start': end it with: {e['end_with']} "
+                  "(add --abort to drop its checkpoint)")
+        elif e["owner_exited"]:
+            print(f"{up}, held by fleece pid {e['pid']} on {e['host']}, which has exited: the next "
+                  f"fleece backup cleans it up, or run: {e['end_with']}")
+        else:
+            print(f"{up}, held by fleece pid {e['pid']} on {e['host']} (a backup or a program using "
+                  "the Python API), which may be running: it ends the export itself")
         if e.get("insecure"):
             print(f"  WARNING: the export listens on TCP {e['listen']} WITHOUT TLS: anyone who can "
                   "reach that port can read these disks")
     elif any(left.values()):
         items = "; ".join(f"{k}: {', '.join(v)}" for k, v in left.items() if v)
-        print(f"  leftovers of an interrupted fleece run: {items} (run 'fleece cleanup')")
+        print(f"  leftovers of an interrupted fleece run: {items}; remove them with: {status['cleanup']}")
     else:
         print("  no fleece leftovers")
     if status["stale_scratch"]:

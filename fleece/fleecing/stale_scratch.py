@@ -36,7 +36,6 @@ from socket import gethostname
 from fleece.errors import ExportError
 from fleece.fleecing.names import SOCKET_FILE, STATE_FILE
 from fleece.fleecing.state import ExportState
-from fleece.liveness import process_gone
 
 SCRATCH_NAME = re.compile(r"^fleece-[A-Za-z0-9_]{8}$")
 """What ``tempfile.mkdtemp(prefix="fleece-")`` names a scratch directory."""
@@ -126,8 +125,8 @@ def _judge(path: str, used: dict[str, int], complete: bool, now: float) -> Scrat
         return ScratchDir(path, True, "no state file and no process uses it")
     if state.host != gethostname():
         return ScratchDir(path, False, f"made on host {state.host}")
-    if not process_gone(state.host, state.pid):
-        return ScratchDir(path, False, f"its fleece process pid {state.pid} is alive")
+    if not state.process.certainly_dead():
+        return ScratchDir(path, False, f"its fleece process pid {state.pid} may be alive")
     return ScratchDir(path, True, f"fleece pid {state.pid} has exited (checkpoint "
                                   f"{state.checkpoint}) and no QEMU or other process uses it")
 

@@ -12,10 +12,16 @@ file lives next to it.
 Format (version 1)::
 
     {"version": 1, "checkpoint": ID, "scratch": DIR, "socket": PATH,
-     "nbd_server": true, "outcome": null | "commit" | "abort", "pid": N,
+     "nbd_server": true, "outcome": null | "commit" | "abort",
+     "owner": "export" | "session", "pid": N, "host": NAME,
+     "boot_id": ID, "pid_ns": N, "start_time": N, "machine_id": ID,
      "transport": null | {"socket", "host", "port", "tls", "creds", "authz"},
      "disks": [{"drive", "key", "qdev", "src", "format", "size",
                 "persistent", "parent", "level", "reason", "discard"}]}
+
+``pid`` … ``machine_id`` name the process that wrote the file
+(:class:`fleece.liveness.Owner`); files written before ``boot_id`` and the
+fields after it existed lack them and are judged by host and pid alone.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from fleece.errors import ExportError
 from fleece.fleecing.names import STATE_FILE
 from fleece.fleecing.transport import ServerTransport
-from fleece.liveness import process_gone
+from fleece.liveness import IDENTITY_FIELDS, Owner
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -95,9 +101,25 @@ class ScratchState(StateFile):
         """``FILE_NAME`` in the scratch directory."""
         return Path(self.scratch) / self.FILE_NAME
 
+    @property
+    def process(self) -> Owner:
+        """The process that wrote the state (``boot_id`` and the rest where the file has them).
+
+        A record with a field of the wrong type names nobody who could be certainly dead.
+        """
+        try:
+            return Owner.from_json({f: getattr(self, f, None) for f in ("host", "pid", *IDENTITY_FIELDS)})
+        except ValueError:
+            return Owner(str(getattr(self, "host", "")), 0)
+
     def owner_gone(self) -> bool:
-        """Whether this is a session's export whose process (on this host) no longer exists."""
-        return self.owner == "session" and process_gone(self.host, self.pid)
+        """Whether this is a session's export whose process has certainly exited
+        (:meth:`fleece.liveness.Owner.certainly_dead`)."""
+        return self.owner == "session" and self.process.certainly_dead()
+
+
+def _me() -> Owner:
+    return Owner.current()
 
 
 @dataclass
@@ -136,6 +158,10 @@ class ExportState(ScratchState):
     """``commit`` or ``abort`` once tear-down has decided; a cut-short tear-down finishes the same way."""
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=gethostname)
+    boot_id: str | None = field(default_factory=lambda: _me().boot_id)
+    pid_ns: int | None = field(default_factory=lambda: _me().pid_ns)
+    start_time: int | None = field(default_factory=lambda: _me().start_time)
+    machine_id: str | None = field(default_factory=lambda: _me().machine_id)
     owner: str = "export"
     """``export``: left up on purpose (``export start``), ended by ``export stop``;
     ``session``: held by the process ``pid`` (a backup or the Python API) for as long as it runs."""
@@ -158,7 +184,9 @@ class ExportState(ScratchState):
         if raw is None:
             return None
         disks = [DiskState(**d) for d in raw.pop("disks", [])]
-        return cls(disks=disks, **raw)
+        # An older file does not say: unknown, never this process's identity.
+        identity = {f: raw.pop(f, None) for f in IDENTITY_FIELDS}
+        return cls(disks=disks, **identity, **raw)
 
     def remove(self) -> None:
         """Delete the file (the last step of a tear-down)."""

@@ -11,6 +11,10 @@ bitmaps committed or aborted, then reverse deltas; last their files, the
 state file and the scratch directory go. The commit comes before the
 reverse deltas go because their nodes are how a later ``cleanup`` finds the
 state file (and so the decision, and the directory) of a run killed here.
+
+Once begun, a tear-down runs to its end even if its caller is cancelled
+(Ctrl-C, SIGTERM): stopping half-way would leave the copy-before-write
+filter in the guest's write path. The cancellation is raised after it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from fleece.errors import ExportError, FleeceError, QmpCommandError
 from fleece.fleecing.checkpoints import bitmaps_to_remove
 from fleece.fleecing.graph import BlockGraph, export_states, filter_source, read_graph
-from fleece.fleecing.leftovers import Leftovers, leftovers_in
+from fleece.fleecing.leftovers import Leftovers, cleanup_command, leftovers_in, ownership
 from fleece.fleecing.names import PREFIX, SOCKET_FILE, checkpoint_of, is_fleece_name
 from fleece.fleecing.state import ExportState
 from fleece.fleecing.transport import PSK_DIR, PSK_FILE_IN_DIR
@@ -93,8 +97,28 @@ async def tear_down(
     finishes a tear-down that was cut short the way it had been decided,
     else aborts (what ``cleanup`` does). Returns what was removed and the
     export states that were ended. Raises :class:`ExportError` naming what
-    is left if any step failed.
+    is left if any step failed. A cancellation waits for the tear-down to
+    end, then is raised (unless the tear-down failed: its error is raised).
     """
+    work = asyncio.ensure_future(_tear_down(session, state=state, commit=commit, log=log))
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = True
+    if work.cancelled() or (cancelled and work.exception() is None):
+        raise asyncio.CancelledError
+    return work.result()
+
+
+async def _tear_down(
+    session: QmpSession,
+    *,
+    state: ExportState | None,
+    commit: bool | None,
+    log: Log | None,
+) -> tuple[Leftovers, list[ExportState]]:
     run = _Teardown(session, log or _log.info)
     graph = await read_graph(session)
     states = _states(graph, state)
@@ -151,7 +175,7 @@ async def tear_down(
         problems = "; ".join(run.errors) or "objects remain"
         raise ExportError(
             f"tear-down incomplete ({problems}); left in QEMU: {left.describe()}; "
-            "run 'fleece cleanup' to remove them"
+            f"remove them with: {cleanup_command(session.address)}"
         )
     for st in states:
         _remove_scratch(st, deltas)
@@ -161,6 +185,38 @@ async def tear_down(
             # A reverse delta whose state file was lost: still ours by its node name.
             _unlink(path, run)
     return run.removed, states
+
+
+async def heal_dead_run(session: QmpSession, log: Log) -> Leftovers | None:
+    """Before a backup: remove what an earlier run whose process has certainly exited left.
+
+    Does what ``fleece cleanup`` would (finishing a tear-down the way it had
+    been decided, else aborting) and says in one line what it removed and
+    why. Leftovers whose owner may be alive, an export left up by ``export
+    start``, or leftovers no state file explains are refused with the
+    command that ends them, nothing changed. None when there was nothing.
+    """
+    graph = await read_graph(session)
+    if graph.live_restore_nodes():
+        return None  # the set-up refuses it, saying why
+    owned = ownership(graph)
+    if not owned.left:
+        return None
+    if not owned.certainly_dead:
+        raise owned.refusal(session.address)
+    removed, ended = await tear_down(session, commit=None, log=log)
+    for st in ended:
+        how = ("its commit was finished: its checkpoint records writes from its point on"
+               if st.outcome == "commit" else
+               "aborted: the checkpoint before it still records every write since")
+        log(f"fleece pid {st.pid} on {st.host} has exited and left its export of {_drives(st)} "
+            f"(checkpoint {st.checkpoint}) in QEMU: cleaned up as 'fleece cleanup' would, {how}; "
+            f"removed {removed.describe()}")
+    return removed
+
+
+def _drives(st: ExportState) -> str:
+    return ", ".join(d.drive for d in st.disks)
 
 
 def _states(graph: BlockGraph, state: ExportState | None) -> list[ExportState]:

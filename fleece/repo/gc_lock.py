@@ -38,7 +38,13 @@ CLOCK_SKEW = 60.0
 
 
 def lease_live(info: LeaseInfo, now: float | None = None) -> bool:
-    """Whether ``info``'s holder may still be working (allowing for clock skew)."""
+    """Whether ``info``'s holder may still be working (allowing for clock skew).
+
+    Before expiry only a holder that has certainly exited
+    (:meth:`fleece.liveness.Owner.certainly_dead`: same host, boot and pid
+    namespace, pid gone or reused) is not live: a backup in a container with
+    our host name, whose pid means nothing here, is waited for.
+    """
     now = time.time() if now is None else now
     if info.holder_gone():
         return False

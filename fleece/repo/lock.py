@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleece.errors import FleeceError, LockHeld
-from fleece.liveness import process_gone
+from fleece.liveness import Owner
 from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format.keys import repo_lock_key, vm_lock_key
 from fleece.repo.format.point import iso_utc, parse_iso_utc
@@ -61,6 +59,16 @@ class LeaseInfo:
     uses: tuple[str, ...] | None = None
     """Point ids whose indexes the holder reads (a backup's parents): prune keeps them.
     None until the holder knows them."""
+    boot_id: str | None = None
+    pid_ns: int | None = None
+    start_time: int | None = None
+    machine_id: str | None = None
+    """With host and pid: who holds it (:class:`fleece.liveness.Owner`); null in older leases."""
+
+    @property
+    def owner(self) -> Owner:
+        """The holder, as :mod:`fleece.liveness` judges it."""
+        return Owner(self.host, self.pid, self.boot_id, self.pid_ns, self.start_time, self.machine_id)
 
     def expired(self, now: float | None = None) -> bool:
         """Whether the holder stopped renewing (by this host's clock)."""
@@ -68,12 +76,13 @@ class LeaseInfo:
         return parse_iso_utc(self.expires).timestamp() <= now
 
     def holder_gone(self) -> bool:
-        """Whether the holder is a process of this host that no longer exists.
+        """Whether the holder has certainly exited (:meth:`fleece.liveness.Owner.certainly_dead`).
 
-        A killed backup cannot release its lease; on the same host we can see
-        that its pid is gone and need not wait for the lease to expire.
+        A killed backup cannot release its lease; on the same host, boot and
+        pid namespace we can see that it is gone and need not wait for the
+        lease to expire.
         """
-        return process_gone(self.host, self.pid)
+        return self.owner.certainly_dead()
 
     def to_json(self) -> bytes:
         """The lease object's bytes."""
@@ -86,14 +95,19 @@ class LeaseInfo:
         doc = json.loads(blob)
         if not isinstance(doc, dict) or doc.get("format") != LEASE_FORMAT:
             raise ValueError("not a format-1 lease")
+        owner = Owner.from_json({**doc, "host": str(doc["host"]), "pid": int(doc["pid"])})
         info = cls(
             key=str(doc["key"]),
-            host=str(doc["host"]),
-            pid=int(doc["pid"]),
+            host=owner.host,
+            pid=owner.pid,
             token=str(doc["token"]),
             created=str(doc["created"]),
             expires=str(doc["expires"]),
             uses=tuple(map(str, doc["uses"])) if isinstance(doc.get("uses"), list) else None,
+            boot_id=owner.boot_id,
+            pid_ns=owner.pid_ns,
+            start_time=owner.start_time,
+            machine_id=owner.machine_id,
         )
         parse_iso_utc(info.expires)
         return info
@@ -286,15 +300,20 @@ def acquire(
     heartbeat: bool = True,
 ) -> Lease:
     """Take the lease at ``key``, taking over an expired one; ``LockHeld`` if it is held."""
+    me = Owner.current()
     for _ in range(_TAKEOVER_ATTEMPTS):
         now = time.time()
         info = LeaseInfo(
             key=key,
-            host=socket.gethostname(),
-            pid=os.getpid(),
+            host=me.host,
+            pid=me.pid,
             token=secrets.token_hex(16),
             created=_iso(now),
             expires=_iso(now + lease_seconds),
+            boot_id=me.boot_id,
+            pid_ns=me.pid_ns,
+            start_time=me.start_time,
+            machine_id=me.machine_id,
         )
         if backend.put(key, info.to_json(), if_absent=True):
             lease = Lease(backend, info, what, lease_seconds)

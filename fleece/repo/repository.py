@@ -667,7 +667,8 @@ class Repository:
             vms = sorted({v for v, _ in refs})
             if len(vms) > 1:
                 raise BadInput(
-                    f"'latest' is ambiguous: {self.url} holds points of VMs {', '.join(vms)}"
+                    f"'latest' is ambiguous: {self.url} holds points of VMs {', '.join(vms)} "
+                    "(say which with --vm)"
                 )
             matches = refs[-1:]
         else:

@@ -33,7 +33,7 @@ HEADER = struct.Struct("<4sBBQ")
 
 DEFAULT_ZSTD_LEVEL = 1
 """zstd's fastest level: on two cores the backup window is bound by compression, and level 1
-costs about a third less CPU than level 3 for a few per cent more bytes (README, Performance)."""
+costs about a third less CPU than level 3 for a few per cent more bytes (docs/performance.md)."""
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 """The largest chunk format 1 allows; a header claiming more is corrupt."""
 
