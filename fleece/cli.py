@@ -97,7 +97,8 @@ JSON_OUTPUT = {
              " kept: [{vm, id, reasons}], removed: [{vm, id, reason}], skipped: [{vm, reason}],\n"
              " locked: [{vm, id, until}]}",
     "gc": "{dry_run, points, chunks_kept, chunks_deleted, indexes_deleted, indexes_spared,\n"
-          " records_deleted, temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
+          " records_deleted, temporaries_deleted, objects_deleted, bytes_freed, running_backups,\n"
+          " seconds, packs_kept,\n"
           " packs_deleted, pack_bytes_unreferenced, objects_locked}",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
