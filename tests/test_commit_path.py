@@ -132,7 +132,7 @@ def test_a_copy_withdraws_its_point_when_the_lease_breaks_after_the_write(
     assert res.rc == 0, res.err
     point = res.json()["point"]
     marker = tmp_path / "held"
-    proc = subprocess.Popen([FLEECE, "copy", "--from", str(source), "--to", str(dest)],
+    proc = subprocess.Popen([FLEECE, "copy", "--from", str(source), "--to", str(dest), "--init"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, env={**os.environ, "FLEECE_TEST_PAUSE_AT": POINT_WRITTEN,
                                             "FLEECE_TEST_PAUSE_FILE": str(marker)})
