@@ -682,13 +682,16 @@ def ceph_https(ceph_cluster: CephCluster) -> S3Server:
     return _ceph_server(ceph_cluster, tls=True)
 
 
+S3_SERVER_FIXTURES = {"moto": "moto_server", "moto-https": "moto_https", "s3rver-http": "s3rver_http",
+                      "s3rver-https": "s3rver_https", "ceph-http": "ceph_http", "ceph-https": "ceph_https"}
+"""Each name of :data:`S3_SERVERS` → the session fixture that runs it."""
+
+
 @pytest.fixture
 def s3_server(request: pytest.FixtureRequest) -> S3Server:
     """The S3 server of this test: moto, or the one named by an indirect parametrization."""
     name = getattr(request, "param", "moto")
-    fixture = {"moto": "moto_server", "moto-https": "moto_https", "s3rver-http": "s3rver_http",
-               "s3rver-https": "s3rver_https", "ceph-http": "ceph_http",
-               "ceph-https": "ceph_https"}[name]
+    fixture = S3_SERVER_FIXTURES[name]
     server: S3Server = request.getfixturevalue(fixture)
     return server
 

@@ -34,6 +34,7 @@ _NAME_AT = {
     keys.POINTS_PREFIX.rstrip("/"): (1,),       # points/<vm>/<point-id>.json
     keys.PROTECT_PREFIX.rstrip("/"): (1,),      # protect/<vm>/<point-id>
     "locks": (2,),                              # locks/vms/<vm>, locks/repo/<name>
+    keys.LEASES_PREFIX.rstrip("/"): (2,),       # leases/vms/<vm>/<generation>
     keys.CHUNKS_PREFIX.rstrip("/"): (),
     keys.PACKS_PREFIX.rstrip("/"): (),
 }
