@@ -473,7 +473,7 @@ def _free_port() -> int:
 
 ROOT = Path(__file__).resolve().parent.parent
 S3RVER = ROOT / ".s3rver" / "node_modules" / ".bin" / "s3rver"  # installed by scripts/bootstrap
-S3_SERVERS = ("moto", "moto-https", "s3rver-http", "s3rver-https")
+S3_SERVERS = ("moto", "moto-https", "s3rver-http", "s3rver-https", "ceph-http", "ceph-https")
 """Every S3 implementation the suites run against, each over HTTP and HTTPS
 (``@pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)``); the default
 ``s3_server`` is moto over HTTP."""
@@ -667,7 +667,7 @@ def _ceph_server(cluster: CephCluster, tls: bool) -> S3Server:
     return S3Server(cluster.https_endpoint if tls else cluster.http_endpoint, cluster.procs[-1],
                     name="ceph-https" if tls else "ceph-http", access_key=cluster.access_key,
                     secret_key=cluster.secret_key, ca_bundle=str(cluster.ca_bundle) if tls else None,
-                    if_match="refuses-current")
+                    if_match="refuses-valid")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 from backups import point_ids
 from conftest import S3_SERVER_FIXTURES
 
-from fleece.errors import LockHeld
+from fleece.errors import LockHeld, RepositoryError
 from fleece.repo.backends.base import Backend, ForwardingBackend
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.backends.s3 import S3Backend
@@ -220,8 +220,17 @@ def test_file_replace_if_is_atomic_between_processes(tmp_path: Path) -> None:
     assert not list(backend.root.glob(".tmp-*"))
 
 
-def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(repo_url: str) -> None:
+def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(
+        repo_url: str, lease_store: str) -> None:
     backend = open_backend(repo_url)
+    if lease_store.startswith("ceph"):
+        # RGW refuses If-Match even with the current ETag: the swap is refused, never assumed.
+        backend.put("locks/x", b"old")
+        with pytest.raises(RepositoryError, match=r"refuses If-Match: <ETag> on PutObject even when "
+                                                  r"the precondition holds \(412\)"):
+            backend.replace_if("locks/x", b"new", b"old")
+        assert backend.get("locks/x") == b"old"
+        return
     assert not backend.replace_if("locks/x", b"new", b"old")  # absent: not created
     assert not backend.exists("locks/x")
     backend.put("locks/x", b"old")
@@ -306,6 +315,7 @@ def test_an_older_fleeces_live_lease_is_honoured_and_its_expired_one_taken_over(
     assert not backend.exists(KEY) and read_lease(backend, KEY) is None
 
 
+@pytest.mark.parametrize("lease_store", ["moto"], indirect=True)
 def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
         s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
     from fleece.testing.s3_faults import inject_http_faults
@@ -317,7 +327,13 @@ def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
     with inject_http_faults(backend, lost_replies=1, ops={"PutObject"}) as faults:
         assert backend.replace_if("locks/x", b"new", b"old")
     assert faults.injected["lost_replies"] == 1 and backend.get("locks/x") == b"new"
-    # A store without If-Match: read, compare, write, read again, with one warning.
+    # A store without If-Match: refused, unless unsafe_locks accepts read, compare, write,
+    # read again (with one warning).
+    with inject_http_faults(backend, statuses=[(501, "NotImplemented")], ops={"PutObject"}), \
+            pytest.raises(RepositoryError, match="answered 501 NotImplemented to If-Match"):
+        backend.replace_if("locks/x", b"newer", b"new")
+    assert backend.get("locks/x") == b"new"
+    backend.unsafe_locks = True
     with inject_http_faults(backend, statuses=[(501, "NotImplemented")], ops={"PutObject"}):
         assert backend.replace_if("locks/x", b"newer", b"new")
     assert backend.get("locks/x") == b"newer"

@@ -112,7 +112,8 @@ def test_break_lease(backend: Backend) -> None:
     assert info is not None and info.token == holder.info.token
     assert not backend.exists("locks/vms/web1")
     # The holder is told who broke it, not guessed at.
-    with pytest.raises(LockHeld, match=rf"{socket.gethostname()} pid {os.getpid()} broke it at .*fleece unlock"):
+    breaker = rf"{socket.gethostname()} pid {os.getpid()} broke it at .*fleece unlock"
+    with pytest.raises(LockHeld, match=breaker):
         holder.renew()
     assert break_lease(backend, "locks/vms/web1", "VM web1") is None
 
