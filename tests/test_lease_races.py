@@ -302,7 +302,8 @@ def test_an_older_fleeces_live_lease_is_honoured_and_its_expired_one_taken_over(
     old = LeaseInfo(key=KEY, host="old-host", pid=77, token="o" * 32,
                     created="2026-01-01T00:00:00.000000Z", expires="2999-01-01T00:00:00.000000Z")
     backend.put(KEY, old.to_json())
-    with pytest.raises(LockHeld, match=r"older than lease generations.* is locked by old-host pid 77"):
+    older = r"VM web1 is locked by old-host pid 77 .*, a fleece older than lease generations"
+    with pytest.raises(LockHeld, match=older):
         acquire(backend, KEY, "VM web1", heartbeat=False)
     assert read_lease(backend, KEY) == old  # still its lease; ours was released again
     backend.put(KEY, replace(old, expires="2026-01-01T00:10:00.000000Z").to_json())

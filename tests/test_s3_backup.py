@@ -29,7 +29,8 @@ import pytest
 from conftest import FLEECE, S3_SERVERS
 
 from fleece.repo.backends.s3 import S3Backend
-from fleece.repo.lock import LeaseInfo
+from fleece.repo.format.keys import lease_generation_key
+from fleece.repo.lock import LeaseInfo, read_lease
 
 pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 
@@ -144,8 +145,11 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
 
     keys = set(bucket_objects(s3_env, s3_bucket))
     assert keys and all(k.startswith(f"{PREFIX}/") for k in keys), keys
-    # The lock is released; "store" holds the store check's cached result.
-    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points", "store"}
+    # The lock is released (its last generation says so); "store" holds the store check's
+    # cached result.
+    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points", "store",
+                                               "leases"}
+    assert read_lease(S3Backend(s3_bucket, PREFIX), "locks/vms/web1") is None
     assert f"{PREFIX}/points/web1/{p2['point']}.json" in keys
     assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 10
     assert len([k for k in keys if k.startswith(f"{PREFIX}/packs/")]) == 1
@@ -384,8 +388,9 @@ def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitl
     vm.write("vda", 4 * MiB, MiB, 0x43)
     # Another host's backup died holding the lease: it has not expired yet.
     lease = LeaseInfo(key="locks/vms/web1", host="backup-host-2", pid=4242, token="f" * 32,
-                      created="2026-11-23T07:00:00.000000Z", expires="2099-01-01T00:00:00.000000Z")
-    S3Backend(s3_bucket, PREFIX).put("locks/vms/web1", lease.to_json())
+                      created="2026-11-23T07:00:00.000000Z", expires="2099-01-01T00:00:00.000000Z",
+                      generation=99)
+    S3Backend(s3_bucket, PREFIX).put(lease_generation_key("locks/vms/web1", 99), lease.to_json())
     before = vm.block_graph()
 
     res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, *locks)
@@ -400,7 +405,7 @@ def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitl
     broken = fleece("unlock", "--repo", url, "--vm", "web1", "--force")
     assert broken.rc == 0, broken.err
     assert broken.out.startswith("removed the lock of VM web1 held by backup-host-2 pid 4242")
-    assert f"{PREFIX}/locks/vms/web1" not in bucket_objects(s3_env, s3_bucket)
+    assert read_lease(S3Backend(s3_bucket, PREFIX), "locks/vms/web1") is None
 
     nxt = backup(fleece, vm, url, extra=locks)
     assert nxt["parent"] == first["point"] and nxt["disks"][0]["level"] == "incremental"

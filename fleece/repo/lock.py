@@ -146,11 +146,11 @@ class LeaseInfo:
             raise ValueError("not a lease")
         return info
 
-    def held_error(self, what: str) -> LockHeld:
-        """The error for finding this lease in our way."""
+    def held_error(self, what: str, note: str = "") -> LockHeld:
+        """The error for finding this lease in our way (``note`` follows the holder)."""
         return LockHeld(
             f"{what} is locked by {self.host} pid {self.pid} since {self.created} "
-            f"(lease expires {self.expires}); nothing was changed"
+            f"(lease expires {self.expires}){note}; nothing was changed"
         )
 
     def describe(self) -> str:
@@ -434,7 +434,7 @@ class Lease:
             old = _old_layout(self.backend, self.key)
             if old is not None and not old[2] and not old[0].expired() and not old[0].holder_gone():
                 self.release(quiet=True)
-                raise old[0].held_error(self.what + " (by a fleece older than lease generations)")
+                raise old[0].held_error(self.what, ", a fleece older than lease generations")
             # A guard a crashed holder left, or an older fleece's expired lease.
             self.backend.put(self.key, blob)
         self._guard = blob
