@@ -126,6 +126,18 @@ def test_the_store_check_records_each_precondition_tried_both_ways_as_the_store_
     assert row["leases"] == ("yes" if create == ENFORCED else "only with unsafe_locks")
 
 
+@pytest.mark.parametrize("s3_server", ["ceph-http"], indirect=True)
+def test_on_ceph_a_versioned_object_lock_bucket_ignores_if_none_match_and_the_table_says_so(
+        s3_env: Any, s3_lock_bucket: Any) -> None:
+    backend = S3Backend(s3_lock_bucket, "repo", unsafe_locks=True)
+    backend.put("config", b"{}", if_absent=True)
+    check = backend.store_check
+    assert check is not None
+    row = store_table()["ceph-object-lock"]
+    assert (check.conditional_create, check.conditional_replace) == (IGNORED, row["If-Match"])
+    assert row["If-None-Match: *"] == IGNORED and row["leases"] == "only with unsafe_locks"
+
+
 def store_table() -> dict[str, dict[str, str]]:
     """docs/s3.md's table of stores, by the name the test suite gives each server."""
     from pathlib import Path
