@@ -486,7 +486,8 @@ def _delete_older(backend: Backend, key: str, numbers: list[int]) -> None:
     if not numbers:
         return
     try:
-        backend.delete_many([lease_generation_key(key, n) for n in numbers])
+        for n in numbers:  # usually one: a request each, apart from gc's batched deletes
+            backend.delete(lease_generation_key(key, n))
     except FleeceError as exc:
         log.debug("could not delete superseded generations of %s: %s", key, exc)
 
