@@ -24,6 +24,7 @@ the gateway's first start (it creates its pools one command at a time) from
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ DAEMONS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ce
 ACCESS_KEY = "fleece-ceph-test"
 SECRET_KEY = "fleece-ceph-test-secret"
 START_TIMEOUT = 120.0
+_PR_SET_PDEATHSIG = 1
 
 
 class CephUnavailable(RuntimeError):
@@ -129,12 +131,18 @@ def _run(base: Path, *args: str, timeout: float = 60) -> str:
     return done.stdout
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the process that started it dies (a test run killed hard
+    leaves no daemon behind on a shared machine)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _daemon(base: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
     log = open(base / "log" / f"{name}.out", "wb")  # noqa: SIM115 (closed with the process)
     try:
         return subprocess.Popen([*args, "-c", str(base / "ceph.conf"), "-f"], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     finally:
         log.close()
 
