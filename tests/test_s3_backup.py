@@ -187,8 +187,9 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     assert chunk_objects(s3_env, s3_bucket) == chunks  # same keys, same ETags, same times
     seen = s3_proxy.plan.requests
     # The latest point's index names every chunk: no HEAD per chunk, no chunk PUT.
-    # PUTs: the lease, the lease naming the points it reads, the index, the point.
-    assert seen["HeadObject"] == 0 and seen["PutObject"] == 4, seen
+    # PUTs: the lease's first generation and its guard for older versions, the generation
+    # naming the points it reads, the released generation, the index, the point.
+    assert seen["HeadObject"] == 0 and seen["PutObject"] == 6, seen
 
     # The guest rewrites most of chunk 0 with the bytes it already held and
     # most of chunk 7 with new ones: both are read whole (too much changed for
@@ -200,7 +201,7 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     third = backup(fleece, vm, url)["disks"][0]
     assert third["level"] == "incremental" and third["bytes_read"] == 6 * MiB
     assert (third["chunks_new"], third["chunks_reused"]) == (1, 1)
-    assert seen["HeadObject"] == 1 and seen["PutObject"] == 5, seen
+    assert seen["HeadObject"] == 1 and seen["PutObject"] == 7, seen
     # GETs: config, the cached store check, gc's lease (absent), the parent
     # point and its index (once, it is also the latest), our lease four times
     # (compared before recording its uses, re-read before and after the point
@@ -285,8 +286,9 @@ def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
     plan.slow = 0.2  # each request takes a while, so the outage lands mid-upload
     plan.requests.clear()
     proc = start_backup(vm, url, "--storers", "4")
-    # The lease, the lease naming its parent, then the first chunk: the store goes down.
-    wait_for(lambda: plan.requests["PutObject"] >= 3, proc)
+    # The lease and its guard, the lease naming its parent, then the first chunk: the store
+    # goes down.
+    wait_for(lambda: plan.requests["PutObject"] >= 4, proc)
     if outage == "puts-503":
         plan.ops, plan.outage = frozenset({"PutObject"}), 503
     else:
@@ -297,13 +299,14 @@ def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
     assert proc.returncode == 1 and out == "", (out, err)
     line = one_error_line(err)
     assert line.startswith("fleece: error: S3 ") and f"s3://{s3_bucket}/{PREFIX}/" in line
-    left_behind = {f"{PREFIX}/chunks/"}
+    # Nor could the lease be released (that is a write too): the line says so, and until when
+    # it holds; its newest generation and its guard stay until then.
+    left_behind = {f"{PREFIX}/chunks/", f"{PREFIX}/leases/vms/web1/", f"{PREFIX}/locks/vms/web1"}
+    assert line.endswith(tuple("0123456789Z")) and "the lock locks/vms/web1 could not be released" in line
     if outage == "puts-503":
         assert "failed after 2 attempts: HTTP 503" in line
-    else:  # nor could the lease be deleted: the line says so, and until when it holds
+    else:
         assert "(up to 2 attempts): ConnectionClosedError" in line
-        assert line.endswith(tuple("0123456789Z")) and "the lock locks/vms/web1 could not be released" in line
-        left_behind.add(f"{PREFIX}/locks/vms/web1")
     # QEMU exactly as found: the previous checkpoint still there and recording, no new one.
     assert vm.block_graph() == before
     # No point, no index: at most chunks nobody names yet (gc's to collect), and the lease.
