@@ -202,10 +202,9 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     assert third["level"] == "incremental" and third["bytes_read"] == 6 * MiB
     assert (third["chunks_new"], third["chunks_reused"]) == (1, 1)
     assert seen["HeadObject"] == 1 and seen["PutObject"] == 7, seen
-    # GETs: config, the cached store check, gc's lease (absent), the parent
-    # point and its index (once, it is also the latest), our lease four times
-    # (compared before recording its uses, re-read before and after the point
-    # is written, compared at release); not one per point of the VM.
+    # GETs: config, the cached store check, the parent point and its index (once, it is
+    # also the latest), the leases' newest generations (gc's, ours before and after the
+    # point is written) and the guard at release; not one per point of the VM.
     assert seen["GetObject"] == 9, seen
     assert len(chunk_objects(s3_env, s3_bucket)) == 7
 
