@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +32,8 @@ from guarantee_check import (  # noqa: F401 - hooks: a skipped guarantee test fa
     pytest_sessionfinish,
 )
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from fleece.testing.ceph import CephCluster, start_ceph
 
 VENV_BIN = Path(sys.executable).parent
 FLEECE = str(VENV_BIN / "fleece")
@@ -493,7 +497,7 @@ def _free_port() -> int:
 
 ROOT = Path(__file__).resolve().parent.parent
 S3RVER = ROOT / ".s3rver" / "node_modules" / ".bin" / "s3rver"  # installed by scripts/bootstrap
-S3_SERVERS = ("moto", "moto-https", "s3rver-http", "s3rver-https")
+S3_SERVERS = ("moto", "moto-https", "s3rver-http", "s3rver-https", "ceph-http", "ceph-https")
 """Every S3 implementation the suites run against, each over HTTP and HTTPS
 (``@pytest.mark.parametrize("s3_server", S3_SERVERS, indirect=True)``); the default
 ``s3_server`` is moto over HTTP."""
@@ -512,6 +516,10 @@ class S3Server:
     """False for stores that silently ignore If-None-Match (s3rver)."""
     config: Path | None = None
     """A fleece --config file with ``unsafe_locks = true`` where the store needs the opt-in."""
+    object_lock: bool = True
+    """Whether buckets with S3 Object Lock can be made here (moto, Ceph RGW; not s3rver)."""
+    if_match: str = "enforced"
+    """What the store does with ``If-Match`` on PutObject (store_check's outcome names)."""
 
     @property
     def config_args(self) -> tuple[str, ...]:
@@ -650,7 +658,8 @@ def _start_s3rver(base: Path, tls: bool) -> tuple[S3Server, Any]:
     scheme = "https" if tls else "http"
     return S3Server(f"{scheme}://127.0.0.1:{port}", proc, name=f"s3rver-{scheme}",
                     access_key="S3RVER", secret_key="S3RVER", ca_bundle=ca,
-                    enforces_conditional_writes=False, config=config), log
+                    enforces_conditional_writes=False, config=config, object_lock=False,
+                    if_match="ignored"), log
 
 
 @pytest.fixture(scope="session")
@@ -665,12 +674,48 @@ def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]
     yield from _running(_start_s3rver, tmp_path_factory.mktemp("s3rver-https"), tls=True)
 
 
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """A one-node Ceph cluster and RADOS Gateway on loopback (:mod:`fleece.testing.ceph`), for the
+    session; its gateway serves HTTP and HTTPS at once."""
+    # Short: the daemons' admin sockets live inside it (108-byte limit of a socket path).
+    base = Path(tempfile.mkdtemp(prefix="fleece-ceph-"))
+    cluster = start_ceph(base)
+    print(f"\nCeph {cluster.version} RGW up in {cluster.started_in:.1f} s", file=sys.stderr)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _ceph_server(cluster: CephCluster, tls: bool) -> S3Server:
+    return S3Server(cluster.https_endpoint if tls else cluster.http_endpoint, cluster.procs[-1],
+                    name="ceph-https" if tls else "ceph-http", access_key=cluster.access_key,
+                    secret_key=cluster.secret_key, ca_bundle=str(cluster.ca_bundle) if tls else None,
+                    if_match="refuses-valid")
+
+
+@pytest.fixture(scope="session")
+def ceph_http(ceph_cluster: CephCluster) -> S3Server:
+    """Ceph RGW's plain HTTP endpoint."""
+    return _ceph_server(ceph_cluster, tls=False)
+
+
+@pytest.fixture(scope="session")
+def ceph_https(ceph_cluster: CephCluster) -> S3Server:
+    """Ceph RGW's HTTPS endpoint (a self-signed certificate, ``AWS_CA_BUNDLE``)."""
+    return _ceph_server(ceph_cluster, tls=True)
+
+
+S3_SERVER_FIXTURES = {"moto": "moto_server", "moto-https": "moto_https", "s3rver-http": "s3rver_http",
+                      "s3rver-https": "s3rver_https", "ceph-http": "ceph_http", "ceph-https": "ceph_https"}
+"""Each name of :data:`S3_SERVERS` → the session fixture that runs it."""
+
+
 @pytest.fixture
 def s3_server(request: pytest.FixtureRequest) -> S3Server:
     """The S3 server of this test: moto, or the one named by an indirect parametrization."""
     name = getattr(request, "param", "moto")
-    fixture = {"moto": "moto_server", "moto-https": "moto_https", "s3rver-http": "s3rver_http",
-               "s3rver-https": "s3rver_https"}[name]
+    fixture = S3_SERVER_FIXTURES[name]
     server: S3Server = request.getfixturevalue(fixture)
     return server
 
@@ -710,8 +755,8 @@ def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def s3_lock_bucket(s3_env: S3Server) -> str:
-    """A fresh bucket with S3 Object Lock enabled (and so versioned) on moto; its name."""
-    assert s3_env.name == "moto", "only moto implements Object Lock among the test's stores"
+    """A fresh bucket with S3 Object Lock enabled (and so versioned); its name."""
+    assert s3_env.object_lock, f"{s3_env.name} does not implement Object Lock"
     name = f"fleece-lock-{uuid.uuid4().hex[:12]}"
     s3_env.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
     return name

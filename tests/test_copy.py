@@ -99,8 +99,9 @@ def test_an_interrupted_copy_leaves_no_point_and_the_next_one_finishes_it(
     proc = subprocess.Popen([FLEECE, "copy", "--init", "--from", str(local), "--to", url, "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    # The config, the probe, the lease... then chunks: the store goes down mid-point.
-    while plan.requests["PutObject"] < 9:
+    # The config, the probe (If-Match twice, too), the lease and its guard... then chunks: the
+    # store goes down mid-point.
+    while plan.requests["PutObject"] < 12:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.005)
     plan.ops, plan.outage = frozenset({"PutObject"}), 503

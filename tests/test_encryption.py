@@ -305,6 +305,7 @@ def test_no_passphrase_in_json_logs_process_titles_or_the_repository(
         proc.wait(20)
 
 
+@pytest.mark.parametrize("s3_server", ["moto", "ceph-http"], indirect=True)
 def test_an_encrypted_full_backup_and_restore_through_a_passphrase_command_on_s3(
         make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: str, tmp_path: Path) -> None:
     vm = make_vm([("qcow2", "32M")])

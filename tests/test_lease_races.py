@@ -10,24 +10,51 @@ lease overwritten, and a backup must commit nothing.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from backups import point_ids
+from conftest import S3_SERVER_FIXTURES
 
-from fleece.errors import LockHeld
-from fleece.repo.backends.base import Backend
+from fleece.errors import LockHeld, RepositoryError
+from fleece.repo.backends.base import Backend, ForwardingBackend
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.backends.s3 import S3Backend
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.keys import vm_lock_key
-from fleece.repo.lock import Lease, acquire, break_lease
+from fleece.repo.format.keys import lease_generation_key, lease_generations_prefix, vm_lock_key
+from fleece.repo.lock import Lease, acquire, break_lease, read_lease
 
 KEY = vm_lock_key("web1")
+GENERATIONS = lease_generations_prefix(KEY)
+LEASE_STORES = ("file", "moto", "ceph-http", "ceph-https")
+"""Where leases are safe: every store here enforces ``If-None-Match`` (s3rver does not)."""
+
+
+@pytest.fixture(params=LEASE_STORES)
+def lease_store(request: pytest.FixtureRequest) -> str:
+    """The store a lease test runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def s3_server(lease_store: str, request: pytest.FixtureRequest) -> Any:
+    """The S3 server of ``lease_store`` (moto for the tests that always use S3)."""
+    name = "moto" if lease_store == "file" else lease_store
+    return request.getfixturevalue(S3_SERVER_FIXTURES[name])
+
+
+@pytest.fixture
+def repo_url(lease_store: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A repository location on ``lease_store``."""
+    if lease_store == "file":
+        return str(tmp_path / "repo")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/fleece"
 
 
 def take_over(url: str) -> Lease:
@@ -37,84 +64,130 @@ def take_over(url: str) -> Lease:
     return acquire(other, KEY, "VM web1", heartbeat=False)
 
 
-def stored_token(url: str) -> str:
-    return str(json.loads(open_backend(url).get(KEY))["token"])
+def stored_token(url: str) -> str | None:
+    info = read_lease(open_backend(url), KEY)
+    return None if info is None else info.token
 
 
-def before_lease_write(backend: Backend, action: Callable[[], object]) -> list[int]:
-    """Run ``action`` once, just before ``backend``'s next write of the lease reaches the store.
+class BeforeCreate(ForwardingBackend):
+    """A backend that runs ``action`` once, just before its first create of a lease generation
+    reaches the store (after every read its caller made first)."""
 
-    That is after every read the holder makes first. Returns a list that
-    gets one entry when the action ran.
-    """
-    ran: list[int] = []
+    def __init__(self, inner: Backend, action: Callable[[], object]) -> None:
+        super().__init__(inner)
+        self.action = action
+        self.ran = False
 
-    def fire() -> None:
-        if not ran:
-            ran.append(1)
-            action()
-
-    if isinstance(backend, S3Backend):
-        def hook(params: dict[str, Any], **_: Any) -> None:
-            if str(params.get("Key", "")).endswith(KEY):
-                fire()
-        backend.client.meta.events.register("before-parameter-build.s3.PutObject", hook)
-    else:
-        assert isinstance(backend, FileBackend)
-        write_temp = backend._write_temp
-        lock_dir = backend.root / "locks" / "vms"
-
-        def wrapped(directory: Path, data: bytes | memoryview, durable: bool = True) -> Path:
-            if directory == lock_dir:
-                fire()
-            return write_temp(directory, data, durable)
-        backend._write_temp = wrapped  # type: ignore[method-assign]
-    return ran
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if key.startswith(GENERATIONS) and not self.ran:
+            self.ran = True
+            self.action()
+        return self.inner.put(key, data, if_absent=if_absent)
 
 
 def test_the_pre_commit_check_rereads_the_lease_and_sees_a_takeover(repo_url: str) -> None:
     holder = acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)
     holder.check()
     taker = take_over(repo_url)
-    with pytest.raises(LockHeld, match=r"lost the lock on VM web1.*nothing was committed"):
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1: .* pid \d+ took it over at .*"
+                                       r"nothing was committed"):
         holder.check()
     assert stored_token(repo_url) == taker.info.token
     holder.release()  # not ours any more: the taker's lease stays
     assert stored_token(repo_url) == taker.info.token
+    taker.release()
+    assert stored_token(repo_url) is None
 
 
 def test_the_pre_commit_check_sees_a_broken_lease(repo_url: str) -> None:
     holder = acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)
     break_lease(open_backend(repo_url), KEY, "VM web1")
-    with pytest.raises(LockHeld, match="removed or taken over"):
+    with pytest.raises(LockHeld, match=r"broke it at .*\(fleece unlock\).*nothing was committed"):
         holder.check()
-    assert not open_backend(repo_url).exists(KEY)
+    assert stored_token(repo_url) is None
 
 
 def test_a_takeover_between_the_renewals_read_and_write_is_not_overwritten(repo_url: str) -> None:
-    backend = open_backend(repo_url)
-    holder = acquire(backend, KEY, "VM web1", heartbeat=False)
     takers: list[Lease] = []
-    ran = before_lease_write(backend, lambda: takers.append(take_over(repo_url)))
-    with pytest.raises(LockHeld, match="lost the lock on VM web1"):
+    backend = BeforeCreate(open_backend(repo_url), lambda: takers.append(take_over(repo_url)))
+    holder = acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)
+    holder.backend = backend
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1: .* took it over at"):
         holder.renew()
-    assert ran, "the takeover did not land inside the renewal"
+    assert backend.ran, "the takeover did not land inside the renewal"
     assert stored_token(repo_url) == takers[0].info.token  # the taker's lease survived
     with pytest.raises(LockHeld):
         holder.check()
+    takers[0].check()
 
 
 def test_a_break_between_the_renewals_read_and_write_does_not_bring_the_lease_back(
         repo_url: str) -> None:
-    backend = open_backend(repo_url)
-    holder = acquire(backend, KEY, "VM web1", heartbeat=False)
-    ran = before_lease_write(backend, lambda: break_lease(open_backend(repo_url), KEY, "VM web1"))
-    with pytest.raises(LockHeld, match="lost the lock on VM web1"):
+    backend = BeforeCreate(open_backend(repo_url),
+                           lambda: break_lease(open_backend(repo_url), KEY, "VM web1"))
+    holder = acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)
+    holder.backend = backend
+    with pytest.raises(LockHeld, match=r"lost the lock on VM web1: .* broke it at"):
         holder.record_uses(["20261122T073600.000001Z-0b7e55"])
-    assert ran
+    assert backend.ran
     # Resurrected, it would tell a gc that started meanwhile nothing, and the
     # holder would believe it had held it all along.
-    assert not open_backend(repo_url).exists(KEY)
+    assert stored_token(repo_url) is None
+
+
+class Overlap(ForwardingBackend):
+    """Holds each create of a lease generation at a barrier until the other writer's is ready:
+    both writers have read the same newest generation and both send the same next one."""
+
+    def __init__(self, inner: Backend, barrier: threading.Barrier) -> None:
+        super().__init__(inner)
+        self.barrier: threading.Barrier | None = barrier
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if key.startswith(GENERATIONS) and if_absent and self.barrier is not None:
+            barrier, self.barrier = self.barrier, None  # the first create only
+            barrier.wait(30)
+        return self.inner.put(key, data, if_absent=if_absent)
+
+
+def test_two_writers_racing_for_one_lease_exactly_one_wins_every_time(repo_url: str) -> None:
+    """Forced overlap, four rounds: a fresh lease, an expired one, a released one; each time both
+    writers create the same generation at once and exactly one holds the lease afterwards."""
+    from fleece.repo.lock import LeaseInfo
+
+    for backend in (open_backend(repo_url), open_backend(repo_url)):
+        backend.put("warm-up", b"", if_absent=True)  # the store check, once per backend, first
+    for round_ in range(4):
+        if round_ % 3 == 1:  # a dead holder's expired lease, to be taken over
+            dead = LeaseInfo(key=KEY, host="gone-host", pid=4242, token="d" * 32,
+                             created="2026-01-01T00:00:00.000000Z",
+                             expires="2026-01-01T00:10:00.000000Z", generation=round_ * 10 + 1)
+            open_backend(repo_url).put(lease_generation_key(KEY, dead.generation), dead.to_json())
+        barrier = threading.Barrier(2)
+        won: list[Lease] = []
+        refused: list[LockHeld] = []
+
+        def contend(barrier: threading.Barrier = barrier, won: list[Lease] = won,
+                    refused: list[LockHeld] = refused) -> None:
+            try:
+                won.append(acquire(Overlap(open_backend(repo_url), barrier), KEY, "VM web1",
+                                   heartbeat=False))
+            except LockHeld as exc:
+                refused.append(exc)
+
+        threads = [threading.Thread(target=contend) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert (len(won), len(refused)) == (1, 1), (won, refused)
+        assert "VM web1 is locked by" in str(refused[0])
+        assert stored_token(repo_url) == won[0].info.token
+        won[0].check()
+        won[0].release()
+        assert stored_token(repo_url) is None
+    # Superseded generations are cleaned up: one object is left, the release.
+    assert len(list(open_backend(repo_url).list(GENERATIONS))) == 1
 
 
 def _swap_many(root: str, worker: int, rounds: int, wins: Any) -> None:
@@ -147,8 +220,17 @@ def test_file_replace_if_is_atomic_between_processes(tmp_path: Path) -> None:
     assert not list(backend.root.glob(".tmp-*"))
 
 
-def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(repo_url: str) -> None:
+def test_replace_if_changes_nothing_unless_the_object_holds_what_was_expected(
+        repo_url: str, lease_store: str) -> None:
     backend = open_backend(repo_url)
+    if lease_store.startswith("ceph"):
+        # RGW refuses If-Match even with the current ETag: the swap is refused, never assumed.
+        backend.put("locks/x", b"old")
+        with pytest.raises(RepositoryError, match=r"refuses If-Match: <ETag> on PutObject even when "
+                                                  r"the precondition holds \(412\)"):
+            backend.replace_if("locks/x", b"new", b"old")
+        assert backend.get("locks/x") == b"old"
+        return
     assert not backend.replace_if("locks/x", b"new", b"old")  # absent: not created
     assert not backend.exists("locks/x")
     backend.put("locks/x", b"old")
@@ -193,74 +275,48 @@ def test_unlock_force_and_gc_while_a_backup_is_held_commit_nothing(
     assert again.json()["disks"][0]["level"] == "incremental"
 
 
-def test_file_a_break_between_the_compare_and_the_swap_is_not_undone(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compare holds only against other swaps (flock): a delete can still land before the
-    swap, which then must fail rather than recreate the object."""
-    from fleece.repo.backends import file as file_backend
-
-    backend = FileBackend(tmp_path / "repo")
-    holder = acquire(backend, KEY, "VM web1", heartbeat=False)
-    exchange = file_backend._exchange
-    ran: list[int] = []
-
-    def break_first(a: Path, b: Path) -> None:
-        if not ran:
-            ran.append(1)
-            break_lease(FileBackend(tmp_path / "repo"), KEY, "VM web1")
-        exchange(a, b)
-
-    monkeypatch.setattr(file_backend, "_exchange", break_first)
-    with pytest.raises(LockHeld, match="removed or taken over"):
-        holder.renew()
-    assert ran and not backend.exists(KEY)
-    assert not list((tmp_path / "repo").rglob(".tmp-*"))
-
-
-class BeforeWrite:
-    """A backend that runs ``action`` once, just before its first delete or swap of the lease."""
-
-    def __init__(self, inner: Backend, action: Callable[[], object]) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self.action = action
-        self.ran = False
-
-    def _fire(self, key: str) -> None:
-        if key == KEY and not self.ran:
-            self.ran = True
-            self.action()
-
-    def delete(self, key: str) -> None:
-        self._fire(key)
-        self.inner.delete(key)
-
-    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
-        self._fire(key)
-        return self.inner.replace_if(key, data, expected)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def test_two_takers_of_one_stale_lease_do_not_both_win(repo_url: str) -> None:
     """Both read the dead holder's lease; one takes it over first. The other must not then
     remove the winner's fresh lease and take it too."""
     from fleece.repo.lock import LeaseInfo
 
     dead = LeaseInfo(key=KEY, host="gone-host", pid=4242, token="d" * 32,
-                     created="2026-01-01T00:00:00.000000Z", expires="2026-01-01T00:10:00.000000Z")
-    open_backend(repo_url).put(KEY, dead.to_json())
+                     created="2026-01-01T00:00:00.000000Z", expires="2026-01-01T00:10:00.000000Z",
+                     generation=7)
+    open_backend(repo_url).put(lease_generation_key(KEY, 7), dead.to_json())
     first: list[Lease] = []
-    late = BeforeWrite(open_backend(repo_url), lambda: first.append(
+    late = BeforeCreate(open_backend(repo_url), lambda: first.append(
         acquire(open_backend(repo_url), KEY, "VM web1", heartbeat=False)))
     with pytest.raises(LockHeld, match="VM web1 is locked by"):
-        acquire(late, KEY, "VM web1", heartbeat=False)  # type: ignore[arg-type]
+        acquire(late, KEY, "VM web1", heartbeat=False)
     assert late.ran and len(first) == 1
     assert stored_token(repo_url) == first[0].info.token
     first[0].check()
 
 
+def test_an_older_fleeces_live_lease_is_honoured_and_its_expired_one_taken_over(repo_url: str) -> None:
+    """Mixed versions: a fleece before lease generations holds ``locks/vms/web1`` itself."""
+    from fleece.repo.lock import LeaseInfo
+
+    backend = open_backend(repo_url)
+    old = LeaseInfo(key=KEY, host="old-host", pid=77, token="o" * 32,
+                    created="2026-01-01T00:00:00.000000Z", expires="2999-01-01T00:00:00.000000Z")
+    backend.put(KEY, old.to_json())
+    older = r"VM web1 is locked by old-host pid 77 .*, a fleece older than lease generations"
+    with pytest.raises(LockHeld, match=older):
+        acquire(backend, KEY, "VM web1", heartbeat=False)
+    assert read_lease(backend, KEY) == old  # still its lease; ours was released again
+    backend.put(KEY, replace(old, expires="2026-01-01T00:10:00.000000Z").to_json())
+    holder = acquire(backend, KEY, "VM web1", heartbeat=False)
+    # What an older fleece reads at the old key now: our guard, held by us, far from expiry.
+    seen = LeaseInfo.from_json(backend.get(KEY))
+    assert (seen.host, seen.pid, seen.token) == (holder.info.host, holder.info.pid, holder.info.token)
+    assert not seen.expired(time.time() + 86400)
+    holder.release()
+    assert not backend.exists(KEY) and read_lease(backend, KEY) is None
+
+
+@pytest.mark.parametrize("lease_store", ["moto"], indirect=True)
 def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
         s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
     from fleece.testing.s3_faults import inject_http_faults
@@ -272,13 +328,24 @@ def test_s3_replace_if_survives_a_lost_reply_and_falls_back_without_if_match(
     with inject_http_faults(backend, lost_replies=1, ops={"PutObject"}) as faults:
         assert backend.replace_if("locks/x", b"new", b"old")
     assert faults.injected["lost_replies"] == 1 and backend.get("locks/x") == b"new"
-    # A store without If-Match: read, compare, write, read again, with one warning.
+    # A store without If-Match: refused, unless unsafe_locks accepts read, compare, write,
+    # read again (with one warning).
+    with inject_http_faults(backend, statuses=[(501, "NotImplemented")], ops={"PutObject"}), \
+            pytest.raises(RepositoryError, match="answered 501 NotImplemented to If-Match"):
+        backend.replace_if("locks/x", b"newer", b"new")
+    assert backend.get("locks/x") == b"new"
+    backend.unsafe_locks = True
     with inject_http_faults(backend, statuses=[(501, "NotImplemented")], ops={"PutObject"}):
         assert backend.replace_if("locks/x", b"newer", b"new")
     assert backend.get("locks/x") == b"newer"
     assert "does not support If-Match" in caplog.text
     assert not backend.replace_if("locks/x", b"x", b"new")  # the compare still holds
     assert backend.get("locks/x") == b"newer"
+
+
+def stored_lease_token(backend: Backend) -> str | None:
+    info = read_lease(backend, KEY)
+    return None if info is None else info.token
 
 
 def test_a_renewal_whose_reply_was_lost_is_still_ours_at_the_next_renewal() -> None:
@@ -288,17 +355,18 @@ def test_a_renewal_whose_reply_was_lost_is_still_ours_at_the_next_renewal() -> N
     from fleece.testing.memory_backend import MemoryBackend
 
     mem = MemoryBackend()
-    faulty = FaultyBackend(mem, fail_first=1, lose_replies=True, ops={"replace_if"})
-    holder = acquire(faulty, KEY, "VM web1", heartbeat=False)
+    holder = acquire(mem, KEY, "VM web1", heartbeat=False)
+    holder.backend = FaultyBackend(mem, fail_first=1, lose_replies=True, ops={"put"})
     with pytest.raises(InjectedFault):
         holder.renew()
-    assert json.loads(mem.get(KEY))["expires"] != holder.info.expires  # it did happen
+    stored = read_lease(mem, KEY)
+    assert stored is not None and stored.expires != holder.info.expires  # it did happen
     holder.check()
     holder.renew()
     holder.check()
-    assert json.loads(mem.get(KEY))["token"] == holder.info.token
+    assert stored_lease_token(mem) == holder.info.token
     holder.release()
-    assert not mem.exists(KEY)
+    assert read_lease(mem, KEY) is None and not mem.exists(KEY)
 
 
 def test_file_replace_if_without_rename_exchange_still_compares(

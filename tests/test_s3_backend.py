@@ -186,7 +186,21 @@ def test_a_retried_conditional_put_recognizes_its_own_first_attempt(backend: Any
     assert backend.get("locks/vms/vm1") == b"lease mine"
 
 
+def test_a_501_to_if_none_match_is_refused_without_unsafe_locks(backend: Any, s3_env: Any) -> None:
+    """Even after a passing store check (here: none), a 501 never turns a conditional create into
+    HEAD-then-PUT unless the operator accepted that (unsafe_locks)."""
+    with inject_http_faults(backend, statuses=[501], ops={"PutObject"}), \
+            pytest.raises(RepositoryError) as err:
+        backend.put("config", b"first", if_absent=True)
+    assert str(err.value) == (
+        f"the S3 store at {s3_env.endpoint} answered 501 NotImplemented to If-None-Match: * on "
+        f"PutObject {backend.url}/config (the store check had found it enforced); fleece does not "
+        "fall back to HEAD-then-PUT without unsafe_locks = true; nothing was written")
+    assert not backend.exists("config") and backend.atomic_conditional_create
+
+
 def test_servers_without_conditional_writes_get_head_then_put(backend: Any, caplog: Any) -> None:
+    backend.unsafe_locks = True
     with inject_http_faults(backend, statuses=[501], ops={"PutObject"}) as seen:
         assert backend.put("config", b"first", if_absent=True) is True
         assert backend.put("config", b"second", if_absent=True) is False

@@ -29,7 +29,8 @@ import pytest
 from conftest import FLEECE, S3_SERVERS
 
 from fleece.repo.backends.s3 import S3Backend
-from fleece.repo.lock import LeaseInfo
+from fleece.repo.format.keys import lease_generation_key
+from fleece.repo.lock import LeaseInfo, read_lease
 
 pytestmark = [pytest.mark.s3, pytest.mark.qemu]
 
@@ -144,8 +145,11 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
 
     keys = set(bucket_objects(s3_env, s3_bucket))
     assert keys and all(k.startswith(f"{PREFIX}/") for k in keys), keys
-    # The lock is released; "store" holds the store check's cached result.
-    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points", "store"}
+    # The lock is released (its last generation says so); "store" holds the store check's
+    # cached result.
+    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points", "store",
+                                               "leases"}
+    assert read_lease(S3Backend(s3_bucket, PREFIX), "locks/vms/web1") is None
     assert f"{PREFIX}/points/web1/{p2['point']}.json" in keys
     assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 10
     assert len([k for k in keys if k.startswith(f"{PREFIX}/packs/")]) == 1
@@ -183,8 +187,9 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     assert chunk_objects(s3_env, s3_bucket) == chunks  # same keys, same ETags, same times
     seen = s3_proxy.plan.requests
     # The latest point's index names every chunk: no HEAD per chunk, no chunk PUT.
-    # PUTs: the lease, the lease naming the points it reads, the index, the point.
-    assert seen["HeadObject"] == 0 and seen["PutObject"] == 4, seen
+    # PUTs: the lease's first generation and its guard for older versions, the generation
+    # naming the points it reads, the released generation, the index, the point.
+    assert seen["HeadObject"] == 0 and seen["PutObject"] == 6, seen
 
     # The guest rewrites most of chunk 0 with the bytes it already held and
     # most of chunk 7 with new ones: both are read whole (too much changed for
@@ -196,11 +201,10 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
     third = backup(fleece, vm, url)["disks"][0]
     assert third["level"] == "incremental" and third["bytes_read"] == 6 * MiB
     assert (third["chunks_new"], third["chunks_reused"]) == (1, 1)
-    assert seen["HeadObject"] == 1 and seen["PutObject"] == 5, seen
-    # GETs: config, the cached store check, gc's lease (absent), the parent
-    # point and its index (once, it is also the latest), our lease four times
-    # (compared before recording its uses, re-read before and after the point
-    # is written, compared at release); not one per point of the VM.
+    assert seen["HeadObject"] == 1 and seen["PutObject"] == 7, seen
+    # GETs: config, the cached store check, the parent point and its index (once, it is
+    # also the latest), the leases' newest generations (gc's, ours before and after the
+    # point is written) and the guard at release; not one per point of the VM.
     assert seen["GetObject"] == 9, seen
     assert len(chunk_objects(s3_env, s3_bucket)) == 7
 
@@ -286,8 +290,9 @@ def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
     plan.slow = 0.2  # each request takes a while, so the outage lands mid-upload
     plan.requests.clear()
     proc = start_backup(vm, url, "--storers", "4")
-    # The lease, the lease naming its parent, then the first chunk: the store goes down.
-    wait_for(lambda: plan.requests["PutObject"] >= 3, proc)
+    # The lease and its guard, the lease naming its parent, then the first chunk: the store
+    # goes down.
+    wait_for(lambda: plan.requests["PutObject"] >= 4, proc)
     if outage == "puts-503":
         plan.ops, plan.outage = frozenset({"PutObject"}), 503
     else:
@@ -298,13 +303,14 @@ def test_a_persistent_outage_mid_backup_fails_cleanly_and_loses_no_dirty_bit(
     assert proc.returncode == 1 and out == "", (out, err)
     line = one_error_line(err)
     assert line.startswith("fleece: error: S3 ") and f"s3://{s3_bucket}/{PREFIX}/" in line
-    left_behind = {f"{PREFIX}/chunks/"}
+    # Nor could the lease be released (that is a write too): the line says so, and until when
+    # it holds; its newest generation and its guard stay until then.
+    left_behind = {f"{PREFIX}/chunks/", f"{PREFIX}/leases/vms/web1/", f"{PREFIX}/locks/vms/web1"}
+    assert line.endswith(tuple("0123456789Z")) and "the lock locks/vms/web1 could not be released" in line
     if outage == "puts-503":
         assert "failed after 2 attempts: HTTP 503" in line
-    else:  # nor could the lease be deleted: the line says so, and until when it holds
+    else:
         assert "(up to 2 attempts): ConnectionClosedError" in line
-        assert line.endswith(tuple("0123456789Z")) and "the lock locks/vms/web1 could not be released" in line
-        left_behind.add(f"{PREFIX}/locks/vms/web1")
     # QEMU exactly as found: the previous checkpoint still there and recording, no new one.
     assert vm.block_graph() == before
     # No point, no index: at most chunks nobody names yet (gc's to collect), and the lease.
@@ -370,8 +376,8 @@ def test_credentials_that_may_only_read_fail_in_one_line_and_change_nothing(
                           "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
     assert res.rc == 1 and res.out == "", res.err
     assert one_error_line(res.err) == (
-        f"fleece: error: S3 denied PutObject on {url}/locks/vms/web1 (AccessDenied): "
-        "check the credentials and that they allow s3:PutObject")
+        f"fleece: error: S3 denied ListObjectsV2 on {url}/leases/vms/web1/ (AccessDenied): "
+        "check the credentials and that they allow s3:ListBucket")
     assert key["SecretAccessKey"] not in res.err
     assert vm.block_graph() == before
     assert bucket_objects(s3_env, s3_bucket) == objects
@@ -389,8 +395,9 @@ def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitl
     vm.write("vda", 4 * MiB, MiB, 0x43)
     # Another host's backup died holding the lease: it has not expired yet.
     lease = LeaseInfo(key="locks/vms/web1", host="backup-host-2", pid=4242, token="f" * 32,
-                      created="2026-11-23T07:00:00.000000Z", expires="2099-01-01T00:00:00.000000Z")
-    S3Backend(s3_bucket, PREFIX).put("locks/vms/web1", lease.to_json())
+                      created="2026-11-23T07:00:00.000000Z", expires="2099-01-01T00:00:00.000000Z",
+                      generation=99)
+    S3Backend(s3_bucket, PREFIX).put(lease_generation_key("locks/vms/web1", 99), lease.to_json())
     before = vm.block_graph()
 
     res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, *locks)
@@ -403,9 +410,13 @@ def test_a_lease_left_by_a_dead_host_blocks_backups_until_it_is_broken_explicitl
     refused = fleece("unlock", "--repo", url, "--vm", "web1")
     assert refused.rc == 1 and "run again with --force" in one_error_line(refused.err)
     broken = fleece("unlock", "--repo", url, "--vm", "web1", "--force")
+    if not s3_env.enforces_conditional_writes:
+        # A break is a conditional create too, and `unlock` takes no config to opt in.
+        assert broken.rc == 1 and "ignores If-None-Match" in one_error_line(broken.err)
+        return
     assert broken.rc == 0, broken.err
     assert broken.out.startswith("removed the lock of VM web1 held by backup-host-2 pid 4242")
-    assert f"{PREFIX}/locks/vms/web1" not in bucket_objects(s3_env, s3_bucket)
+    assert read_lease(S3Backend(s3_bucket, PREFIX), "locks/vms/web1") is None
 
     nxt = backup(fleece, vm, url, extra=locks)
     assert nxt["parent"] == first["point"] and nxt["disks"][0]["level"] == "incremental"

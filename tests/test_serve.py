@@ -204,6 +204,7 @@ def test_bad_input_is_refused_before_nbdkit_starts(tmp_path: Path, short_tmp: Pa
 
 
 @pytest.mark.s3
+@pytest.mark.parametrize("s3_server", ["moto", "ceph-https"], indirect=True)
 def test_serve_from_s3(s3_env: Any, s3_bucket: str, store_point: Any, short_tmp: Path,
                        tmp_path: Path) -> None:
     from fleece.repo.backends.url import open_backend

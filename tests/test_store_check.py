@@ -71,8 +71,10 @@ def test_the_store_check_runs_once_and_is_cached_in_the_repository(s3_env: Any, 
     assert check.conditional_create == want
     # The probe objects are gone; the result stays, for the next process.
     assert raw_keys(s3_env, s3_bucket) == {"repo/config", "repo/locks/vms/a", f"repo/{CHECK_KEY}"}
-    # probe: put+get+2 conditional creates+2 deletes; the cache: a missed get, a put.
-    assert seen.requests["PutObject"] == 4 + 2 and seen.requests["DeleteObject"] == 2
+    # probe: put+get, If-Match with the current ETag (and, if that passed, a stale one),
+    # 2 conditional creates, 2 deletes; the cache: a missed get, a put.
+    if_match_puts = 1 if s3_env.if_match in ("refuses-valid", "not-implemented") else 2
+    assert seen.requests["PutObject"] == 4 + if_match_puts + 2 and seen.requests["DeleteObject"] == 2
 
     again = S3Backend(s3_bucket, "repo", unsafe_locks=True)
     with inject_http_faults(again) as seen:
@@ -81,6 +83,75 @@ def test_the_store_check_runs_once_and_is_cached_in_the_repository(s3_env: Any, 
     assert again.store_check.conditional_create == want
     assert seen.requests["GetObject"] == 1  # one GET, not a probe
     assert seen.requests["PutObject"] == 1
+
+
+@ON_EVERY_STORE
+def test_the_store_check_records_each_precondition_tried_both_ways_as_the_store_answers_it(
+        s3_env: Any, s3_bucket: Any) -> None:
+    """What the store does, asked with boto3 directly; what the check records; what docs/s3.md's
+    table says: the three agree (on Ceph RGW: If-Match refused even with the current ETag)."""
+    from botocore.exceptions import ClientError
+
+    raw = s3_env.client()
+
+    def put(key: str, **condition: str) -> int:
+        try:
+            raw.put_object(Bucket=s3_bucket, Key=key, Body=b"x", **condition)
+            return 200
+        except ClientError as e:
+            return int(e.response["ResponseMetadata"]["HTTPStatusCode"])
+
+    etag = raw.put_object(Bucket=s3_bucket, Key="raw/a", Body=b"one")["ETag"]
+    answers = {"create absent": put("raw/b", IfNoneMatch="*"),
+               "create existing": put("raw/b", IfNoneMatch="*"),
+               "replace stale": put("raw/a", IfMatch='"00000000000000000000000000000000"'),
+               "replace current": put("raw/a", IfMatch=etag)}
+    backend = S3Backend(s3_bucket, "repo", unsafe_locks=True)
+    backend.put("config", b"{}", if_absent=True)
+    check = backend.store_check
+    assert check is not None
+    create = ENFORCED if s3_env.enforces_conditional_writes else IGNORED
+    assert (check.conditional_create, check.conditional_replace) == (create, s3_env.if_match)
+    # The raw answers behind each outcome.
+    assert answers["create absent"] == 200
+    assert answers["create existing"] == (412 if create == ENFORCED else 200)
+    if s3_env.if_match == "enforced":
+        assert (answers["replace current"], answers["replace stale"]) == (200, 412)
+    elif s3_env.if_match == "refuses-valid":
+        assert (answers["replace current"], answers["replace stale"]) == (412, 412)
+    else:
+        assert answers["replace stale"] == 200
+    row = store_table()[s3_env.name.split("-")[0]]
+    assert (row["If-None-Match: *"], row["If-Match"]) == (create, s3_env.if_match)
+    assert row["leases"] == ("yes" if create == ENFORCED else "only with unsafe_locks")
+
+
+@pytest.mark.parametrize("s3_server", ["ceph-http"], indirect=True)
+def test_on_ceph_a_versioned_object_lock_bucket_ignores_if_none_match_and_the_table_says_so(
+        s3_env: Any, s3_lock_bucket: Any) -> None:
+    backend = S3Backend(s3_lock_bucket, "repo", unsafe_locks=True)
+    backend.put("config", b"{}", if_absent=True)
+    check = backend.store_check
+    assert check is not None
+    row = store_table()["ceph-object-lock"]
+    assert (check.conditional_create, check.conditional_replace) == (IGNORED, row["If-Match"])
+    assert row["If-None-Match: *"] == IGNORED and row["leases"] == "only with unsafe_locks"
+
+
+def store_table() -> dict[str, dict[str, str]]:
+    """docs/s3.md's table of stores, by the name the test suite gives each server."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "s3.md").read_text()
+    after = text.split("<!-- store table -->")[1].strip().splitlines()
+    lines = after[:next((n for n, line in enumerate(after) if not line.startswith("|")), len(after))]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = dict(zip(head, (c.strip().strip("`") for c in line.strip("|").split("|")), strict=True))
+        if cells["in the tests"] != "—":
+            rows[cells["in the tests"]] = cells
+    return rows
 
 
 @ON_S3RVER
@@ -92,8 +163,8 @@ def test_a_store_that_ignores_if_none_match_is_refused_in_one_line_and_nothing_i
     text = str(err.value)
     assert "\n" not in text
     assert text == (
-        f"the S3 store at {s3_env.endpoint} ignores If-None-Match: a second conditional create of a "
-        f"probe object succeeded, so two writers could both take one lock in s3://{s3_bucket}/repo; "
+        f"the S3 store at {s3_env.endpoint} ignores If-None-Match: * on PutObject (a write with a wrong "
+        f"precondition succeeded), so two writers could both take one lock in s3://{s3_bucket}/repo; "
         "fleece refuses to take locks there (set unsafe_locks = true in the config to accept that "
         "risk); nothing was changed")
     assert raw_keys(s3_env, s3_bucket) == set()

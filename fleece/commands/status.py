@@ -187,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
         if store is None:
             print(f"repository {repo['url']}: no store check on record")
         else:
-            verb = {"enforced": "enforces", "ignored": "ignores"}.get(store["conditional_create"],
-                                                                     "does not implement")
+            verb = {"enforced": "enforces", "ignored": "ignores",
+                    "refuses-valid": "refuses even valid"}.get(store["conditional_create"],
+                                                              "does not implement")
             print(f"repository {repo['url']}: the store at {store['endpoint']} "
                   f"{verb} conditional creates (checked "
                   f"{iso_utc(datetime.fromtimestamp(store['checked'], UTC))})")

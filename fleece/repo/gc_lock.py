@@ -8,7 +8,8 @@ multi-object operation, so the two sides use leases, shared for backups and
 exclusive for gc, and each side *creates its own lease first and then looks
 for the other's*:
 
-* a backup holds its VM lease (``locks/vms/<vm>``), then calls
+* a backup holds its VM lease (``locks/vms/<vm>``, its generations under
+  ``leases/vms/<vm>/``), then calls
   :func:`check_no_gc`;
 * gc holds ``locks/repo/gc`` (:func:`gc_lock`), then looks at every VM lease.
 
@@ -30,7 +31,7 @@ from fleece.errors import LockHeld
 from fleece.repo.backends.base import Backend
 from fleece.repo.format.keys import VM_LOCKS_PREFIX, repo_lock_key, unescape_name
 from fleece.repo.format.point import parse_iso_utc
-from fleece.repo.lock import DEFAULT_LEASE_SECONDS, Lease, LeaseInfo, read_lease, repo_lock
+from fleece.repo.lock import DEFAULT_LEASE_SECONDS, Lease, LeaseInfo, read_lease, read_leases, repo_lock
 
 GC_LOCK = "gc"
 CLOCK_SKEW = 60.0
@@ -70,11 +71,8 @@ def check_no_gc(backend: Backend) -> None:
 
 def running_backups(backend: Backend) -> list[tuple[str, LeaseInfo]]:
     """``(vm, lease)`` of every live VM lease: backups (or prunes) that may be running."""
-    found = []
-    for key in backend.list(VM_LOCKS_PREFIX):
-        info = read_lease(backend, key)
-        if info is not None and lease_live(info):
-            found.append((unescape_name(key[len(VM_LOCKS_PREFIX):]), info))
+    found = [(unescape_name(info.key[len(VM_LOCKS_PREFIX):]), info)
+             for info in read_leases(backend, VM_LOCKS_PREFIX) if lease_live(info)]
     return sorted(found, key=lambda f: f[0])
 
 

@@ -41,6 +41,7 @@ _NAME_AT = {
     keys.PROTECT_PREFIX.rstrip("/"): (1,),      # protect/<vm>/<point-id>
     keys.VERIFIED_PREFIX.rstrip("/"): (1,),     # verified/<vm>/<point-id>/<stamp>.json
     "locks": (2,),                              # locks/vms/<vm>, locks/repo/<name>
+    keys.LEASES_PREFIX.rstrip("/"): (2,),       # leases/vms/<vm>/<generation>
     keys.CHUNKS_PREFIX.rstrip("/"): (),
     keys.PACKS_PREFIX.rstrip("/"): (),
 }

@@ -58,6 +58,7 @@ from fleece.repo.backends.store_check import (
     ProbeOps,
     StoreCheck,
     cached_check,
+    missing,
     probe_store,
     refusal,
     save_check,
@@ -277,6 +278,14 @@ class S3Backend(Backend):
                     retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
                     return bool(retried) and self._get_or_none(key) == data
                 if code == "NotImplemented" or status == 501:
+                    # After a store check that found it enforced: a gateway swapped
+                    # behind the endpoint, or one that implements it only sometimes.
+                    if not self.unsafe_locks:
+                        raise RepositoryError(
+                            f"the S3 store at {self.endpoint} answered 501 NotImplemented to "
+                            f"If-None-Match: * on PutObject {self._where(key)} (the store check had "
+                            "found it enforced); fleece does not fall back to HEAD-then-PUT without "
+                            "unsafe_locks = true; nothing was written") from e
                     self._disable_conditional_writes()
                     return self._put_if_absent_by_head(key, data, lock)
                 if code != "ConditionalRequestConflict":
@@ -290,12 +299,26 @@ class S3Backend(Backend):
     def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
         """GetObject, compare, then PutObject with ``If-Match: <the ETag compared>``.
 
-        S3 (since 2024) and moto refuse the put with 412 when the object
-        changed after our read, and with 404 when it was deleted, so neither
-        is overwritten or brought back. A store that answers NotImplemented
-        gets read, compare, put, read again: a write landing between our read
-        and our put is then lost, which fleece logs once as a warning.
+        Only where the store check proved ``If-Match`` both ways (the current
+        ETag accepted, a stale one refused; AWS S3 since 2024 and moto do):
+        the store then refuses the put with 412 when the object changed after
+        our read, and with 404 when it was deleted, so neither is overwritten
+        or brought back. Elsewhere (Ceph RGW refuses even the current ETag)
+        this raises :class:`RepositoryError` naming what the store lacks —
+        unless ``unsafe_locks`` accepts read, compare, write, read again, which
+        a write landing between our read and our put defeats. Leases do not
+        use this (:mod:`fleece.repo.lock` needs only conditional creates).
         """
+        if self._check_pending:
+            self._check_store()
+        check = self.store_check
+        if check is not None and not check.replace_safe:
+            if not self.unsafe_locks:
+                raise RepositoryError(
+                    f"the S3 store at {self.endpoint} "
+                    f"{missing('conditional_replace', check.conditional_replace)}, so fleece cannot "
+                    f"replace {self._where(key)} only if unchanged; nothing was changed")
+            self._disable_conditional_replace()
         for _ in range(3):
             found = self._get_with_etag(key)
             if found is None or found[0] != expected:
@@ -317,6 +340,12 @@ class S3Backend(Backend):
                 if code in _MISSING_CODES or status == 404:
                     return False
                 if code == "NotImplemented" or status == 501:
+                    if not self.unsafe_locks:
+                        raise RepositoryError(
+                            f"the S3 store at {self.endpoint} answered 501 NotImplemented to If-Match "
+                            f"on PutObject {self._where(key)}; fleece does not fall back to an "
+                            "unconditional write without unsafe_locks = true; nothing was changed"
+                        ) from e
                     self._disable_conditional_replace()
                     continue
                 if code != "ConditionalRequestConflict":
@@ -656,11 +685,11 @@ class S3Backend(Backend):
         with self._check_lock:
             if not self._check_pending:
                 return
-            ops = ProbeOps(put=self._probe_put, put_if_absent=self._probe_create, get=self.get,
-                           delete=self.delete)
+            ops = ProbeOps(put=self._probe_put, put_if_absent=self._probe_create,
+                           put_if_match=self._probe_replace, get=self.get, delete=self.delete)
             check = cached_check(ops, self.endpoint) or probe_store(ops, self.endpoint, self._where)
             check = StoreCheck(check.endpoint, check.checked, check.conditional_create,
-                               self.unsafe_locks, check.cached)
+                               check.conditional_replace, self.unsafe_locks, check.cached)
             self.store_check = check
             if not check.locks_safe and not self.unsafe_locks:
                 raise RepositoryError(refusal(check, self.url))
@@ -672,8 +701,35 @@ class S3Backend(Backend):
                             "not guaranteed: %s", self.endpoint, "; ".join(check.guarantees_not_held()))
             self._check_pending = False
 
-    def _probe_put(self, key: str, data: bytes) -> None:
-        self._put(key, data, False)
+    def _probe_put(self, key: str, data: bytes) -> str:
+        """A plain write for the probe; the object's ETag."""
+        resp = self._call("PutObject", key, lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self.prefix + key, Body=data, **self._checksums(data)))
+        return str(resp["ETag"])
+
+    def _probe_replace(self, key: str, data: bytes, etag: str) -> str | None:
+        """A write with ``If-Match: etag`` for the probe: the new ETag, None when refused (412)."""
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                          IfMatch=etag, **self._checksums(data))
+            return str(resp["ETag"])
+        except ClientError as e:
+            if _code(e) == "PreconditionFailed" or _status(e) == 412:
+                return None
+            if _code(e) == "NotImplemented" or _status(e) == 501:
+                raise NotImplementedError from e
+            raise self._error(e, "PutObject", key) from e
+        except BotoCoreError as e:
+            raise self._error(e, "PutObject", key) from e
+
+    def _checksums(self, data: bytes) -> dict[str, Any]:
+        """The checksum headers every upload carries (never aws-chunked; module docstring)."""
+        extra: dict[str, Any] = {
+            "ChecksumAlgorithm": "CRC32",
+            "ChecksumCRC32": base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()}
+        if self._send_md5:
+            extra["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
+        return extra
 
     def _probe_create(self, key: str, data: bytes) -> bool:
         """A conditional create for the probe: NotImplementedError where the store answers 501."""

@@ -18,6 +18,9 @@ INDEXES_PREFIX = "indexes/"
 POINTS_PREFIX = "points/"
 VM_LOCKS_PREFIX = "locks/vms/"
 REPO_LOCKS_PREFIX = "locks/repo/"
+LOCKS_PREFIX = "locks/"
+LEASES_PREFIX = "leases/"
+"""Lease generations (docs/format.md "Lock leases"): ``leases/vms/<vm>/<generation>``."""
 PROTECT_PREFIX = "protect/"
 VERIFIED_PREFIX = "verified/"
 KEY_OBJECTS_PREFIX = "keys/"
@@ -141,6 +144,28 @@ def parse_verification_key(key: str) -> tuple[str, str, str] | None:
     if len(parts) != 3 or not POINT_ID_RE.match(parts[1]) or not POINT_ID_RE.match(parts[2]):
         return None
     return unescape_name(parts[0]), parts[1], parts[2]
+
+
+def lease_generations_prefix(lock_key: str) -> str:
+    """``leases/vms/<vm>/`` for ``locks/vms/<vm>``: where that lease's generation objects live."""
+    if not lock_key.startswith(LOCKS_PREFIX):
+        raise ValueError(f"{lock_key!r} is not a lock key")
+    return f"{LEASES_PREFIX}{lock_key[len(LOCKS_PREFIX):]}/"
+
+
+def lease_generation_key(lock_key: str, generation: int) -> str:
+    """``leases/vms/<vm>/<generation, 16 digits>``: one generation of a lease (sorts by number)."""
+    return f"{lease_generations_prefix(lock_key)}{generation:016d}"
+
+
+def parse_lease_generation_key(key: str) -> tuple[str, int] | None:
+    """``(lock key, generation)`` for a lease generation key, or None for any other key."""
+    if not key.startswith(LEASES_PREFIX):
+        return None
+    where, _, number = key[len(LEASES_PREFIX):].rpartition("/")
+    if not where or len(number) != 16 or not number.isdigit():
+        return None
+    return f"{LOCKS_PREFIX}{where}", int(number)
 
 
 def parse_index_key(key: str) -> tuple[str, str] | None:
