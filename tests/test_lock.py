@@ -15,7 +15,7 @@ import pytest
 from fleece.errors import LockHeld
 from fleece.repo.backends.base import Backend
 from fleece.repo.backends.file import FileBackend
-from fleece.repo.lock import Lease, acquire, break_lease, repo_lock, vm_lock
+from fleece.repo.lock import Lease, acquire, break_lease, read_lease, repo_lock, vm_lock
 from fleece.testing.memory_backend import MemoryBackend
 
 
@@ -87,12 +87,15 @@ def test_heartbeat_keeps_a_short_lease_alive(backend: Backend) -> None:
         first = lease.info
         while renewals < 2 or not first.expired():
             assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
-            now = str(lease_doc(backend, "locks/vms/web1")["expires"])
+            newest = read_lease(backend, "locks/vms/web1")  # the newest generation, not the guard
+            assert newest is not None
+            now = str(newest.expires)
             renewals, seen = renewals + (now != seen), now
             time.sleep(0.05)
         with pytest.raises(LockHeld):
             acquire(backend, "locks/vms/web1", "VM web1", heartbeat=False)
-        assert str(lease_doc(backend, "locks/vms/web1")["expires"]) > first_expiry
+        newest = read_lease(backend, "locks/vms/web1")
+        assert newest is not None and str(newest.expires) > first_expiry
         lease.check()
 
 
