@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "fleece.commands.backup",
     "fleece.commands.list",
     "fleece.commands.restore",
+    "fleece.commands.show",
     "fleece.commands.verify",
     "fleece.commands.serve",
     "fleece.commands.prune",

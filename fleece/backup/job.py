@@ -30,6 +30,7 @@ from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, 
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
+from fleece.machine.record import MachineRecord, store_file
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
 from fleece.repo.format.index import ChunkIndex
@@ -174,6 +175,7 @@ async def run_backup(
                 known_point=points.latest_id(),
             ) as export:
                 pause_point("export-live")  # test hook (fleece.testing); inert in production
+                machine, machine_stats = await _record_machine(source, repo, export)
                 results, records, indexes = await _back_up_disks(req, repo, export, points, lease,
                                                                  progress)
                 latest = points.latest()
@@ -191,7 +193,9 @@ async def run_backup(
                     qemu_version=qemu,
                     labels=dict(req.labels),
                     object_lock=object_lock,
+                    machine=machine,
                     stats={
+                        **machine_stats,
                         "pause_ms": export.pause_ms,
                         "seconds": round(time.monotonic() - started, 3),
                         "bytes_read": sum(r.stats.bytes_read for r in results),
@@ -201,6 +205,30 @@ async def run_backup(
                 await _commit(req, repo, lease, points, point, progress)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started,
                         repo.lock_ledger.extended)
+
+
+async def _record_machine(source: PointInTimeSource, repo: Repository, export: PointInTime
+                          ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The machine record of sources that can give one (libvirt), its files stored; else None.
+
+    Read right after the disks' point in time is set up (docs/machines.md).
+    """
+    record = getattr(source, "record_machine", None)
+    if record is None:
+        return None, {}
+    started = time.monotonic()
+    kind, summary, files, moments = await record()
+    summary["disk_sizes"] = {d.drive: d.size for d in export.disks}
+
+    def store() -> tuple[MachineRecord, int]:
+        stored, written = {}, 0
+        for role, data in files.items():
+            stored[role], n = store_file(repo, data)
+            written += n
+        return MachineRecord(kind, summary, stored, moments), written
+    machine, written = await asyncio.to_thread(store)
+    return machine.to_dict(), {"machine_objects_written": written,
+                               "machine_seconds": round(time.monotonic() - started, 4)}
 
 
 def lock_new_point(req: BackupRequest, repo: Repository, indexes: list[ChunkIndex],
