@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import tarfile
+import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -171,14 +172,6 @@ def define(conn: Any, xml: str, done: RestoredMachine, *, replace: bool, start: 
                        f"choose another name; {kept}")
     if old is not None and old.isActive():
         raise BadInput(f"domain {name!r} is running; stop it before --replace; {kept}")
-    if old is not None:
-        try:
-            old.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0)
-                              | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
-                              | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA", 0))
-        except libvirt.libvirtError as exc:
-            raise LibvirtError(f"libvirt refused to undefine {name!r} for --replace: {message(exc)}; "
-                               f"{kept}") from None
     try:
         _precheck(root)
     except LibvirtError as exc:
@@ -187,6 +180,7 @@ def define(conn: Any, xml: str, done: RestoredMachine, *, replace: bool, start: 
     flags = getattr(libvirt, "VIR_DOMAIN_DEFINE_VALIDATE", 0)
     new_state: Path | None = None
     dom = None
+    replaced = _undefine_for_replace(old, kept) if old is not None else None
     try:
         dom = conn.defineXMLFlags(xml, flags)
         done.domain, done.uuid = name, str(dom.UUIDString())
@@ -194,7 +188,11 @@ def define(conn: Any, xml: str, done: RestoredMachine, *, replace: bool, start: 
         if tpm is not None and (done.dir / TPM_DIR).is_dir():
             new_state = tpm_state_dir(done.uuid, tpm.get("version") or "2.0")
             if new_state.exists() and any(new_state.iterdir()):
-                raise LibvirtError(f"TPM state {new_state} exists already")
+                if replaced is None or replaced[1] != done.uuid:
+                    raise LibvirtError(f"TPM state {new_state} exists already")
+                aside = new_state.with_name(f"{new_state.name}.replaced-{int(time.time())}")
+                new_state.rename(aside)  # the replaced domain's own state: kept, not overwritten
+                done.files.append(str(aside))
             shutil.copytree(done.dir / TPM_DIR, new_state, dirs_exist_ok=True)
             os.chmod(new_state, 0o700)
         if start:
@@ -212,6 +210,30 @@ def define(conn: Any, xml: str, done: RestoredMachine, *, replace: bool, start: 
                 undone = f"domain {name} could not be undefined again ({message(again)})"
             if new_state is not None:
                 shutil.rmtree(new_state.parent, ignore_errors=True)
+        if replaced is not None:
+            try:
+                conn.defineXML(replaced[0])
+                undone += f"; the replaced domain {name} was defined again as it was"
+            except libvirt.libvirtError as again:
+                undone += f"; the replaced domain {name} could not be defined again ({message(again)})"
         what = "start" if dom is not None and start else "define"
         raise LibvirtError(f"libvirt refused to {what} the restored domain {name}: {why}; {undone}; "
                            f"{kept}") from None
+
+
+def _undefine_for_replace(old: Any, kept: str) -> tuple[str, str]:
+    """Undefine the shut-off domain ``--replace`` names, keeping its NVRAM and TPM state files;
+    its definition (to define it again if the new one is refused) and UUID."""
+    libvirt = bindings()
+    name = old.name()
+    try:
+        xml = str(old.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+        uuid = str(old.UUIDString())
+        old.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_NVRAM", 0)
+                          | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
+                          | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+                          | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA", 0))
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt refused to undefine {name!r} for --replace: {message(exc)}; "
+                           f"{kept}") from None
+    return xml, uuid
