@@ -61,6 +61,7 @@ EXAMPLES = {
             "--passphrase-file /etc/fleece/passphrase",
     "key": "fleece key list --repo s3://backups/fleece --passphrase-file /etc/fleece/passphrase",
     "copy": "fleece copy --from /srv/fleece --to s3://offsite/fleece --vm web1",
+    "show": "fleece show --repo /srv/fleece latest --vm web1",
     "version": "fleece version --qmp /run/qemu/web1/fleece-qmp.sock --json",
 }
 
@@ -88,6 +89,10 @@ JSON_OUTPUT = {
     "gc": "{dry_run, points, chunks_kept, chunks_deleted, indexes_deleted, indexes_spared,\n"
           " temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
           " packs_deleted, pack_bytes_unreferenced, objects_locked}",
+    "show": "{id, vm, created, parent, disks: [{name, level, size}], machine: null | {kind, name, uuid,\n"
+            "  machine_type, arch, cpus, memory_bytes, firmware, loader, nvram, nvram_template, tpm,\n"
+            "  disks: [{target, device, bus, serial}], nics: [{type, mac, model, source}], secure_info,\n"
+            "  capture_ms, disk_sizes, moments, files}}",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     m.add_argument("--machine", action="store_true",
                    help="restore every disk, the UEFI variables and the TPM state into --to DIR")
     m.add_argument("--to", metavar="DIR", help="with --machine: an absent or empty directory")
-    m.add_argument("--libvirt", metavar="NEWNAME", help="with --machine: the restored domain's name")
+    m.add_argument("--libvirt", metavar="DOMAIN", help="with --machine: the name of the domain to define")
     m.add_argument("--connect", metavar="URI", help="libvirt connection URI (with --libvirt)")
     m.add_argument("--define", action="store_true", help="define the domain in libvirt")
     m.add_argument("--start", action="store_true", help="start it once defined")
