@@ -369,3 +369,62 @@ def test_points_without_a_machine_restore_as_before(fleece: Any, tmp_path: Path)
     assert not (tmp_path / "m").exists()
     res = fleece("show", "--repo", repo, "latest", "--definition")
     assert "no machine recorded" in one_line(res, 2)
+
+
+def test_a_qmp_direct_vm_with_a_pflash_variable_store_restores_to_a_runnable_command_line(
+        make_vm: Any, fleece: Any, tmp_path: Path, repo_url: str) -> None:
+    vars_ = bytearray(OVMF_VARS.read_bytes())
+    vars_[-4096:-4096 + 16] = b"FLEECE-NVRAM-v1!"
+    varfile = tmp_path / "VARS.fd"
+    varfile.write_bytes(bytes(vars_))
+    vm = make_vm([("qcow2", "32M")], name="qmp-uefi", extra_args=[
+        "-blockdev", f"driver=file,filename={OVMF_CODE},node-name=code-file,read-only=on",
+        "-blockdev", "driver=raw,file=code-file,node-name=pflash0,read-only=on",
+        "-blockdev", f"driver=file,filename={varfile},node-name=vars-file",
+        "-blockdev", "driver=raw,file=vars-file,node-name=pflash1",
+        "-machine", "pflash0=pflash0,pflash1=pflash1"])
+    vm.write("vda", 0, MiB, 0x51)
+
+    # Without the variable store among the drives the backup says how to add it.
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo_url)
+    assert res.rc == 0 and "add --drive pflash1" in res.err, res.err
+    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--drive", "pflash1",
+                 "--repo", repo_url, "--json")
+    assert res.rc == 0, res.err
+    point = res.json()["point"]
+
+    m = fleece("show", "--repo", repo_url, point, "--json").json()["machine"]
+    assert m["kind"] == "qemu" and m["machine_type"].startswith("pc-q35") and m["cpus"] == 1
+    assert m["memory_bytes"] == 64 * MiB and m["firmware"] == "uefi"
+    assert m["drives"]["vda"]["model"] == "virtio-blk-device" and m["drives"]["pflash1"]["format"] == "raw"
+    argv = json.loads(fleece("show", "--repo", repo_url, point, "--definition").out)["argv"]
+    assert argv[0].endswith("qemu-system-x86_64") and "pflash0=pflash0,pflash1=pflash1" in argv
+
+    varfile.write_bytes(b"\0" * len(vars_))  # the machine moves on
+    out = tmp_path / "restored"
+    res = fleece("restore", "--repo", repo_url, point, "--machine", "--to", out)
+    assert res.rc == 0, res.err
+    assert (out / "pflash1.raw").read_bytes() == bytes(vars_)
+    script = out / "run-qemu.sh"
+    text = script.read_text()
+    assert str(out / "pflash1.raw") in text and str(out / "vda.qcow2") in text
+    assert str(varfile) not in text and vm.qmp_path not in text
+
+    # It runs, beside the original, on the restored files.
+    proc = subprocess.Popen([str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "socket1.sock").exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        mon = QEMUMonitorProtocol(str(out / "socket1.sock"))
+        mon.connect()
+        blocks: Any = mon.cmd("query-block")
+        files = {b["inserted"]["file"] for b in blocks if b.get("inserted")}
+        mon.close()
+        assert {str(out / "pflash1.raw"), str(out / "vda.qcow2")} <= files
+    finally:
+        proc.kill()
+        proc.wait(30)

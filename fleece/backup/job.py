@@ -164,6 +164,9 @@ async def run_backup(
                 point = points.get(parent)
                 return point is not None and any(d.name == drive for d in point.disks)
 
+            # QEMU's shape is read before the export puts its filters over the disks.
+            early = await _capture_machine(source) if getattr(source, "MACHINE_BEFORE_EXPORT", False) \
+                else None
             async with source.export(
                 req.drives,
                 level=req.level,
@@ -175,7 +178,8 @@ async def run_backup(
                 known_point=points.latest_id(),
             ) as export:
                 pause_point("export-live")  # test hook (fleece.testing); inert in production
-                machine, machine_stats = await _record_machine(source, repo, export)
+                machine, machine_stats = await _record_machine(
+                    early or await _capture_machine(source), repo, export, say)
                 results, records, indexes = await _back_up_disks(req, repo, export, points, lease,
                                                                  progress)
                 latest = points.latest()
@@ -207,18 +211,39 @@ async def run_backup(
                         repo.lock_ledger.extended)
 
 
-async def _record_machine(source: PointInTimeSource, repo: Repository, export: PointInTime
-                          ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """The machine record of sources that can give one (libvirt), its files stored; else None.
+Captured = tuple[str, dict[str, Any], dict[str, bytes], dict[str, str], float]
 
-    Read right after the disks' point in time is set up (docs/machines.md).
-    """
+
+async def _capture_machine(source: PointInTimeSource) -> Captured | None:
+    """The machine as the source records it (libvirt, QMP), or None; ``(…, seconds taken)``."""
     record = getattr(source, "record_machine", None)
     if record is None:
-        return None, {}
+        return None
     started = time.monotonic()
     kind, summary, files, moments = await record()
+    return kind, summary, files, moments, time.monotonic() - started
+
+
+async def _record_machine(captured: Captured | None, repo: Repository, export: PointInTime,
+                          say: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The machine record's files stored; the record for the point, or None.
+
+    libvirt: read right after the disks' point in time is set up; QMP: just
+    before (docs/machines.md).
+    """
+    if captured is None:
+        return None, {}
+    started = time.monotonic()
+    kind, summary, files, moments, took = captured
     summary["disk_sizes"] = {d.drive: d.size for d in export.disks}
+    if kind == "qemu":
+        from fleece.machine.qemu import match_drive
+        summary["drives"] = {d.drive: match_drive(summary["disks"], d.drive) for d in export.disks}
+        in_point = {str(m.get("node")) for m in summary["drives"].values() if m}
+        for flash in summary["pflash"]:
+            if not flash["read_only"] and flash["node"] not in in_point:
+                say(f"the UEFI variable store (pflash node {flash['node']}) is not in this point; "
+                    f"add --drive {flash['node']} to restore the machine with its variables")
 
     def store() -> tuple[MachineRecord, int]:
         stored, written = {}, 0
@@ -228,7 +253,7 @@ async def _record_machine(source: PointInTimeSource, repo: Repository, export: P
         return MachineRecord(kind, summary, stored, moments), written
     machine, written = await asyncio.to_thread(store)
     return machine.to_dict(), {"machine_objects_written": written,
-                               "machine_seconds": round(time.monotonic() - started, 4)}
+                               "machine_seconds": round(time.monotonic() - started + took, 4)}
 
 
 def lock_new_point(req: BackupRequest, repo: Repository, indexes: list[ChunkIndex],

@@ -118,7 +118,7 @@ def run_machine(args: argparse.Namespace) -> int:
     """``--machine --to DIR [--libvirt NEWNAME --define [--start]]``."""
     from fleece.libvirt.domain import open_connection
     from fleece.machine.record import machine_of
-    from fleece.machine.restore import define, prepare_dir, restore_files, rewrite_xml
+    from fleece.machine.restore import define, prepare_dir, restore_files, rewrite_xml, write_qemu_script
 
     if args.live or args.output or args.drive:
         raise BadInput("--machine restores every disk into --to DIR; drop --output/--drive/--live")
@@ -153,6 +153,10 @@ def run_machine(args: argparse.Namespace) -> int:
             done.definition = str(path)
             if conn is not None:
                 define(conn, xml, done, replace=args.replace, start=args.start)
+        elif not write_qemu_script(record, done):
+            sys.stderr.write("fleece: warning: the point holds no QEMU command line (QMP over TCP, or "
+                             "QEMU not visible from the backup's host); see 'fleece show --json' for "
+                             "its shape\n")
     finally:
         if conn is not None:
             conn.close()
@@ -166,6 +170,8 @@ def run_machine(args: argparse.Namespace) -> int:
     if done.domain:
         print(f"defined libvirt domain {done.domain} (uuid {done.uuid})"
               + (", started" if done.started else ""))
-    elif done.definition:
+    elif done.definition and record.kind == "libvirt":
         print(f"define it with: virsh define {done.definition}")
+    elif done.definition:
+        print(f"start it with: {done.definition}")
     return 0

@@ -4,7 +4,9 @@ and (libvirt) a domain defined on them (docs/machines.md)."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import shlex
 import shutil
 import tarfile
 import time
@@ -17,14 +19,18 @@ from typing import Any
 from fleece.errors import BadInput, FleeceError
 from fleece.libvirt.domain import LibvirtError, bindings, message
 from fleece.machine.capture import tpm_state_dir
+from fleece.machine.qemu import rewrite_argv
 from fleece.machine.record import MachineRecord, load_file
 from fleece.repo.format.point import RestorePoint
 from fleece.repo.repository import Repository
+from fleece.restore.image import restore_raw
 from fleece.restore.targets import restore_qcow2
 
 NVRAM_FILE = "nvram.fd"
 TPM_DIR = "tpm"
 RECORDED_XML = "recorded-domain.xml"
+RECORDED_QEMU = "recorded-qemu.json"
+QEMU_SCRIPT = "run-qemu.sh"
 
 
 @dataclass
@@ -54,18 +60,30 @@ def prepare_dir(path: Path) -> None:
 
 def restore_files(repo: Repository, point: RestorePoint, record: MachineRecord, to: Path,
                   workers: int) -> RestoredMachine:
-    """Every disk (qcow2), the variable store and the TPM state of ``point`` into ``to``."""
+    """Every disk, the variable store and the TPM state of ``point`` into ``to``.
+
+    Disks are qcow2, but for a QMP-direct VM a disk that was raw there (a pflash
+    variable store) is raw again, so the recorded command line fits it.
+    """
     to.mkdir(parents=True, exist_ok=True)
     done = RestoredMachine(to.resolve())
+    drives = record.summary.get("drives") or {}
     try:
         for disk in point.disks:
-            image = done.dir / f"{disk.name}.qcow2"
-            restore_qcow2(repo, point, disk.name, image, force=False, workers=workers, allow_damage=False)
+            recorded = drives.get(disk.name) or {}
+            if record.kind == "qemu" and recorded.get("format") == "raw":
+                image = done.dir / f"{disk.name}.raw"
+                restore_raw(repo, point, disk.name, image, force=False, workers=workers, allow_damage=False)
+            else:
+                image = done.dir / f"{disk.name}.qcow2"
+                restore_qcow2(repo, point, disk.name, image, force=False, workers=workers,
+                              allow_damage=False)
             done.disks[disk.name] = str(image)
             done.files.append(str(image))
         definition = load_file(repo, record.files["definition"], "definition")
-        (done.dir / RECORDED_XML).write_bytes(definition)
-        done.files.append(str(done.dir / RECORDED_XML))
+        recorded_name = RECORDED_XML if record.kind == "libvirt" else RECORDED_QEMU
+        (done.dir / recorded_name).write_bytes(definition)
+        done.files.append(str(done.dir / recorded_name))
         if "nvram" in record.files:
             (done.dir / NVRAM_FILE).write_bytes(load_file(repo, record.files["nvram"], "UEFI variable store"))
             done.files.append(str(done.dir / NVRAM_FILE))
@@ -237,3 +255,29 @@ def _undefine_for_replace(old: Any, kept: str) -> tuple[str, str]:
         raise LibvirtError(f"libvirt refused to undefine {name!r} for --replace: {message(exc)}; "
                            f"{kept}") from None
     return xml, uuid
+
+
+def write_qemu_script(record: MachineRecord, done: RestoredMachine) -> bool:
+    """``run-qemu.sh``: the recorded command line on the restored disks; False when none was recorded."""
+    doc = json.loads((done.dir / RECORDED_QEMU).read_text())
+    argv = doc.get("argv")
+    if not isinstance(argv, list) or not argv:
+        return False
+    files = {}
+    for name, image in done.disks.items():
+        recorded = (record.summary.get("drives") or {}).get(name) or {}
+        if recorded.get("file"):
+            files[str(recorded["file"])] = image
+    new = rewrite_argv([str(a) for a in argv], files, done.dir)
+    cwd = doc.get("cwd")
+    script = ["#!/bin/sh", "# Restored by fleece: the recorded QEMU command line on the restored files.",
+              "# Image files, unix sockets and the pid file point into this directory."]
+    if cwd:
+        script.append(f"cd {shlex.quote(str(cwd))} 2>/dev/null || cd \"$(dirname \"$0\")\"")
+    script.append("exec " + " ".join(shlex.quote(a) for a in new) + ' "$@"')
+    path = done.dir / QEMU_SCRIPT
+    path.write_text("\n".join(script) + "\n")
+    path.chmod(0o755)
+    done.files.append(str(path))
+    done.definition = str(path)
+    return True
