@@ -10,6 +10,8 @@ object written last.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,14 +27,20 @@ FILE_ROLES = ("definition", "nvram", "tpm")
 ``nvram``: the UEFI variable store file; ``tpm``: swtpm's state directory as a tar."""
 
 
+INLINE_MAX = 8192
+"""Files up to this size live in the point itself (base64), sealed with it: no object of their own."""
+
+
 @dataclass
 class MachineFile:
-    """One recorded file: its length, sha256 and the chunks holding it, in order."""
+    """One recorded file: its length, sha256 and the chunks holding it, in order (or its bytes inline)."""
 
     size: int
     sha256: str
     chunks: list[str]
     """Hex chunk names (the repository's keyed hash in an encrypted repository)."""
+    inline: str | None = None
+    """Small files: the bytes, base64, in the point instead of ``chunks``."""
 
     def digests(self) -> list[bytes]:
         return [bytes.fromhex(c) for c in self.chunks]
@@ -51,7 +59,8 @@ class MachineRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "summary": self.summary, "moments": self.moments,
-                "files": {k: {"size": f.size, "sha256": f.sha256, "chunks": f.chunks}
+                "files": {k: {"size": f.size, "sha256": f.sha256,
+                              **({"inline": f.inline} if f.inline is not None else {"chunks": f.chunks})}
                           for k, f in sorted(self.files.items())}}
 
     @classmethod
@@ -71,13 +80,15 @@ class MachineRecord:
         for role, raw in files.items():
             if role not in FILE_ROLES or not isinstance(raw, dict):
                 raise bad(f"unknown file {role!r}")
-            size, sha, chunks = raw.get("size"), raw.get("sha256"), raw.get("chunks")
+            size, sha, chunks, inline = raw.get("size"), raw.get("sha256"), raw.get("chunks", []), \
+                raw.get("inline")
             if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                    or (inline is not None and (not isinstance(inline, str) or chunks))
                     or not isinstance(sha, str) or len(sha) != 64
                     or not isinstance(chunks, list)
                     or not all(isinstance(c, str) and len(c) == 64 and _is_hex(c) for c in chunks)):
                 raise bad(f"file {role!r}")
-            parsed[role] = MachineFile(size, sha, list(chunks))
+            parsed[role] = MachineFile(size, sha, list(chunks), inline)
         if "definition" not in parsed:
             raise bad("no definition")
         return cls(str(kind), summary, parsed, {str(k): str(v) for k, v in moments.items()})
@@ -89,7 +100,7 @@ class MachineRecord:
 
     def renamed(self, rename: Callable[[bytes], bytes]) -> MachineRecord:
         """The same record with every chunk name mapped (a copy between repositories of other keys)."""
-        files = {k: MachineFile(f.size, f.sha256, [rename(d).hex() for d in f.digests()])
+        files = {k: MachineFile(f.size, f.sha256, [rename(d).hex() for d in f.digests()], f.inline)
                  for k, f in self.files.items()}
         return MachineRecord(self.kind, self.summary, files, dict(self.moments))
 
@@ -103,21 +114,35 @@ def store_file(repo: Repository, data: bytes) -> tuple[MachineFile, int]:
 
     Returns the file record and how many objects were written.
     """
+    if len(data) <= INLINE_MAX:
+        return MachineFile(len(data), hashlib.sha256(data).hexdigest(), [],
+                           base64.b64encode(data).decode()), 0
     size = repo.config.chunk_size
     names: list[str] = []
     written = 0
     for start in range(0, max(len(data), 1), size):
         piece = data[start:start + size]
         digest = repo.digest(piece)
-        if repo.put_chunk(digest, encode_chunk(piece, repo.config.compression_level)):
-            written += 1
+        # Mostly unchanged since the last point: ask before compressing. Stored as
+        # put_chunk stores a chunk (staged until the point's flush; an Object Lock
+        # repository locks it, or keeps an existing one's lock ahead).
+        key = repo.chunk_key(digest)
+        if repo.lock is not None:
+            written += repo.put_immutable(key, encode_chunk(piece, repo.config.compression_level),
+                                          probe=True)
+        elif not repo.backend.exists(key):
+            written += repo.backend.stage(key, encode_chunk(piece, repo.config.compression_level))
         names.append(digest.hex())
     return MachineFile(len(data), hashlib.sha256(data).hexdigest(), names), written
 
 
 def load_file(repo: Repository, record: MachineFile, what: str) -> bytes:
     """The bytes of a recorded file, every chunk checked, then the whole against its sha256."""
-    data = b"".join(repo.get_chunk(d) for d in record.digests())
+    try:
+        data = (base64.b64decode(record.inline, validate=True) if record.inline is not None
+                else b"".join(repo.get_chunk(d) for d in record.digests()))
+    except binascii.Error:
+        raise RepositoryCorrupt(f"the recorded {what} is not valid base64 (damaged)") from None
     if len(data) != record.size or hashlib.sha256(data).hexdigest() != record.sha256:
         raise RepositoryCorrupt(f"the recorded {what} does not match its size and sha256 (damaged)")
     return data
