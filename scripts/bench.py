@@ -332,7 +332,8 @@ def tls_rows(vm: VM, work: Path, shm: Path) -> list[tuple[str, str, str, str]]:
     results: dict[str, tuple[float, float, int]] = {}
     for name, listen in (("unix", []), ("tls", ["--listen", f"tcp:127.0.0.1:{port}",
                                                 "--tls-creds", str(server)])):
-        p = sh(FLEECE, "export", "start", "--qmp", vm.qmp, "--drive", "vda", *listen, "--json")
+        p = sh(FLEECE, "export", "start", "--bounded-requests",
+               "--qmp", vm.qmp, "--drive", "vda", *listen, "--json")
         exported = work / f"export-{name}.json"
         exported.write_text(p.stdout)
         uri = json.loads(p.stdout)["disks"][0]["uri"]
@@ -440,7 +441,8 @@ def speed(args: argparse.Namespace) -> None:
 
             def nbdcopy(*copy: str, vm: VM = vm, out: Path = out,
                         zstd_bytes: list[int] = zstd_bytes) -> float:
-                _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+                _, exp = fleece_json("export", "start", "--bounded-requests",
+                                     "--qmp", vm.qmp, "--drive", "vda")
                 uri = exp["disks"][0]["uri"]
                 try:
                     t = time.perf_counter()
@@ -579,7 +581,8 @@ def restore_speed(args: argparse.Namespace) -> None:
                 _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
 
                 def nbdcopy(vm: VM = vm, out: Path = out) -> float:
-                    _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+                    _, exp = fleece_json("export", "start", "--bounded-requests",
+                                         "--qmp", vm.qmp, "--drive", "vda")
                     try:
                         return timed("nbdcopy", "--flush", exp["disks"][0]["uri"], out)[0]
                     finally:
@@ -702,7 +705,7 @@ def peers(args: argparse.Namespace) -> None:
             jobs.append(qemu_backup_job(vm, job, size))
             job_bytes = _du(job)
             job.unlink()
-            _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+            _, exp = fleece_json("export", "start", "--bounded-requests", "--qmp", vm.qmp, "--drive", "vda")
             uri = exp["disks"][0]["uri"]
             try:
                 flushed.append(timed("nbdcopy", "--flush", uri, copy)[0])
@@ -873,7 +876,7 @@ def main() -> None:
             return
 
         # -- I/O path: nbdcopy vs backup --compress none, same export ----------------------
-        _, exp = fleece_json("export", "start", "--qmp", vm.qmp, "--drive", "vda")
+        _, exp = fleece_json("export", "start", "--bounded-requests", "--qmp", vm.qmp, "--drive", "vda")
         uri = exp["disks"][0]["uri"]
         nbd_times = [timed("nbdcopy", uri, "null:")[0] for _ in range(3)]
         nbdcopy_s = statistics.median(nbd_times)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("scratch_tmpdir")
 
 
 def start(fleece: Any, vm: Any, *args: Any) -> Any:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()["disks"][0], res.err
 
@@ -53,7 +53,8 @@ def test_unusable_parent_means_full_and_says_why(vm: Any, fleece: Any, make: Any
     assert f"full because vda: checkpoint bitmap {name} on fmt-vda {says}" in err
     stop(fleece, vm, "--abort")
     assert name in vm.bitmaps("vda")  # abort leaves the old one alone
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--level", "incremental")
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "vda", "--level", "incremental")
     assert res.rc == 1 and says in res.err
 
 
@@ -81,7 +82,7 @@ def test_checkpoint_id_must_sort_after_the_parent(vm: Any, fleece: Any) -> None:
     first, _ = start(fleece, vm, "--drive", "vda")
     stop(fleece, vm)
     before = vm.block_graph()
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda",
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda",
                  "--checkpoint", "20000101T000000.000000Z-000000")
     assert res.rc == 2 and "does not sort after" in res.err
     assert vm.block_graph() == before

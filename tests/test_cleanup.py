@@ -21,7 +21,7 @@ def checkpoints(vm: Any, drive: Any="vda") -> list[str]:
 
 
 def start(fleece: Any, vm: Any, *args: Any) -> Any:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()
 
@@ -42,7 +42,7 @@ def test_agent_killed_while_the_export_is_up(make_vm: Any, fleece: Any, tmp_path
 
         async def main():
             async with QmpSession.open({vm.qmp_path!r}) as qmp:
-                async with point_in_time_export(qmp, ["vda", "vdb"]) as export:
+                async with point_in_time_export(qmp, ["vda", "vdb"], bounded_requests=True) as export:
                     print(export.disks[0].since, flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -56,7 +56,7 @@ def test_agent_killed_while_the_export_is_up(make_vm: Any, fleece: Any, tmp_path
     status = fleece("status", "--qmp", vm.qmp_path, "--json").json()["leftovers"]
     assert status["exports"] == ["fleece-export-vda", "fleece-export-vdb"]
     assert status["attached"] and status["nbd_server"]
-    refused = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda")
+    refused = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda")
     # The agent's pid is gone: the refusal says so and points to cleanup.
     assert refused.rc == 1 and "which has exited" in refused.err and "fleece cleanup" in refused.err
 
@@ -84,7 +84,7 @@ def test_cut_short_commit_keeps_the_older_checkpoint(vm: Any, fleece: Any) -> No
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="fleece-tmp-vda", disabled=True)
     vm.qmp("block-dirty-bitmap-add", node="fmt-vda", name="theirs", persistent=True)
 
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda")
     assert res.rc == 1 and f"fmt-vda/{new}" in res.err and "fleece cleanup" in res.err
 
     res = fleece("cleanup", "--qmp", vm.qmp_path, "--json")

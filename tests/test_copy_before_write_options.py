@@ -33,4 +33,4 @@ def test_qemu_9_1_and_later_get_a_cbw_timeout(version: tuple[int, int, int]) -> 
 def test_older_qemu_gets_no_cbw_timeout(version: tuple[int, int, int]) -> None:
     assert copy_before_write_options(disk(), version) == {
         "driver": "copy-before-write", "node-name": "fleece-cbw-vda", "file": "fmt-vda",
-        "target": "fleece-delta-vda", "on-cbw-error": "break-snapshot"}
+        "target": "fleece-delta-vda", "on-cbw-error": "break-snapshot", "discard": "unmap"}

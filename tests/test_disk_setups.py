@@ -121,7 +121,7 @@ def test_a_device_in_an_iothread_is_backed_up_or_refused_without_harming_the_gue
     vm.write("vda", 0, 2 * MiB, 0x21)
     graph = vm.block_graph()
     if qemu_version(vm) < SAFE_IOTHREAD_EXPORTS:
-        for args in (["backup", "--repo", str(repo)], ["export", "start"]):
+        for args in (["backup", "--repo", str(repo)], ["export", "start", "--bounded-requests"]):
             r = fleece(*args, "--qmp", vm.qmp_path, "--drive", "vda")
             assert r.rc == 1, r.out + r.err
             lines = r.err.strip().splitlines()
@@ -190,7 +190,7 @@ def test_a_vm_whose_migration_has_finished_is_refused_in_one_line_and_left_as_fo
         time.sleep(0.1)
     graph = vm.block_graph()
     repo = tmp_path / "repo"
-    for args in (["backup", "--repo", str(repo)], ["export", "start"]):
+    for args in (["backup", "--repo", str(repo)], ["export", "start", "--bounded-requests"]):
         r = fleece(*args, "--qmp", vm.qmp_path, "--drive", "vda")
         assert r.rc == 1, r.out + r.err
         lines = r.err.strip().splitlines()

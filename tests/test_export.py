@@ -21,7 +21,7 @@ def granules(*writes: tuple[int, int]) -> set[int]:
 
 
 def start(fleece: Any, vm: Any, *args: str) -> dict[str, Any]:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return dict(res.json())
 
@@ -183,7 +183,8 @@ def test_two_disks_share_one_point_and_the_pause_is_reported(
 
 def test_drive_by_node_name_and_backend_name_human_output(make_vm: Any, fleece: Any) -> None:
     vm = make_vm([("qcow2", "16M"), ("raw", "16M")])
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "fmt-vda", "--drive", "vdb")
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "fmt-vda", "--drive", "vdb")
     assert res.rc == 0, res.err
     assert "fmt-vda: nbd+unix:///fmt-vda?socket=" in res.out
     assert "checkpoint lives only while QEMU runs" in res.out

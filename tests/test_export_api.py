@@ -49,7 +49,7 @@ def run_export(
     async def main() -> None:
         async with session_cls.open(vm.qmp_path) as session:
             seen.append(session)
-            async with point_in_time_export(session, drives, **kwargs) as export:
+            async with point_in_time_export(session, drives, bounded_requests=True, **kwargs) as export:
                 seen.append(export)
                 if body:
                     await body(export)
@@ -123,7 +123,7 @@ def test_cancellation_aborts(vm: Any) -> None:
             entered = asyncio.Event()
 
             async def backup() -> None:
-                async with point_in_time_export(session, ["vda"]):
+                async with point_in_time_export(session, ["vda"], bounded_requests=True):
                     entered.set()
                     await asyncio.sleep(3600)
 

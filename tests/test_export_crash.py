@@ -14,7 +14,7 @@ MiB = 1 << 20
 
 
 def start(fleece: Any, vm: Any, *args: str) -> Any:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, *args, "--json")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args, "--json")
     assert res.rc == 0, res.err
     return res.json()["disks"][0], res.err
 

@@ -19,7 +19,7 @@ def error_line(res: Any) -> str:
 
 
 def export_start(fleece: Any, vm: Any, *args: Any) -> Any:
-    return fleece("export", "start", "--qmp", vm.qmp_path, *args)
+    return fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, *args)
 
 
 @pytest.mark.parametrize(
@@ -54,13 +54,13 @@ def test_scratch_path_too_long_for_a_socket(vm: Any, fleece: Any, tmp_path: Any)
 
 
 def test_usage_errors(fleece: Any) -> None:
-    assert fleece("export", "start", "--qmp", "/x").rc == 2  # no --drive
+    assert fleece("export", "start", "--bounded-requests", "--qmp", "/x").rc == 2  # no --drive
     assert fleece("export").rc == 2
     assert fleece("export", "stop").rc == 2
 
 
 def test_wrong_socket(fleece: Any, tmp_path: Any) -> None:
-    res = fleece("export", "start", "--qmp", tmp_path / "nope.sock", "--drive", "vda")
+    res = fleece("export", "start", "--bounded-requests", "--qmp", tmp_path / "nope.sock", "--drive", "vda")
     assert res.rc == 1
     assert "does not exist" in error_line(res)
     res = fleece("cleanup", "--qmp", tmp_path / "nope.sock")

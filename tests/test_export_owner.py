@@ -48,7 +48,7 @@ class Agent:
 
             async def main():
                 async with QmpSession.open({vm.qmp_path!r}) as qmp:
-                    async with point_in_time_export(qmp, ["vda"]) as export:
+                    async with point_in_time_export(qmp, ["vda"], bounded_requests=True) as export:
                         disk = export.disks[0]
                         print(json.dumps({{"checkpoint": export.checkpoint, "since": disk.since}}),
                               flush=True)
@@ -92,7 +92,8 @@ def test_export_stop_refuses_a_live_holder_and_aborts_the_export_of_one_that_die
         two_monitor_vm: Any, fleece: Any, tmp_path: Path) -> None:
     vm = two_monitor_vm
     cleanup_cmd = f"fleece cleanup --qmp {shlex.quote(vm.other)}"
-    first = fleece("export", "start", "--qmp", vm.other, "--drive", "vda", "--json").json()
+    first = fleece("export", "start", "--bounded-requests", "--qmp", vm.other, "--drive", "vda",
+                   "--json").json()
     assert fleece("export", "stop", "--qmp", vm.other).rc == 0
     vm.write("vda", 0, MiB, 0x42)
     before = vm.block_graph()
@@ -171,12 +172,12 @@ def test_status_and_refusals_name_the_command_that_ends_an_export_left_up(
         two_monitor_vm: Any, fleece: Any) -> None:
     vm = two_monitor_vm
     stop_cmd = f"fleece export stop --qmp {shlex.quote(vm.other)}"
-    assert fleece("export", "start", "--qmp", vm.other, "--drive", "vda").rc == 0
+    assert fleece("export", "start", "--bounded-requests", "--qmp", vm.other, "--drive", "vda").rc == 0
     status = fleece("status", "--qmp", vm.other, "--json").json()
     assert (status["export"]["owner"], status["export"]["end_with"], status["cleanup"]) == (
         "export", stop_cmd, None)
     assert f"end it with: {stop_cmd}" in fleece("status", "--qmp", vm.other).out
-    again = fleece("export", "start", "--qmp", vm.other, "--drive", "vda")
+    again = fleece("export", "start", "--bounded-requests", "--qmp", vm.other, "--drive", "vda")
     assert again.rc == 1 and f"end it with: {stop_cmd};" in one_line_error(again)
     res = fleece("export", "stop", "--qmp", vm.other)
     assert res.rc == 0 and "committed" in res.out, res.err

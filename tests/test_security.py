@@ -61,7 +61,8 @@ def test_the_export_scratch_directory_and_nbd_socket_are_private(
         make_vm: Any, fleece: Any, open_dir: Any) -> None:
     vm = make_vm([("qcow2", "16M")])
     vm.write("vda", 0, MiB, 0x42)
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--scratch-dir", open_dir,
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "vda", "--scratch-dir", open_dir,
                  "--discard", "--json")
     assert res.rc == 0, res.err
     sock = Path(res.json()["socket"])

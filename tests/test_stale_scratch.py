@@ -37,7 +37,7 @@ def test_cleanup_stale_removes_only_what_no_qemu_and_no_fleece_uses(
 
     # An export left up on purpose: fleece exited, QEMU holds its files.
     exported_vm = make_vm(name="exported")
-    r = fleece("export", "start", "--qmp", exported_vm.qmp_path, "--drive", "vda")
+    r = fleece("export", "start", "--bounded-requests", "--qmp", exported_vm.qmp_path, "--drive", "vda")
     assert r.rc == 0, r.err
     (exported,) = scratch_dirs(scratch_tmpdir) - {dead}
 

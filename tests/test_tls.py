@@ -71,7 +71,8 @@ def read_all(uri: str, certs: Path | None = None, psk: Path | None = None) -> by
 
 
 def start(fleece: Any, vm: TestVM, *args: str | Path) -> Any:
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", *args, "--json")
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "vda", *args, "--json")
     assert res.rc == 0, res.err
     return res.json()
 
@@ -136,7 +137,8 @@ def test_export_with_a_pre_shared_key(
     point = vm.snapshot_shadow("vda", tmp_path / "point.raw").read_bytes()
     before = objects(vm)
     port = free_port()
-    res = fleece("-vvv", "export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--listen",
+    res = fleece("-vvv", "export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "vda", "--listen",
                  f"tcp:{LOOPBACK}:{port}", "--tls-psk", tls_creds.psk, "--json")
     assert res.rc == 0, res.err
     assert "object-add" in res.err  # -vvv shows the QMP traffic …
@@ -215,7 +217,7 @@ def test_bad_tls_input_gets_one_line_exit_2_and_changes_nothing(
                                                                tmp_path: Any) -> None:
     before = as_found(vm)
     for args, says in _bad_inputs(tls_creds, tmp_path, free_port()):
-        res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", *args)
+        res = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda", *args)
         assert res.rc == 2, (args, res.err)
         lines = res.err.strip().splitlines()
         assert len(lines) == 1 and says in lines[0], (args, res.err)
@@ -239,7 +241,7 @@ from fleece.qmp import QmpSession
 async def main():
     t = server_transport(listen="tcp:{LOOPBACK}:{port}", tls_creds={str(tls_creds.server)!r})
     async with QmpSession.open({vm.qmp_path!r}) as s:
-        async with point_in_time_export(s, ["vda"], transport=t) as e:
+        async with point_in_time_export(s, ["vda"], transport=t, bounded_requests=True) as e:
             print(e.disks[0].uri, flush=True)
             await asyncio.sleep(600)
 asyncio.run(main())
@@ -255,7 +257,7 @@ asyncio.run(main())
     assert "fleece-tls-creds" in objects(vm)
     status = fleece("status", "--qmp", vm.qmp_path, "--json").json()
     assert "fleece-tls-creds" in status["leftovers"]["objects"]
-    refused_start = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda")
+    refused_start = fleece("export", "start", "--bounded-requests", "--qmp", vm.qmp_path, "--drive", "vda")
     assert refused_start.rc == 1 and "fleece cleanup" in refused_start.err
 
     res = fleece("cleanup", "--qmp", vm.qmp_path, "--json")
@@ -350,7 +352,8 @@ def test_a_backup_server_backs_up_an_export_over_tls_and_restores_onto_an_nbds_t
 
     # Hypervisor: export; backup server: read it with its client certificate; hypervisor: stop.
     exported = tmp_path / "export.json"
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", *listen, "--json")
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "vda", *listen, "--json")
     assert res.rc == 0, res.err
     exported.write_text(res.out)
     vm.write("vda", 0, 1 * MiB, 0x62)  # after the point: not in this backup
@@ -366,7 +369,8 @@ def test_a_backup_server_backs_up_an_export_over_tls_and_restores_onto_an_nbds_t
     # The next export is incremental and the backup server keeps the chain.
     vm.write("vda", 12 * MiB, 1 * MiB, 0x63)
     incr_point = vm.snapshot_shadow("vda", tmp_path / "incr.raw").read_bytes()
-    res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", *listen, "--json")
+    res = fleece("export", "start", "--bounded-requests",
+                 "--qmp", vm.qmp_path, "--drive", "vda", *listen, "--json")
     assert res.rc == 0, res.err
     exported.write_text(res.out)
     # The wrong certificate is refused by QEMU, and the backup fails with one line.
@@ -412,7 +416,8 @@ def test_a_port_in_use_fails_with_one_line_and_leaves_qemu_as_found(
         taken.bind((LOOPBACK, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        res = fleece("export", "start", "--qmp", vm.qmp_path, "--drive", "vda", "--listen",
+        res = fleece("export", "start", "--bounded-requests",
+                     "--qmp", vm.qmp_path, "--drive", "vda", "--listen",
                      f"tcp:{LOOPBACK}:{port}", "--tls-creds", tls_creds.server,
                      "--tls-authz", tls_creds.client_dn)
     assert res.rc == 1, res.err

@@ -30,6 +30,7 @@ from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, 
 from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
+from fleece.fleecing.request_bound import max_request, parse_qemu_version
 from fleece.machine.record import MachineRecord, store_file
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
@@ -181,7 +182,7 @@ async def run_backup(
                 machine, machine_stats = await _record_machine(
                     early or await _capture_machine(source), repo, export, say)
                 results, records, indexes = await _back_up_disks(req, repo, export, points, lease,
-                                                                 progress)
+                                                                 progress, qemu)
                 latest = points.latest()
                 object_lock = await asyncio.to_thread(
                     lock_new_point, req, repo, indexes,
@@ -294,8 +295,12 @@ async def _back_up_disks(
     points: _PointsOfVm,
     lease: Lease,
     progress: Callable[[str, int], Callable[[int], None]] | None,
+    qemu: str,
 ) -> tuple[list[DiskResult], list[DiskRecord], list[ChunkIndex]]:
-    """Store every exported disk (chunks, deltas, index); what each stored, its record and index."""
+    """Store every exported disk (chunks, deltas, index); what each stored, its record and index.
+
+    ``qemu`` is the source's QEMU version (``7.2.22``): it decides how far one request may reach.
+    """
     results: list[DiskResult] = []
     records: list[DiskRecord] = []
     indexes: list[ChunkIndex] = []
@@ -303,11 +308,12 @@ async def _back_up_disks(
     # Prune keeps the points whose indexes we are about to read.
     uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
     await asyncio.to_thread(lease.record_uses, sorted(uses))
+    bound = max_request(parse_qemu_version(qemu))
     for disk in export.disks:
         result, record, index = await asyncio.to_thread(
             _back_up_disk, req, repo, export.checkpoint, disk,
             points.get(disk.since) if disk.since else None, latest,
-            export.trim_alignment if disk.discard else None, progress,
+            export.trim_alignment if disk.discard else None, progress, bound,
         )
         results.append(result)
         records.append(record)
@@ -414,8 +420,13 @@ def _back_up_disk(
     latest: RestorePoint | None,
     trim_alignment: int | None,
     progress: Callable[[str, int], Callable[[int], None]] | None,
+    max_request: int | None,
 ) -> tuple[DiskResult, DiskRecord, ChunkIndex]:
-    """Plan, read and store one disk; write its index. Runs in a worker thread."""
+    """Plan, read and store one disk; write its index. Runs in a worker thread.
+
+    ``max_request`` bounds every request to the export (QEMU < 8.0: the
+    copy-before-write cluster, :func:`fleece.fleecing.export.max_request`).
+    """
     chunk_size = repo.config.chunk_size
     level, reason = disk.level, disk.reason
     index = ChunkIndex.empty(chunk_size, disk.size, repo.index_version)
@@ -457,7 +468,7 @@ def _back_up_disk(
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
     h = connect(disk.uri, contexts, tls=req.settings.tls)
     try:
-        plan = plan_chunks(h, chunk_size, dirty_context)
+        plan = plan_chunks(h, chunk_size, dirty_context, max_request)
     finally:
         disconnect(h)
     deltas = level == "incremental" and repo.has_deltas
@@ -466,6 +477,7 @@ def _back_up_disk(
     settings = PipelineSettings(**{**req.settings.__dict__})
     settings.compression_level = req.compression_level
     settings.trim_alignment = trim_alignment
+    settings.max_request = max_request
     stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance, deltas=deltas).run()
     index_key, index_digest = repo.write_index(point_id, disk.drive, index)
     stats.objects_written += 1  # the index

@@ -171,6 +171,8 @@ class PipelineSettings:
     """Trim each stored chunk from the snapshot when set (writable export with discard)."""
     tls: ClientTls | None = None
     """Client credentials for an ``nbds://`` export on another host."""
+    max_request: int | None = None
+    """No read may cross a multiple of this on the disk (QEMU < 8.0, :mod:`fleece.backup.reader`)."""
 
 
 class _Failed(Exception):
@@ -355,7 +357,7 @@ class DiskBackup:
             for start, end in _holes(w.reads, size):
                 _fill_zero(view, start, end)  # a hole: zeroes without crossing the socket
         try:
-            pread_into(h, view, w.reads)
+            pread_into(h, view, w.reads, self.settings.max_request)
         except Exception as exc:
             raise ExportError(
                 f"reading the snapshot at offset {offset} failed: {exc} "

@@ -12,12 +12,20 @@ without a read; chunks an incremental skips keep the parent's content.
 
 libnbd's blocking calls release the GIL, so each reader thread owns one
 connection (QEMU's export advertises multi-conn).
+
+On QEMU before 8.0 the export answers a request wrongly when it starts in a
+cluster the guest has overwritten since the point and reaches past it
+(docs/design.md §2.4): there ``max_request`` is the copy-before-write
+cluster, and every block-status request and every read stays inside one
+cluster aligned to it (many in flight at once, so the cost is in requests,
+not round trips).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +47,9 @@ MAX_READ = 32 << 20  # QEMU's NBD server refuses larger reads
 # let it send one while it reads the next (a --compress none full backup of
 # bench --speed's 2 GiB-data disk, interleaved A/B: median 2.52 -> 1.88 s).
 READ_SPLIT = 1 << 20
+# Block-status requests in flight at once on one connection when each may
+# cover only one cluster (QEMU < 8.0); QEMU serves a client's requests in parallel.
+STATUS_WINDOW = 64
 
 Run = tuple[int, int]
 """``[start, end)`` on the disk."""
@@ -186,11 +197,72 @@ def _collector(answers: dict[str, list[int]]) -> Any:
     return collect
 
 
-def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None) -> ChunkPlan:
+def _covered(offset: int, end: int, answers: dict[str, list[int]], contexts: Sequence[str]) -> int:
+    """How far every context answered from ``offset`` (each may answer for less than asked)."""
+    covered = end
+    for ctx in contexts:
+        entries = answers.get(ctx)
+        if not entries:
+            raise ExportError(f"the export sent no block status for {ctx} at offset {offset}")
+        covered = min(covered, offset + sum(entries[0::2]))
+    if covered <= offset:  # asking again from here would loop for ever
+        raise ExportError(f"the export's block status at offset {offset} covered nothing")
+    return covered
+
+
+def _status_error(offset: int, exc: nbd.Error) -> ExportError:
+    # A full reverse delta breaks the snapshot (on-cbw-error=break-snapshot):
+    # from then on QEMU answers every request on it with EINVAL.
+    hint = " (a full reverse delta breaks the snapshot)" if exc.errno == "EINVAL" else ""
+    return ExportError(f"block status at offset {offset} failed: {exc}{hint}")
+
+
+def _block_status(h: NbdHandle, size: int, contexts: Sequence[str],
+                  max_request: int | None) -> Iterator[tuple[int, int, dict[str, list[int]]]]:
+    """``(offset, covered, answers)`` in disk order until the whole disk is covered.
+
+    Unbounded: one request per 2 GiB span. Bounded (``max_request``): one request per
+    aligned block of that size, :data:`STATUS_WINDOW` of them in flight.
+    """
+    span = MAX_STATUS_SPAN if max_request is None else max_request
+    pending: deque[tuple[int, int, dict[str, list[int]], int]] = deque()
+    ask = 0  # where the next request starts
+    while pending or ask < size:
+        while ask < size and (len(pending) < STATUS_WINDOW if max_request else not pending):
+            end = min(size, (ask // span + 1) * span)
+            answers: dict[str, list[int]] = {}
+            try:
+                cookie = h.aio_block_status(end - ask, ask, _collector(answers))
+            except nbd.Error as exc:
+                raise _status_error(ask, exc) from None
+            pending.append((ask, end, answers, cookie))
+            ask = end
+        offset, end, answers, cookie = pending.popleft()
+        try:
+            while not h.aio_command_completed(cookie):  # raises the command's error, if any
+                h.poll(-1)
+        except nbd.Error as exc:
+            raise _status_error(offset, exc) from None
+        covered = _covered(offset, end, answers, contexts)
+        yield offset, covered, answers
+        while covered < end:  # a short answer: ask again from there, within the same block
+            answers = {}
+            try:
+                h.block_status(end - covered, covered, _collector(answers))
+            except nbd.Error as exc:
+                raise _status_error(covered, exc) from None
+            start, covered = covered, _covered(covered, end, answers, contexts)
+            yield start, covered, answers
+
+
+def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None,
+                max_request: int | None = None) -> ChunkPlan:
     """Ask the export for block status and decide, chunk by chunk, what to do.
 
     ``h`` must have been connected with ``base:allocation`` (and
-    ``dirty_context`` for an incremental) requested.
+    ``dirty_context`` for an incremental) requested. ``max_request``: no
+    request may reach past the next multiple of it (QEMU < 8.0, see the
+    module docstring); None: spans of :data:`MAX_STATUS_SPAN`.
     """
     size = int(h.get_size())
     n = (size + chunk_size - 1) // chunk_size
@@ -200,25 +272,8 @@ def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None)
     data_runs: list[list[int]] = []
     dirty_runs: list[list[int]] = []
 
-    offset = 0
-    while offset < size:
-        span = min(MAX_STATUS_SPAN, size - offset)
-        answers: dict[str, list[int]] = {}
-        try:
-            h.block_status(span, offset, _collector(answers))
-        except nbd.Error as exc:
-            # A full reverse delta breaks the snapshot (on-cbw-error=break-snapshot):
-            # from then on QEMU answers every request on it with EINVAL.
-            hint = " (a full reverse delta breaks the snapshot)" if exc.errno == "EINVAL" else ""
-            raise ExportError(f"block status at offset {offset} failed: {exc}{hint}") from None
-        # Each context may answer for less than asked: trust only the part
-        # that every context covered, and ask again from there.
-        covered = offset + span
-        for ctx in contexts:
-            entries = answers.get(ctx)
-            if not entries:
-                raise ExportError(f"the export sent no block status for {ctx} at offset {offset}")
-            covered = min(covered, offset + sum(entries[0::2]))
+    for offset, covered, answers in _block_status(h, size, contexts, max_request):
+        # Trust only the part that every context covered.
         for ctx in contexts:
             pos = offset
             entries = answers[ctx]
@@ -234,7 +289,6 @@ def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None)
                 pos += length
                 if pos >= covered:
                     break
-        offset = covered
 
     # 1 = read, 2 = zero, 0 = keep the parent's digest (incremental, clean).
     read = bytearray(n)
@@ -246,12 +300,30 @@ def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None)
                      tuple((a, b) for a, b in dirty_runs) if dirty is not None else None)
 
 
-def pread_chunk(h: NbdHandle, offset: int, length: int) -> bytes:
-    """Read ``length`` bytes at ``offset``; reads over 32 MiB are split."""
-    if length <= MAX_READ:
+def _pieces(offset: int, length: int, max_request: int | None) -> Iterator[tuple[int, int]]:
+    """``(disk offset, length)`` of the requests that read ``length`` bytes at ``offset``.
+
+    Unbounded: pieces of :data:`READ_SPLIT` from ``offset``. Bounded: split at
+    every multiple of ``max_request`` on the disk, so no piece crosses one.
+    """
+    end = offset + length
+    while offset < end:
+        if max_request is None:
+            step = min(READ_SPLIT, end - offset)
+        else:
+            step = min(max_request - offset % max_request, end - offset)
+        yield offset, step
+        offset += step
+
+
+def pread_chunk(h: NbdHandle, offset: int, length: int, max_request: int | None = None) -> bytes:
+    """Read ``length`` bytes at ``offset`` (split into requests of at most 32 MiB, or within
+    ``max_request``-aligned blocks when it is set)."""
+    if max_request is None and length <= MAX_READ:
         return bytes(h.pread(length, offset))
-    parts = [h.pread(min(MAX_READ, length - p), offset + p) for p in range(0, length, MAX_READ)]
-    return b"".join(parts)
+    buf = bytearray(length)
+    pread_into(h, buf, [(offset, length, 0)], max_request)
+    return bytes(buf)
 
 
 def _shared(view: memoryview) -> Any:
@@ -260,10 +332,12 @@ def _shared(view: memoryview) -> Any:
     return from_buffer(view) if from_buffer is not None else view
 
 
-def pread_into(h: NbdHandle, buf: bytearray | memoryview, reads: Sequence[tuple[int, int, int]]) -> None:
+def pread_into(h: NbdHandle, buf: bytearray | memoryview, reads: Sequence[tuple[int, int, int]],
+               max_request: int | None = None) -> None:
     """Fill ``buf`` from the export: each ``(disk offset, length, where in buf)`` read in place.
 
-    Every read (split at :data:`READ_SPLIT`) is in flight at once on ``h``, so the
+    Every read (split at :data:`READ_SPLIT`, or at each multiple of
+    ``max_request`` on the disk when it is set) is in flight at once on ``h``, so the
     scattered extents of a fragmented chunk cost one round trip, not one
     each; the bytes land in ``buf`` directly, with no allocation or copy
     per chunk. The caller zeroes what no read covers.
@@ -272,9 +346,9 @@ def pread_into(h: NbdHandle, buf: bytearray | memoryview, reads: Sequence[tuple[
     cookies = []
     try:
         for off, n, pos in reads:
-            for p in range(0, n, READ_SPLIT):
-                k = min(READ_SPLIT, n - p)
-                cookies.append(h.aio_pread(_shared(view[pos + p : pos + p + k]), off + p))
+            for piece, k in _pieces(off, n, max_request):
+                p = pos + piece - off
+                cookies.append(h.aio_pread(_shared(view[p : p + k]), piece))
         while h.aio_in_flight() > 0:
             h.poll(-1)
         for cookie in cookies:

@@ -36,6 +36,7 @@ from fleece.errors import BadInput
 from fleece.fleecing import DiskExport
 from fleece.fleecing.export import TRIM_ALIGNMENT
 from fleece.fleecing.names import CHECKPOINT_RE, checkpoint_bitmap
+from fleece.fleecing.request_bound import CBW_CLUSTER
 from fleece.fleecing.transport import check_client_uri
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import Disk
@@ -46,8 +47,14 @@ from fleece.repo.lock import vm_lock
 from fleece.repo.repository import Repository
 
 
-def read_export(source: str) -> tuple[str, list[DiskExport]]:
-    """The checkpoint and disks of ``fleece export start --json`` output in ``source`` (``-``: stdin)."""
+def read_export(source: str) -> tuple[str, list[DiskExport], int | None]:
+    """The checkpoint, disks and ``max_request`` of ``fleece export start --json`` output in
+    ``source`` (``-``: stdin).
+
+    JSON without ``max_request`` (an older fleece, or ``--libvirt``) does not say which
+    QEMU serves it: every request is then bounded to the copy-before-write cluster, which
+    is right on every version (docs/design.md §2.4).
+    """
     try:
         text = Path("/dev/stdin").read_text() if source == "-" else Path(source).read_text()
         raw: Any = json.loads(text)
@@ -74,13 +81,17 @@ def read_export(source: str) -> tuple[str, list[DiskExport]]:
         raise BadInput(f"--from-export {source} is not JSON from 'fleece export start --json'") from None
     if not disks:
         raise BadInput(f"--from-export {source} names no disk")
-    return checkpoint, disks
+    bound = raw.get("max_request", CBW_CLUSTER)
+    if bound is not None and (not isinstance(bound, int) or bound <= 0 or CBW_CLUSTER % bound):
+        raise BadInput(f"--from-export {source}: max_request {bound!r} is not a divisor of {CBW_CLUSTER}")
+    return checkpoint, disks, bound
 
 
 async def run_backup_from_export(
     req: BackupRequest,
     checkpoint: str,
     disks: list[DiskExport],
+    max_request: int | None,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> BackupResult:
     """Take the restore point ``checkpoint`` of the exported ``disks`` (:func:`read_export`).
@@ -108,7 +119,7 @@ async def run_backup_from_export(
             parent = points.get(disk.since) if disk.since else None
             trim = TRIM_ALIGNMENT if disk.discard and req.trim else None
             result, record, index = await asyncio.to_thread(
-                _back_up_disk, req, repo, checkpoint, disk, parent, latest, trim, progress)
+                _back_up_disk, req, repo, checkpoint, disk, parent, latest, trim, progress, max_request)
             results.append(result)
             records.append(record)
             indexes.append(index)

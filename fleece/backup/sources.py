@@ -184,5 +184,7 @@ class QmpSource:
                ) -> AbstractAsyncContextManager[PointInTime]:
         """``fleece.fleecing.point_in_time_export`` on this session (QEMU keeps its own bitmaps:
         ``known_point`` is not needed)."""
+        # fleece's reader bounds its requests where QEMU needs it (fleece.backup.reader).
         return point_in_time_export(self.session, drives, level=level, parent_ok=parent_ok,
-                                    discard=discard, scratch_dir=scratch_dir, qga=qga, log=log)
+                                    discard=discard, scratch_dir=scratch_dir, qga=qga, log=log,
+                                    bounded_requests=True)

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="guest agent socket: freeze the guest's filesystems around the snapshot "
                             "point (with --libvirt: no SOCKET, libvirt reaches the agent)")
     start.add_argument("--checkpoint", metavar="ID", help="the new point id (default: a fresh one)")
+    start.add_argument("--bounded-requests", action="store_true",
+                       help="the reader keeps every read and block-status request inside one aligned "
+                            "block of max_request (64 KiB on QEMU < 8.0, which refuses the export "
+                            "without this; docs/export.md)")
     add_listen_options(start, authz=True)
     add_json_option(start)
     start.set_defaults(func=cmd_start)
@@ -98,7 +102,8 @@ async def _start(args: argparse.Namespace, transport: ServerTransport) -> PointI
             raise owned.refusal(session.address)  # with the exact command that ends it
         return await start_export(session, args.drive, checkpoint=args.checkpoint, level=args.level,
                                   discard=args.discard, scratch_dir=args.scratch_dir, qga=args.qga,
-                                  log=say, transport=transport if transport.is_tcp else None)
+                                  log=say, transport=transport if transport.is_tcp else None,
+                                  bounded_requests=args.bounded_requests)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

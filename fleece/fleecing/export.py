@@ -32,6 +32,7 @@ from fleece.fleecing.checkpoints import ParentOk
 from fleece.fleecing.graph import export_states, read_graph
 from fleece.fleecing.leftovers import Leftovers
 from fleece.fleecing.names import checkpoint_bitmap, dirty_bitmap_context, export_id, frozen_bitmap
+from fleece.fleecing.request_bound import CBW_CLUSTER, max_request, parse_qemu_version
 from fleece.fleecing.setup import SetUp, set_up
 from fleece.fleecing.state import ExportState
 from fleece.fleecing.teardown import tear_down
@@ -110,6 +111,12 @@ class PointInTimeExport:
     transport: ServerTransport | None = None
     """Where the NBD server listens and the client credentials it wants."""
 
+    @property
+    def max_request(self) -> int | None:
+        """Every read and block-status request must stay inside one aligned block of this many
+        bytes (QEMU < 8.0, docs/design.md §2.4); None: any request is answered right."""
+        return max_request(self.qemu_version)
+
     def disk(self, drive: str) -> DiskExport:
         """The export of ``drive`` (the name it was asked under)."""
         for d in self.disks:
@@ -122,7 +129,8 @@ class PointInTimeExport:
         out: dict[str, Any] = {
             "checkpoint": self.checkpoint, "disks": [d.as_dict() for d in self.disks],
             "pause_ms": None if self.pause_ms is None else round(self.pause_ms, 3),
-            "socket": self.socket_path, "trim_alignment": self.trim_alignment}
+            "socket": self.socket_path, "trim_alignment": self.trim_alignment,
+            "max_request": self.max_request}
         if self.transport is not None and self.transport.is_tcp:
             # Paths and names only: which credentials a client needs, never a key.
             out["transport"] = self.transport.client_credentials()
@@ -158,6 +166,7 @@ async def start_export(
     qga: str | None = None,
     log: Callable[[str], None] | None = None,
     transport: ServerTransport | None = None,
+    bounded_requests: bool = False,
 ) -> PointInTimeExport:
     """Make the export live and leave it up; end it with :func:`stop_export`.
 
@@ -166,7 +175,7 @@ async def start_export(
     """
     done = await set_up(session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
                         discard=discard, scratch_dir=scratch_dir, qga=qga, log=log or _log.warning,
-                        transport=transport)
+                        transport=transport, bounded_requests=bounded_requests)
     return _describe(done)
 
 
@@ -183,6 +192,7 @@ async def point_in_time_export(
     qga: str | None = None,
     log: Callable[[str], None] | None = None,
     transport: ServerTransport | None = None,
+    bounded_requests: bool = False,
 ) -> AsyncIterator[PointInTimeExport]:
     """Export ``drives`` at one point in time over QEMU's NBD server while the block runs.
 
@@ -198,6 +208,11 @@ async def point_in_time_export(
     filesystems around the snapshot point. ``transport`` is where QEMU's NBD
     server listens (default a unix socket in the scratch directory; TCP with
     TLS: :func:`fleece.fleecing.transport.server_transport`).
+    ``bounded_requests=True`` says the reader keeps every read and
+    block-status request inside one aligned block of the export's
+    ``max_request``; on QEMU < 8.0 (where ``max_request`` is 64 KiB) the
+    export is refused without it, before any change (docs/export.md,
+    "Reading an export").
 
     Normal exit commits the checkpoints; an exception aborts them; either way
     QEMU is left as found plus one checkpoint bitmap per disk.
@@ -209,7 +224,7 @@ async def point_in_time_export(
     export = _describe(await set_up(
         session, list(drives), checkpoint=checkpoint, level=level, parent_ok=parent_ok,
         discard=discard, scratch_dir=scratch_dir, qga=qga, log=say, owner="session",
-        transport=transport))
+        transport=transport, bounded_requests=bounded_requests))
     state = ExportState.load(export.scratch_dir)
     try:
         yield export
@@ -256,9 +271,12 @@ async def cleanup(session: QmpSession, log: Callable[[str], None] | None = None)
 
 
 __all__ = [
+    "CBW_CLUSTER",
     "DiskExport",
     "PointInTimeExport",
     "cleanup",
+    "max_request",
+    "parse_qemu_version",
     "point_in_time_export",
     "start_export",
     "stop_export",

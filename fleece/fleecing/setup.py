@@ -42,6 +42,7 @@ from fleece.fleecing.names import (
     snapshot_node,
 )
 from fleece.fleecing.qga import GuestAgent
+from fleece.fleecing.request_bound import refuse_unbounded_reader
 from fleece.fleecing.state import DiskState, ExportState
 from fleece.fleecing.teardown import tear_down
 from fleece.fleecing.transport import ServerTransport, link_psk
@@ -93,16 +94,21 @@ async def set_up(
     log: Log,
     owner: str = "export",
     transport: ServerTransport | None = None,
+    bounded_requests: bool = False,
 ) -> SetUp:
     """Make the export live; on failure undo everything and raise.
 
     ``transport`` is where QEMU's NBD server listens (default: a unix socket
     in the scratch directory; see :mod:`fleece.fleecing.transport`).
+    ``bounded_requests``: the reader keeps every request inside one
+    ``max_request`` block; QEMU < 8.0 is refused without it
+    (:mod:`fleece.fleecing.request_bound`).
     """
     version = await session.qemu_version()
     if version < MIN_QEMU:
         raise ExportError(f"QEMU {'.'.join(map(str, version))} is too old: fleece needs 7.1 or later "
                           "(snapshot-access); nothing was changed")
+    refuse_unbounded_reader(version, bounded_requests)
     graph = await read_graph(session)
     _refuse_leftovers(graph)
     point = checkpoint or new_point_id()
@@ -306,9 +312,13 @@ def copy_before_write_options(d: DiskState, version: tuple[int, int, int]) -> di
     snapshot breaks and the write goes on. Older QEMU (7.2 included) keeps it
     unset: its timeout arithmetic wraps around above 4 s.
     """
+    # discard: unmap passes the guest's discards on to SRC (whose own discard
+    # option then decides, as without the filter), after the filter has
+    # copied the old data away; QEMU's default (ignore) would drop them
+    # silently while the export is up (docs/design.md §2.4).
     options: dict[str, object] = {"driver": "copy-before-write", "node-name": cbw_node(d.key),
                                   "file": d.src, "target": delta_node(d.key),
-                                  "on-cbw-error": "break-snapshot"}
+                                  "on-cbw-error": "break-snapshot", "discard": "unmap"}
     if version >= CBW_TIMEOUT_SINCE:
         options["cbw-timeout"] = CBW_TIMEOUT_SECONDS
     return options

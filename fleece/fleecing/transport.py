@@ -342,6 +342,10 @@ class NbdHandle(Protocol):
                      extent: Callable[[str, int, list[int], Any], int]) -> None:
         """Block status from ``offset``; ``extent(context, offset, [length, flags, …], error)``."""
 
+    def aio_block_status(self, count: int, offset: int,
+                         extent: Callable[[str, int, list[int], Any], int]) -> int:
+        """:meth:`block_status` without waiting; the command's cookie."""
+
     def pread(self, count: int, offset: int) -> bytes:
         """Read ``count`` bytes at ``offset``."""
 
