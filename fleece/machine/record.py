@@ -27,7 +27,7 @@ FILE_ROLES = ("definition", "nvram", "tpm")
 ``nvram``: the UEFI variable store file; ``tpm``: swtpm's state directory as a tar."""
 
 
-INLINE_MAX = 8192
+INLINE_MAX = 16384
 """Files up to this size live in the point itself (base64), sealed with it: no object of their own."""
 
 
