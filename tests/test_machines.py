@@ -428,3 +428,24 @@ def test_a_qmp_direct_vm_with_a_pflash_variable_store_restores_to_a_runnable_com
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_restore_machine_bad_input_changes_nothing(fleece: Any, tmp_path: Path) -> None:
+    repo = tmp_path / "sample"
+    shutil.copytree(SAMPLE, repo)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine").write_text("x")
+    cases = [
+        (["--machine", "--to", busy], "not an empty directory"),
+        (["--machine"], "--to"),
+        (["--machine", "--to", tmp_path / "a", "--start"], "--libvirt"),
+        (["--machine", "--to", tmp_path / "a", "--libvirt", "x", "--start"], "--define"),
+        (["--machine", "--to", tmp_path / "a", "--drive", "vda"], "--drive"),
+        (["--to", tmp_path / "a", "--output", tmp_path / "o.raw"], "--machine"),
+    ]
+    for extra, says in cases:
+        res = fleece("restore", "--repo", repo, "latest", *map(str, extra))
+        assert says in one_line(res, 2), (extra, res.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "sample"]
+    assert [p.name for p in busy.iterdir()] == ["mine"]

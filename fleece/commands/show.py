@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  nic {nic.get('model')} {nic.get('mac')} ({nic.get('type')})")
     for role, f in record.files.items():
         print(f"  {role}: {f.size} bytes")
+    if m.get("not_recorded"):
+        print(f"  not recorded: {m['not_recorded']}")
     if m.get("tpm"):
         print(f"  tpm: {m['tpm'].get('model')} {m['tpm'].get('backend')} {m['tpm'].get('version') or ''}")
     return 0

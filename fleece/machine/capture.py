@@ -15,6 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fleece.errors import FleeceError
 from fleece.libvirt.domain import bindings
@@ -125,6 +126,13 @@ def capture_libvirt(dom: Any) -> tuple[dict[str, Any], dict[str, bytes], dict[st
     summary["secure_info"] = secure
     files = {"definition": text.encode()}
     moments = {"definition": "the inactive definition when the backup ran"}
+    host = urlsplit(str(dom.connect().getURI())).hostname
+    if host not in (None, "", "localhost") and (summary["nvram"] or summary["tpm"]):
+        # The files are on libvirt's host, not here: the record says what it lacks.
+        summary["not_recorded"] = (f"the UEFI variable store and TPM state are on {host}, "
+                                   "which libvirt does not read out for us")
+        summary["capture_ms"] = round((time.monotonic() - started) * 1000, 1)
+        return summary, files, moments
     if summary["nvram"]:
         path = Path(summary["nvram"])
         try:
