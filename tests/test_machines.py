@@ -436,7 +436,7 @@ def test_restore_machine_bad_input_changes_nothing(fleece: Any, tmp_path: Path) 
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "mine").write_text("x")
-    cases = [
+    cases: list[tuple[list[Any], str]] = [
         (["--machine", "--to", busy], "not an empty directory"),
         (["--machine"], "--to"),
         (["--machine", "--to", tmp_path / "a", "--start"], "--libvirt"),
