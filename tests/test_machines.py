@@ -357,6 +357,18 @@ def test_a_definition_this_host_cannot_run_is_refused_naming_the_element(
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["vda.qcow2", "sda.qcow2", "nvram.fd", "tpm", "recorded-domain.xml", f"{new}.xml"])
 
+    # A disk the point does not hold is left out of the restored definition (it would
+    # otherwise run a second domain on the original's image), and said.
+    shutil.copy(OVMF_CODE, loader)
+    res = fleece("backup", "--repo", repo, *dom.target, "--drive", "vda", env=swtpm_env)
+    assert res.rc == 0, res.err
+    out2 = tmp_path / "restored2"
+    res = fleece("restore", "--repo", repo, "latest", "--machine", "--to", out2, "--json")
+    assert res.rc == 0 and "disk sda is not in point" in res.err, res.err
+    assert res.json()["omitted"] == ["sda"]
+    xml = ET.fromstring((out2 / f"{dom.name}.xml").read_text())
+    assert [attr(d, "target", "dev") for d in xml.findall("./devices/disk")] == ["vda"]
+
 
 def test_points_without_a_machine_restore_as_before(fleece: Any, tmp_path: Path) -> None:
     repo = tmp_path / "sample"

@@ -160,6 +160,9 @@ def run_machine(args: argparse.Namespace) -> int:
     finally:
         if conn is not None:
             conn.close()
+    for name in done.omitted:
+        sys.stderr.write(f"fleece: warning: disk {name} is not in point {point.id}; the restored "
+                         "definition leaves it out (it would share the original's image)\n")
     if args.json:
         json.dump({"point": point.id, "vm": point.vm, **done.as_dict()}, sys.stdout)
         sys.stdout.write("\n")

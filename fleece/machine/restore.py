@@ -46,10 +46,13 @@ class RestoredMachine:
     started: bool = False
     definition: str | None = None
     """The rewritten definition file (domain XML)."""
+    omitted: list[str] = field(default_factory=list)
+    """Disks of the definition the point does not hold, left out of the restored domain."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"dir": str(self.dir), "files": self.files, "disks": self.disks, "domain": self.domain,
-                "uuid": self.uuid, "started": self.started, "definition": self.definition}
+                "uuid": self.uuid, "started": self.started, "definition": self.definition,
+                "omitted": self.omitted}
 
 
 def prepare_dir(path: Path) -> None:
@@ -65,6 +68,7 @@ def restore_files(repo: Repository, point: RestorePoint, record: MachineRecord, 
     Disks are qcow2, but for a QMP-direct VM a disk that was raw there (a pflash
     variable store) is raw again, so the recorded command line fits it.
     """
+    made = not to.exists()
     to.mkdir(parents=True, exist_ok=True)
     done = RestoredMachine(to.resolve())
     drives = record.summary.get("drives") or {}
@@ -91,9 +95,12 @@ def restore_files(repo: Repository, point: RestorePoint, record: MachineRecord, 
             _untar(load_file(repo, record.files["tpm"], "TPM state"), done.dir / TPM_DIR)
             done.files.append(str(done.dir / TPM_DIR))
     except BaseException:
-        if done.files:
-            raise
-        shutil.rmtree(done.dir, ignore_errors=True)
+        # An incomplete machine is no use: DIR is left as it was (absent, or empty).
+        if made:
+            shutil.rmtree(done.dir, ignore_errors=True)
+        else:
+            for child in done.dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return done
 
@@ -129,10 +136,15 @@ def rewrite_xml(text: str, done: RestoredMachine, name: str, keep_identity: bool
         for mac in root.findall("./devices/interface/mac"):
             mac.set("address", _new_mac())
     done.uuid = uuid_el.text if uuid_el is not None else None
+    devices = root.find("devices")
     for el in root.findall("./devices/disk"):
         target = el.find("target")
         dev = target.get("dev") if target is not None else None
         if dev not in done.disks:
+            if el.get("device", "disk") == "disk" and devices is not None:
+                # Never the original's image under a second domain: left out, and said.
+                devices.remove(el)
+                done.omitted.append(str(dev))
             continue
         el.set("type", "file")
         source = el.find("source")
