@@ -93,9 +93,12 @@ JSON_OUTPUT = {
           " temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
           " packs_deleted, pack_bytes_unreferenced, objects_locked}",
     "show": "{id, vm, created, parent, disks: [{name, level, size}], machine: null | {kind, name, uuid,\n"
-            "  machine_type, arch, cpus, memory_bytes, firmware, loader, nvram, nvram_template, tpm,\n"
-            "  disks: [{target, device, bus, serial}], nics: [{type, mac, model, source}], secure_info,\n"
-            "  capture_ms, disk_sizes, moments, files}}",
+            "  machine_type, arch, cpus, memory_bytes, firmware, loader, nvram, nvram_template,\n"
+            "  tpm: null | {model, backend, version, state_dir}, disks: [{target, device, bus, serial}],\n"
+            "  nics: [{type, mac, model, source}], secure_info, capture_ms, disk_sizes, moments,\n"
+            "  files: {ROLE: {size, sha256, chunks}}}}",
+    "restore": "--machine: {point, vm, dir, files, disks: {NAME: image}, domain, uuid, started,\n"
+               "  definition, omitted}; --live: JSON progress events, one object per line",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",
