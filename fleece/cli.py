@@ -161,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fleece`` console script."""
     if argv is None:
         argv = sys.argv[1:]
+    # No child of this process may inherit a passphrase through its environment.
+    from fleece.commands.common import take_passphrases_from_environment
+
+    take_passphrases_from_environment()
     parser = build_parser(command_module(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

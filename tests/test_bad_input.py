@@ -60,7 +60,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         points = []
         for pattern in (0x41, 0x42):
             vm.write("vda", 0, MiB, pattern)
-            res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo, "--json")
+            res = fleece("backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo,
+                         "--json")
             assert res.returncode == 0, res.stderr
             points.append(res.stdout.split('"point": "')[1].split('"')[0])
         files = base / "files"
@@ -103,6 +104,14 @@ CASES: list[tuple[str, Argv, int, str]] = [
     ("backup-s3-url-without-bucket", lambda w: [*backup(w)[:-1], "s3://"], 2, "does not name an S3 bucket"),
     ("backup-repo-is-not-a-repository", lambda w: [*backup(w)[:-1], w.dir], 2,
      "is not a fleece repository"),
+    ("backup-into-an-empty-location-without-init", lambda w: [*backup(w)[:-1], w.dir / "typo"], 2,
+     "is not a fleece repository (no config): create one with 'fleece init --repo"),
+    ("backup-s3-url-with-one-slash", lambda w: [*backup(w)[:-1], "s3:/vault/fleece"], 2,
+     "looks like a mistyped URL (s3: without '//')"),
+    ("backup-s3-url-without-slashes", lambda w: [*backup(w)[:-1], "s3:vault"], 2,
+     "looks like a mistyped URL"),
+    ("backup-unknown-scheme-without-slashes", lambda w: [*backup(w)[:-1], "gcs:vault/fleece"], 2,
+     "looks like a mistyped URL (gcs: without '//')"),
     # backup: options
     ("backup-unknown-drive", lambda w: ["backup", "--qmp", w.qmp, "--drive", "vdz", "--repo", w.repo], 2,
      "no disk named 'vdz'"),
@@ -114,7 +123,7 @@ CASES: list[tuple[str, Argv, int, str]] = [
     ("backup-scratch-dir-missing", lambda w: backup(w, "--scratch-dir", w.dir / "no" / "dir"), 2,
      "cannot make a scratch directory in"),
     ("backup-into-a-new-location-scratch-dir-missing",
-     lambda w: ["backup", "--qmp", w.qmp, "--drive", "vda", "--repo", w.dir / "new-repo",
+     lambda w: ["backup", "--init", "--qmp", w.qmp, "--drive", "vda", "--repo", w.dir / "new-repo",
                 "--scratch-dir", w.dir / "no" / "dir"], 2,
      "cannot make a scratch directory in"),
     # config files
@@ -160,6 +169,11 @@ CASES: list[tuple[str, Argv, int, str]] = [
      "is not a fleece repository"),
     ("copy-unknown-point", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "19990101"], 2,
      "no restore point '19990101'"),
+    ("copy-to-an-empty-location-without-init",
+     lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite"], 2,
+     "is not a fleece repository (no config): create one with 'fleece init --repo"),
+    ("copy-to-a-mistyped-s3-url", lambda w: ["copy", "--from", w.repo, "--to", "s3:/offsite/vms"], 2,
+     "looks like a mistyped URL"),
     ("copy-no-workers", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "--workers", "0"],
      2, "--workers must be between 1 and 64"),
     # init --object-lock-days (S3 refusals: tests/test_s3_object_lock.py)

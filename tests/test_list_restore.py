@@ -105,7 +105,9 @@ def test_list_shows_the_good_points_when_one_is_damaged(repo_dir: Path, run: Run
 def test_list_of_something_that_is_not_a_repository(tmp_path: Path, run: Run) -> None:
     rc, out, err = run("list", "--repo", tmp_path)
     assert rc == 2 and out == ""
-    assert err == f"fleece: error: {tmp_path} is not a fleece repository (no config)\n"
+    assert err == (f"fleece: error: {tmp_path} is not a fleece repository (no config): create one "
+                   f"with 'fleece init --repo {tmp_path} --encryption aes-256-gcm|none'; nothing was "
+                   "written\n")
 
 
 # -- restore --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from fleece.repo.format.codec import chunk_digest, encode_chunk
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.keys import escape_name, unescape_name
 from fleece.repo.format.point import DiskRecord, RestorePoint
-from fleece.repo.repository import Repository
+from fleece.repo.repository import InitSettings, Repository
 
 CHUNK = 64 * 1024
 
@@ -94,14 +94,14 @@ def test_not_a_repository(tmp_path: Path) -> None:
 
 
 def test_open_or_init_creates_only_in_an_empty_location(tmp_path: Path) -> None:
-    fresh = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=CHUNK)
+    fresh = Repository.open_or_init(FileBackend(tmp_path / "new"), InitSettings(chunk_size=CHUNK))
     assert fresh.config.chunk_size == CHUNK
-    again = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=1 << 20)
+    again = Repository.open_or_init(FileBackend(tmp_path / "new"), InitSettings(chunk_size=1 << 20))
     assert again.config == fresh.config  # opened, not re-created with other settings
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BadInput, match="not a fleece repository"):
-        Repository.open_or_init(FileBackend(tmp_path / "other"))
+        Repository.open_or_init(FileBackend(tmp_path / "other"), InitSettings())
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
 
 

@@ -287,10 +287,15 @@ def test_sequential_reads_trigger_read_ahead(cached_disk: tuple[CachedDisk, byte
     disk, _, backend = cached_disk
 
     def settle(fetches: int) -> set[int]:
-        deadline = time.monotonic() + 5
-        while disk.fetches < fetches and time.monotonic() < deadline:
+        # chunk() queues every read-ahead it starts (in _loading) before it returns: once none is
+        # loading, nothing more can come. No fixed wait that a slow host could outlast.
+        deadline = time.monotonic() + 60
+        while True:
+            with disk._lock:
+                if not disk._loading:
+                    break
+            assert time.monotonic() < deadline, "read-ahead never finished"
             time.sleep(0.01)
-        time.sleep(0.15)  # nothing more should come
         assert disk.fetches == backend.chunk_gets == fetches
         return set(disk._lru)
 

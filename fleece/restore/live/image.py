@@ -18,6 +18,7 @@ from pathlib import Path
 from fleece.errors import FleeceError
 from fleece.restore.image import DiskImage
 from fleece.restore.live.state import LiveDisk
+from fleece.restore.output import OUTPUT_MODE
 from fleece.serve.server import nbd_uri
 
 
@@ -29,6 +30,7 @@ def create_image(d: LiveDisk, image: DiskImage) -> None:
     zeroes = "".join(f"write -z {start} {length}\n" for start, length in _zero_runs(image))
     try:
         _run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(d.size)], output)
+        os.chmod(tmp, OUTPUT_MODE)  # the guest's disk: only its owner reads it
         if zeroes:
             # Offline, before QEMU opens it: later these would be guest-visible writes.
             _run_tool(["qemu-io", "-f", "qcow2", str(tmp)], output, stdin=zeroes + "quit\n")
