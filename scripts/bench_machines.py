@@ -43,7 +43,7 @@ def main() -> None:
         repo = base / "repo"
 
         def backup() -> dict[str, float]:
-            p = subprocess.run([FLEECE, "backup", "--repo", str(repo), *dom.target, "--json"],
+            p = subprocess.run([FLEECE, "backup", "--init", "--repo", str(repo), *dom.target, "--json"],
                                capture_output=True, text=True, env=env)
             if p.returncode:
                 raise SystemExit(p.stderr)

@@ -207,7 +207,7 @@ def test_uefi_tpm_domain_restores_defined_and_started_with_its_nvram_and_tpm_sta
     tpm_then = {f.name: f.read_bytes() for f in dom.tpm_state.iterdir() if not f.name.startswith(".")}
     assert tpm_then
 
-    res = fleece("backup", "--repo", repo, *dom.target, "--json", env=swtpm_env)
+    res = fleece("backup", "--init", "--repo", repo, *dom.target, "--json", env=swtpm_env)
     assert res.rc == 0, res.err
     p1 = res.json()["point"]
 
@@ -230,7 +230,7 @@ def test_uefi_tpm_domain_restores_defined_and_started_with_its_nvram_and_tpm_sta
     dom.write("vda", 0, 2 * MiB, 0x43)
 
     # An incremental records the machine again at almost no cost.
-    res = fleece("backup", "--repo", repo, *dom.target, "--json", env=swtpm_env)
+    res = fleece("backup", "--init", "--repo", repo, *dom.target, "--json", env=swtpm_env)
     assert res.rc == 0, res.err
     p2 = res.json()["point"]
     stats = fleece("list", "--repo", repo, "--json").json()["points"][-1]["stats"]
@@ -310,6 +310,7 @@ def test_uefi_tpm_domain_restores_defined_and_started_with_its_nvram_and_tpm_sta
     enc = tmp_path / "enc"
     pw = tmp_path / "pw"
     pw.write_text("machine-secret\n")
+    pw.chmod(0o600)
     assert fleece("init", "--repo", enc, "--encryption", "aes-256-gcm", "--passphrase-file", pw).rc == 0
     res = fleece("copy", "--from", repo, "--to", enc, "--to-passphrase-file", pw)
     assert res.rc == 0, res.err
@@ -344,7 +345,7 @@ def test_a_definition_this_host_cannot_run_is_refused_naming_the_element(
     shutil.copy(OVMF_CODE, loader)
     dom = domains("gone", loader=loader)
     repo = tmp_path / "repo"
-    res = fleece("backup", "--repo", repo, *dom.target, "--json", env=swtpm_env)
+    res = fleece("backup", "--init", "--repo", repo, *dom.target, "--json", env=swtpm_env)
     assert res.rc == 0, res.err
     loader.unlink()  # the "new host" lacks the firmware the domain was defined with
     out = tmp_path / "restored"
@@ -360,7 +361,7 @@ def test_a_definition_this_host_cannot_run_is_refused_naming_the_element(
     # A disk the point does not hold is left out of the restored definition (it would
     # otherwise run a second domain on the original's image), and said.
     shutil.copy(OVMF_CODE, loader)
-    res = fleece("backup", "--repo", repo, *dom.target, "--drive", "vda", env=swtpm_env)
+    res = fleece("backup", "--init", "--repo", repo, *dom.target, "--drive", "vda", env=swtpm_env)
     assert res.rc == 0, res.err
     out2 = tmp_path / "restored2"
     res = fleece("restore", "--repo", repo, "latest", "--machine", "--to", out2, "--json")
@@ -398,9 +399,9 @@ def test_a_qmp_direct_vm_with_a_pflash_variable_store_restores_to_a_runnable_com
     vm.write("vda", 0, MiB, 0x51)
 
     # Without the variable store among the drives the backup says how to add it.
-    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo_url)
+    res = fleece("backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo_url)
     assert res.rc == 0 and "add --drive pflash1" in res.err, res.err
-    res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--drive", "pflash1",
+    res = fleece("backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--drive", "pflash1",
                  "--repo", repo_url, "--json")
     assert res.rc == 0, res.err
     point = res.json()["point"]
