@@ -80,17 +80,27 @@ JSON_OUTPUT = {
                " stale_scratch: {removed, kept: [{path, why}]}}",
     "backup": "{point, vm, parent, disks: [{drive, level, size, bytes_read, bytes_stored, bytes_dirty,\n"
               "  objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused, chunks_zero,\n"
-              "  chunks_unchanged, bytes_trimmed, seconds, reason}], pause_ms, seconds,\n"
+              "  chunks_unchanged, bytes_trimmed, seconds, reason, audit: {candidates, sampled,\n"
+              "  mismatched, bytes_read, first_mismatch_offset}}], pause_ms, seconds,\n"
               " object_lock: {mode, repository, horizon, locks_extended}}",
-    "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels}],\n"
-            " damaged: [ids]}",
+    "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels,\n"
+            "  verification: null | {kind, ok, summary, at, time_to_ready}}], damaged: [ids]}",
     "verify": "{points: [{id, vm, ok, lock_until, damage: [{disk, ranges, objects, problem, detail}]}],\n"
-              " ok, deep, chunks_checked, bytes_checked, seconds, object_lock: {days, mode, horizon}}",
+              " ok, deep, chunks_checked, bytes_checked, seconds, object_lock: {days, mode, horizon}}\n"
+              "--fsck: {mode, vm, point, ok, summary, seconds, time_to_ready, record, accel,\n"
+              "  appliance_seconds, partition_tables: [{device, disk, type, ok, findings}],\n"
+              "  filesystems: [{device, disk, type, label, uuid, size, used, clean, checker, findings}]}\n"
+              "--boot: {mode, vm, point, ok, summary, seconds, time_to_ready, record (or null), accel,\n"
+              "  shape: {memory, cpus, machine, firmware, bus, extra}, agent: {ping, osinfo},\n"
+              "  serial_match, commands: [{command, exitcode, signal, stdout, stderr, error}],\n"
+              "  read_errors, bytes_read, console, firmware_log, screendump}\n"
+              "--unverified: {mode, ok, points: [one of the above per point]}",
     "prune": "{dry_run, policy: {last, hourly, daily, weekly, monthly, yearly, within},\n"
              " kept: [{vm, id, reasons}], removed: [{vm, id, reason}], skipped: [{vm, reason}],\n"
              " locked: [{vm, id, until}]}",
     "gc": "{dry_run, points, chunks_kept, chunks_deleted, indexes_deleted, indexes_spared,\n"
-          " temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
+          " records_deleted, temporaries_deleted, objects_deleted, bytes_freed, running_backups,\n"
+          " seconds, packs_kept,\n"
           " packs_deleted, pack_bytes_unreferenced, objects_locked}",
     "show": "{id, vm, created, parent, disks: [{name, level, size}], machine: null | {kind, name, uuid,\n"
             "  machine_type, arch, cpus, memory_bytes, firmware, loader, nvram, nvram_template,\n"

@@ -275,7 +275,7 @@ def test_renaming_fetches_only_the_chunks_no_point_held_by_both_names_yet(
             return self.inner.get(key)
 
     size = 64 * 1024
-    source = Repository.init(FileBackend(tmp_path / "plain"), size)
+    source = Repository.init(FileBackend(tmp_path / "plain"), size, hash="sha256")
     data = random_image(tmp_path / "d.raw", 10 * size, 3).read_bytes()
     p1 = store_point(source, "20260101T000000.000000Z-aaaaaa", {"vda": data})
     changed = data[:size] + bytes([7]) * size + data[2 * size:]

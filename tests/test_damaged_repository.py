@@ -60,7 +60,7 @@ CASES = {
 def test_damage_is_named_by_verify_and_restore_and_nothing_partial_is_left(
         tmp_path: Path, store_point: Any, fleece: Any, kind: str) -> None:
     repo_dir = tmp_path / "repo"
-    repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK, hash="sha256")
     data = os.urandom(4 * CHUNK)
     store_point(repo, P1, {"vda": data})
     store_point(repo, P2, {"vda": data[::-1]})

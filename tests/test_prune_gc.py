@@ -75,7 +75,7 @@ def objects(repo: Repository, prefix: str) -> set[str]:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
-    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CS)
+    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CS, hash="sha256")
 
 
 @pytest.fixture
@@ -511,7 +511,7 @@ def test_on_s3_gc_lists_with_sizes_and_deletes_in_batches(s3_bucket: str, monkey
     from fleece.testing.s3_faults import inject_http_faults
 
     backend = S3Backend(s3_bucket, "repo")
-    repo = Repository.init(backend, chunk_size=CS)
+    repo = Repository.init(backend, chunk_size=CS, hash="sha256")
     points = [make_point(repo, "web1", 10 + n, {"vda": [block(n), block(0xF0)]}) for n in range(7)]
     prune(repo, Policy(last=1))
     sizes = {i.key: i.size for i in backend.list_info(keys.CHUNKS_PREFIX)}

@@ -180,7 +180,7 @@ def test_bad_input_is_refused_before_nbdkit_starts(tmp_path: Path, short_tmp: Pa
     from fleece.repo.backends.file import FileBackend
 
     repo_dir = tmp_path / "repo"
-    repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, {"vda": b"\x01" * CHUNK, "vdb": bytes(CHUNK)})
     sock = short_tmp / "x.sock"
     cases = [
@@ -209,7 +209,7 @@ def test_serve_from_s3(s3_env: Any, s3_bucket: str, store_point: Any, short_tmp:
     from fleece.repo.backends.url import open_backend
 
     url = f"s3://{s3_bucket}/r"
-    repo = Repository.init(open_backend(url), chunk_size=CHUNK)
+    repo = Repository.init(open_backend(url), chunk_size=CHUNK, hash="sha256")
     data = bytearray(3 * MiB + 100)
     data[CHUNK : 3 * CHUNK] = os.urandom(2 * CHUNK)
     data[-100:] = b"t" * 100
@@ -241,7 +241,7 @@ class SlowBackend(MemoryBackend):
 @pytest.fixture
 def cached_disk(store_point: Any) -> Iterator[tuple[CachedDisk, bytes, SlowBackend]]:
     backend = SlowBackend()
-    repo = Repository.init(backend, chunk_size=CHUNK)
+    repo = Repository.init(backend, chunk_size=CHUNK, hash="sha256")
     data = bytearray(os.urandom(20 * CHUNK + 1000))
     data[5 * CHUNK : 8 * CHUNK] = bytes(3 * CHUNK)  # three zero chunks
     store_point(repo, P1, {"vda": bytes(data)})

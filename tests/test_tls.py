@@ -285,7 +285,7 @@ def served_point(tmp_path: Any, store_point: Any) -> tuple[Path, bytes]:
 
     data = bytes(range(256)) * (4 * MiB // 256) + bytes(4 * MiB) + b"\x5a" * (4 * MiB)
     repo_dir = tmp_path / "repo"
-    repo = Repository.init(FileBackend(repo_dir), chunk_size=1 * MiB)
+    repo = Repository.init(FileBackend(repo_dir), chunk_size=1 * MiB, hash="sha256")
     store_point(repo, "20261123T073600.123456Z-3f9a1c", {"vda": data})
     return repo_dir, data
 

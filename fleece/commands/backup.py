@@ -32,16 +32,13 @@ from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
 from fleece.libvirt.source import LibvirtSource
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, parse_compression
+from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.format.crypto import CIPHERS
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS, DEFAULT_HASH
 from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
 from fleece.repo.repository import InitSettings, Repository, check_chunk_size, holds_objects
 
 STOPPED_NOTE = "its restore point exists only if it was written before the signal (see fleece list)"
-DEFAULT_CHUNK_SIZE = 4 << 20
-DEFAULT_COMPRESS = f"zstd:{DEFAULT_ZSTD_LEVEL}"
-DEFAULT_HASH = "blake3"
-"""New repositories name chunks by BLAKE3: 3.5x cheaper than sha256 on the backup's hot path."""
 
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
@@ -85,7 +82,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         f"{DEFAULT_CIPHER} when a passphrase is given; an [init] table in --config "
                         "says the same and how); without it a missing repository is an error")
     p.add_argument("--chunk-size", metavar="SIZE", default=None,
-                   help="chunk size when this backup creates the repository (--init; default 4M)")
+                   help="chunk size when this backup creates the repository "
+                        f"(--init; default {DEFAULT_CHUNK_SIZE >> 20}M)")
     p.add_argument("--hash", choices=HASHES, default=None,
                    help=f"chunk hash when this backup creates the repository (--init; default "
                         f"{DEFAULT_HASH}; ~3.5x faster to compute than sha256)")
@@ -103,6 +101,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="label recorded in the restore point (repeatable)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
+    p.add_argument("--audit-bitmap", type=float, default=None, metavar="PERCENT",
+                   help="before an incremental, read PERCENT of the chunks the dirty bitmap calls clean "
+                        "and compare them with the parent point (nothing is fetched from the "
+                        "repository); any difference makes the disk's backup full, with the reason")
     p.add_argument("--from-export", metavar="FILE",
                    help="back up an export made on another host: FILE ('-': stdin) is the output of "
                         "'fleece export start --json' there (needs --vm; no --qmp, --drive)")
@@ -132,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
 def backup_metrics(result: BackupResult) -> dict[str, float]:
     """The ``--metrics-file`` gauges of a backup."""
     disks = result.disks
+    audits = [d.audit for d in disks if d.audit is not None]
+    extra = {"fleece_backup_audit_mismatches": float(sum(a["mismatched"] for a in audits))} if audits else {}
     return {
+        **extra,
         "fleece_backup_bytes_dirty": sum(d.stats.bytes_dirty for d in disks),
         "fleece_backup_bytes_read": sum(d.stats.bytes_read for d in disks),
         "fleece_backup_bytes_stored": sum(d.stats.bytes_stored for d in disks),
@@ -142,6 +147,8 @@ def backup_metrics(result: BackupResult) -> dict[str, float]:
 
 
 def _backup(args: argparse.Namespace, record: Run) -> int:
+    if args.audit_bitmap is not None and not 0 < args.audit_bitmap <= 100:
+        raise BadInput("--audit-bitmap PERCENT must be more than 0 and at most 100")
     tls = client_tls(args.tls_creds, args.tls_psk)
     if args.qmp and args.libvirt:
         raise BadInput("backup takes --qmp SOCKET or --libvirt DOMAIN, not both")
@@ -227,6 +234,7 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
         verify=bool(args.verify),
+        audit_bitmap=args.audit_bitmap,
         on_vm=lambda name: setattr(record, "vm", name),
         source=LibvirtSource(args.libvirt, args.connect) if args.libvirt else None,
     )

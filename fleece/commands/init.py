@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.backup import DEFAULT_CHUNK_SIZE, parse_size
+from fleece.commands.backup import parse_size
 from fleece.commands.common import (
     add_json_option,
     add_repo_option,
@@ -14,8 +14,9 @@ from fleece.commands.common import (
 )
 from fleece.errors import BadInput
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, parse_compression
+from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.format.crypto import CIPHERS
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_HASH, DEFAULT_ZSTD_LEVEL
 from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
 from fleece.repo.repository import Repository, check_chunk_size, plaintext_refused
 
@@ -37,10 +38,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--encryption", required=True, choices=[*CIPHERS, "none"],
                    help="seal every object with this AEAD (the passphrase comes from "
                         "FLEECE_PASSPHRASE, --passphrase-file or FLEECE_PASSPHRASE_COMMAND), or none")
-    p.add_argument("--hash", choices=["sha256", "blake3"], default="blake3",
-                   help="the hash that names chunks (keyed when encrypted; default blake3, "
+    p.add_argument("--hash", choices=HASHES, default=DEFAULT_HASH,
+                   help=f"the hash that names chunks (keyed when encrypted; default {DEFAULT_HASH}, "
                         "as for a repository a backup creates)")
-    p.add_argument("--chunk-size", metavar="SIZE", help="chunk size, a power of two (default 4M)")
+    p.add_argument("--chunk-size", metavar="SIZE",
+                   help=f"chunk size, a power of two (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none",
                    help=f"zstd[:LEVEL] (default zstd:{DEFAULT_ZSTD_LEVEL}) or none")
     p.add_argument("--object-lock-days", type=lock_days, metavar="N",

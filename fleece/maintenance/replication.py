@@ -10,8 +10,10 @@ interrupted leaves at most chunks and indexes, which the next copy reuses
 again is idempotent.
 
 The destination is written under the same protocol as a backup: the VM's
-lease is held while its points are copied, and a running gc is waited out
-(refused, as a backup is). A destination that does not exist yet is created
+lease is held while its points are copied, a running gc is waited out
+(refused, as a backup is), and each point is committed by
+:func:`fleece.repo.commit.commit_point` (the lease checked before and
+after). A destination that does not exist yet is created
 only when the user says so (``copy --init``), with the source's chunk size,
 hash, compression and Object Lock settings — and, from an encrypted source,
 with its master key and key objects (the same passphrases open both), so
@@ -32,10 +34,9 @@ from dataclasses import replace
 from fleece.errors import BadInput, NotARepository, RepositoryError, RepositoryExists
 from fleece.maintenance.transfer import CopyReport, Renamed, SameNames, Sealed, Transfer, names_agree
 from fleece.repo.backends.base import Backend
+from fleece.repo.commit import commit_point, writer_lease
 from fleece.repo.format.point import RestorePoint
-from fleece.repo.gc_lock import check_no_gc
 from fleece.repo.local_state import LocalState
-from fleece.repo.lock import vm_lock
 from fleece.repo.object_lock import ObjectLock
 from fleece.repo.repository import (
     InitSettings,
@@ -46,7 +47,6 @@ from fleece.repo.repository import (
     plaintext_refused,
     read_config,
 )
-from fleece.testing import pause_point
 
 __all__ = ["DEFAULT_WORKERS", "CopyReport", "copy_points", "open_destination", "settings_like"]
 
@@ -158,16 +158,13 @@ def copy_points(source: Repository, dest: Repository, points: list[RestorePoint]
             report.skipped += [p.id for p in vm_points if (vm, p.id) in have]
             if not todo:
                 continue
-            with vm_lock(dest.backend, vm) as lease:
-                check_no_gc(dest.backend)  # the backup protocol: our lease first, then the look
+            with writer_lease(dest, vm) as lease:
                 transfer.seed(vm, sorted(i for v, i in source.point_refs(vm) if (v, i) in have))
                 for point in todo:
                     committed = transfer.objects(point)
                     if dest.lock is not None:
                         committed = _lock_copied(transfer, dest, committed)
-                    pause_point("before-point")  # test hook (fleece.testing); inert in production
-                    lease.check()
-                    transfer.commit(committed)
+                    commit_point(dest, lease, committed, transfer.commit)
                     report.copied.append(point.id)
                     report.objects_written += 1
                     if say is not None:

@@ -29,7 +29,6 @@ from fleece.repo.backends.base import Backend, ObjectMissing, Retention
 from fleece.repo.backends.store_check import STORE_PREFIX
 from fleece.repo.format import keys
 from fleece.repo.format.codec import (
-    DEFAULT_ZSTD_LEVEL,
     HASHES,
     MAX_CHUNK_SIZE,
     decode_chunk,
@@ -47,11 +46,12 @@ from fleece.repo.format.crypto import (
     unwrap_key,
     wrap_key,
 )
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_HASH, DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.delta import DeltaRef, apply_delta, decode_delta
 from fleece.repo.format.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
 from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.repo.object_lock import LockLedger, ObjectLock, lock_clock
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 if TYPE_CHECKING:
     from fleece.repo.backends.encrypted import EncryptedBackend
@@ -64,7 +64,6 @@ REPO_FORMAT = 2
 """What new repositories are: format 2 adds sub-chunk deltas in packs (docs/format.md)."""
 READABLE_FORMATS = (1, 2)
 MIN_CHUNK_SIZE = 64 * 1024
-DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
 
 def check_chunk_size(chunk_size: int) -> int:
@@ -76,6 +75,14 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
+def _check_settings(chunk_size: int, compression_level: int | None, hash: str) -> None:
+    """A new repository's settings, checked before anything is written (``BadInput``)."""
+    check_chunk_size(chunk_size)
+    digest_function(hash)  # BadInput for an unknown name
+    if compression_level is not None and not 1 <= compression_level <= 22:
+        raise BadInput(f"zstd level must be 1..22, not {compression_level}")
+
+
 @dataclass(frozen=True)
 class RepositoryConfig:
     """The ``config`` object: fixed when the repository is created."""
@@ -84,7 +91,8 @@ class RepositoryConfig:
     chunk_size: int
     compression_level: int | None
     """zstd level for new chunks, or None to store them uncompressed."""
-    hash: str = "sha256"
+    hash: str
+    """The content hash that names chunks (:data:`~fleece.repo.format.codec.HASHES`)."""
     encryption: str = "none"
     """``none`` or the AEAD that seals every object (docs/format.md, "Encryption")."""
     format: int = REPO_FORMAT
@@ -173,7 +181,7 @@ class InitSettings:
     encryption: str = "none"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compression_level: int | None = DEFAULT_ZSTD_LEVEL
-    hash: str = "blake3"
+    hash: str = DEFAULT_HASH
     object_lock: ObjectLock | None = None
 
 
@@ -238,7 +246,7 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int | None = DEFAULT_ZSTD_LEVEL,
         repository_id: str | None = None,
-        hash: str = "sha256",
+        hash: str = DEFAULT_HASH,
         format: int = REPO_FORMAT,
         encryption: str = "none",
         passphrase: bytes | None = None,
@@ -259,10 +267,7 @@ class Repository:
         if encryption != "none":
             return cls._init_encrypted(backend, chunk_size, compression_level, repository_id, hash,
                                        encryption, passphrase, object_lock)
-        check_chunk_size(chunk_size)
-        digest_function(hash)  # BadInput for an unknown name
-        if compression_level is not None and not 1 <= compression_level <= 22:
-            raise BadInput(f"zstd level must be 1..22, not {compression_level}")
+        _check_settings(chunk_size, compression_level, hash)
         config = RepositoryConfig(
             id=repository_id or secrets.token_hex(16),
             chunk_size=chunk_size,
@@ -284,8 +289,7 @@ class Repository:
         if not passphrase:
             raise BadInput("an encrypted repository needs a passphrase: FLEECE_PASSPHRASE, "
                            "--passphrase-file or FLEECE_PASSPHRASE_COMMAND")
-        check_chunk_size(chunk_size)
-        digest_function(hash)
+        _check_settings(chunk_size, compression_level, hash)
         if next(iter(backend.list("")), None) is not None:
             raise BadInput(f"{backend.url} is not empty; an encrypted repository is made in an "
                            "empty location; nothing was changed")
@@ -462,12 +466,12 @@ class Repository:
         if self.lock is not None:
             data = blob if isinstance(blob, bytes) else bytes(blob)
             stored = self.put_immutable(key, data, probe=True)
-            pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+            pause_point(Phase.CHUNK_STORED)
             return stored
         if self.backend.exists(key):
             return False
         stored = self.backend.stage(key, blob)
-        pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+        pause_point(Phase.CHUNK_STORED)
         return stored
 
     def flush(self) -> None:
@@ -599,7 +603,7 @@ class Repository:
         """
         digest = self.digest(blob)
         self.create(keys.pack_key(digest), blob)
-        pause_point("pack-stored")  # test hook (fleece.testing); inert in production
+        pause_point(Phase.PACK_STORED)
         return digest
 
     def get_delta(self, ref: DeltaRef) -> bytes:

@@ -1,6 +1,7 @@
 """The output image of a live restore, made offline before QEMU opens it.
 
-A qcow2 image of the disk's size in which the point's zero chunks are
+A qcow2 image of the disk's size in which the positions that read as
+zeroes (:meth:`ChunkIndex.is_zero`: no base and no delta) are
 already zero clusters: QEMU's stream skips them (they are allocated in the
 image) and the guest reads them locally, so nothing asks the point for them.
 Its header names the point's NBD socket as backing file, so that an image
@@ -46,18 +47,9 @@ ZERO_RUN_MAX = 1 << 30
 
 
 def _zero_runs(image: DiskImage) -> list[tuple[int, int]]:
-    """(offset, length) of the runs of zero chunks, each at most :data:`ZERO_RUN_MAX`."""
-    runs: list[tuple[int, int]] = []
-    index = image.index
-    for i in range(index.n_chunks):
-        if index.get(i) is not None:
-            continue
-        start, length = i * index.chunk_size, index.chunk_length(i)
-        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][1] + length <= ZERO_RUN_MAX:
-            runs[-1] = (runs[-1][0], runs[-1][1] + length)
-        else:
-            runs.append((start, length))
-    return runs
+    """(offset, length) of the runs of positions that read as zeroes (no base and no delta),
+    each at most :data:`ZERO_RUN_MAX`."""
+    return list(image.index.zero_runs(ZERO_RUN_MAX))
 
 
 def _run_tool(argv: list[str], output: Path, stdin: str | None = None) -> None:
