@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "fleece.commands.backup",
     "fleece.commands.list",
     "fleece.commands.restore",
+    "fleece.commands.show",
     "fleece.commands.verify",
     "fleece.commands.serve",
     "fleece.commands.prune",
@@ -60,6 +61,7 @@ EXAMPLES = {
             "--passphrase-file /etc/fleece/passphrase",
     "key": "fleece key list --repo s3://backups/fleece --passphrase-file /etc/fleece/passphrase",
     "copy": "fleece copy --from /srv/fleece --to s3://offsite/fleece --vm web1",
+    "show": "fleece show --repo /srv/fleece latest --vm web1",
     "version": "fleece version --qmp /run/qemu/web1/fleece-qmp.sock --json",
 }
 
@@ -100,6 +102,13 @@ JSON_OUTPUT = {
           " records_deleted, temporaries_deleted, objects_deleted, bytes_freed, running_backups,\n"
           " seconds, packs_kept,\n"
           " packs_deleted, pack_bytes_unreferenced, objects_locked}",
+    "show": "{id, vm, created, parent, disks: [{name, level, size}], machine: null | {kind, name, uuid,\n"
+            "  machine_type, arch, cpus, memory_bytes, firmware, loader, nvram, nvram_template,\n"
+            "  tpm: null | {model, backend, version, state_dir}, disks: [{target, device, bus, serial}],\n"
+            "  nics: [{type, mac, model, source}], secure_info, capture_ms, disk_sizes, moments,\n"
+            "  files: {ROLE: {size, sha256, chunks}}}}",
+    "restore": "--machine: {point, vm, dir, files, disks: {NAME: image}, domain, uuid, started,\n"
+               "  definition, omitted}; --live: JSON progress events, one object per line",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",

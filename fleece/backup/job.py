@@ -32,6 +32,7 @@ from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
 from fleece.fleecing.request_bound import max_request, parse_qemu_version
+from fleece.machine.record import MachineRecord, store_file
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
 from fleece.repo.commit import commit_point_async, writer_lease
@@ -171,6 +172,9 @@ async def run_backup(
                 point = points.get(parent)
                 return point is not None and any(d.name == drive for d in point.disks)
 
+            # QEMU's shape is read before the export puts its filters over the disks.
+            early = await _capture_machine(source) if getattr(source, "MACHINE_BEFORE_EXPORT", False) \
+                else None
             async with source.export(
                 req.drives,
                 level=req.level,
@@ -182,11 +186,58 @@ async def run_backup(
                 known_point=points.latest_id(),
             ) as export:
                 pause_point(Phase.EXPORT_LIVE)
+                machine = await _record_machine(early or await _capture_machine(source), repo,
+                                                export, say)
                 point, results = await store_point(req, repo, export, lease, points, qemu,
                                                    max_request(parse_qemu_version(qemu)), started,
-                                                   progress)
+                                                   progress, machine)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started,
                         repo.lock_ledger.extended)
+
+
+Captured = tuple[str, dict[str, Any], dict[str, bytes], dict[str, str], float]
+
+
+async def _capture_machine(source: PointInTimeSource) -> Captured | None:
+    """The machine as the source records it (libvirt, QMP), or None; ``(…, seconds taken)``."""
+    record = getattr(source, "record_machine", None)
+    if record is None:
+        return None
+    started = time.monotonic()
+    kind, summary, files, moments = await record()
+    return kind, summary, files, moments, time.monotonic() - started
+
+
+async def _record_machine(captured: Captured | None, repo: Repository, export: PointInTime,
+                          say: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The machine record's files stored; the record for the point, or None.
+
+    libvirt: read right after the disks' point in time is set up; QMP: just
+    before (docs/machines.md).
+    """
+    if captured is None:
+        return None, {}
+    started = time.monotonic()
+    kind, summary, files, moments, took = captured
+    summary["disk_sizes"] = {d.drive: d.size for d in export.disks}
+    if kind == "qemu":
+        from fleece.machine.qemu import match_drive
+        summary["drives"] = {d.drive: match_drive(summary["disks"], d.drive) for d in export.disks}
+        in_point = {str(m.get("node")) for m in summary["drives"].values() if m}
+        for flash in summary["pflash"]:
+            if not flash["read_only"] and flash["node"] not in in_point:
+                say(f"the UEFI variable store (pflash node {flash['node']}) is not in this point; "
+                    f"add --drive {flash['node']} to restore the machine with its variables")
+
+    def store() -> tuple[MachineRecord, int]:
+        stored, written = {}, 0
+        for role, data in files.items():
+            stored[role], n = store_file(repo, data)
+            written += n
+        return MachineRecord(kind, summary, stored, moments), written
+    machine, written = await asyncio.to_thread(store)
+    return machine.to_dict(), {"machine_objects_written": written,
+                               "machine_seconds": round(time.monotonic() - started + took, 4)}
 
 
 def lock_new_point(req: BackupRequest, repo: Repository, indexes: list[ChunkIndex],
@@ -262,6 +313,7 @@ async def store_point(
     bound: int | None,
     started: float,
     progress: Callable[[str, int], Callable[[int], None]] | None,
+    machine: tuple[dict[str, Any] | None, dict[str, Any]] = (None, {}),
 ) -> tuple[RestorePoint, list[DiskResult]]:
     """Store every disk of ``export``, then commit its restore point
     (:func:`fleece.repo.commit.commit_point_async`).
@@ -290,7 +342,9 @@ async def store_point(
         qemu_version=qemu,
         labels=dict(req.labels),
         object_lock=object_lock,
+        machine=machine[0],
         stats={
+            **machine[1],
             "pause_ms": export.pause_ms,
             "seconds": round(time.monotonic() - started, 3),
             "bytes_read": sum(r.stats.bytes_read for r in results),

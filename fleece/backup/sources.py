@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from fleece.fleecing import point_in_time_export
 from fleece.fleecing.setup import preflight
@@ -129,6 +129,9 @@ async def qmp_vm_name(session: QmpSession) -> str:
 class QmpSource:
     """fleece's own image fleecing of a QEMU reached over its QMP socket."""
 
+    MACHINE_BEFORE_EXPORT = True
+    """Its machine record is QEMU's shape, read before the export's filters change the graph."""
+
     def __init__(self, qmp: str) -> None:
         self.qmp = qmp
         self._open: AbstractAsyncContextManager[QmpSession] | None = None
@@ -159,6 +162,12 @@ class QmpSource:
     async def qemu_version(self) -> str:
         """QEMU's version as QMP reports it."""
         return ".".join(map(str, await self.session.qemu_version()))
+
+    async def record_machine(self) -> tuple[str, dict[str, Any], dict[str, bytes], dict[str, str]]:
+        """What QEMU says about the machine, and its command line: :mod:`fleece.machine.qemu`."""
+        from fleece.machine.qemu import capture_qemu
+        summary, files, moments = await capture_qemu(self.session)
+        return "qemu", summary, files, moments
 
     async def check_drives(self, drives: list[str]) -> None:
         """Every drive names a block device of this QEMU."""

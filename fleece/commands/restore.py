@@ -4,6 +4,7 @@ a block device, or an NBD export."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--vm", metavar="NAME", help="the VM, where 'latest' or a prefix needs it")
     p.add_argument("--drive", metavar="NAME", action="append",
                    help="the disk to restore (needed if several; --live takes several)")
-    p.add_argument("--output", "-o", required=True, metavar="PATH|URI", action="append",
+    p.add_argument("--output", "-o", metavar="PATH|URI", action="append",
                    help="image file or block device to write, or an NBD URI (nbd+unix:///…, "
                         "nbds://HOST:PORT/EXPORT); "
                         "with --live one qcow2 image per --drive, in order")
@@ -50,12 +51,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"chunks fetched in parallel (default {DEFAULT_WORKERS})")
     add_client_tls_options(p)
     add_live_options(p)
+    m = p.add_argument_group("whole machine (docs/machines.md)")
+    m.add_argument("--machine", action="store_true",
+                   help="restore every disk, the UEFI variables and the TPM state into --to DIR")
+    m.add_argument("--to", metavar="DIR", help="with --machine: an absent or empty directory")
+    m.add_argument("--libvirt", metavar="DOMAIN", help="with --machine: the name of the domain to define")
+    m.add_argument("--connect", metavar="URI", help="libvirt connection URI (with --libvirt)")
+    m.add_argument("--define", action="store_true", help="define the domain in libvirt")
+    m.add_argument("--start", action="store_true", help="start it once defined")
+    m.add_argument("--keep-identity", action="store_true",
+                   help="keep the recorded UUID and MAC addresses (default: new ones)")
+    m.add_argument("--replace", action="store_true",
+                   help="--define over an existing (shut off) domain of that name")
     p.set_defaults(func=run, group_access=None)
 
 
 def run(args: argparse.Namespace) -> int:
     """Restore; exit 2 for an unknown point or drive or an unusable output, 1 on damage."""
+    # A backup's config names the *source* domain (libvirt, connect): never the domain
+    # restore --machine defines, which only the command line names.
+    given = {flag: getattr(args, flag) for flag in ("libvirt", "connect")}
     apply_config(args, BACKUP_KEYS, "restore")
+    for flag, value in given.items():
+        setattr(args, flag, value)
+    if args.machine:
+        return run_machine(args)
+    for flag in ("to", "libvirt", "connect", "define", "start", "keep_identity", "replace"):
+        if getattr(args, flag):
+            raise BadInput(f"--{flag.replace('_', '-')} goes with --machine")
+    if not args.output:
+        raise BadInput("--output is required (or --machine --to DIR)")
     if args.live:
         return run_live(args)
     refuse_live_options(args)
@@ -100,4 +125,70 @@ def run(args: argparse.Namespace) -> int:
     if result.damaged:
         print(f"  DAMAGED: {damaged_bytes(result.damaged)} bytes restored as zeroes at "
               f"{describe_ranges(result.damaged, limit=len(result.damaged))}")
+    return 0
+
+
+def run_machine(args: argparse.Namespace) -> int:
+    """``--machine --to DIR [--libvirt NEWNAME --define [--start]]``."""
+    from fleece.libvirt.domain import open_connection
+    from fleece.machine.record import machine_of
+    from fleece.machine.restore import define, prepare_dir, restore_files, rewrite_xml, write_qemu_script
+
+    if args.live or args.output or args.drive:
+        raise BadInput("--machine restores every disk into --to DIR; drop --output/--drive/--live")
+    if not args.to:
+        raise BadInput("--machine needs --to DIR")
+    if (args.define or args.start or args.connect or args.replace) and not args.libvirt:
+        raise BadInput("--define/--start/--connect/--replace go with --libvirt NEWNAME")
+    if args.start and not args.define:
+        raise BadInput("--start needs --define")
+    if args.workers < 1:
+        raise BadInput("--workers must be at least 1")
+    to = Path(args.to)
+    prepare_dir(to)
+    repo = open_repository(args)
+    point = repo.find_point(args.point, args.vm)
+    record = machine_of(point)
+    if record is None:
+        raise BadInput(f"restore point {point.id} has no machine recorded (it holds disks only); "
+                       "restore its disks with --drive/--output")
+    if args.libvirt and record.kind != "libvirt":
+        raise BadInput(f"restore point {point.id} recorded a {record.kind} machine, not a libvirt domain")
+    conn = open_connection(args.connect) if args.define else None  # before any file is written
+    try:
+        done = restore_files(repo, point, record, to, args.workers)
+        if record.kind == "libvirt":
+            name = args.libvirt or point.vm
+            recorded = (done.dir / "recorded-domain.xml").read_text()
+            xml = rewrite_xml(recorded, done, name, args.keep_identity)
+            path = done.dir / f"{name}.xml"
+            path.write_text(xml)
+            done.files.append(str(path))
+            done.definition = str(path)
+            if conn is not None:
+                define(conn, xml, done, replace=args.replace, start=args.start)
+        elif not write_qemu_script(record, done):
+            sys.stderr.write("fleece: warning: the point holds no QEMU command line (QMP over TCP, or "
+                             "QEMU not visible from the backup's host); see 'fleece show --json' for "
+                             "its shape\n")
+    finally:
+        if conn is not None:
+            conn.close()
+    for name in done.omitted:
+        sys.stderr.write(f"fleece: warning: disk {name} is not in point {point.id}; the restored "
+                         "definition leaves it out (it would share the original's image)\n")
+    if args.json:
+        json.dump({"point": point.id, "vm": point.vm, **done.as_dict()}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"restored the machine of {point.vm} at {point.id} into {done.dir}:")
+    for f in done.files:
+        print(f"  {f}")
+    if done.domain:
+        print(f"defined libvirt domain {done.domain} (uuid {done.uuid})"
+              + (", started" if done.started else ""))
+    elif done.definition and record.kind == "libvirt":
+        print(f"define it with: virsh define {done.definition}")
+    elif done.definition:
+        print(f"start it with: {done.definition}")
     return 0

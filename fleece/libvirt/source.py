@@ -76,6 +76,13 @@ class LibvirtSource:
         number = await asyncio.to_thread(self._conn.getVersion)
         return dotted(version_tuple(int(number)))
 
+    async def record_machine(self) -> tuple[str, dict[str, Any], dict[str, bytes], dict[str, str]]:
+        """The domain's machine (definition, UEFI variables, TPM state): :mod:`fleece.machine.capture`."""
+        from fleece.machine.capture import capture_libvirt
+        with libvirt_errors(self.domain_name):
+            summary, files, moments = await asyncio.to_thread(capture_libvirt, self.dom)
+        return "libvirt", summary, files, moments
+
     async def check_drives(self, drives: list[str]) -> None:
         """Every drive is a qcow2 disk of the domain (by target dev)."""
         with libvirt_errors(self.domain_name):

@@ -49,6 +49,7 @@ from fleece.repo.format.delta import PACK_OVERHEAD
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.gc_lock import CLOCK_SKEW, gc_lock, lease_margin, running_backups
 from fleece.repo.lock import DEFAULT_LEASE_SECONDS, Lease
+from fleece.repo.needs import machine_chunks
 from fleece.repo.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def _mark_point(repo: Repository, vm: str, point_id: str, marked: set[bytes],
             raise RepositoryCorrupt(f"{exc}; gc cannot tell which chunks point {point_id} needs, "
                                     "so it deleted nothing (see fleece verify)") from exc
         _mark_index(index, marked, live)
+    marked.update(machine_chunks(point))
     return True
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fleece.errors import RepositoryCorrupt, RepositoryError
+from fleece.machine.record import machine_of
 from fleece.repo.backends.base import ObjectMissing
 from fleece.repo.format import keys
 from fleece.repo.format.codec import decode_chunk
@@ -309,7 +310,9 @@ class Renamed(Transfer):
             key, digest = self.dest.write_index(point.id, disk.name, index)
             self.report.objects_written += 1
             disks.append(dataclasses.replace(disk, index_key=key, index_digest=digest))
-        return dataclasses.replace(point, disks=disks)
+        record = machine_of(point)
+        machine = record.renamed(self.names.__getitem__).to_dict() if record is not None else None
+        return dataclasses.replace(point, disks=disks, machine=machine)
 
     def _rename_chunk(self, digest: bytes, point: RestorePoint) -> tuple[bytes, int]:
         key = keys.chunk_key(digest)

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
+from fleece.machine.record import machine_of
 from fleece.maintenance.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.repo.backends.base import ObjectMissing, Retention
 from fleece.repo.format import keys
@@ -306,7 +307,26 @@ def _distinct(loaded: Iterable[_Loaded]) -> dict[Item, int]:
                     wanted[digest] = index.chunk_length(i)
             for _, ref in index.delta_refs():
                 wanted.setdefault(ref, ref.covered)
+        for _, _start, length, digest in _machine_chunks(item):
+            wanted.setdefault(digest, length)
     return wanted
+
+
+def _machine_chunks(item: _Loaded) -> list[tuple[str, int, int, bytes]]:
+    """``(file role, offset, length, digest)`` of every chunk of the point's machine record."""
+    if item.point is None or item.point.machine is None:
+        return []
+    try:
+        record = machine_of(item.point)
+    except RepositoryCorrupt as exc:
+        if not any(d.problem == "machine record damaged" for d in item.report.damage):
+            item.report.damage.append(Damage("machine", "machine record damaged", [],
+                                             [keys.point_key(item.point.vm, item.point.id)], str(exc)))
+        return []
+    assert record is not None
+    size = item.point.chunk_size
+    return [(role, n * size, min(size, f.size - n * size), d)
+            for role, f in sorted(record.files.items()) for n, d in enumerate(f.digests())]
 
 
 class _ChunkChecker:
@@ -475,6 +495,14 @@ def _map_damage(item: _Loaded, checker: _ChunkChecker) -> None:
     """Turn bad digests into per-disk byte ranges of ``item``'s point."""
     if item.point is None:
         return
+    for role, start, expected, digest in _machine_chunks(item):
+        problem = checker.bad.get(digest)
+        length = checker.lengths.get(digest)
+        if problem is None and checker.deep and length is not None and length != expected:
+            problem = ("chunk has the wrong length", f"chunk {digest.hex()} holds {length} bytes")
+        if problem is not None:
+            item.report.damage.append(Damage(f"machine:{role}", problem[0], [(start, start + expected)],
+                                             [keys.chunk_key(digest)], problem[1]))
     for disk in item.point.disks:
         index = item.indexes.get(disk.name)
         if index is None:

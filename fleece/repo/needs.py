@@ -24,7 +24,7 @@ class PointObjects:
     indexes: dict[str, ChunkIndex]
     """Disk name → its index (checked against the digest in the point)."""
     chunks: frozenset[bytes]
-    """Digests of every chunk the indexes name (zero chunks are not stored)."""
+    """Digests of every chunk the indexes and the machine record name (zero chunks are not stored)."""
     packs: frozenset[bytes] = frozenset()
     """Digests of every pack holding a delta the indexes name (format 2)."""
 
@@ -34,9 +34,16 @@ class PointObjects:
         return keys.point_key(self.point.vm, self.point.id)
 
 
+def machine_chunks(point: RestorePoint) -> frozenset[bytes]:
+    """The chunks holding the point's machine record (definition, NVRAM, TPM state), if any."""
+    from fleece.machine.record import machine_of  # the record module builds on the repository
+    record = machine_of(point)
+    return frozenset(record.digests()) if record is not None else frozenset()
+
+
 def point_objects(repo: Repository, point: RestorePoint) -> PointObjects:
     """Read ``point``'s indexes (``RepositoryCorrupt`` if one is missing or damaged) and list its needs."""
     indexes = {disk.name: repo.read_index(point, disk.name) for disk in point.disks}
-    chunks = frozenset(d for index in indexes.values() for d in index.digests())
+    chunks = frozenset(d for index in indexes.values() for d in index.digests()) | machine_chunks(point)
     packs = frozenset(p for index in indexes.values() for p in index.packs())
     return PointObjects(point, indexes, chunks, packs)

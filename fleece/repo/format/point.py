@@ -75,6 +75,9 @@ class RestorePoint:
     """Object Lock repositories: ``{"mode", "repository", "horizon"}``: the ISO time until
     which every object the point needs is locked at least, in the repository of that id
     (written only when set)."""
+    machine: dict[str, Any] | None = None
+    """The machine record (definition, NVRAM, TPM state; :mod:`fleece.machine.record`), or None
+    for points that record disks only (written only when set)."""
 
     @property
     def lock_horizon(self) -> datetime | None:
@@ -93,6 +96,8 @@ class RestorePoint:
         doc: dict[str, Any] = {"format": POINT_FORMAT, **asdict(self)}
         if doc["object_lock"] is None:
             del doc["object_lock"]  # points of other repositories stay as they were
+        if doc["machine"] is None:
+            del doc["machine"]  # points without a machine keep their bytes of before
         doc["checksum"] = hashlib.sha256(canonical_json(doc)).hexdigest()
         return json.dumps(doc, sort_keys=True, indent=2).encode() + b"\n"
 
@@ -146,6 +151,7 @@ class RestorePoint:
             labels=r.get("labels", dict),
             stats=r.get("stats", dict),
             object_lock=r.get("object_lock", dict) if "object_lock" in r.doc else None,
+            machine=r.get("machine", dict) if "machine" in r.doc else None,
         )
         if point.object_lock is not None and not all(
                 isinstance(v, str) for v in point.object_lock.values()):

@@ -1,0 +1,1 @@
+"""Whole machines: what a restore point records beside the disks (docs/machines.md)."""
