@@ -221,6 +221,11 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
             def repo() -> Repository:
                 return open_or_create(args, backend, init)
 
+    if args.qmp and not args.libvirt:
+        # Bad input changes nothing: not even a lease generation in the repository.
+        from fleece.fleecing.setup import check_scratch_parent
+
+        check_scratch_parent(Path(args.scratch_dir) if args.scratch_dir else None)
     req = BackupRequest(
         qmp=args.qmp or "",
         drives=list(args.drive),

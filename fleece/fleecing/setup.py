@@ -248,6 +248,11 @@ def _announce(plans: list[DiskState], point: str, log: Log) -> None:
                 f"{checkpoint_bitmap(point)} lives only while this QEMU process runs")
 
 
+def check_scratch_parent(parent: Path | None) -> None:
+    """Refuse (``BadInput``) a scratch parent a backup could not use, before it takes any lock."""
+    _make_scratch(parent).rmdir()
+
+
 def _make_scratch(parent: Path | None) -> Path:
     """A private (0700) directory for the reverse deltas, the NBD socket and the state file."""
     parent = parent or default_scratch_parent()
