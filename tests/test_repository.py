@@ -60,7 +60,7 @@ def test_init_then_open(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path / "r")
     created = Repository.init(backend, chunk_size=1 << 20, compression_level=7)
     doc = json.loads((tmp_path / "r" / "config").read_bytes())
-    assert doc["format"] == 2 and doc["chunk_size"] == 1 << 20 and doc["hash"] == "sha256"
+    assert doc["format"] == 3 and doc["chunk_size"] == 1 << 20 and doc["hash"] == "sha256"
     assert doc["compression"] == {"codec": "zstd", "level": 7}
     assert doc["encryption"] == "none"
     assert re.fullmatch(r"[0-9a-f]{32}", doc["id"])
@@ -106,8 +106,8 @@ def test_open_or_init_creates_only_in_an_empty_location(tmp_path: Path) -> None:
 
 
 def test_newer_format_is_refused_as_an_operation_failure(tmp_path: Path) -> None:
-    (tmp_path / "config").write_text(json.dumps({"format": 3}))
-    with pytest.raises(RepositoryError, match="format 3") as e:
+    (tmp_path / "config").write_text(json.dumps({"format": 4}))
+    with pytest.raises(RepositoryError, match="format 4") as e:
         Repository.open(FileBackend(tmp_path))
     assert not isinstance(e.value, BadInput)
     assert e.value.exit_code == 1

@@ -426,8 +426,9 @@ def _back_up_disk(
     settings.trim_alignment = trim_alignment
     settings.max_request = max_request
     stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance, deltas=deltas).run()
-    index_key, index_digest = repo.write_index(point_id, disk.drive, index)
-    stats.objects_written += 1  # the index
+    index_key, index_digest, written = repo.write_index_counted(point_id, disk.drive, index)
+    stats.add(objects_written=written.objects, bytes_stored=written.bytes,  # pages, the index
+              bytes_metadata=written.bytes)
     granularity = disk.bitmap_granularity if level == "incremental" else None
     record = DiskRecord(
         name=disk.drive,

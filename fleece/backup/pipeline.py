@@ -127,6 +127,8 @@ class DiskStats:
     bytes_read: int = 0
     bytes_stored: int = 0
     objects_written: int = 0
+    bytes_metadata: int = 0
+    """Of ``bytes_stored``, what the index (and its pages, format 3) took."""
     deltas: int = 0
     chunks_new: int = 0
     chunks_reused: int = 0
@@ -149,6 +151,7 @@ class DiskStats:
             "bytes_read": self.bytes_read,
             "bytes_stored": self.bytes_stored,
             "objects_written": self.objects_written,
+            "bytes_metadata": self.bytes_metadata,
             "deltas": self.deltas,
             "chunks_new": self.chunks_new,
             "chunks_reused": self.chunks_reused,

@@ -41,7 +41,7 @@ from fleece.repo.format import keys
 from fleece.repo.format.codec import decode_chunk
 from fleece.repo.format.crypto import check_outer
 from fleece.repo.format.delta import DeltaRef, PackWriter, decode_delta
-from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.index import INDEX_VERSION_PAGED, ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.needs import PointObjects, point_objects
 from fleece.repo.object_lock import lock_clock
@@ -118,7 +118,8 @@ class Transfer:
     # -- shared steps ------------------------------------------------------------------------
 
     def _missing_source(self, key: str, point: RestorePoint) -> RepositoryCorrupt:
-        what = "chunk" if key.startswith(keys.CHUNKS_PREFIX) else "pack"
+        what = ("chunk" if key.startswith(keys.CHUNKS_PREFIX) else
+                "page" if key.startswith(keys.PAGES_PREFIX) else "pack")
         return RepositoryCorrupt(f"{what} {key} of point {point.id} is missing from {self.source.url}; "
                                  "the point was not copied")
 
@@ -147,10 +148,16 @@ class SameNames(Transfer):
         """Chunks, packs, then indexes, each checked; the point itself unchanged."""
         needs = point_objects(self.source, point)
         self._check_deltas_fit(point, needs)
+        if (self.dest.index_version < INDEX_VERSION_PAGED
+                and any(i.version >= INDEX_VERSION_PAGED for i in needs.indexes.values())):
+            raise RepositoryError(f"point {point.id} has paged indexes (format 3) and {self.dest.url} "
+                                  f"is format {self.dest.config.format}; copy it into a format-3 "
+                                  "repository; the point was not copied")
         missing = needs.chunks - self.present
         self.report.chunks_present += len(needs.chunks) - len(missing)  # sent for an earlier point
         for kind, names in ((keys.chunk_key, sorted(missing)),
-                            (keys.pack_key, sorted(needs.packs - self.present))):
+                            (keys.pack_key, sorted(needs.packs - self.present)),
+                            (keys.page_key, sorted(needs.pages - self.present))):
             for batch in batched(names):
                 for digest, sent in zip(batch, self.pool.map(
                         lambda d, k=kind: self._copy_object(k(d), d, point), batch), strict=True):
@@ -161,7 +168,7 @@ class SameNames(Transfer):
         return point
 
     def _copy_object(self, key: str, digest: bytes, point: RestorePoint) -> int:
-        """Copy one chunk or pack unless the destination holds it; bytes sent, or -1."""
+        """Copy one chunk, pack or page unless the destination holds it; bytes sent, or -1."""
         if self.dest.backend.exists(key):
             return -1
         try:
@@ -175,8 +182,8 @@ class SameNames(Transfer):
                 raise self._damaged(key, point, str(exc)) from None
             self.dest.put_chunk(digest, blob)
         else:
-            if self.source.digest(blob) != digest:  # a pack is named by its bytes
-                raise self._damaged(key, point, "the pack does not match its name")
+            if self.source.digest(blob) != digest:  # packs and pages are named by their bytes
+                raise self._damaged(key, point, "the object does not match its name")
             self.dest.create(key, blob)
         return len(blob)
 
@@ -306,8 +313,8 @@ class Renamed(Transfer):
         disks = []
         for disk in point.disks:
             index = self._renamed_index(needs.indexes[disk.name])
-            key, digest = self.dest.write_index(point.id, disk.name, index)
-            self.report.objects_written += 1
+            key, digest, written = self.dest.write_index_counted(point.id, disk.name, index)
+            self.report.objects_written += written.objects
             disks.append(dataclasses.replace(disk, index_key=key, index_digest=digest))
         return dataclasses.replace(point, disks=disks)
 

@@ -36,6 +36,7 @@ _NAME_AT = {
     "locks": (2,),                              # locks/vms/<vm>, locks/repo/<name>
     keys.CHUNKS_PREFIX.rstrip("/"): (),
     keys.PACKS_PREFIX.rstrip("/"): (),
+    keys.PAGES_PREFIX.rstrip("/"): (),
 }
 _HEADER_CACHE = 4096
 
