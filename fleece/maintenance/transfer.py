@@ -127,11 +127,15 @@ class Transfer:
         return RepositoryCorrupt(f"{self.source.url}: {key}: {why}; point {point.id} was not copied "
                                  "(see fleece verify)")
 
-    def _count(self, sent: int) -> None:
+    def _count(self, sent: int, page: bool = False) -> None:
+        """Count one chunk or pack (``chunks_copied``/``chunks_present``) or index page (objects
+        and bytes only) that was sent (``sent`` bytes) or found present (-1)."""
         if sent < 0:
-            self.report.chunks_present += 1
+            if not page:
+                self.report.chunks_present += 1
         else:
-            self.report.chunks_copied += 1
+            if not page:
+                self.report.chunks_copied += 1
             self.report.objects_written += 1
             self.report.bytes_copied += sent
 
@@ -162,7 +166,7 @@ class SameNames(Transfer):
                 for digest, sent in zip(batch, self.pool.map(
                         lambda d, k=kind: self._copy_object(k(d), d, point), batch), strict=True):
                     self.present.add(digest)
-                    self._count(sent)
+                    self._count(sent, page=kind is keys.page_key)
         for disk in point.disks:
             self._copy_index(point, disk, needs.indexes[disk.name])
         return point
