@@ -68,12 +68,14 @@ EXAMPLES = {
 JSON_OUTPUT = {
     "status": "{vm, qemu, status, disks: [{drive, device, qdev, node, filter, backend, format, size,\n"
               "  file, bitmaps: [{name, granularity, count, recording, persistent, inconsistent,\n"
-              "  checkpoint}]}], export: null | {checkpoint, drives, socket},\n"
-              " leftovers: {nodes, exports, jobs, bitmaps, attached, nbd_server}}",
+              "  checkpoint}]}], export: null | {checkpoint, drives, socket, owner, pid, host,\n"
+              "  owner_exited, end_with}, leftovers: {nodes, exports, jobs, bitmaps, attached,\n"
+              "  nbd_server, objects}, cleanup, stale_scratch}",
     "export": "export start: {checkpoint, disks: [{drive, uri, size, dirty_bitmap, checkpoint, since,\n"
               "  level, reason, discard, export, node, persistent}], pause_ms, socket, trim_alignment,\n"
               "  max_request}",
-    "cleanup": "{removed: {nodes, exports, jobs, bitmaps, attached, nbd_server}}",
+    "cleanup": "{removed: {nodes, exports, jobs, bitmaps, attached, nbd_server, objects}, kept,\n"
+               " stale_scratch: {removed, kept: [{path, why}]}}",
     "backup": "{point, vm, parent, disks: [{drive, level, size, bytes_read, bytes_stored, bytes_dirty,\n"
               "  objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused, chunks_zero,\n"
               "  chunks_unchanged, bytes_trimmed, seconds, reason}], pause_ms, seconds,\n"

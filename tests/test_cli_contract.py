@@ -127,8 +127,19 @@ def _contract() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         if table.startswith("### 4.2"):
             flags.setdefault(command, set()).update(re.findall(r"`(--[a-z][a-z-]*)", rest))
         elif table.startswith("### 4.4"):
-            keys[command] = set(re.findall(r"([a-z_]+)(?=[,:}\]])", rest.replace("`", "")))
+            keys[command] = set(re.findall(r"([a-z_]+)(?=[,:}\]])", _first_object(rest.replace("`", ""))))
     return flags, keys
+
+
+def _first_object(text: str) -> str:
+    """The first balanced ``{…}`` of a §4.4 row: the object itself, not the prose after it."""
+    start = text.index("{")
+    depth = 0
+    for i, c in enumerate(text[start:], start):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0:
+            return text[start:i + 1]
+    return text[start:]
 
 
 @pytest.fixture(scope="module")
