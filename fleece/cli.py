@@ -77,8 +77,9 @@ JSON_OUTPUT = {
     "cleanup": "{removed: {nodes, exports, jobs, bitmaps, attached, nbd_server, objects}, kept,\n"
                " stale_scratch: {removed, kept: [{path, why}]}}",
     "backup": "{point, vm, parent, disks: [{drive, level, size, bytes_read, bytes_stored, bytes_dirty,\n"
-              "  objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused, chunks_zero,\n"
-              "  chunks_unchanged, bytes_trimmed, seconds, reason}], pause_ms, seconds,\n"
+              "  bytes_metadata, objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused,\n"
+              "  chunks_zero, chunks_unchanged, bytes_trimmed, seconds, reason}], pause_ms, seconds,\n"
+              " bytes_stored, objects_written, bytes_metadata,\n"
               " object_lock: {mode, repository, horizon, locks_extended}}",
     "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels}],\n"
             " damaged: [ids]}",
@@ -89,7 +90,7 @@ JSON_OUTPUT = {
              " locked: [{vm, id, until}]}",
     "gc": "{dry_run, points, chunks_kept, chunks_deleted, indexes_deleted, indexes_spared,\n"
           " temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
-          " packs_deleted, pack_bytes_unreferenced, objects_locked}",
+          " packs_deleted, pages_kept, pages_deleted, pack_bytes_unreferenced, objects_locked}",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",
