@@ -36,6 +36,7 @@ A = b"\x55" * CHUNK
 B = hashlib.shake_256(b"fleece sample chunk B").digest(CHUNK)
 C = b"fleece!\n" * (CHUNK // 8)
 E = b"delta!\n\0" * 1024
+H = b"\x77" * 8192 + bytes(CHUNK - 8192)  # a chunk with holes
 D1 = struct.pack("<III", 1, 4096, len(E)) + E  # delta plaintext: one extent at 4096
 P1 = "20261207T010203.000001Z-bb0001"
 P2 = "20261208T010203.000002Z-bb0002"
@@ -47,12 +48,29 @@ def sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def sparse_form(data: bytes) -> bytes:
+    """docs/format.md "Chunks", format 3: header, zero-block bitmap, the non-zero 4 KiB blocks."""
+    blocks = [data[k : k + 4096] for k in range(0, len(data), 4096)]
+    bitmap = bytearray(-(-len(blocks) // 8))
+    for k, block in enumerate(blocks):
+        if not any(block):
+            bitmap[k // 8] |= 1 << (k % 8)
+    return (b"FLSP" + struct.pack("<IQ", 4096, len(data)) + bytes(bitmap)
+            + b"".join(b for b in blocks if any(b)))
+
+
+def name(data: bytes) -> bytes:
+    """A chunk's name in the plain format-3 sample: sha256 of its sparse form."""
+    return sha(sparse_form(data))
+
+
 def disk(point: str) -> bytes:
     """What vda holds at each point, from the description alone."""
     out = bytearray(POSITIONS * CHUNK)
     out[0:CHUNK] = A
     out[256 * CHUNK : 257 * CHUNK] = A
     out[515 * CHUNK : 516 * CHUNK] = C if point == P3 else B
+    out[700 * CHUNK : 701 * CHUNK] = H
     if point != P1:
         out[3 * CHUNK + 4096 : 3 * CHUNK + 4096 + len(E)] = E
     return bytes(out)
@@ -102,7 +120,7 @@ def test_config_says_format_3() -> None:
 
 def test_sample_holds_chunks_a_pack_four_pages_three_indexes_three_points() -> None:
     files = {p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.is_file()}
-    chunks = {f"chunks/{sha(x).hex()[:2]}/{sha(x).hex()}" for x in (A, B, C)}
+    chunks = {f"chunks/{name(x).hex()[:2]}/{name(x).hex()}" for x in (A, B, C, H)}
     packs = {f for f in files if f.startswith("packs/")}
     pages = {f for f in files if f.startswith("pages/")}
     assert len(packs) == 1 and len(pages) == 4
@@ -132,11 +150,13 @@ def test_top_tables_and_pages_by_hand() -> None:
     assert n2[0] != n1[0] and n2[1:] == n1[1:]
     assert n3[2] != n2[2] and (n3[0], n3[1], n3[3]) == (n2[0], n2[1], n2[3])
     bases, refs = _page(n1[0])
-    assert len(bases) == 256 and bases[0] == sha(A) and set(bases[1:]) == {ZERO} and not refs
+    assert len(bases) == 256 and bases[0] == name(A) and set(bases[1:]) == {ZERO} and not refs
     bases, refs = _page(n1[2])
-    assert bases[3] == sha(B) and bases.count(ZERO) == 255 and not refs
+    assert (bases[3], bases[188]) == (name(B), name(H)) and bases.count(ZERO) == 254 and not refs
     bases, refs = _page(n3[2])
-    assert bases[3] == sha(C) and bases.count(ZERO) == 255
+    assert (bases[3], bases[188]) == (name(C), name(H)) and bases.count(ZERO) == 254
+    # The chunk with holes is named by its 8 KiB of data: the zero blocks are one bit each.
+    assert sparse_form(H) == b"FLSP" + struct.pack("<IQ", 4096, CHUNK) + b"\xfc\xff" + b"\x77" * 8192
     bases, refs = _page(n2[0])
     assert bases[3] == ZERO and list(refs) == [3]  # a delta over a zero base: data, not a hole
     ((pack, offset, length, covered, digest),) = refs[3]
@@ -214,7 +234,7 @@ def test_encrypted_sample_pages_are_sealed_and_named_by_a_keyed_hash() -> None:
     _, _, names = top_table(_open(master, f"indexes/{P1}/vda",
                                   index_key.relative_to(ENCRYPTED).as_posix()))
     assert names[0] == names[1] and names[3] == ZERO
-    chunk_a = hmac.new(ids, A, hashlib.sha256).digest()
+    chunk_a = hmac.new(ids, sparse_form(A), hashlib.sha256).digest()
     assert page(_open(master, f"pages/{names[0].hex()[:2]}/{names[0].hex()}"))[0][0] == chunk_a
 
 

@@ -10,16 +10,20 @@ backups of format-3 repositories run in the backup, copy and gc test files.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import random
+import struct
 from datetime import timedelta
 from pathlib import Path
 
+import blake3
 import pytest
 
 from fleece.errors import RepositoryCorrupt
 from fleece.maintenance.gc import collect_garbage
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.format import keys
-from fleece.repo.format.codec import encode_chunk
+from fleece.repo.format.codec import encode_chunk, sparse_digest_function
 from fleece.repo.format.delta import DeltaRef
 from fleece.repo.format.index import INDEX_VERSION_PAGED, PAGE_POSITIONS, ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint
@@ -79,8 +83,12 @@ def test_incremental_of_a_1_tib_disk_writes_what_it_touched(tmp_path: Path,
         incr.set(k * 16384 + 7, _digest(1000 + k))  # 16 positions in 16 different pages
     encoded: list[int] = []
     encode = ChunkIndex.encode_page
-    monkeypatch.setattr(ChunkIndex, "encode_page",
-                        lambda self, p: (encoded.append(p), encode(self, p))[1])
+
+    def counted(self: ChunkIndex, p: int) -> bytes:
+        encoded.append(p)
+        return encode(self, p)
+
+    monkeypatch.setattr(ChunkIndex, "encode_page", counted)
     _, objects, written = _point(repo, P2, incr, parent=P1)
     assert objects == 16 + 1
     assert len(encoded) == 16  # the untouched pages are not even encoded again
@@ -168,3 +176,46 @@ def test_encrypted_pages_are_sealed_and_keyed(tmp_path: Path) -> None:
     raw = (tmp_path / "repo" / stored[0]).read_bytes()
     assert raw[:4] == b"FLEN"  # sealed
     assert repo.read_index(point, "vda") == index
+
+
+# -- chunk names that do not hash holes (format 3) ------------------------------------------
+
+def _sparse_form(data: bytes) -> bytes:
+    """docs/format.md "Chunks", by hand: header, zero-block bitmap, then the non-zero blocks."""
+    blocks = [data[k : k + 4096] for k in range(0, len(data), 4096)]
+    bitmap = bytearray(-(-len(blocks) // 8))
+    for k, block in enumerate(blocks):
+        if not any(block):
+            bitmap[k // 8] |= 1 << (k % 8)
+    return (b"FLSP" + struct.pack("<IQ", 4096, len(data)) + bytes(bitmap)
+            + b"".join(b for b in blocks if any(b)))
+
+
+@pytest.mark.parametrize("hash_name", ["sha256", "blake3"])
+@pytest.mark.parametrize("key", [None, b"k" * 32])
+def test_a_fragmented_chunk_is_named_by_its_data_not_its_holes(hash_name: str, key: bytes | None) -> None:
+    rng = random.Random(29)
+    chunk = bytearray(CHUNK)
+    for piece in range(4):  # 1 MiB of data in four 256 KiB pieces, some unaligned
+        at = piece * CHUNK // 4 + rng.randrange(0, 4096)
+        chunk[at : at + 256 * 1024] = rng.randbytes(256 * 1024)
+    allocated = 4 * 256 * 1024
+    form = _sparse_form(bytes(chunk))
+    assert len(form) <= 1.05 * allocated  # what is hashed
+    expected = (hmac.new(key, form, hashlib.sha256).digest() if hash_name == "sha256" and key else
+                hashlib.sha256(form).digest() if hash_name == "sha256" else
+                blake3.blake3(form, key=key).digest() if key else blake3.blake3(form).digest())
+    name = sparse_digest_function(hash_name, key)
+    assert name(chunk) == name(memoryview(bytes(chunk))) == expected
+    # A block of written zeroes and a hole are the same content: one name.
+    assert name(bytes(4096) + b"x" * 4096) == name(bytearray(4096) + b"x" * 4096)
+    assert name(b"x" * 4096 + bytes(10)) != name(b"x" * 4096 + bytes(11))  # the length counts
+
+
+def test_format_3_repositories_name_chunks_by_the_sparse_form(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "3")
+    data = b"\x01" * 4096 + bytes(CHUNK - 4096)
+    assert repo.chunk_name(data) == hashlib.sha256(_sparse_form(data)).digest()
+    assert repo.digest(data) == hashlib.sha256(data).digest()  # packs and pages: their bytes
+    older = _repo(tmp_path / "2", format=2)
+    assert older.chunk_name(data) == hashlib.sha256(data).digest()

@@ -41,7 +41,7 @@ WEB = disk(512 * KiB + 100, {1: ONLY_P3, 8: b"tail"})
 
 def chunk_file(repo_dir: Path, data: bytes) -> Path:
     # Named by the repository's own hash (blake3 for one `fleece backup` made).
-    digest = Repository.open(FileBackend(repo_dir)).digest(data).hex()
+    digest = Repository.open(FileBackend(repo_dir)).chunk_name(data).hex()
     return repo_dir / "chunks" / digest[:2] / digest
 
 

@@ -207,6 +207,7 @@ class DiskBackup:
         self.progress = progress or (lambda n: None)
         self.stats = DiskStats()
         self._digest = repo.digest
+        self._chunk_name = repo.chunk_name
         self._next = plan_work(plan, index, deltas)
         self._packs = PackWriter(repo.put_pack)
         self._next_lock = threading.Lock()
@@ -390,7 +391,7 @@ class DiskBackup:
             self.stats.add(chunks_zero=1)
             self._trim(offset, length)
             return
-        digest = self._digest(data)
+        digest = self._chunk_name(data)
         with self._known_lock:
             seen = digest in self.known or digest in self._pending
             if not seen:

@@ -89,6 +89,8 @@ def names_agree(source: Repository, dest: Repository) -> bool:
     """Whether a chunk has the same name in both repositories (same hash, same key or none)."""
     if source.config.hash != dest.config.hash:
         return False
+    if (source.config.format >= 3) != (dest.config.format >= 3):
+        return False  # format 3 names chunks by their sparse form (docs/format.md "Chunks")
     if source.master is None or dest.master is None:
         return source.master is None and dest.master is None
     return source.shares_key(dest.config)
@@ -181,7 +183,7 @@ class SameNames(Transfer):
             raise self._missing_source(key, point) from None
         if key.startswith(keys.CHUNKS_PREFIX):
             try:
-                decode_chunk(blob, digest, self.source.digest)  # checked on the way: never copy damage
+                decode_chunk(blob, digest, self.source.chunk_name)  # checked on the way: never copy damage
             except RepositoryCorrupt as exc:
                 raise self._damaged(key, point, str(exc)) from None
             self.dest.put_chunk(digest, blob)
@@ -326,12 +328,12 @@ class Renamed(Transfer):
         key = keys.chunk_key(digest)
         try:
             blob = self.source.backend.get(key)
-            plaintext = decode_chunk(blob, digest, self.source.digest)
+            plaintext = decode_chunk(blob, digest, self.source.chunk_name)
         except ObjectMissing:
             raise self._missing_source(key, point) from None
         except RepositoryCorrupt as exc:  # fails to open, or to decode to its name
             raise self._damaged(key, point, str(exc)) from None
-        new = self.dest.digest(plaintext)
+        new = self.dest.chunk_name(plaintext)
         # The encoded bytes (zstd or plain) do not depend on the key: only the name and seal change.
         return new, (len(blob) if self.dest.put_chunk(new, blob) else -1)
 
@@ -375,8 +377,10 @@ class Renamed(Transfer):
         return name
 
     def _renamed_index(self, index: ChunkIndex) -> ChunkIndex:
-        out = ChunkIndex.empty(index.chunk_size, index.disk_size,
-                               min(index.version, self.dest.index_version))
+        version = self.dest.index_version  # paged in a format-3 destination
+        if version < INDEX_VERSION_PAGED:
+            version = min(index.version, version)
+        out = ChunkIndex.empty(index.chunk_size, index.disk_size, version)
         for i, digest in index.stored():
             out.set(i, self.names[digest])
         for i, ref in index.delta_refs():

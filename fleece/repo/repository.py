@@ -28,6 +28,7 @@ from fleece.repo.format.codec import (
     decode_chunk,
     decode_chunk_into,
     digest_function,
+    sparse_digest_function,
 )
 from fleece.repo.format.crypto import (
     CIPHERS,
@@ -192,7 +193,12 @@ class Repository:
         """Encrypted repositories: the sealing wrapper (``backend``), for moving sealed objects as
         they are."""
         self.digest = digest_function(config.hash, sealer.id_key if sealer else None)
-        """The chunk-naming hash of this repository (its ``config``'s ``hash``; keyed when encrypted)."""
+        """This repository's hash (its ``config``'s ``hash``; keyed when encrypted): names packs,
+        pages and deltas, and chunks up to format 2."""
+        self.chunk_name = (sparse_digest_function(config.hash, sealer.id_key if sealer else None)
+                           if config.format >= 3 else self.digest)
+        """What names a chunk: format 3 hashes its canonical sparse form (holes cost nothing),
+        older formats its plaintext (docs/format.md "Chunks")."""
         self.index_version = (INDEX_VERSION_PAGED if config.format >= 3 else
                               INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION)
         """The index version this repository's writers use (deltas from format 2, pages from 3)."""
@@ -426,7 +432,7 @@ class Repository:
             blob = self.backend.get(key)
         except ObjectMissing:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
-        return decode_chunk(blob, digest, self.digest)
+        return decode_chunk(blob, digest, self.chunk_name)
 
     def create(self, key: str, blob: bytes, *, existing_ok: bool = True) -> bool:
         """A conditional create of an immutable object; False when ``key`` existed.
@@ -596,7 +602,7 @@ class Repository:
                 blob = self.backend.get(key)
             except ObjectMissing:
                 raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
-            decode_chunk_into(blob, out, digest, self.digest,
+            decode_chunk_into(blob, out, digest, self.chunk_name,
                               f"chunk {digest.hex()} at chunk {i}")
         for ref in index.deltas_of(i):
             apply_delta(out, self.get_delta(ref), f"delta of pack {ref.pack.hex()} at chunk {i}")

@@ -10,7 +10,8 @@ Contents: VM ``web3``, chunk size 64 KiB, sha256, zstd level 3, one disk
 ``vda`` of 800 positions (50 MiB): pages of 256 positions, so pages 0-2 are
 whole and page 3 holds 32 positions.
 - point 1 (full): position 0 = A, 256 = A (pages 0 and 1 are equal: one
-  page object), 515 = B; page 3 is all zero (zero marker, no object).
+  page object), 515 = B, 700 = H (a chunk with holes: 8 KiB of 0x77, then
+  zeroes); page 3 is all zero (zero marker, no object).
 - point 2 (incremental on 1): position 3 gets delta d1 = {4096: E} over its
   zero base (page 0 changes; pages 1 and 2 keep their names).
 - point 3 (incremental on 2): position 515 is rewritten whole as C (page 2
@@ -39,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 TARGET = HERE / "sample-repo-v3"
 TARGET_ENCRYPTED = HERE / "sample-repo-v3-encrypted"
 POSITIONS = 800
+H = b"\x77" * 8192 + bytes(CHUNK - 8192)
 P1 = "20261207T010203.000001Z-bb0001"
 P2 = "20261208T010203.000002Z-bb0002"
 P3 = "20261209T010203.000003Z-bb0003"
@@ -51,7 +53,7 @@ def record(repo: Repository, point_id: str, index: ChunkIndex, level: str) -> Di
 
 
 def put_chunk(repo: Repository, data: bytes) -> bytes:
-    digest = repo.digest(data)
+    digest = repo.chunk_name(data)  # format 3: the hash of the chunk's sparse form
     repo.put_chunk(digest, encode_chunk(data, 3))
     return digest
 
@@ -78,6 +80,7 @@ def write(repo: Repository) -> None:
     index.set(0, put_chunk(repo, A))
     index.set(256, put_chunk(repo, A))
     index.set(515, put_chunk(repo, B))
+    index.set(700, put_chunk(repo, H))
     repo.write_point(point(P1, "2026-12-07T01:02:03.000001Z", None, record(repo, P1, index, "full")))
     index = repo.read_index(repo.load_point("web3", P1), "vda").copy()
     pack(repo, [(3, D1)], index)
