@@ -219,3 +219,19 @@ def test_format_3_repositories_name_chunks_by_the_sparse_form(tmp_path: Path) ->
     assert repo.digest(data) == hashlib.sha256(data).digest()  # packs and pages: their bytes
     older = _repo(tmp_path / "2", format=2)
     assert older.chunk_name(data) == hashlib.sha256(data).digest()
+
+
+def test_gc_spares_the_pages_and_chunks_of_a_young_orphan_index(tmp_path: Path) -> None:
+    """A backup writes pages, then its top table, then its point: between the two, gc keeps both."""
+    repo = _repo(tmp_path)
+    data = b"z" * CHUNK
+    name = repo.chunk_name(data)
+    repo.put_chunk(name, encode_chunk(data, 3))
+    index = ChunkIndex.empty(CHUNK, 2 * PAGE_POSITIONS * CHUNK, repo.index_version)
+    index.set(PAGE_POSITIONS + 2, name)
+    repo.write_index(P1, "vda", index)  # no point: an orphan, younger than the grace period
+    report = collect_garbage(repo, grace=timedelta(hours=1))
+    assert (report.indexes_spared, report.pages_kept, report.pages_deleted) == (1, 1, 0)
+    assert (report.chunks_kept, report.chunks_deleted) == (1, 0)
+    old = collect_garbage(repo, grace=timedelta(0))
+    assert (old.indexes_deleted, old.pages_deleted, old.chunks_deleted) == (1, 1, 1)
