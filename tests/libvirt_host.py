@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 # The namespace's whole /run is a fresh directory (so /run/libvirt need not exist on the host).
 BINDS = {"etc": "/etc/libvirt", "lib": "/var/lib/libvirt", "log": "/var/log/libvirt",
@@ -206,6 +207,32 @@ class LibvirtVM:
             raise RuntimeError(f"qemu-io {command!r} on {target}: {out.strip()}")
         return out
 
+    def qemu_pid(self) -> int:
+        """The pid of the domain's QEMU (from libvirt's pid file)."""
+        return int((self.host.base / "run" / "libvirt" / "qemu" / f"{self.name}.pid").read_text())
+
+    def flush(self, target: str) -> None:
+        """The guest flushes ``target``: its writes survive a kill of QEMU (bitmaps do not)."""
+        self.qemu_io(target, "flush")
+
+    def kill_qemu(self) -> None:
+        """SIGKILL the domain's QEMU, as the OOM killer or a crash would; wait until libvirt sees it."""
+        os.kill(self.qemu_pid(), signal.SIGKILL)
+        _wait_for("libvirt seeing QEMU die", lambda: self.state() == "shut off")
+
+    def shut_down(self) -> None:
+        """QEMU exits cleanly (SIGTERM: ``destroy --graceful``): persistent bitmaps are stored."""
+        self.virsh("destroy", "--graceful", self.name)
+
+    def start(self) -> None:
+        """Start the domain again, paused."""
+        self.virsh("start", "--paused", self.name)
+        self._qdev.clear()
+
+    def state(self) -> str:
+        """``virsh domstate``."""
+        return self.virsh("domstate", self.name).stdout.strip()
+
     def disk(self, target: str) -> LibvirtDisk:
         """The disk ``target``."""
         return next(d for d in self.disks if d.target == target)
@@ -290,10 +317,12 @@ class LibvirtVMFactory:
         self.base = base
         self.vms: list[LibvirtVM] = []
 
-    def __call__(self, disks: list[tuple[str, int]] | None = None, *, start: bool = True) -> LibvirtVM:
-        """Images (``(format, size)`` per disk, default one 64 MiB qcow2) and a domain on them."""
+    def __call__(self, disks: list[tuple[str, int]] | None = None, *, start: bool = True,
+                 name: str | None = None) -> LibvirtVM:
+        """Images (``(format, size)`` per disk, default one 64 MiB qcow2) and a domain on them
+        (named ``name``, made unique to this process, else ``fleece-t<pid>-<n>``)."""
         n = len(self.vms)
-        name = f"fleece-t{os.getpid()}-{n}"
+        name = f"{name} {os.getpid()}-{n}" if name else f"fleece-t{os.getpid()}-{n}"
         d = self.base / f"dom{n}"
         d.mkdir(parents=True)
         specs = []
@@ -305,7 +334,7 @@ class LibvirtVMFactory:
             with open(shadow, "wb") as f:
                 f.truncate(size)
             specs.append(LibvirtDisk(target, path, fmt, size, shadow))
-        xml = DOMAIN_XML.format(name=name, disks="\n".join(
+        xml = DOMAIN_XML.format(name=escape(name), disks="\n".join(
             DISK_XML.format(fmt=s.fmt, path=s.path, target=s.target) for s in specs))
         (d / "domain.xml").write_text(xml)
         self.host.virsh("define", str(d / "domain.xml"))

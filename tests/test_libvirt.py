@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -179,22 +180,31 @@ def test_lost_checkpoint_metadata_is_redefined_from_the_bitmaps_and_the_backup_s
     vm.write("vda", 0, 2 * MiB, 0x51)
     p1, _ = backup(fleece, vm, repo)
     name = f"fleece-{p1['point']}"
+    vm.shut_down()  # the bitmaps reach the images
+    vm.start()
     vm.virsh("checkpoint-delete", vm.name, name, "--metadata")  # libvirt forgets; the bitmaps stay
     assert vm.checkpoints() == [] and vm.qcow2_bitmaps("vda") == [name]
+    # status shows them, and what the next backup does with them.
+    st = lv(fleece, vm, "status", "--json").json()
+    assert st["checkpoints"] == [] and st["bitmaps"] == [
+        {"drive": d, "bitmap": name, "point": p1["point"], "usable": None} for d in ("vda", "vdb")]
+    assert f"bitmap {name} on vda has no libvirt checkpoint" in lv(fleece, vm, "status").out
     vm.write("vda", 30 * MiB, 1 * MiB, 0x52)
     vm.write("vdb", 0, 4096, 0x53)
 
     p2, err = backup(fleece, vm, repo)
     assert f"libvirt had lost checkpoint {name}" in err and "redefined" in err
     assert levels(p2) == {"vda": "incremental", "vdb": "incremental"} and p2["parent"] == p1["point"]
-    assert {d["drive"]: d["bytes_read"] for d in p2["disks"]} == {"vda": MiB, "vdb": GRANULE}
+    read = {d["drive"]: d["bytes_read"] for d in p2["disks"]}
+    # (vdb: its one granule, less what block status shows as zero after QEMU's restart)
+    assert read["vda"] == MiB and 4096 <= read["vdb"] <= GRANULE, read
     for d in ("vda", "vdb"):
         assert identical(restore(fleece, repo, p2["point"], d, tmp_path / f"r2-{d}"), vm.disk(d).shadow)
     assert vm.checkpoints() == [f"fleece-{p2['point']}"]
 
 
 @pytest.mark.parametrize("phase", ["export-live", "chunk-stored", "before-point", "before-commit"])
-def test_a_backup_killed_mid_run_leaves_a_job_that_cleanup_removes_and_the_next_backup_is_correct(
+def test_a_backup_killed_mid_run_is_finished_by_the_next_backup_or_by_cleanup(
         make_domain: Any, fleece: Any, tmp_path: Any, scratch_tmpdir: Any, hold_backup: Any,
         phase: Any) -> None:
     vm = make_domain()
@@ -209,31 +219,39 @@ def test_a_backup_killed_mid_run_leaves_a_job_that_cleanup_removes_and_the_next_
     left = vm.libvirt_state()
     assert len(left["checkpoints"]) == 2
     assert left["job"] == ("None" if phase == "before-commit" else "Unbounded")
-
-    # The next backup refuses to run over it, names the clean-up, changes nothing.
-    res = lv(fleece, vm, "backup", "--repo", repo)
-    assert f"fleece cleanup --libvirt {vm.name}" in one_line_error(res, 1)
-    assert vm.libvirt_state() == left
     status = lv(fleece, vm, "status", "--json")
     assert status.rc == 0 and status.json()["leftovers"], status.out
-
-    res = lv(fleece, vm, "cleanup")
-    assert res.rc == 0 and "checkpoint fleece-" in res.out, res.err
     points = [p["id"] for p in fleece("list", "--repo", repo, "--json").json()["points"]]
     # Killed after its point was written and the commit decided: finished as a commit.
     committed = phase == "before-commit"
     assert len(points) == (2 if committed else 1)
-    assert vm.libvirt_state() == {"checkpoints": {f"fleece-{points[-1]}": None}, "job": "None",
-                                  "state": "paused"}
-    assert list(scratch_tmpdir.iterdir()) == []
-    assert lv(fleece, vm, "cleanup").out.strip() == "nothing to clean up"
+    what = "finished the commit it had decided" if committed else "aborted its export"
 
-    vm.write("vda", 30 * MiB, 4096, 0x63)
-    p3, _ = backup(fleece, vm, repo)
+    if phase in ("export-live", "before-commit"):
+        # By hand: cleanup says what it finished and how.
+        res = lv(fleece, vm, "cleanup")
+        assert res.rc == 0 and "checkpoint fleece-" in res.out, res.err
+        assert what in res.err and f"fleece pid {held.proc.pid}" in res.err, res.err
+        assert vm.libvirt_state() == {"checkpoints": {f"fleece-{points[-1]}": None}, "job": "None",
+                                      "state": "paused"}
+        assert list(scratch_tmpdir.iterdir()) == []
+        assert lv(fleece, vm, "cleanup").out.strip() == "nothing to clean up"
+        vm.write("vda", 30 * MiB, 4096, 0x63)
+        p3, err = backup(fleece, vm, repo)
+        assert "unfinished" not in err
+    else:
+        # Unattended: the next backup finishes the dead run's leftovers, says so, and goes on.
+        vm.write("vda", 30 * MiB, 4096, 0x63)
+        p3, err = backup(fleece, vm, repo)
+        assert f"fleece pid {held.proc.pid}, which has exited, left its libvirt backup" in err, err
+        assert what in err
     assert levels(p3) == {"vda": "incremental"} and p3["parent"] == points[-1]
     # No dirty bit lost: every write since the last committed point is read.
     assert p3["disks"][0]["bytes_read"] == (GRANULE if committed else MiB + GRANULE)
     assert identical(restore(fleece, repo, p3["point"], "vda", tmp_path / "r3"), vm.disk("vda").shadow)
+    assert vm.libvirt_state() == {"checkpoints": {f"fleece-{p3['point']}": None}, "job": "None",
+                                  "state": "paused"}
+    assert list(scratch_tmpdir.iterdir()) == []
 
 
 def test_export_start_stop_and_status_on_a_libvirt_domain(
@@ -312,8 +330,6 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
         (["backup", "--repo", repo, "--libvirt", "no-such-domain", "--connect", libvirt_host.uri],
          2, "no domain 'no-such-domain'"),
         (["backup", "--repo", repo, *vm.backup_target, "--drive", "vdz"], 2, "has no disk 'vdz'"),
-        (["backup", "--repo", repo, *vm.backup_target, "--drive", "vdb"], 2, "is raw, not qcow2"),
-        (["backup", "--repo", repo, *vm.backup_target], 2, "choose disks with --drive"),
         (["backup", "--repo", repo, *off.backup_target], 1, "is not running (shut off)"),
         (["backup", "--repo", repo, "--qmp", "/x.sock", *vm.backup_target], 2, "not both"),
         (["backup", "--repo", repo, "--qmp", "/x.sock", "--drive", "vda", "--connect", libvirt_host.uri],
@@ -321,7 +337,6 @@ def test_bad_input_gets_one_line_the_right_exit_and_changes_nothing_in_libvirt(
         (["backup", "--repo", repo, "--libvirt", vm.name, "--connect", "qemu:///system?socket=/nonexistent"],
          1, "cannot connect to libvirt"),
         (["export", "start", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
-        (["export", "start", *vm.backup_target, "--drive", "vdb"], 2, "not qcow2"),
         (["export", "start", *vm.backup_target, "--drive", "vda", "--discard"], 2, "read-only"),
         (["status", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
         (["cleanup", "--libvirt", "no-such-domain", "--connect", libvirt_host.uri], 2, "no domain"),
@@ -397,8 +412,13 @@ def test_a_libvirt_error_nobody_expected_is_one_line_in_fleeces_voice() -> None:
 
     from fleece.libvirt.domain import LibvirtError, libvirt_errors
 
-    expected = r"^libvirt failed on domain web1: .*odd; 'fleece status --libvirt web1'"
+    expected = r"^libvirt failed on domain web1: .*odd; see what is left with: fleece status --libvirt web1$"
     with pytest.raises(LibvirtError, match=expected), libvirt_errors("web1"):
+        raise libvirt.libvirtError("operation failed: something odd")
+    # A name that needs quoting is quoted: the hint can be pasted.
+    odd = "db server \u2013 \u00fc 2"
+    with pytest.raises(LibvirtError, match=re.escape(f"fleece status --libvirt '{odd}'") + "$"), \
+            libvirt_errors(odd):
         raise libvirt.libvirtError("operation failed: something odd")
 
 

@@ -232,7 +232,7 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
 
 
 def print_summary(result: BackupResult) -> None:
-    """The one-screen summary after a backup."""
+    """The one-screen summary after a backup (why a disk is full was said on stderr, once)."""
     p = result.point
     print(f"restore point {p.id} of VM {p.vm}" + (f" (parent {p.parent})" if p.parent else ""))
     total_dirty = total_read = total_stored = 0
@@ -249,8 +249,6 @@ def print_summary(result: BackupResult) -> None:
             f" in {s.objects_written} objects; chunks {s.chunks_new} new, {s.chunks_reused} reused,"
             f" {s.chunks_zero} zero, {s.chunks_unchanged} unchanged{deltas}"
         )
-        if d.reason:
-            print(f"    full because {d.reason}")
     secs = max(result.seconds, 1e-9)
     pause = f", guest paused {result.pause_ms:.1f} ms" if result.pause_ms is not None else ""
     print(

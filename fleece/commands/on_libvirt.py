@@ -11,9 +11,11 @@ from fleece.commands.common import human_size, print_json, say
 from fleece.errors import BadInput
 from fleece.fleecing.names import checkpoint_of
 from fleece.libvirt import export as lv_export
-from fleece.libvirt.checkpoints import list_checkpoints
+from fleece.libvirt import offline
+from fleece.libvirt.checkpoints import Checkpoint, list_checkpoints
 from fleece.libvirt.domain import (
     bindings,
+    command,
     disks_of,
     dotted,
     libvirt_errors,
@@ -65,7 +67,7 @@ def export_start(args: argparse.Namespace) -> int:
     for d in export.disks:
         what = f"incremental since {d.since}, dirty bitmap {d.dirty_bitmap}" if d.since else "full"
         print(f"  {d.drive}: {d.uri}  {human_size(d.size)} ({d.size} bytes), {what}")
-    print(f"end it with: fleece export stop --libvirt {args.libvirt} [--abort]")
+    print("end it with: " + command("fleece", "export", "stop", "--libvirt", args.libvirt) + " [--abort]")
     return 0
 
 
@@ -103,13 +105,15 @@ def collect_status(dom: Any) -> dict[str, Any]:
     job = running_job(dom) if running else None
     job_state = JobState.load(job.scratch) if job is not None and job.scratch else None
     cps = list_checkpoints(dom)
-    ours = [c for c in cps if c.point is not None]
     leftovers: list[str] = []
     if job is not None and job_state is not None and job_state.owner_gone():
         leftovers.append(f"backup job of killed fleece pid {job_state.pid}")
-    if job is None and len(ours) > 1:
-        leftovers += [c.name for c in ours[1:]]
+    for run in lv_export.ended_runs(dom, job):
+        what = "being set up or ended by" if not run.process_exited() else "left by"
+        leftovers.append(f"unfinished run of restore point {run.checkpoint} ({what} fleece pid "
+                         f"{run.pid}, scratch directory {run.scratch})")
     return {
+        "bitmaps": image_bitmaps(xml, cps, running),
         "vm": dom.name(),
         "uuid": dom.UUIDString(),
         "libvirt": dotted(version_tuple(conn.getLibVersion())),
@@ -128,6 +132,29 @@ def collect_status(dom: Any) -> dict[str, Any]:
     }
 
 
+def image_bitmaps(xml: Any, cps: list[Checkpoint], running: bool) -> list[dict[str, Any]]:
+    """fleece bitmaps stored in the disks' qcow2 images that no libvirt checkpoint names.
+
+    Read from the image files (``qemu-img info -U``): a running QEMU stores
+    the bitmaps it made only at its clean exit, so those made since the
+    domain started do not show. ``usable``: stored at a clean exit (True),
+    left by a QEMU that did not exit cleanly (False), or held by the running
+    QEMU (None: the next backup checks it, and redefines its checkpoint when
+    the repository holds the point).
+    """
+    named = {c.name for c in cps}
+    found = []
+    for disk in disks_of(xml):
+        path = offline.local_image(disk)
+        for b in (offline.image_bitmaps(path) or {}).values() if path is not None else ():
+            if checkpoint_of(b.name) is None or b.name in named:
+                continue
+            usable = None if running and b.in_use else not b.in_use
+            found.append({"drive": disk.target, "bitmap": b.name, "point": checkpoint_of(b.name),
+                          "usable": usable})
+    return found
+
+
 def status(args: argparse.Namespace) -> int:
     """``fleece status --libvirt DOMAIN``."""
     st = with_domain(args, collect_status)
@@ -143,16 +170,26 @@ def status(args: argparse.Namespace) -> int:
     for c in st["checkpoints"]:
         print(f"  checkpoint {c['name']}" + (f" (parent {c['parent']})" if c["parent"] else "")
               + f" on {', '.join(c['disks']) or 'no disk'}" + ("" if c["fleece"] else " (not fleece's)"))
+    for b in st["bitmaps"]:
+        how = {True: "stored intact", False: "inconsistent: QEMU did not exit cleanly; unusable",
+               None: "held by the running QEMU"}[b["usable"]]
+        print(f"  bitmap {b['bitmap']} on {b['drive']} has no libvirt checkpoint ({how})"
+              + ("; the next backup redefines the checkpoint from it when the newest restore point "
+                 f"of the VM in the repository is {b['point']}" if b["usable"] is not False else ""))
     job = st["backup_job"]
     if job is None:
         print("  no backup job")
+    elif job["fleece"] and job["owner"] == "session":
+        print(f"  a fleece backup holds an export at checkpoint {job['checkpoint']} "
+              f"({', '.join(job['drives'])}, socket {job['socket']}); it ends it itself (if its process "
+              "is gone, the next backup or " + command("fleece", "cleanup", "--libvirt", st["vm"]) + " does)")
     elif job["fleece"]:
         print(f"  a fleece export is up at checkpoint {job['checkpoint']} ({', '.join(job['drives'])}, "
-              f"socket {job['socket']}): end it with 'fleece export stop --libvirt {st['vm']}' (or "
-              f"'fleece cleanup --libvirt {st['vm']}' if the process that started it is gone)")
+              f"socket {job['socket']}): end it with "
+              + command("fleece", "export", "stop", "--libvirt", st["vm"]))
     else:
         print(f"  a backup job that is not fleece's is running (socket {job['socket']})")
     if st["leftovers"]:
-        print(f"  leftovers of an interrupted fleece run: {', '.join(st['leftovers'])} "
-              f"(run 'fleece cleanup --libvirt {st['vm']}')")
+        print(f"  leftovers of an interrupted fleece run: {', '.join(st['leftovers'])} (the next fleece "
+              "backup finishes them, or now: " + command("fleece", "cleanup", "--libvirt", st["vm"]) + ")")
     return 0

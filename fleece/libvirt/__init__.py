@@ -9,9 +9,12 @@ transaction. fleece's reader, pipeline and repository do the rest, as on the
 QMP path.
 
 - ``domain``: connection, lookup, disks, version and errors;
-- ``checkpoints``: restore points ↔ libvirt checkpoints, redefinition;
+- ``checkpoints``: restore points ↔ libvirt checkpoints, redefinition, and
+  dropping stale ones (missing or broken bitmaps);
+- ``offline``: the bitmaps in a shut-off domain's images (``qemu-img``);
 - ``job``: the backup job's XML, state file and scratch directory;
-- ``export``: set-up, commit/abort, ``export stop``, ``cleanup``;
+- ``export``: set-up, commit/abort, ``export stop``, ``cleanup``, and
+  finishing what a dead run left (``recover``);
 - ``source``: :class:`LibvirtSource` for ``fleece backup --libvirt``.
 """
 

@@ -8,6 +8,7 @@ error to stderr is switched off: fleece reports the one line itself.
 from __future__ import annotations
 
 import os
+import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,22 @@ JOB_OPERATION_BACKUP = 9
 
 class LibvirtError(FleeceError):
     """libvirt refused a call; the message carries libvirt's reason and what was left."""
+
+
+class ConnectionLost(LibvirtError):
+    """The connection to libvirtd broke (libvirtd restarted or stopped) in the middle of a call."""
+
+
+def command(*words: str) -> str:
+    """A command line the user can paste: every word shell-quoted (``--libvirt 'db server 2'``)."""
+    return shlex.join(words)
+
+
+def connection_lost(exc: Any) -> bool:
+    """Whether libvirt error ``exc`` means the connection to libvirtd broke, not a refusal."""
+    libvirt = bindings()
+    return (exc.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+            or exc.get_error_code() in (libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT))
 
 
 def bindings() -> Any:
@@ -99,6 +116,12 @@ def lookup(conn: Any, name: str) -> Any:
     raise BadInput(f"libvirt has no domain {name!r} (see 'virsh list --all'); nothing was changed")
 
 
+def is_running(dom: Any) -> bool:
+    """Whether the domain's QEMU runs (running or paused)."""
+    libvirt = bindings()
+    return bool(dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED))
+
+
 def require_running(dom: Any) -> None:
     """Backups need the domain's QEMU: refuse a domain that is not running."""
     libvirt = bindings()
@@ -113,6 +136,11 @@ def require_running(dom: Any) -> None:
 def live_xml(dom: Any) -> ET.Element:
     """The running domain's definition."""
     return ET.fromstring(dom.XMLDesc(0))
+
+
+def bitmap_capable(disk: DomainDisk) -> bool:
+    """Whether libvirt can keep a checkpoint's bitmap in the disk's image (qcow2 only)."""
+    return disk.format == "qcow2"
 
 
 def disks_of(xml: ET.Element) -> list[DomainDisk]:
@@ -135,7 +163,11 @@ def disks_of(xml: ET.Element) -> list[DomainDisk]:
 
 
 def select_disks(dom_name: str, disks: list[DomainDisk], drives: list[str]) -> list[DomainDisk]:
-    """The disks ``drives`` name (all disks when none is named); bad input for unknown or non-qcow2 ones."""
+    """The disks ``drives`` name (all disks when none is named); bad input for unknown ones.
+
+    A disk in another format than qcow2 (raw) is chosen too: it cannot hold
+    a checkpoint's bitmap, so it is backed up full every time.
+    """
     by_target = {d.target: d for d in disks}
     chosen = []
     for drive in drives or list(by_target):
@@ -146,12 +178,6 @@ def select_disks(dom_name: str, disks: list[DomainDisk], drives: list[str]) -> l
         chosen.append(disk)
     if not chosen:
         raise BadInput(f"domain {dom_name} has no disks to back up; nothing was changed")
-    for disk in chosen:
-        if disk.format != "qcow2":
-            raise BadInput(f"disk {disk.target} of domain {dom_name} is {disk.format}, not qcow2: libvirt "
-                           "keeps checkpoints only in qcow2 images"
-                           + ("" if drives else "; choose disks with --drive")
-                           + "; nothing was changed")
     return chosen
 
 
@@ -179,8 +205,9 @@ def libvirt_errors(domain: str) -> Iterator[None]:
     try:
         yield
     except libvirt.libvirtError as exc:
-        raise LibvirtError(f"libvirt failed on domain {domain}: {message(exc)}; 'fleece status --libvirt "
-                           f"{domain}' shows what is left") from None
+        kind = ConnectionLost if connection_lost(exc) else LibvirtError
+        raise kind(f"libvirt failed on domain {domain}: {message(exc)}; see what is left with: "
+                   + command("fleece", "status", "--libvirt", domain)) from None
 
 
 def refused(what: str, exc: Any, left: str = "nothing was changed") -> ExportError:

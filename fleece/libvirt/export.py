@@ -36,8 +36,13 @@ from fleece.fleecing.names import (
 from fleece.fleecing.setup import default_scratch_parent
 from fleece.libvirt import checkpoints
 from fleece.libvirt.domain import (
+    ConnectionLost,
     bindings,
+    bitmap_capable,
+    command,
+    connection_lost,
     disks_of,
+    is_running,
     live_xml,
     message,
     qemu_user,
@@ -49,13 +54,13 @@ from fleece.libvirt.job import (
     SCRATCH_PREFIX,
     JobDisk,
     JobState,
+    RunningJob,
     backup_xml,
     end_job,
     make_scratch,
     remove_scratch,
     running_job,
 )
-from fleece.liveness import process_gone
 from fleece.testing import pause_point
 
 _log = logging.getLogger(__name__)
@@ -110,35 +115,79 @@ class LibvirtExport:
                 "libvirt_checkpoint": self.libvirt_checkpoint, "trim_alignment": self.trim_alignment}
 
 
-def refuse_busy(dom: Any) -> None:
-    """Refuse (changing nothing) while a backup job runs or a killed run's checkpoints are left."""
+def recover(dom: Any, log: Log, *, act: bool = True, exports: bool = False) -> list[str]:
+    """Finish what certainly dead fleece runs left on ``dom``; what was removed, one item each.
+
+    Refused (changing nothing): another tool's backup job, a fleece export
+    that is up (``export start``), a fleece run whose process may be alive.
+    A run whose process has certainly exited (``JobState.process_exited``),
+    with its backup job still running or gone with the domain's QEMU, is
+    finished as :func:`cleanup` does: as an abort, unless its state file says
+    the commit had been decided (its point is stored). Each finished run is
+    said in one line. ``act=False`` only checks; ``exports`` takes down an
+    export left up by ``export start`` too, as an abort.
+    """
     name = dom.name()
-    job = running_job(dom)
+    job = running_job(dom) if is_running(dom) else None
+    done: list[str] = []
     if job is not None:
         state = JobState.load(job.scratch) if job.scratch else None
         if state is None:
             raise ExportError(f"another backup job is running on domain {name} (not fleece's: NBD socket "
-                              f"{job.socket or 'none'}); nothing was changed")
-        if state.owner == "export":
+                              f"{job.socket or 'none'}); it was left alone; nothing was changed")
+        if state.owner == "export" and exports:
+            if act:
+                done += _finish(dom, state, "fleece export start", log)
+        elif state.owner == "export":
             raise LeftoversPresent(f"a fleece export of domain {name} is up (checkpoint {state.checkpoint}); "
-                                   f"end it with 'fleece export stop --libvirt {name}'; nothing was changed")
-        if not state.owner_gone():
+                                   "end it with: " + command("fleece", "export", "stop", "--libvirt", name)
+                                   + "; nothing was changed")
+        elif not state.owner_gone():
             raise LeftoversPresent(f"another fleece backup of domain {name} is running (pid {state.pid}); "
                                    "nothing was changed")
-        raise LeftoversPresent(f"a killed fleece run left a backup job on domain {name}; run "
-                               f"'fleece cleanup --libvirt {name}'; nothing was changed")
-    ours = checkpoints.fleece_checkpoints(dom)
-    if len(ours) > 1:
-        raise LeftoversPresent(f"domain {name} has {len(ours)} fleece checkpoints ("
-                               f"{', '.join(c.name for c in ours)}): a fleece run was cut short; run "
-                               f"'fleece cleanup --libvirt {name}'; nothing was changed")
+        elif act:
+            done += _finish(dom, state, f"fleece pid {state.pid}, which has exited,", log)
+    for state in ended_runs(dom, job):
+        if not state.process_exited():
+            raise LeftoversPresent(f"another fleece run on domain {name} is under way (pid {state.pid}, "
+                                   f"scratch directory {state.scratch}); nothing was changed")
+        if act:
+            done += _finish(dom, state, f"fleece pid {state.pid}, whose backup job had ended,", log)
+    return done
+
+
+def ended_runs(dom: Any, job: RunningJob | None) -> list[JobState]:
+    """The state files of this domain's runs that no running job belongs to: in the scratch
+    directories its fleece checkpoints name, and in the default scratch place."""
+    places = {s for s in (checkpoints.scratch_of(c) for c in checkpoints.fleece_checkpoints(dom)) if s}
+    places |= {str(p) for p in default_scratch_parent().glob(f"{SCRATCH_PREFIX}*")}
+    uuid = dom.UUIDString()
+    found = []
+    for place in sorted(places):
+        state = JobState.load(place)
+        if state is None or state.uuid != uuid or (job is not None and job.socket == state.socket):
+            continue
+        found.append(state)
+    return found
+
+
+def _finish(dom: Any, state: JobState, who: str, log: Log) -> list[str]:
+    """End a dead run's job and checkpoint as it had decided (abort unless commit), and say so."""
+    committed = state.outcome == "commit"
+    done = end(dom, state, commit=False, log=log)
+    stored = f" (restore point {state.checkpoint} is stored)" if state.owner == "session" else ""
+    what = (f"finished the commit it had decided{stored}" if committed
+            else f"aborted its export of restore point {state.checkpoint}")
+    log(f"{who} left its libvirt backup of domain {state.domain} unfinished: {what}; removed "
+        f"{', '.join(done) or 'nothing'}")
+    return done
 
 
 def preflight(dom: Any, drives: list[str]) -> None:
     """Everything :func:`start` checks before it changes anything."""
     require_running(dom)
     select_disks(dom.name(), disks_of(live_xml(dom)), drives)
-    refuse_busy(dom)
+    recover(dom, _log.warning, act=False)
 
 
 def start(
@@ -154,14 +203,16 @@ def start(
     log: Log | None = None,
     owner: str = "export",
 ) -> LibvirtExport:
-    """Begin the pull-mode backup job of ``drives`` (all qcow2 disks when empty) and leave it running.
+    """Begin the pull-mode backup job of ``drives`` (all disks when empty) and leave it running.
 
     ``level``, ``parent_ok`` and ``scratch_dir`` as for
     ``fleece.fleecing.point_in_time_export``; ``known_point`` is the newest
     restore point the caller holds (redefined as a checkpoint if libvirt
     lost it); ``qga`` freezes the guest's filesystems through libvirt's
-    guest agent around the point. On failure nothing is left changed
-    (except a checkpoint redefined from intact bitmaps) and the error is raised.
+    guest agent around the point. What a dead run left is finished first
+    (:func:`recover`), stale checkpoints are dropped (``checkpoints.heal``),
+    each said. On failure nothing else is left changed (except a checkpoint
+    redefined from intact bitmaps) and the error is raised.
     """
     libvirt = bindings()
     log = log or _log.warning
@@ -171,23 +222,26 @@ def start(
     xml = live_xml(dom)
     all_disks = disks_of(xml)
     chosen = select_disks(dom.name(), all_disks, drives)
-    refuse_busy(dom)
     point = checkpoint or new_point_id()
     if checkpoint_of(checkpoint_bitmap(point)) is None:
         raise BadInput(f"--checkpoint {point!r} is not a fleece point id (like {new_point_id()})")
-    targets = [d.target for d in chosen]
-    choices, redefined = checkpoints.choose_levels(dom, targets, level, parent_ok or (lambda _d, _p: True),
-                                                   known_point, log)
+    recover(dom, log)
+    healed = checkpoints.heal(dom, all_disks)
+    choices, redefined = checkpoints.choose_levels(dom, chosen, level, parent_ok or (lambda _d, _p: True),
+                                                   known_point, log, healed)
     full = {d: c.reason for d, c in choices.items() if c.parent is None}
     if level == "incremental" and full:
         for name in redefined:  # leave libvirt as found
             checkpoints.delete(dom, name, metadata_only=True)
         reasons = dict.fromkeys(r for r in full.values() if r)  # one disk's or the same for all
-        raise ExportError("--level incremental, but " + "; ".join(reasons) + "; nothing was changed")
+        left = "stale checkpoint metadata was removed" if healed.done else "nothing was changed"
+        raise ExportError("--level incremental, but " + "; ".join(reasons) + f"; {left}")
     for reason in dict.fromkeys(full.values()):
         if reason and level == "auto":
             log(f"full because {reason}")
 
+    targets = [d.target for d in chosen]
+    with_bitmap = [d.target for d in chosen if bitmap_capable(d)]
     sizes = {target: int(dom.blockInfo(target, 0)[0]) for target in targets}
     scratch = make_scratch(scratch_dir, qemu_user(xml))
     try:
@@ -209,7 +263,7 @@ def start(
                 raise refused("freeze the guest's filesystems through its agent", exc) from None
         try:
             dom.backupBegin(backup_xml(state, [d.target for d in all_disks]),
-                            checkpoints.new_checkpoint_xml(point, targets, [d.target for d in all_disks],
+                            checkpoints.new_checkpoint_xml(point, with_bitmap, [d.target for d in all_disks],
                                                            str(scratch)), 0)
         except libvirt.libvirtError as exc:
             raise refused("begin the backup job", exc) from None
@@ -248,94 +302,85 @@ def describe(state: JobState) -> LibvirtExport:
 
 
 def end(dom: Any, state: JobState, *, commit: bool, log: Log | None = None) -> list[str]:
-    """End the job of ``state`` and commit or abort its checkpoint; what was done, one item each."""
+    """End the job of ``state`` and commit or abort its checkpoint; what was done, one item each.
+
+    The outcome is recorded in the state file first: whoever finishes a run
+    cut short here (:func:`recover`) does what was decided. A shut-off domain
+    has no job; its checkpoints are removed offline (``checkpoints.remove``).
+    A broken connection to libvirtd raises :class:`ConnectionLost`.
+    """
     libvirt = bindings()
     done: list[str] = []
     if state.outcome is None:
         state.outcome = "commit" if commit else "abort"
-        state.save()
+        if Path(state.scratch).is_dir():
+            state.save()
     commit = state.outcome == "commit"
     new = checkpoint_bitmap(state.checkpoint)
     try:
-        job = running_job(dom)
-        if job is not None and job.socket == state.socket and end_job(dom):
-            done.append("backup job")
+        if is_running(dom):
+            job = running_job(dom)
+            if job is not None and job.socket == state.socket and end_job(dom):
+                done.append("backup job")
         pause_point("before-commit")  # test hook (fleece.testing); inert in production
-        for cp in checkpoints.fleece_checkpoints(dom):
-            if (cp.name != new) if commit else (cp.name == new):
-                checkpoints.delete(dom, cp.name)
-                done.append(f"checkpoint {cp.name}")
+        ours = checkpoints.fleece_checkpoints(dom)
+        gone = checkpoints.covered(ours, new) if commit else [c for c in ours if c.name == new]
+        if gone:
+            disks = disks_of(live_xml(dom))
+            done += [checkpoints.remove(dom, cp, disks) for cp in gone]
     except libvirt.libvirtError as exc:
-        raise ExportError(f"libvirt failed while ending the backup of domain {state.domain}: {message(exc)}; "
-                          f"run 'fleece cleanup --libvirt {state.domain}'") from None
+        kind = ConnectionLost if connection_lost(exc) else ExportError
+        raise kind(f"libvirt failed while ending the backup of domain {state.domain}: {message(exc)}; the "
+                   "next fleece backup finishes it (or now: "
+                   + command("fleece", "cleanup", "--libvirt", state.domain) + ")") from None
     if remove_scratch(state.scratch):
         done.append(f"scratch directory {state.scratch}")
     return done
 
 
 def stop(dom: Any, *, abort: bool) -> str:
-    """End the export that is up on ``dom`` (started by any process); one line saying what was done."""
-    job = running_job(dom)
+    """End the export that is up on ``dom`` (started by any process); one line saying what was done.
+
+    An export a running ``fleece backup`` holds is its own: refused. One whose
+    backup has exited is finished as :func:`cleanup` does.
+    """
+    job = running_job(dom) if is_running(dom) else None
     state = JobState.load(job.scratch) if job is not None and job.scratch else None
+    name = dom.name()
     if state is None:
-        raise ExportError(f"no fleece export is up on domain {dom.name()}; nothing was changed")
+        raise ExportError(f"no fleece export is up on domain {name}; nothing was changed")
+    drives = ", ".join(d.drive for d in state.disks)
+    if state.owner == "session":
+        if not state.owner_gone():
+            raise LeftoversPresent(f"the export of domain {name} belongs to a fleece backup that is running "
+                                   f"(pid {state.pid}); it ends the export itself when it is done; nothing "
+                                   "was changed")
+        committed = state.outcome == "commit"
+        done = end(dom, state, commit=False)
+        return (f"the fleece backup that held the export of {drives} (pid {state.pid}) has exited: "
+                + ("finished the commit it had decided" if committed else "aborted, as 'fleece cleanup' does")
+                + f"; removed {', '.join(done)}")
     end(dom, state, commit=not abort)
     new = checkpoint_bitmap(state.checkpoint)
     if abort:
-        return (f"stopped the export of {', '.join(d.drive for d in state.disks)}; aborted: removed "
+        return (f"stopped the export of {drives}; aborted: removed "
                 f"checkpoint {new}, the previous one (if any) still records every write")
-    return (f"stopped the export of {', '.join(d.drive for d in state.disks)}; committed: checkpoint "
-            f"{new} records writes from now on")
+    return f"stopped the export of {drives}; committed: checkpoint {new} records writes from now on"
 
 
 def cleanup(dom: Any, log: Log | None = None) -> list[str]:
-    """Remove what a killed fleece run left on ``dom``, as an abort; what was removed.
+    """Remove what killed fleece runs left on ``dom``; what was removed, one item each.
 
-    A run that had decided to commit is finished as a commit. A backup job
-    that is not fleece's, or a fleece backup still running, is left alone.
+    As :func:`recover` (a run that had decided to commit is finished as a
+    commit, and that is said), then stale checkpoints are dropped
+    (``checkpoints.heal``): on a running domain through QEMU, on a shut-off
+    one from the images with ``qemu-img``. A backup job that is not
+    fleece's or a fleece run still running is left alone (refused); an
+    export left up by ``export start`` is taken down as an abort.
     """
-    job = running_job(dom)
-    state: JobState | None = None
-    done: list[str] = []
-    if job is not None:
-        state = JobState.load(job.scratch) if job.scratch else None
-        if state is None:
-            raise ExportError(f"the backup job running on domain {dom.name()} is not fleece's (NBD socket "
-                              f"{job.socket or 'none'}); it was left alone")
-        if state.owner == "session" and not state.owner_gone():
-            raise ExportError(f"a fleece backup of domain {dom.name()} is running (pid {state.pid}); "
-                              "nothing was changed")
-        return end(dom, state, commit=False, log=log) + _orphan_scratch(dom)
-    ours = checkpoints.fleece_checkpoints(dom)
-    scratches = {s for s in (checkpoints.scratch_of(c) for c in ours) if s}
-    for scratch in sorted(scratches):
-        found = JobState.load(scratch)
-        if found is not None and found.domain == dom.name():
-            state = found
-    if state is not None:
-        return end(dom, state, commit=False, log=log) + _orphan_scratch(dom)
-    if len(ours) > 1:
-        # No state: the newest checkpoint's run never decided to commit;
-        # the oldest has recorded every write since its point.
-        for cp in ours[1:]:
-            checkpoints.delete(dom, cp.name)
-            done.append(f"checkpoint {cp.name}")
-    for scratch in sorted(scratches):
-        if Path(scratch).exists() and remove_scratch(scratch):
-            done.append(f"scratch directory {scratch}")
-    return done + _orphan_scratch(dom)
-
-
-def _orphan_scratch(dom: Any) -> list[str]:
-    """Scratch directories of this domain in the default place whose process is gone and
-    whose job is not running: a run killed before libvirt began its job left them."""
-    job = running_job(dom)
-    removed = []
-    for path in sorted(default_scratch_parent().glob(f"{SCRATCH_PREFIX}*")):
-        state = JobState.load(path)
-        if (state is None or state.uuid != dom.UUIDString() or not process_gone(state.host, state.pid)
-                or (job is not None and job.socket == state.socket)):
-            continue
-        if remove_scratch(path):
-            removed.append(f"scratch directory {path}")
-    return removed
+    log = log or _log.warning
+    done = recover(dom, log, exports=True)
+    healed = checkpoints.heal(dom, disks_of(live_xml(dom)))
+    for reason in healed.broken.values():
+        log(reason)
+    return done + healed.done

@@ -13,7 +13,8 @@ The state file (``fleece-libvirt-export.json``, version 1) lets
 ``export stop`` and ``cleanup`` finish from another process::
 
     {"version": 1, "domain", "uuid", "checkpoint", "scratch", "socket", "owner",
-     "pid", "host", "outcome": null | "commit" | "abort",
+     "pid", "host", "boot_id", "pid_ns", "start_time", "machine_id",
+     "outcome": null | "commit" | "abort",
      "disks": [{"drive", "size", "parent", "level", "reason", "export", "dirty_bitmap"}]}
 """
 
@@ -33,6 +34,7 @@ from fleece.fleecing.names import SOCKET_FILE, checkpoint_bitmap
 from fleece.fleecing.setup import default_scratch_parent
 from fleece.fleecing.state import ScratchState
 from fleece.libvirt.domain import JOB_OPERATION_BACKUP, bindings
+from fleece.liveness import IDENTITY_FIELDS, Owner
 
 STATE_FILE = "fleece-libvirt-export.json"
 SCRATCH_PREFIX = "fleece-lv-"
@@ -68,8 +70,17 @@ class JobState(ScratchState):
     """``export``: left up by ``export start``; ``session``: held by process ``pid`` while it runs."""
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=gethostname)
+    boot_id: str | None = field(default_factory=lambda: Owner.current().boot_id)
+    pid_ns: int | None = field(default_factory=lambda: Owner.current().pid_ns)
+    start_time: int | None = field(default_factory=lambda: Owner.current().start_time)
+    machine_id: str | None = field(default_factory=lambda: Owner.current().machine_id)
     outcome: str | None = None
     disks: list[JobDisk] = field(default_factory=list)
+
+    def process_exited(self) -> bool:
+        """Whether the process that wrote this state (whatever its owner) has certainly exited
+        (:meth:`fleece.liveness.Owner.certainly_dead`)."""
+        return self.process.certainly_dead()
 
     @classmethod
     def load(cls, scratch: str | Path) -> JobState | None:
@@ -81,7 +92,12 @@ class JobState(ScratchState):
         if raw is None:
             return None
         disks = [JobDisk(**d) for d in raw.pop("disks", [])]
-        return cls(disks=disks, **raw)
+        # An older file does not say: unknown, never this process's identity.
+        identity = {f: raw.pop(f, None) for f in IDENTITY_FIELDS}
+        try:
+            return cls(disks=disks, **identity, **raw)
+        except TypeError:
+            return None  # not a state this version wrote
 
 
 def make_scratch(parent: Path | None, owner: tuple[int, int] | None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -13,8 +14,12 @@ from typing import Any
 from fleece.errors import BadInput, FleeceError
 from fleece.libvirt import export as lv_export
 from fleece.libvirt.domain import (
+    ConnectionLost,
+    bindings,
+    command,
     disks_of,
     dotted,
+    is_running,
     libvirt_errors,
     live_xml,
     lookup,
@@ -60,7 +65,7 @@ class LibvirtSource:
                         tb: TracebackType | None) -> None:
         conn, self._conn, self._dom = self._conn, None, None
         if conn is not None:
-            await asyncio.to_thread(conn.close)
+            await asyncio.to_thread(_close, conn)
 
     async def vm_name(self) -> str:
         """The domain's name."""
@@ -96,6 +101,12 @@ class LibvirtSource:
                               log=log)
 
 
+def _close(conn: Any) -> None:
+    """Close a connection; one that broke (libvirtd restarted) has nothing left to close."""
+    with contextlib.suppress(bindings().libvirtError):
+        conn.close()
+
+
 @asynccontextmanager
 async def libvirt_export(
     dom: Any,
@@ -116,6 +127,7 @@ async def libvirt_export(
     """
     log = log or logging.getLogger(__name__).warning
     with libvirt_errors(dom.name()):
+        uri = await asyncio.to_thread(lambda: str(dom.connect().getURI()))
         export = await asyncio.to_thread(
             lv_export.start, dom, drives, checkpoint=checkpoint, level=level, parent_ok=parent_ok,
             known_point=known_point, scratch_dir=scratch_dir, qga=qga, log=log, owner="session")
@@ -125,11 +137,43 @@ async def libvirt_export(
         yield export
     except BaseException as exc:
         try:
-            with libvirt_errors(state.domain):
-                await asyncio.to_thread(lv_export.end, dom, state, commit=False, log=log)
+            done = await asyncio.to_thread(_end, dom, uri, state, False, log)
+            if not await asyncio.to_thread(_running, dom):
+                log(f"domain {state.domain} stopped during the backup; aborted it and removed "
+                    f"{', '.join(done) or 'nothing'}; the next backup after the domain starts goes on")
         except FleeceError as undo:
             exc.add_note(str(undo))
             log(str(undo))
         raise
-    with libvirt_errors(state.domain):
-        await asyncio.to_thread(lv_export.end, dom, state, commit=True, log=log)
+    try:
+        await asyncio.to_thread(_end, dom, uri, state, True, log)
+    except FleeceError as exc:
+        # The point is stored (the block returned): the backup succeeded. The
+        # state file says "commit", so whoever comes next finishes it.
+        log(f"restore point {state.checkpoint} is stored, but ending libvirt's backup job failed ({exc}); "
+            "the next fleece backup of the domain finishes the commit of its checkpoint (or now: "
+            + command("fleece", "cleanup", "--libvirt", state.domain) + ")")
+
+
+def _running(dom: Any) -> bool:
+    """Whether the domain still runs (False when libvirt cannot say either)."""
+    try:
+        return is_running(dom)
+    except bindings().libvirtError:
+        return False
+
+
+def _end(dom: Any, uri: str, state: JobState, commit: bool, log: Log) -> list[str]:
+    """End the export; when the connection to libvirtd broke (libvirtd restarted), once more on a
+    new connection (libvirtd keeps the domain's backup job across its restart)."""
+    try:
+        with libvirt_errors(state.domain):
+            return lv_export.end(dom, state, commit=commit, log=log)
+    except ConnectionLost as exc:
+        log(f"the connection to libvirtd broke ({exc}); ending the backup job on a new connection")
+    conn = open_connection(uri)
+    try:
+        with libvirt_errors(state.domain):
+            return lv_export.end(conn.lookupByUUIDString(state.uuid), state, commit=commit, log=log)
+    finally:
+        conn.close()
