@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -261,9 +262,12 @@ def test_blake3_repository_backs_up_and_restores_identical(make_vm: Any, fleece:
     repo = tmp_path / "repo"
     p1 = backup(fleece, vm, repo, extra=("--hash", "blake3"))
     assert json.loads((repo / "config").read_text())["hash"] == "blake3"
-    # Chunks are named by the BLAKE3 of their plaintext, not sha256.
+    # Chunks are named by the BLAKE3 of their sparse form (format 3: header, zero-block
+    # bitmap, the non-zero blocks; docs/format.md "Chunks"), not sha256.
+    form = (b"FLSP" + struct.pack("<IQ", 4096, 4 * MiB) + bytes(96) + b"\xff" * 32
+            + b"\x61" * 3 * MiB)  # blocks 768..1023 (the last MiB) are zero
     names = {p.name for p in (repo / "chunks").rglob("*") if p.is_file()}
-    assert names == {blake3.blake3(b"\x61" * 3 * MiB + bytes(MiB)).hexdigest()}
+    assert names == {blake3.blake3(form).hexdigest()}
     vm.write("vda", 5 * MiB, 4096, 0x62)
     p2 = backup(fleece, vm, repo)  # the repository's hash sticks; no --hash needed
     assert p2["disks"][0]["level"] == "incremental"
