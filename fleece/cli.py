@@ -78,19 +78,29 @@ JSON_OUTPUT = {
                " stale_scratch: {removed, kept: [{path, why}]}}",
     "backup": "{point, vm, parent, disks: [{drive, level, size, bytes_read, bytes_stored, bytes_dirty,\n"
               "  bytes_metadata, objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused,\n"
-              "  chunks_zero, chunks_unchanged, bytes_trimmed, seconds, reason}], pause_ms, seconds,\n"
+              "  chunks_zero, chunks_unchanged, bytes_trimmed, seconds, reason, audit: {candidates,\n"
+              "  sampled, mismatched, bytes_read, first_mismatch_offset}}], pause_ms, seconds,\n"
               " bytes_stored, objects_written, bytes_metadata,\n"
               " object_lock: {mode, repository, horizon, locks_extended}}",
-    "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels}],\n"
-            " damaged: [ids]}",
+    "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels,\n"
+            "  verification: null | {kind, ok, summary, at, time_to_ready}}], damaged: [ids]}",
     "verify": "{points: [{id, vm, ok, lock_until, damage: [{disk, ranges, objects, problem, detail}]}],\n"
-              " ok, deep, chunks_checked, bytes_checked, seconds, object_lock: {days, mode, horizon}}",
+              " ok, deep, chunks_checked, bytes_checked, seconds, object_lock: {days, mode, horizon}}\n"
+              "--fsck: {mode, vm, point, ok, summary, seconds, time_to_ready, record, accel,\n"
+              "  appliance_seconds, partition_tables: [{device, disk, type, ok, findings}],\n"
+              "  filesystems: [{device, disk, type, label, uuid, size, used, clean, checker, findings}]}\n"
+              "--boot: {mode, vm, point, ok, summary, seconds, time_to_ready, record (or null), accel,\n"
+              "  shape: {memory, cpus, machine, firmware, bus, extra}, agent: {ping, osinfo},\n"
+              "  serial_match, commands: [{command, exitcode, signal, stdout, stderr, error}],\n"
+              "  read_errors, bytes_read, console, firmware_log, screendump}\n"
+              "--unverified: {mode, ok, points: [one of the above per point]}",
     "prune": "{dry_run, policy: {last, hourly, daily, weekly, monthly, yearly, within},\n"
              " kept: [{vm, id, reasons}], removed: [{vm, id, reason}], skipped: [{vm, reason}],\n"
              " locked: [{vm, id, until}]}",
     "gc": "{dry_run, points, chunks_kept, chunks_deleted, indexes_deleted, indexes_spared,\n"
-          " temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
-          " packs_deleted, pages_kept, pages_deleted, pack_bytes_unreferenced, objects_locked}",
+          " records_deleted, temporaries_deleted, objects_deleted, bytes_freed, running_backups,\n"
+          " seconds, packs_kept, packs_deleted, pages_kept, pages_deleted, pack_bytes_unreferenced,\n"
+          " objects_locked}",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",
@@ -153,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fleece`` console script."""
     if argv is None:
         argv = sys.argv[1:]
+    # No child of this process may inherit a passphrase through its environment.
+    from fleece.commands.common import take_passphrases_from_environment
+
+    take_passphrases_from_environment()
     parser = build_parser(command_module(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

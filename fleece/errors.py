@@ -69,3 +69,8 @@ class RepositoryCorrupt(RepositoryError):
 
 class LockHeld(RepositoryError):
     """Another writer holds the lock we need."""
+
+
+class RepositoryChanged(BadInput):
+    """The repository is not what this host saw last (lost its encryption, another key, another
+    repository at the location, newest points gone): refused until ``--accept-change``."""

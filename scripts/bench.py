@@ -16,13 +16,17 @@ measures:
   random data each (goal <= 256 MiB, flat);
 * restore to a file vs ``nbdcopy`` of the export to a file;
 * reverse-delta peak while the guest overwrites the disk during a backup,
-  with and without trim.
+  with and without trim;
+* encryption: full backup and restore into AES-256-GCM and ChaCha20-Poly1305
+  repositories as a ratio of a plain one (goal <= 1.10; scripts/bench_encryption.py).
 
 Every time is a whole process's (``fleece`` and ``nbdcopy`` alike, start to
 exit), as a user waits for it. Repositories of the I/O and compute rows live on tmpfs (``/dev/shm``):
 ``nbdcopy … null:`` writes nothing, and a backup into a local directory is
 bounded by that disk's durable write speed instead — which is measured in
 the same run and shown in its own row.
+
+``--encryption`` runs only the encryption rows (as ``scripts/bench-encryption``).
 
 ``--tls`` runs only the TLS section: the same export read over TCP with TLS
 (x509, loopback) vs over the unix socket, by ``nbdcopy … null:`` and by a
@@ -36,6 +40,7 @@ disk holding 2 GiB (half random, half text) and on a 4 GiB disk holding
 restore vs ``nbdcopy --flush``; peak RSS.
 
 Usage: scripts/bench [--data DIR] [--disk-size 2G] [--keep] [--tls]
+       scripts/bench --encryption [--runs 3]   # only the encryption cost rows
        scripts/bench --live-restore     # only the live-restore rows (scripts/bench_live.py)
        scripts/bench --speed [--dir /var/tmp] [--runs 3]
        scripts/bench --restore [--dir /var/tmp] [--runs 3] [--keep]   # only the restore rows
@@ -288,7 +293,7 @@ def overwrite_during_backup(vm: VM, repo: Path, scratch: Path, data_bytes: int,
     writer = threading.Thread(target=guest)
     watcher.start()
     writer.start()
-    _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+    _, res = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
                          "--level", "full", "--scratch-dir", scratch, "--readers", "1",
                          "--storers", "1", *extra)
     stop.set()
@@ -343,7 +348,7 @@ def tls_rows(vm: VM, work: Path, shm: Path) -> list[tuple[str, str, str, str]]:
         reads = []
         for _ in range(3):
             creds = ["--tls-creds", str(client)] if name == "tls" else []
-            _, res = fleece_json("backup", "--from-export", exported, "--vm", "bench", "--repo",
+            _, res = fleece_json("backup", "--init", "--from-export", exported, "--vm", "bench", "--repo",
                                  shm / "repo-tls", "--compress", "none", *creds)
             shutil.rmtree(shm / "repo-tls")
             reads.append(res)
@@ -434,7 +439,7 @@ def speed(args: argparse.Namespace) -> None:
         for name, (image, data) in build_speed_disks(work).items():
             vm = VM(work, image, f"speed{len(vms)}", fmt="raw")
             vms.append(vm)
-            backup = ["backup", "--qmp", vm.qmp, "--drive", "vda"]
+            backup = ["backup", "--init", "--qmp", vm.qmp, "--drive", "vda"]
             repo = work / "repo"
             out = work / "copy.raw"
             zstd_bytes: list[int] = []
@@ -578,7 +583,7 @@ def restore_speed(args: argparse.Namespace) -> None:
             out = work / "copy.raw"
             repo = work / f"repo{n}"
             try:
-                _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
+                _, res = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
 
                 def nbdcopy(vm: VM = vm, out: Path = out) -> float:
                     _, exp = fleece_json("export", "start", "--bounded-requests",
@@ -695,12 +700,12 @@ def peers(args: argparse.Namespace) -> None:
         stored, read, job_bytes = 0, 0, 0
         for _ in range(runs):
             shutil.rmtree(repo, ignore_errors=True)
-            t, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+            t, res = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
                                  "--level", "full")
             mine.append(t)
             stored, read = _du(repo), res["disks"][0]["bytes_read"]
             shutil.rmtree(repo, ignore_errors=True)
-            plain.append(fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
+            plain.append(fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo,
                                      "--level", "full", "--compress", "none")[0])
             jobs.append(qemu_backup_job(vm, job, size))
             job_bytes = _du(job)
@@ -762,11 +767,14 @@ def idle_versus(args: argparse.Namespace) -> None:
             sh("qemu-img", "create", "-q", "-f", "qcow2", image, "4G")
             vms[k] = VM(work, image, f"idle-{k}")
             vms[k].write(0, 64 * MiB, 0x55)
+            # `init` first: an older build compared against knows no `backup --init`.
+            sh(exe, "init", "--repo", work / f"repo-{k}", "--encryption", "none")
             sh(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda", "--repo", work / f"repo-{k}")
         for _ in range(args.runs):
             for k, exe in builds.items():
-                times[k].append(timed(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda", "--repo",
-                                      work / f"repo-{k}", "--level", "incremental", "--json")[0])
+                times[k].append(timed(exe, "backup", "--qmp", vms[k].qmp, "--drive", "vda",
+                                      "--repo", work / f"repo-{k}", "--level", "incremental",
+                                      "--json")[0])
     finally:
         for v in vms.values():
             v.stop()
@@ -806,8 +814,10 @@ def full_versus(args: argparse.Namespace) -> None:
                     for _ in range(args.runs):
                         for k, exe in builds.items():
                             shutil.rmtree(work / "repo", ignore_errors=True)
-                            wall, cpu, _ = _run_cpu(exe, "backup", "--qmp", vm.qmp, "--drive", "vda",
-                                                    "--repo", work / "repo", "--level", "full",
+                            sh(exe, "init", "--repo", work / "repo", "--encryption", "none")
+                            wall, cpu, _ = _run_cpu(exe, "backup", "--qmp", vm.qmp,
+                                                    "--drive", "vda", "--repo", work / "repo",
+                                                    "--level", "full",
                                                     "--json", *extra)
                             got[k].append((wall, cpu))
                     for k, exe in builds.items():
@@ -847,6 +857,8 @@ def main() -> None:
                     help="only the nothing-dirty incremental, this fleece vs FLEECE, interleaved")
     ap.add_argument("--full-versus", metavar="FLEECE",
                     help="only full backups of the --speed disks, this fleece vs FLEECE, interleaved")
+    ap.add_argument("--encryption", action="store_true",
+                    help="only the encryption rows: backup and restore, each cipher vs plain")
     ap.add_argument("--tls", action="store_true",
                     help="only the TLS section: reads over nbds:// on loopback vs the unix socket")
     ap.add_argument("--live-restore", action="store_true",
@@ -874,6 +886,10 @@ def main() -> None:
             rows.extend(tls_rows(vm, work, shm))
             print_rows(rows, args)
             return
+        if args.encryption:
+            rows.extend(encryption_rows(vm, work, args.runs))
+            print_rows(rows, args)
+            return
 
         # -- I/O path: nbdcopy vs backup --compress none, same export ----------------------
         _, exp = fleece_json("export", "start", "--bounded-requests", "--qmp", vm.qmp, "--drive", "vda")
@@ -890,7 +906,7 @@ def main() -> None:
         # Every time below is a whole process's, as a user waits for it (nbdcopy's too).
         runs, run_s = [], []
         for _ in range(3):
-            dt, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+            dt, res = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo",
                                   shm / "repo-none", "--compress", "none", "--level", "full",
                                   "--hash", "sha256")
             shutil.rmtree(shm / "repo-none")
@@ -898,7 +914,7 @@ def main() -> None:
             run_s.append(dt)
         b3_runs = []
         for _ in range(3):
-            dt, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+            dt, res = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo",
                                   shm / "repo-b3", "--compress", "none", "--level", "full",
                                   "--hash", "blake3")
             shutil.rmtree(shm / "repo-b3")
@@ -925,7 +941,7 @@ def main() -> None:
             q0 = proc_cpu(vm.proc.pid)
             t0 = time.perf_counter()
             # zstd:3 explicitly: the bound below is zstd-3 (the default is zstd:1 since issue 16).
-            own, res = cpu_of(FLEECE, "backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+            own, res = cpu_of(FLEECE, "backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo",
                               repo_i, "--level", "full", "--compress", "zstd:3", "--json")
             full_s.append(time.perf_counter() - t0)
             cpu_notes.append((own, proc_cpu(vm.proc.pid) - q0, full_s[-1]))
@@ -962,7 +978,7 @@ def main() -> None:
         step = max(1, 100)
         for k in range(0, n_chunks, step):  # 1 % of the chunks, 4 MiB of fresh random bytes each
             vm.write_random(k * 4 * MiB, 4 * MiB, work)
-        inc_s, inc = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
+        inc_s, inc = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo", repo)
         assert inc["disks"][0]["level"] == "incremental", inc
         rows.append(("incremental (1 % dirty) / full", f"{inc_s / disk_s:.3f}",
                      "<= 0.05",
@@ -981,6 +997,9 @@ def main() -> None:
         rows.append(("restore to a file vs nbdcopy --flush to a file",
                      f"{t_copy_file / t_restore:.2f}", "",
                      f"nbdcopy {t_copy_file:.2f}s, restore {t_restore:.2f}s (both durable)"))
+
+        # -- encryption: each cipher vs plain, backup and restore (bench_encryption.py) ----------------
+        rows.extend(encryption_rows(vm, work, args.runs))
 
         # -- reverse delta while the guest overwrites ---------------------------------------------
         peak_trim, _ = overwrite_during_backup(vm, work / "repo-delta-1", work / "scratch-trim",
@@ -1003,7 +1022,7 @@ def main() -> None:
             total = int(size_name[:-1]) * GiB
             for k in range(16):  # 512 MiB of random data spread over the disk
                 v.write_random(k * (total // 16), 32 * MiB, work)
-            peak, _ = rss_of(FLEECE, "backup", "--qmp", v.qmp, "--drive", "vda", "--repo",
+            peak, _ = rss_of(FLEECE, "backup", "--init", "--qmp", v.qmp, "--drive", "vda", "--repo",
                              work / f"repo-rss-{size_name}", "--json")
             rss.append(peak)
             v.stop()
@@ -1015,6 +1034,14 @@ def main() -> None:
         end_work("bench", work, args.keep)
         shutil.rmtree(shm, ignore_errors=True)
     print_rows(rows, args)
+
+
+def encryption_rows(vm: VM, work: Path, runs: int) -> list[tuple[str, str, str, str]]:
+    """The encryption cost rows of scripts/bench_encryption.py, on this bench's VM."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_encryption import encryption_rows as rows
+
+    return rows(vm, work, runs)
 
 
 def end_work(name: str, work: Path, keep: bool) -> None:
@@ -1062,7 +1089,7 @@ def live_restore_main(args: argparse.Namespace) -> None:
             if img == big:
                 for k in range(16):  # 512 MiB of data spread over the disk
                     vm.write(k * GiB, 32 * MiB, 0x40 + k)
-            _, res = fleece_json("backup", "--qmp", vm.qmp, "--drive", "vda", "--repo",
+            _, res = fleece_json("backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo",
                                  work / "repo-live")
             points.append((label, work / "repo-live", res["point"], res["disks"][0]["size"]))
             vm.stop()

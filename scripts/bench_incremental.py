@@ -61,7 +61,7 @@ def backup(fleece: str, vm: VM, repo: Path) -> tuple[float, dict[str, Any], int]
     """(wall seconds, --json, objects written) of one backup."""
     before = objects(repo) if repo.exists() else set()
     t = time.perf_counter()
-    p = subprocess.run([fleece, "backup", "--qmp", vm.qmp, "--drive", "vda", "--repo", str(repo),
+    p = subprocess.run([fleece, "backup", "--init", "--qmp", vm.qmp, "--drive", "vda", "--repo", str(repo),
                         "--json"], check=True, text=True, capture_output=True)
     wall = time.perf_counter() - t
     return wall, json.loads(p.stdout), len(objects(repo) - before)

@@ -140,10 +140,10 @@ def main() -> None:
         delete_checkpoints(host, name)
 
         def fleece_chain(repo: Path, *extra: str) -> tuple[float, int, float, int, dict[str, Any]]:
-            t_full, res = timed(FLEECE, "backup", *lv, "--repo", repo, "--json", *extra)
+            t_full, res = timed(FLEECE, "backup", "--init", *lv, "--repo", repo, "--json", *extra)
             s_full = du(repo)
             scattered_writes(host.uri, name, size, 0.01, 20261130, work)
-            t_inc, res = timed(FLEECE, "backup", *lv, "--repo", repo, "--json")
+            t_inc, res = timed(FLEECE, "backup", "--init", *lv, "--repo", repo, "--json")
             inc = json.loads(res)
             assert inc["disks"][0]["level"] == "incremental", inc
             return t_full, s_full, t_inc, du(repo) - s_full, inc

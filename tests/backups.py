@@ -77,7 +77,7 @@ class HeldBackup:
         target = (vm.backup_target if hasattr(vm, "backup_target")
                   else ["--qmp", vm.qmp_path, "--drive", "vda"])
         self.proc = subprocess.Popen(
-            [FLEECE, "backup", *target, "--repo", str(repo), "--json", *extra],
+            [FLEECE, "backup", "--init", *target, "--repo", str(repo), "--json", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
             env={**os.environ, **(env or {}), "FLEECE_TEST_PAUSE_AT": phase,
                  "FLEECE_TEST_PAUSE_FILE": str(marker)},

@@ -389,8 +389,29 @@ class Result:
 
 TEST_PASSPHRASE = "fleece test passphrase: correct horse battery staple"
 ENCRYPTION_UNDER_TEST = "FLEECE_TEST_REPO_ENCRYPTION"
-"""Set by :func:`repo_encryption`: the ``fleece`` fixture then creates every repository a
-backup would create as an encrypted one first (``fleece init``)."""
+"""Set by :func:`repo_encryption`: every repository a ``backup`` of the ``fleece`` fixture creates
+is then encrypted (the passphrase is in the environment), and checked to be."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The fleece state directory of module- and session-scoped fixtures: never the machine's."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("session-state"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
+@pytest.fixture(autouse=True)
+def local_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own fleece state directory (what a host remembers of repositories), never the
+    machine's ``/var/lib/fleece``."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state / "fleece"
 
 
 @pytest.fixture(params=["plain", "aes-256-gcm"])
@@ -414,50 +435,53 @@ def open_repo(location: str | Path) -> Any:
                            None if secret is None else (lambda: secret.encode()))
 
 
+def repository_encryption(location: str | Path) -> str | None:
+    """What the ``config`` at ``location`` says of its encryption (None: no repository there)."""
+    from fleece.errors import NotARepository
+    from fleece.repo.backends.url import open_backend
+    from fleece.repo.repository import read_config
+
+    try:
+        return read_config(open_backend(str(location))).encryption
+    except NotARepository:
+        return None
+
+
 @pytest.fixture
 def fleece() -> Any:
-    """Run the installed ``fleece`` console script in a subprocess."""
+    """Run the installed ``fleece`` console script in a subprocess.
 
-    def run(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
+    ``backup`` runs as an operator's first-run job does, with ``--init``
+    (``init=False`` runs it as given). Under :func:`repo_encryption` the
+    repository it made must really be encrypted: its ``config`` is checked.
+    """
+
+    def run(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None,
+            init: bool = True) -> Result:
         encryption = os.environ.get(ENCRYPTION_UNDER_TEST)
         words = [str(a) for a in args]
-        made = None
-        if encryption and words[:1] == ["backup"] and "--repo" in words:
-            # Where the backup would create a plain repository, make an encrypted one.
-            repo = words[words.index("--repo") + 1]
-            init = subprocess.run([FLEECE, "init", "--repo", repo, "--encryption", encryption],
-                                  capture_output=True, text=True, stdin=subprocess.DEVNULL)
-            assert init.returncode in (0, 2), init.stderr  # 2: it exists already
-            made = repo if init.returncode == 0 else None
+        repo = None
+        command = next((n for n, w in enumerate(words) if not w.startswith("-")), 0)  # after -vvv
+        if words[command:command + 1] == ["backup"]:
+            if "--repo" in words:
+                repo = words[words.index("--repo") + 1]
+            if init and "--init" not in words:
+                words.insert(command + 1, "--init")
         p = subprocess.run(
-            [FLEECE, *map(str, args)],
+            [FLEECE, *words],
             capture_output=True,
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
         )
-        if made is not None and p.returncode != 0:
-            _remove_repository(made)  # a failed backup creates no repository: nor may the harness
+        if encryption and repo is not None and p.returncode == 0:
+            found = repository_encryption(repo)
+            assert found == encryption, f"the encrypted variant ran on a repository whose config " \
+                                        f"says encryption {found!r}"
         return Result(p.returncode, p.stdout, p.stderr)
 
     return run
-
-
-def _remove_repository(location: str) -> None:
-    """Delete a repository the harness made for a backup that then failed."""
-    if location.startswith("s3://"):
-        import boto3
-
-        bucket, _, prefix = location[len("s3://"):].partition("/")
-        s3 = boto3.client("s3")
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                s3.delete_object(Bucket=bucket, Key=obj["Key"])
-    else:
-        import shutil
-
-        shutil.rmtree(location.removeprefix("file://"), ignore_errors=True)
 
 
 # -- S3: a moto server on loopback --------------------------------------------------

@@ -238,6 +238,7 @@ def test_backup_reads_settings_from_a_config_file(make_vm: Any, fleece: Any, tmp
     cfg.write_text(
         f'[backup]\nqmp = "{vm.qmp_path}"\ndrives = ["vda"]\nrepo = "{tmp_path / "repo"}"\n'
         'vm = "from-config"\ncompress = "none"\nchunk-size = "1M"\nlabels = {{ tier = "gold" }}\n'
+        '[init]\n'  # create the repository on the first run
         .replace("{{", "{").replace("}}", "}")
     )
     res = fleece("backup", "--config", cfg, "--json")
@@ -291,3 +292,11 @@ def test_example_config_holds_only_settings_fleece_knows(tmp_path: Any) -> None:
     args = argparse.Namespace(config=str(example), drive=[], labels=None)
     apply_config(args, backup.CONFIG_KEYS, "backup")
     assert args.labels == {"tier": "gold", "owner": "ops"} and args.hash == "blake3"
+    # [init]: backup's keys, and copy's (which takes only the Object Lock ones).
+    from fleece.commands import copy
+    from fleece.commands.config import read_table
+
+    assert read_table(args, "init", backup.INIT_KEYS) == {"encryption": "aes-256-gcm"}
+    for web1 in (Path(__file__).parent.parent / "configs" / "web1.toml",):
+        assert read_table(argparse.Namespace(config=str(web1)), "init", backup.INIT_KEYS) is not None
+    assert read_table(args, "init", copy.INIT_KEYS) == {"encryption": "aes-256-gcm"}

@@ -45,6 +45,11 @@ class World:
         return path
 
 
+def boot(w: World, *extra: str) -> list[str | Path]:
+    """``verify --boot`` of web1's newest point with ``extra``."""
+    return ["verify", "--repo", w.repo, "--vm", "web1", "--boot", *extra]
+
+
 def fleece(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FLEECE, *map(str, args)], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
@@ -60,7 +65,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         points = []
         for pattern in (0x41, 0x42):
             vm.write("vda", 0, MiB, pattern)
-            res = fleece("backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo, "--json")
+            res = fleece("backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", repo,
+                         "--json")
             assert res.returncode == 0, res.stderr
             points.append(res.stdout.split('"point": "')[1].split('"')[0])
         files = base / "files"
@@ -103,6 +109,14 @@ CASES: list[tuple[str, Argv, int, str]] = [
     ("backup-s3-url-without-bucket", lambda w: [*backup(w)[:-1], "s3://"], 2, "does not name an S3 bucket"),
     ("backup-repo-is-not-a-repository", lambda w: [*backup(w)[:-1], w.dir], 2,
      "is not a fleece repository"),
+    ("backup-into-an-empty-location-without-init", lambda w: [*backup(w)[:-1], w.dir / "typo"], 2,
+     "is not a fleece repository (no config): create one with 'fleece init --repo"),
+    ("backup-s3-url-with-one-slash", lambda w: [*backup(w)[:-1], "s3:/vault/fleece"], 2,
+     "looks like a mistyped URL (s3: without '//')"),
+    ("backup-s3-url-without-slashes", lambda w: [*backup(w)[:-1], "s3:vault"], 2,
+     "looks like a mistyped URL"),
+    ("backup-unknown-scheme-without-slashes", lambda w: [*backup(w)[:-1], "gcs:vault/fleece"], 2,
+     "looks like a mistyped URL (gcs: without '//')"),
     # backup: options
     ("backup-unknown-drive", lambda w: ["backup", "--qmp", w.qmp, "--drive", "vdz", "--repo", w.repo], 2,
      "no disk named 'vdz'"),
@@ -114,7 +128,7 @@ CASES: list[tuple[str, Argv, int, str]] = [
     ("backup-scratch-dir-missing", lambda w: backup(w, "--scratch-dir", w.dir / "no" / "dir"), 2,
      "cannot make a scratch directory in"),
     ("backup-into-a-new-location-scratch-dir-missing",
-     lambda w: ["backup", "--qmp", w.qmp, "--drive", "vda", "--repo", w.dir / "new-repo",
+     lambda w: ["backup", "--init", "--qmp", w.qmp, "--drive", "vda", "--repo", w.dir / "new-repo",
                 "--scratch-dir", w.dir / "no" / "dir"], 2,
      "cannot make a scratch directory in"),
     # config files
@@ -145,6 +159,34 @@ CASES: list[tuple[str, Argv, int, str]] = [
      "no restore point 'latest'"),
     ("verify-no-workers", lambda w: ["verify", "--repo", w.repo, "--workers", "0"], 2,
      "--workers must be between 1 and 256"),
+    # verify --fsck: refused before any nbdkit or appliance starts, and no verdict is recorded
+    ("verify-fsck-without-vm", lambda w: ["verify", "--repo", w.repo, "--fsck"], 2, "--fsck needs --vm VM"),
+    ("verify-fsck-unknown-vm", lambda w: ["verify", "--repo", w.repo, "--fsck", "--vm", "web9"], 2,
+     "no restore points of VM web9"),
+    ("verify-fsck-unknown-point", lambda w: ["verify", "--repo", w.repo, "--fsck", "--vm", "web1",
+                                             "20990101T000000.000000Z-000000"], 2, "no restore point"),
+    ("verify-fsck-unknown-drive", lambda w: ["verify", "--repo", w.repo, "--fsck", "--vm", "web1",
+                                             "--drive", "vdz"], 2, "has no disk 'vdz'"),
+    ("verify-fsck-and-deep", lambda w: ["verify", "--repo", w.repo, "--fsck", "--deep", "--vm", "web1"], 2,
+     "cannot be combined with --deep"),
+    ("verify-drive-without-fsck", lambda w: ["verify", "--repo", w.repo, "--drive", "vda"], 2,
+     "go with --fsck or --boot"),
+    # verify --boot: refused before any nbdkit or QEMU starts
+    ("verify-boot-bad-regex", lambda w: boot(w, "--expect", "serial", "(unclosed"), 2,
+     "not a regular expression"),
+    ("verify-boot-nothing-to-judge", lambda w: boot(w), 2, "nothing to judge the boot by"),
+    ("verify-boot-bad-expect", lambda w: boot(w, "--expect", "banana"), 2, "give 'agent' or 'serial REGEX'"),
+    ("verify-boot-run-without-agent", lambda w: boot(w, "--expect", "serial", "x", "--run", "true"), 2,
+     "--run needs the guest agent"),
+    ("verify-boot-network-qemu-arg", lambda w: boot(w, "--expect", "agent", "--qemu-arg",
+                                                    "-netdev user,id=n0"), 2, "has no network"),
+    ("verify-boot-unusable-qemu-arg", lambda w: boot(w, "--expect", "agent", "--qemu-arg=-no-such-option"),
+     2, "QEMU refuses this machine"),
+    ("verify-boot-unknown-machine", lambda w: boot(w, "--expect", "agent", "--machine", "nonesuch"), 2,
+     "QEMU refuses this machine"),
+    ("verify-boot-and-fsck", lambda w: boot(w, "--fsck"), 2, "give one"),
+    ("verify-limit-without-unverified", lambda w: boot(w, "--expect", "agent", "--limit", "2"), 2,
+     "--limit N (N ≥ 1) goes with --unverified"),
     ("serve-cache-size-not-a-size", lambda w: ["serve", "--repo", w.repo, "latest", "--socket",
                                                w.dir / "s.sock", "--cache-size", "lots"], 2, "not a size"),
     ("gc-wait-not-a-duration", lambda w: ["gc", "--repo", w.repo, "--wait", "forever"], 2,
@@ -160,6 +202,11 @@ CASES: list[tuple[str, Argv, int, str]] = [
      "is not a fleece repository"),
     ("copy-unknown-point", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "19990101"], 2,
      "no restore point '19990101'"),
+    ("copy-to-an-empty-location-without-init",
+     lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite"], 2,
+     "is not a fleece repository (no config): create one with 'fleece init --repo"),
+    ("copy-to-a-mistyped-s3-url", lambda w: ["copy", "--from", w.repo, "--to", "s3:/offsite/vms"], 2,
+     "looks like a mistyped URL"),
     ("copy-no-workers", lambda w: ["copy", "--from", w.repo, "--to", w.dir / "offsite", "--workers", "0"],
      2, "--workers must be between 1 and 64"),
     # init --object-lock-days (S3 refusals: tests/test_s3_object_lock.py)

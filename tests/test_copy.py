@@ -53,7 +53,7 @@ def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_se
     _, local, (p1, shadow1), (p2, shadow2) = two_points(make_vm, fleece, tmp_path)
     url = f"s3://{s3_bucket}/offsite"
     prom = tmp_path / "fleece.prom"
-    report = ok(fleece("copy", "--from", local, "--to", url, "--json", "--metrics-file", prom,
+    report = ok(fleece("copy", "--init", "--from", local, "--to", url, "--json", "--metrics-file", prom,
                        *s3_env.config_args)).json()
     assert report["copied"] == [p1, p2] and report["skipped"] == []
     # 6 chunks for the full, the incremental's pack of deltas; its 6 chunks were already there.
@@ -80,7 +80,8 @@ def test_copy_local_to_s3_then_restore_from_s3_is_identical_and_copying_again_se
 
     # And back: a new local repository from the offsite copy, only the latest point.
     back = tmp_path / "restored-repo"
-    report = ok(fleece("copy", "--from", url, "--to", back, "latest", "--vm", "web1", "--json")).json()
+    report = ok(fleece("copy", "--init", "--from", url, "--to", back, "latest", "--vm", "web1",
+                       "--json")).json()
     assert report["copied"] == [p2]
     ok(fleece("restore", "--repo", back, p2, "--drive", "vda", "--output", tmp_path / "back.raw"))
     # The incremental names its parent, which stayed behind: it restores all the same.
@@ -95,7 +96,7 @@ def test_an_interrupted_copy_leaves_no_point_and_the_next_one_finishes_it(
     url = f"s3://{s3_bucket}/offsite"
     plan = s3_proxy.plan
     plan.slow = 0.1
-    proc = subprocess.Popen([FLEECE, "copy", "--from", str(local), "--to", url, "--workers", "2"],
+    proc = subprocess.Popen([FLEECE, "copy", "--init", "--from", str(local), "--to", url, "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     # The config, the probe, the lease... then chunks: the store goes down mid-point.
@@ -121,17 +122,24 @@ def test_an_interrupted_copy_leaves_no_point_and_the_next_one_finishes_it(
 def test_a_damaged_source_chunk_is_not_copied_and_no_point_appears(
         make_vm: Any, fleece: Any, tmp_path: Any) -> None:
     _, local, (p1, _), _ = two_points(make_vm, fleece, tmp_path)
+    damaged = set()
     for chunk in (p for p in (local / "chunks").rglob("*") if p.is_file()):  # every one: p1 needs some
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 1
         chunk.write_bytes(bytes(data))
+        damaged.add(bytes(data))
     dest = tmp_path / "dest"
-    res = fleece("copy", "--from", local, "--to", dest, p1)
+    res = fleece("copy", "--init", "--from", local, "--to", dest, p1)
     assert res.rc == 1
     lines = res.err.strip().splitlines()
     assert len(lines) == 1 and "chunks/" in lines[0] and "Traceback" not in res.err, res.err
     assert not list(dest.rglob("points/**/*.json"))
     assert ok(fleece("list", "--repo", dest, "--json")).json()["points"] == []
+    # Not copied: the destination holds none of the damaged bytes, under any name, visible or
+    # in a temporary file (and, every source chunk being damaged, no chunk at all).
+    held = [p for p in dest.rglob("*") if p.is_file() and p.name != "config"]
+    assert not [p for p in held if p.read_bytes() in damaged], held
+    assert not [p for p in held if "chunks" in p.parts or p.name.startswith(".tmp-")], held
 
 
 def test_a_destination_with_another_chunk_size_is_refused(make_vm: Any, fleece: Any, tmp_path: Any) -> None:

@@ -107,7 +107,7 @@ def test_a_copy_to_a_new_destination_moves_sealed_objects_as_they_are_and_restor
     else:
         dest = tmp_path / "offsite"
 
-    report = ok(fleece("copy", "--from", local, "--to", dest, "--json")).json()
+    report = ok(fleece("copy", "--init", "--from", local, "--to", dest, "--json")).json()
     assert report["copied"] == [p for p, _ in points] and report["renamed"] is False
     ours, theirs = stored_objects(local), stored_objects(dest, s3_env)
     # Every sealed object under the same key with the same bytes: nothing was opened and sealed again.
@@ -173,7 +173,12 @@ def test_copies_between_different_keys_and_plain_rename_every_chunk_and_restore_
     # encrypted → plain: back in clear, restorable without any passphrase.
     back = tmp_path / "back"
     ok(fleece("init", "--repo", back, "--encryption", "none"))
-    ok(fleece("copy", "--from", other, "--to", back, env=pass_env))
+    # Only when asked for: a plaintext destination of an encrypted source is refused otherwise.
+    before = stored_objects(back)
+    res = fleece("copy", "--from", other, "--to", back, env=pass_env)
+    assert res.rc == 2 and "give --to-plaintext if that is what you want" in one_error_line(res.err)
+    assert stored_objects(back) == before
+    ok(fleece("copy", "--to-plaintext", "--from", other, "--to", back, env=pass_env))
     restores_identical(fleece, back, points, tmp_path)
     assert ok(fleece("verify", "--repo", back, "--deep", "--json")).json()["ok"] is True
 
@@ -186,8 +191,8 @@ def test_an_interrupted_encrypted_copy_leaves_no_point_and_the_next_one_finishes
     _, points = marked_points(make_vm, fleece, tmp_path, local)
     url = f"s3://{s3_bucket}/offsite"
     marker = tmp_path / "held"
-    proc = subprocess.Popen([FLEECE, "copy", "--from", str(local), "--to", url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([FLEECE, "copy", "--init", "--from", str(local), "--to", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env={**os.environ, "FLEECE_TEST_PAUSE_AT": "before-point",
                                  "FLEECE_TEST_PAUSE_FILE": str(marker)})
     try:
@@ -226,6 +231,7 @@ def test_a_destination_with_another_key_and_no_or_a_wrong_passphrase_gets_nothin
     before = repo_files(dest)
     wrong_file = tmp_path / "wrong.pass"
     wrong_file.write_text("not the destination's\n")
+    wrong_file.chmod(0o600)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FLEECE_")}
     cases = [
         ({"FLEECE_PASSPHRASE": TEST_PASSPHRASE}, [], 1, "is encrypted with another key than"),
@@ -269,7 +275,7 @@ def test_renaming_fetches_only_the_chunks_no_point_held_by_both_names_yet(
             return self.inner.get(key)
 
     size = 64 * 1024
-    source = Repository.init(FileBackend(tmp_path / "plain"), size)
+    source = Repository.init(FileBackend(tmp_path / "plain"), size, hash="sha256")
     data = random_image(tmp_path / "d.raw", 10 * size, 3).read_bytes()
     p1 = store_point(source, "20260101T000000.000000Z-aaaaaa", {"vda": data})
     changed = data[:size] + bytes([7]) * size + data[2 * size:]
@@ -304,7 +310,8 @@ def test_a_damaged_sealed_chunk_is_not_copied_and_no_point_appears(
     if way == "renamed":
         ok(fleece("init", "--repo", dest, "--encryption", "aes-256-gcm",
                   env={"FLEECE_PASSPHRASE": OTHER_PASSPHRASE}))
-    res = fleece("copy", "--from", local, "--to", dest, env={"FLEECE_TO_PASSPHRASE": OTHER_PASSPHRASE})
+    res = fleece("copy", "--init", "--from", local, "--to", dest,
+                 env={"FLEECE_TO_PASSPHRASE": OTHER_PASSPHRASE})
     assert res.rc == 1
     line = one_error_line(res.err)
     assert "chunks/" in line and "was not copied" in line

@@ -160,7 +160,7 @@ def test_a_faulty_file_backend_still_stages_chunks_and_publishes_them_only_at_fl
     # Wrapping must not hide a capability: production's staged path (write
     # hidden, publish once durable) is what runs under faults too.
     faulty = FaultyBackend(FileBackend(tmp_path / "repo"), ops={"put"})
-    repo = Repository.init(faulty, chunk_size=64 * 1024)
+    repo = Repository.init(faulty, chunk_size=64 * 1024, hash="sha256")
     faulty.fail_first = faulty.calls["put"] + 1  # the next put-like call fails
     data = b"x" * 1000
     digest = repo.digest(data)

@@ -10,12 +10,14 @@ after creating its own (fleece.repo.gc_lock), so one of them backs off.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import FLEECE
 
 from fleece.backup.job import BackupRequest, BackupResult, run_backup
 from fleece.backup.pipeline import PipelineSettings
@@ -27,7 +29,6 @@ from fleece.repo.backends.base import Backend, ForwardingBackend
 from fleece.repo.backends.url import open_backend
 from fleece.repo.format import keys
 from fleece.repo.repository import Repository
-from fleece.testing.faults import FaultyBackend
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
@@ -180,40 +181,65 @@ def test_without_the_lease_check_the_same_race_loses_a_chunk(
     assert not report.ok and "chunk missing" in report.points[0].damage[0].problem
 
 
+class HeldWhileStoring(ForwardingBackend):
+    """A backend whose chunk writes wait, from the first one on, until the test releases them.
+
+    It pins a backup inside its leased section, storing chunks, for as long as the test needs
+    (a gc refused, another waiting), however slow or fast the machine is.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.storing = threading.Event()
+        self.release = threading.Event()
+
+    def _hold(self, key: str) -> None:
+        if key.startswith(keys.CHUNKS_PREFIX):
+            self.storing.set()
+            self.release.wait(300)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """The inner ``put``, held while the gate is shut (chunks only)."""
+        self._hold(key)
+        return self.inner.put(key, data, if_absent=if_absent)
+
+    def stage(self, key: str, data: bytes | memoryview) -> bool:
+        """The inner ``stage``, held while the gate is shut (chunks only)."""
+        self._hold(key)
+        return self.inner.stage(key, data)
+
+
 def test_gc_started_during_a_slow_backup_waits_for_it_then_frees_only_garbage(
         guest: Guest, fleece: Any, repo_url: str) -> None:
     garbage = with_garbage(fleece, guest, repo_url, 0xCC)
     for chunk in range(1, 9):
         guest.fill(chunk, 0x60 + chunk)  # none equals 0xCC ^ 0xFF
-    slow = FaultyBackend(open_backend(repo_url), delay=0.5, ops={"put"})
+    held = HeldWhileStoring(open_backend(repo_url))
     outcome: dict[str, Any] = {}
 
     def back_up() -> None:
-        outcome["result"] = api_backup(guest, slow, storers=1)
+        outcome["result"] = api_backup(guest, held, storers=1)
 
     backup = threading.Thread(target=back_up)
     backup.start()
-    lease_key = keys.vm_lock_key("web1")
-    deadline = time.monotonic() + 60
-    while not open_backend(repo_url).exists(lease_key):
-        assert time.monotonic() < deadline and backup.is_alive(), "the backup never took its lease"
-        time.sleep(0.05)
-
-    refused = fleece("gc", "--repo", repo_url, "--json")
-    assert backup.is_alive(), "the backup finished too soon to overlap"
-    assert refused.rc == 1 and "VM web1 is locked by" in refused.err and refused.out == ""
-    waited: dict[str, Any] = {}
-    gc = threading.Thread(target=lambda: waited.update(
-        r=fleece("gc", "--repo", repo_url, "--wait", "2m", "--json")))
-    gc.start()
-    time.sleep(1.0)
-    assert backup.is_alive() and gc.is_alive()
+    try:
+        assert held.storing.wait(120), "the backup never stored a chunk"
+        assert open_backend(repo_url).exists(keys.vm_lock_key("web1"))  # its lease is up
+        refused = fleece("gc", "--repo", repo_url, "--json")
+        assert refused.rc == 1 and "VM web1 is locked by" in refused.err and refused.out == ""
+        gc = subprocess.Popen([FLEECE, "gc", "--repo", repo_url, "--wait", "2m", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              text=True)
+        assert gc.stderr is not None
+        said = gc.stderr.readline()  # gc says it waits, while the backup is still held: they overlap
+        assert "waiting up to 2m" in said, said
+        assert backup.is_alive() and gc.poll() is None
+    finally:
+        held.release.set()
     backup.join(120)
-    gc.join(120)
-    r = waited["r"]
-    assert r.rc == 0, r.err
-    assert "waiting up to 2m" in r.err
-    assert r.json()["chunks_deleted"] == 1  # the pruned point's chunk, nothing of the new one
+    out, err = gc.communicate(timeout=120)
+    assert gc.returncode == 0, said + err
+    assert json.loads(out)["chunks_deleted"] == 1  # the pruned point's chunk, nothing of the new one
     assert not open_backend(repo_url).exists(keys.chunk_key(repo_digest(repo_url, garbage)))
     point = outcome["result"].point
     assert point.parent is not None and outcome["result"].disks[0].stats.chunks_new == 8

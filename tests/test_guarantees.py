@@ -80,15 +80,59 @@ def test_a_skipped_guarantee_test_fails_the_run_and_is_named(project: pytest.Pyt
     assert "unproved" not in res.stdout.str()
 
 
-def test_a_whole_run_must_run_every_guarantee_test_but_a_chosen_subset_need_not(
+def test_a_whole_run_must_run_every_guarantee_test_and_a_chosen_subset_says_it_is_partial(
         project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROVE", "1")
-    # A subset of files, or of tests (-k), is not held to the guarantees it leaves out.
-    assert project.runpytest("tests/test_a.py").ret == pytest.ExitCode.OK
-    assert project.runpytest("tests", "-k", "other").ret == pytest.ExitCode.OK
+    # A subset of files, or of tests (-k, --deselect, --ignore), is not held to the guarantees it
+    # leaves out, but it says so instead of passing as if it had checked them.
+    for args, why in ((["tests/test_a.py"], "its file is not in this run"),
+                      (["tests", "-k", "other"], "deselected (-k 'other')"),
+                      (["tests", "--deselect", "tests/test_b.py::test_skips"], "deselected (--deselect"),
+                      (["tests", "--ignore", "tests/test_b.py"], "its file was left out (--ignore)")):
+        res = project.runpytest(*args)
+        assert res.ret == pytest.ExitCode.OK, args
+        res.stdout.fnmatch_lines(["*partial run: guarantees not checked*", f"*{why}*"])
+    res = project.runpytest("tests")
+    assert res.ret == pytest.ExitCode.OK and "partial run" not in res.stdout.str()
     # A whole run in which a named test never ran (here: it vanished at collection) fails.
     project.path.joinpath("tests/test_b.py").write_text(
         "def test_skips():\n    pass\n\ndef test_param_renamed():\n    pass\n")
     res = project.runpytest("tests")
     assert res.ret == pytest.ExitCode.TESTS_FAILED
-    res.stdout.fnmatch_lines(["*unproved guarantees*", "  tests/test_b.py::test_param: did not run"])
+    res.stdout.fnmatch_lines(["*unproved guarantees*", "  tests/test_b.py::test_param: did not run*"])
+    # So does a run of that file alone: it took the file in.
+    assert project.runpytest("tests/test_b.py").ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_a_guarantee_file_skipped_at_module_level_fails_the_run(project: pytest.Pytester,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVE", "1")
+    source = project.path.joinpath("tests/test_b.py")
+    source.write_text("import pytest\npytest.skip('no QEMU', allow_module_level=True)\n" + source.read_text())
+    for args in (["tests"], ["tests/test_b.py"]):
+        res = project.runpytest(*args)
+        assert res.ret == pytest.ExitCode.TESTS_FAILED, args
+        res.stdout.fnmatch_lines(["*unproved guarantees*",
+                                  "  tests/test_b.py::test_skips: did not run (its file was skipped*"])
+
+
+def test_a_guarantee_test_that_returns_early_fails_the_run_and_one_that_says_what_it_left_out_passes(
+        project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVE", "1")
+    project.path.joinpath("tests/test_a.py").write_text(
+        "import sys\n\ndef test_proves():\n    def helper():\n        return 1\n"
+        "    if sys.version_info > (3,):\n        return\n    assert helper() == 2\n\n"
+        "def test_other():\n    assert True\n")
+    res = project.runpytest("tests")
+    assert res.ret == pytest.ExitCode.TESTS_FAILED
+    res.stdout.fnmatch_lines(["*unproved guarantees*",
+                              "  tests/test_a.py::test_proves: returns early (line 7)*"])
+    project.path.joinpath("tests/test_a.py").write_text(
+        "from guarantee_check import proved_in_part\n\n"
+        "def test_proves(request):\n    def helper():\n        return 1\n"
+        "    assert helper() == 1\n    proved_in_part(request, 'only the first half: QEMU 7.2')\n\n"
+        "def test_other():\n    assert True\n")
+    res = project.runpytest("tests")
+    assert res.ret == pytest.ExitCode.OK
+    res.stdout.fnmatch_lines(["*guarantees proved in part*",
+                              "  tests/test_a.py::test_proves: only the first half: QEMU 7.2"])

@@ -44,7 +44,7 @@ def extras(point_id: str) -> dict[str, Any]:
 @pytest.fixture
 def repo_dir(tmp_path: Path, store_point: Any) -> Path:
     path = tmp_path / "repo"
-    repo = Repository.init(FileBackend(path), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(path), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, {"vda": VDA}, **extras(P1))
     store_point(repo, P2, {"vda": VDA[: 4 * MiB] + b"\x42" * CHUNK + VDA[4 * MiB + CHUNK :],
                            "#block5": VDB}, parent=P1, **extras(P2))
@@ -69,7 +69,7 @@ def test_list_table(repo_dir: Path, run: Run) -> None:
     rc, out, err = run("list", "--repo", repo_dir)
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "VM", "CREATED", "PARENT", "DISKS"]
+    assert lines[0].split() == ["ID", "VM", "CREATED", "PARENT", "VERIFIED", "DISKS"]
     assert lines[1].startswith(P1) and "vda full 8.0 MiB" in lines[1]
     assert lines[2].startswith(P2) and P1 in lines[2]
     assert "vda incremental 8.0 MiB, #block5 incremental 193.0 KiB" in lines[2]
@@ -86,7 +86,7 @@ def test_list_json(repo_dir: Path, run: Run) -> None:
         "id": P2, "vm": "vm1", "created": "2026-01-02T00:00:00.000001Z", "parent": P1,
         "disks": [{"name": "vda", "level": "incremental", "size": 8 * MiB},
                   {"name": "#block5", "level": "incremental", "size": 3 * CHUNK + 1000}],
-        "stats": {"seconds": 2}, "labels": {"site": "a"},
+        "stats": {"seconds": 2}, "labels": {"site": "a"}, "verification": None,
     }
     rc, out, _ = run("list", "--repo", repo_dir, "--vm", "other", "--json")
     assert rc == 0 and json.loads(out) == {"points": [], "damaged": []}
@@ -105,7 +105,9 @@ def test_list_shows_the_good_points_when_one_is_damaged(repo_dir: Path, run: Run
 def test_list_of_something_that_is_not_a_repository(tmp_path: Path, run: Run) -> None:
     rc, out, err = run("list", "--repo", tmp_path)
     assert rc == 2 and out == ""
-    assert err == f"fleece: error: {tmp_path} is not a fleece repository (no config)\n"
+    assert err == (f"fleece: error: {tmp_path} is not a fleece repository (no config): create one "
+                   f"with 'fleece init --repo {tmp_path} --encryption aes-256-gcm|none'; nothing was "
+                   "written\n")
 
 
 # -- restore --------------------------------------------------------------------------

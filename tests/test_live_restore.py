@@ -37,7 +37,7 @@ def point_disk(seed: int, size: int = SIZE) -> bytes:
 
 
 def make_repo(url: str, store_point: Any, disks: dict[str, bytes]) -> Repository:
-    repo = Repository.init(open_backend(url), chunk_size=CHUNK)
+    repo = Repository.init(open_backend(url), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, disks)
     return repo
 

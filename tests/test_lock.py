@@ -79,17 +79,29 @@ def test_expired_lease_of_a_dead_writer_is_taken_over(backend: Backend) -> None:
 
 def test_heartbeat_keeps_a_short_lease_alive(backend: Backend) -> None:
     with vm_lock(backend, "web1", lease_seconds=2.0) as lease:
-        first_expiry = lease.info.expires
-        time.sleep(5.0)  # two and a half leases: only renewals keep it held
+        first_expiry = str(lease.info.expires)
+        # Past the first lease's end (by the lease's own clock), and renewed at least twice: only
+        # renewals can have kept it held. Waits for those events, not for a fixed time.
+        renewals, seen = 0, first_expiry
+        deadline = time.monotonic() + 60
+        first = lease.info
+        while renewals < 2 or not first.expired():
+            assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
+            now = str(lease_doc(backend, "locks/vms/web1")["expires"])
+            renewals, seen = renewals + (now != seen), now
+            time.sleep(0.05)
         with pytest.raises(LockHeld):
             acquire(backend, "locks/vms/web1", "VM web1", heartbeat=False)
-        assert str(lease_doc(backend, "locks/vms/web1")["expires"]) > str(first_expiry)
+        assert str(lease_doc(backend, "locks/vms/web1")["expires"]) > first_expiry
         lease.check()
 
 
 def test_without_heartbeat_a_lease_expires_and_is_taken_over(backend: Backend) -> None:
     dead = acquire(backend, "locks/vms/web1", "VM web1", lease_seconds=0.2, heartbeat=False)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while not dead.info.expired():  # until its end has passed, however long that takes
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     with pytest.raises(LockHeld, match="expired"):
         dead.check()
     successor = acquire(backend, "locks/vms/web1", "VM web1", heartbeat=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FLEECE
 
 from fleece.errors import BadInput, LockHeld, RepositoryCorrupt, RepositoryError
 from fleece.maintenance.gc import collect_garbage
@@ -73,7 +75,7 @@ def objects(repo: Repository, prefix: str) -> set[str]:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
-    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CS)
+    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CS, hash="sha256")
 
 
 @pytest.fixture
@@ -414,20 +416,24 @@ wait = "1m"
 
 def test_cli_gc_waits_for_a_running_backup_with_wait(
         repo: Repository, four: list[RestorePoint], fleece: Any) -> None:
-    import threading
-
     prune(repo, Policy(last=1))
     with vm_lock(repo.backend, "web1"):
         r = fleece("gc", "--repo", repo.url)
         assert r.rc == 1 and "VM web1 is locked by" in r.err and "gc deleted nothing" in r.err
         assert len(r.err.strip().splitlines()) == 1
     lease = acquire(repo.backend, keys.vm_lock_key("web1"), "VM web1")
-    threading.Timer(2.0, lease.release).start()
-    started = time.monotonic()
-    r = fleece("gc", "--repo", repo.url, "--wait", "1m", "--json")
-    assert r.rc == 0, r.err
-    assert "waiting up to 1m" in r.err and r.json()["chunks_deleted"] == 3
-    assert 2.0 <= time.monotonic() - started < 30
+    # Ordering, not speed: the lease goes only once gc says it waits for it (however long gc
+    # took to start), and gc must then finish, having deleted what it should.
+    gc = subprocess.Popen([FLEECE, "gc", "--repo", repo.url, "--wait", "1m", "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert gc.stderr is not None
+    said = gc.stderr.readline()
+    assert "waiting up to 1m" in said, said
+    assert gc.poll() is None  # still waiting while the lease is held
+    lease.release()
+    out, err = gc.communicate(timeout=120)
+    assert gc.returncode == 0, said + err
+    assert json.loads(out)["chunks_deleted"] == 3
 
 
 # -- with real backups of a real VM ------------------------------------------------------
@@ -505,7 +511,7 @@ def test_on_s3_gc_lists_with_sizes_and_deletes_in_batches(s3_bucket: str, monkey
     from fleece.testing.s3_faults import inject_http_faults
 
     backend = S3Backend(s3_bucket, "repo")
-    repo = Repository.init(backend, chunk_size=CS)
+    repo = Repository.init(backend, chunk_size=CS, hash="sha256")
     points = [make_point(repo, "web1", 10 + n, {"vda": [block(n), block(0xF0)]}) for n in range(7)]
     prune(repo, Policy(last=1))
     sizes = {i.key: i.size for i in backend.list_info(keys.CHUNKS_PREFIX)}

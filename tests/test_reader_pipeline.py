@@ -143,7 +143,7 @@ def test_pipeline_stores_dedups_and_restores_what_qemu_serves(
     vm.write("vda", 15 * MiB + 123, 10_000, 0x7C)   # chunk 15, partial
     vm.write("vda", 20 * MiB, 4096, 0x00)           # chunk 20: read, found zero, not stored
     uri = export(vm)
-    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK, hash="sha256")
     h = connect(uri, (BASE_ALLOCATION,))
     plan = plan_chunks(h, CHUNK)
     disconnect(h)
@@ -177,7 +177,7 @@ def test_pipeline_restores_through_the_repository(make_vm: Any, tmp_path: Any) -
     vm = make_vm([("raw", "8M")])
     vm.write("vda", MiB, 512 * 1024, 0x42)
     uri = export(vm)
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, compression_level=None)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, compression_level=None, hash="sha256")
     h = connect(uri, (BASE_ALLOCATION,))
     plan = plan_chunks(h, CHUNK)
     disconnect(h)
@@ -207,7 +207,8 @@ def test_reused_frames_hold_no_stale_bytes_in_the_holes(make_vm: Any, tmp_path: 
         for off, n in layout:
             vm.write("vda", i * CHUNK + off, n, 0x21 + i)
     uri = export(vm)
-    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK, compression_level=compress)
+    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK, compression_level=compress,
+                           hash="sha256")
     h = connect(uri, (BASE_ALLOCATION,))
     plan = plan_chunks(h, CHUNK)
     disconnect(h)
@@ -247,7 +248,7 @@ def test_a_failing_store_stops_every_thread_and_raises(make_vm: Any, tmp_path: A
     for i in range(32):
         vm.write("vda", i * MiB, 4096, i + 1)  # 32 distinct chunks
     uri = export(vm)
-    repo = FailingRepo(Repository.init(MemoryBackend(), chunk_size=CHUNK), fail_after=3)
+    repo = FailingRepo(Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256"), fail_after=3)
     h = connect(uri, (BASE_ALLOCATION,))
     plan = plan_chunks(h, CHUNK)
     disconnect(h)
@@ -283,7 +284,7 @@ def test_trim_discards_stored_chunks_but_never_the_unaligned_tail(make_vm: Any, 
     h.pwrite(b"\x77" * (8 * MiB + 4096), 0)
     disconnect(h)
 
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256")
     h = connect(uri, (BASE_ALLOCATION,))
     plan = plan_chunks(h, CHUNK)
     disconnect(h)

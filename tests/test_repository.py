@@ -14,17 +14,18 @@ from fleece.errors import BadInput, RepositoryCorrupt, RepositoryError
 from fleece.fleecing.names import new_point_id
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.format.codec import chunk_digest, encode_chunk
-from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.delta import DeltaRef
+from fleece.repo.format.index import INDEX_VERSION_DELTAS, ChunkIndex
 from fleece.repo.format.keys import escape_name, unescape_name
 from fleece.repo.format.point import DiskRecord, RestorePoint
-from fleece.repo.repository import Repository
+from fleece.repo.repository import InitSettings, Repository
 
 CHUNK = 64 * 1024
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
-    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK)
+    return Repository.init(FileBackend(tmp_path / "repo"), chunk_size=CHUNK, hash="sha256")
 
 
 def flip_byte(path: Path, pos: int) -> None:
@@ -58,7 +59,7 @@ def make_point(repo: Repository, vm: str = "vm1", disks: dict[str, bytes] | None
 
 def test_init_then_open(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path / "r")
-    created = Repository.init(backend, chunk_size=1 << 20, compression_level=7)
+    created = Repository.init(backend, chunk_size=1 << 20, compression_level=7, hash="sha256")
     doc = json.loads((tmp_path / "r" / "config").read_bytes())
     assert doc["format"] == 3 and doc["chunk_size"] == 1 << 20 and doc["hash"] == "sha256"
     assert doc["compression"] == {"codec": "zstd", "level": 7}
@@ -70,7 +71,7 @@ def test_init_then_open(tmp_path: Path) -> None:
 
 
 def test_uncompressed_repository(tmp_path: Path) -> None:
-    Repository.init(FileBackend(tmp_path), compression_level=None)
+    Repository.init(FileBackend(tmp_path), compression_level=None, hash="sha256")
     assert json.loads((tmp_path / "config").read_bytes())["compression"]["codec"] == "none"
     assert Repository.open(FileBackend(tmp_path)).config.compression_level is None
 
@@ -78,13 +79,13 @@ def test_uncompressed_repository(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [0, 32 * 1024, 3 * CHUNK, 32 << 20, 100_000])
 def test_chunk_size_must_be_a_power_of_two_in_range(tmp_path: Path, size: int) -> None:
     with pytest.raises(BadInput, match="power of two"):
-        Repository.init(FileBackend(tmp_path), chunk_size=size)
+        Repository.init(FileBackend(tmp_path), chunk_size=size, hash="sha256")
     assert not (tmp_path / "config").exists()
 
 
 def test_init_twice_is_refused(repo: Repository) -> None:
     with pytest.raises(BadInput, match="already holds"):
-        Repository.init(repo.backend)
+        Repository.init(repo.backend, hash="sha256")
 
 
 def test_not_a_repository(tmp_path: Path) -> None:
@@ -94,14 +95,14 @@ def test_not_a_repository(tmp_path: Path) -> None:
 
 
 def test_open_or_init_creates_only_in_an_empty_location(tmp_path: Path) -> None:
-    fresh = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=CHUNK)
+    fresh = Repository.open_or_init(FileBackend(tmp_path / "new"), InitSettings(chunk_size=CHUNK))
     assert fresh.config.chunk_size == CHUNK
-    again = Repository.open_or_init(FileBackend(tmp_path / "new"), chunk_size=1 << 20)
+    again = Repository.open_or_init(FileBackend(tmp_path / "new"), InitSettings(chunk_size=1 << 20))
     assert again.config == fresh.config  # opened, not re-created with other settings
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(BadInput, match="not a fleece repository"):
-        Repository.open_or_init(FileBackend(tmp_path / "other"))
+        Repository.open_or_init(FileBackend(tmp_path / "other"), InitSettings())
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
 
 
@@ -173,6 +174,19 @@ def test_chunk_index_basics() -> None:
         idx.get(4)
     with pytest.raises(ValueError):
         idx.set(1, bytes(32))  # the zero marker is not a digest
+
+
+def test_a_zero_base_under_deltas_is_data_and_zero_runs_skip_it() -> None:
+    idx = ChunkIndex.empty(CHUNK, 6 * CHUNK + 10, version=INDEX_VERSION_DELTAS)
+    idx.set(1, chunk_digest(b"1"))
+    idx.add_delta(3, DeltaRef(chunk_digest(b"pack"), 0, 100, 512, chunk_digest(b"d")))
+    assert idx.get(3) is None and not idx.is_zero(3)  # a base of zeroes, data on top
+    assert [i for i in range(idx.n_chunks) if idx.is_zero(i)] == [0, 2, 4, 5, 6]
+    assert list(idx.zero_runs(1 << 30)) == [(0, CHUNK), (2 * CHUNK, CHUNK), (4 * CHUNK, 2 * CHUNK + 10)]
+    assert list(idx.zero_runs(CHUNK)) == [(0, CHUNK), (2 * CHUNK, CHUNK), (4 * CHUNK, CHUNK),
+                                          (5 * CHUNK, CHUNK), (6 * CHUNK, 10)]
+    idx.set(3, None)  # rewritten whole as zeroes: the deltas go
+    assert idx.is_zero(3) and list(idx.zero_runs(1 << 30)) == [(0, CHUNK), (2 * CHUNK, 4 * CHUNK + 10)]
 
 
 def test_chunk_index_binary_round_trip() -> None:

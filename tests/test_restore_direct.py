@@ -58,7 +58,7 @@ def _cached_bytes(path: Path) -> int:
 def test_a_restore_bypasses_the_page_cache_keeps_holes_and_its_unaligned_tail(
         disk_dir: Path, store_point: Any) -> None:
     disk = _disk()
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256")
     point = store_point(repo, POINT, {"vda": disk})
     out = disk_dir / "vda.raw"
     restore_raw(repo, point, "vda", out)
@@ -83,7 +83,7 @@ def test_where_direct_io_is_refused_at_open_the_restore_is_the_same(
 
     monkeypatch.setattr("fleece.restore.output.os.open", no_direct)
     disk = _disk()
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256")
     point = store_point(repo, POINT, {"vda": disk})
     out = disk_dir / "vda.raw"
     restore_raw(repo, point, "vda", out)
@@ -115,7 +115,7 @@ def test_a_direct_write_refused_midway_falls_back_to_the_page_cache(
     monkeypatch.setattr("fleece.restore.image.open_direct", open_direct)
     monkeypatch.setattr("fleece.restore.output.os.pwrite", pwrite)
     disk = _disk()
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256")
     point = store_point(repo, POINT, {"vda": disk})
     out = disk_dir / "vda.raw"
     restore_raw(repo, point, "vda", out, workers=1)
@@ -127,7 +127,7 @@ def test_a_damaged_chunk_is_named_and_with_allow_damage_reads_as_zeroes(
         disk_dir: Path, store_point: Any) -> None:
     disk = _disk()
     backend = MemoryBackend()
-    repo = Repository.init(backend, chunk_size=CHUNK)
+    repo = Repository.init(backend, chunk_size=CHUNK, hash="sha256")
     point = store_point(repo, POINT, {"vda": disk})
     key = chunk_key(repo.chunk_name(disk[2 * CHUNK : 3 * CHUNK]))
     blob = bytearray(backend.get(key))

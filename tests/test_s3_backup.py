@@ -79,7 +79,7 @@ def random_seed(path: Path, size: int, seed: int) -> Path:
 def start_backup(vm: Any, url: str, *extra: str) -> subprocess.Popen[str]:
     """A ``fleece backup`` in the background, for faults switched on while it runs."""
     return subprocess.Popen(
-        [FLEECE, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra],
+        [FLEECE, "backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo", url, "--json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
 
 
@@ -207,19 +207,24 @@ def test_an_unchanged_full_backup_uploads_no_chunk_and_probes_nothing(
 
 @ON_EVERY_STORE
 def test_two_vms_backing_up_at_once_into_one_prefix_share_its_chunks(
-        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any) -> None:
+        make_vm: Any, fleece: Any, s3_env: Any, s3_bucket: Any, tmp_path: Any, hold_backup: Any) -> None:
+    from test_concurrent_backups import release_together
+
     seed = random_seed(tmp_path / "seed.raw", 24 * MiB, 2)  # same golden image, 6 chunks
     vms = [make_vm([("qcow2", "24M")], name=name, contents={"vda": seed}) for name in ("web1", "web2")]
     vms[1].write("vda", 0, MiB, 0x42)  # web2 differs in its first chunk
     url = f"s3://{s3_bucket}/{PREFIX}"
 
-    # Both start on an empty prefix: one creates the repository, both store
-    # the shared chunks (conditional creates decide who writes each object).
-    procs = [start_backup(vm, url, *s3_env.config_args) for vm in vms]
-    results = [p.communicate(timeout=120) for p in procs]
-    for proc, (_, err) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, err
-    points = [json.loads(out)["point"] for out, _ in results]
+    # Both start on an empty prefix: one creates the repository, both store the shared chunks
+    # (conditional creates decide who writes each object). Overlap made certain, not hoped for:
+    # both are held while storing chunks, then let go together.
+    held = [hold_backup(vm, url, "chunk-stored", *s3_env.config_args) for vm in vms]
+    for h in held:
+        h.wait_held()
+    results = release_together(held)
+    for rc, _, err in results:
+        assert rc == 0, err
+    points = [json.loads(out)["point"] for _, out, _ in results]
 
     chunks = chunk_objects(s3_env, s3_bucket)
     assert len(chunks) == 7  # 6 shared + web2's own first chunk, each stored once

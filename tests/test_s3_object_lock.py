@@ -335,6 +335,22 @@ def test_an_encrypted_repository_locks_its_sealed_objects_config_and_key(
         s3_env.client().delete_object(Bucket=bucket, Key=chunk, VersionId=version)
     assert json.loads(json.dumps(checked))["points"][0]["ok"] is True
 
+    # copy --init into an empty prefix makes the destination like the source: encrypted with its
+    # key and locked the same way (it used to be made unlocked, silently) — every object locked.
+    ok(fleece("copy", "--init", "--from", url, "--to", f"s3://{bucket}/made", env=env))
+    made = json.loads(s3_env.client().get_object(Bucket=bucket, Key="made/config")["Body"].read())
+    assert made["encryption"] == "aes-256-gcm"
+    assert made["object_lock"] == {"days": 3, "mode": "compliance"}
+    landed = data_keys(s3_env, bucket, "made")
+    assert {k.split("/")[1] for k in landed} >= {"config", "keys", "chunks", "points"}
+    for key in landed:
+        assert lock_end(s3_env, bucket, key) >= time.time() + 3 * DAY - 5, key
+    # Unless told otherwise.
+    ok(fleece("copy", "--init", "--no-object-lock", "--from", url, "--to", f"s3://{bucket}/free",
+              env=env))
+    free = json.loads(s3_env.client().get_object(Bucket=bucket, Key="free/config")["Body"].read())
+    assert "object_lock" not in free and lock_end(s3_env, bucket, "free/config") == 0
+
 
 @pytest.mark.parametrize("s3_server", ["s3rver-http"], indirect=True)
 def test_init_on_a_store_without_object_lock_is_refused_in_one_line(

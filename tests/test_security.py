@@ -94,7 +94,7 @@ def test_the_served_socket_is_0600(tmp_path: Any, open_dir: Any, store_point: An
     from fleece.repo.backends.file import FileBackend
     from fleece.repo.repository import Repository
 
-    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=64 * 1024)
+    repo = Repository.init(FileBackend(tmp_path / "repo"), chunk_size=64 * 1024, hash="sha256")
     store_point(repo, "20260101T000000.000001Z-aaaaaa", {"vda": b"\x07" * 65536})
     sock = open_dir / "serve.sock"
     proc = subprocess.Popen(

@@ -180,7 +180,7 @@ def test_bad_input_is_refused_before_nbdkit_starts(tmp_path: Path, short_tmp: Pa
     from fleece.repo.backends.file import FileBackend
 
     repo_dir = tmp_path / "repo"
-    repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, {"vda": b"\x01" * CHUNK, "vdb": bytes(CHUNK)})
     sock = short_tmp / "x.sock"
     cases = [
@@ -209,7 +209,7 @@ def test_serve_from_s3(s3_env: Any, s3_bucket: str, store_point: Any, short_tmp:
     from fleece.repo.backends.url import open_backend
 
     url = f"s3://{s3_bucket}/r"
-    repo = Repository.init(open_backend(url), chunk_size=CHUNK)
+    repo = Repository.init(open_backend(url), chunk_size=CHUNK, hash="sha256")
     data = bytearray(3 * MiB + 100)
     data[CHUNK : 3 * CHUNK] = os.urandom(2 * CHUNK)
     data[-100:] = b"t" * 100
@@ -241,7 +241,7 @@ class SlowBackend(MemoryBackend):
 @pytest.fixture
 def cached_disk(store_point: Any) -> Iterator[tuple[CachedDisk, bytes, SlowBackend]]:
     backend = SlowBackend()
-    repo = Repository.init(backend, chunk_size=CHUNK)
+    repo = Repository.init(backend, chunk_size=CHUNK, hash="sha256")
     data = bytearray(os.urandom(20 * CHUNK + 1000))
     data[5 * CHUNK : 8 * CHUNK] = bytes(3 * CHUNK)  # three zero chunks
     store_point(repo, P1, {"vda": bytes(data)})
@@ -287,10 +287,15 @@ def test_sequential_reads_trigger_read_ahead(cached_disk: tuple[CachedDisk, byte
     disk, _, backend = cached_disk
 
     def settle(fetches: int) -> set[int]:
-        deadline = time.monotonic() + 5
-        while disk.fetches < fetches and time.monotonic() < deadline:
+        # chunk() queues every read-ahead it starts (in _loading) before it returns: once none is
+        # loading, nothing more can come. No fixed wait that a slow host could outlast.
+        deadline = time.monotonic() + 60
+        while True:
+            with disk._lock:
+                if not disk._loading:
+                    break
+            assert time.monotonic() < deadline, "read-ahead never finished"
             time.sleep(0.01)
-        time.sleep(0.15)  # nothing more should come
         assert disk.fetches == backend.chunk_gets == fetches
         return set(disk._lru)
 

@@ -22,7 +22,7 @@ def test_zero_blocks_inside_chunks_stay_holes_in_a_restored_file(tmp_path: Path,
     disk[128 * KiB : 192 * KiB] = os.urandom(64 * KiB)
     disk[CHUNK + 700 * KiB + 5] = 1
     disk[2 * CHUNK - 64 * KiB :] = b"\x07" * 64 * KiB
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256")
     point = store_point(repo, "20261130T000000.000000Z-000001", {"vda": bytes(disk)})
     out = tmp_path / "vda.raw"
     restore_raw(repo, point, "vda", out)

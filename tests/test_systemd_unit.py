@@ -143,13 +143,13 @@ def test_a_backup_run_as_the_unit_runs_it_reaches_a_qemu_outside_its_namespace(
         repo = outside / "repo"
         graph = vm.block_graph()
         # Control: the old unit's scratch in the private /var/tmp cannot work.
-        r = in_private_tmp(env, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo",
+        r = in_private_tmp(env, "backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo",
                            str(repo), "--scratch-dir", "/var/tmp")
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "QEMU cannot see the scratch directory /var/tmp/fleece-" in r.stderr, r.stderr
         assert "PrivateTmp" in r.stderr and "nothing was changed" in r.stderr
         assert vm.block_graph() == graph
-        r = in_private_tmp(env, "backup", "--qmp", vm.qmp_path, "--drive", "vda", "--repo",
+        r = in_private_tmp(env, "backup", "--init", "--qmp", vm.qmp_path, "--drive", "vda", "--repo",
                            str(repo), "--scratch-dir", str(parent), "--json")
         assert r.returncode == 0, r.stderr
         point = json.loads(r.stdout)["point"]

@@ -285,7 +285,7 @@ def served_point(tmp_path: Any, store_point: Any) -> tuple[Path, bytes]:
 
     data = bytes(range(256)) * (4 * MiB // 256) + bytes(4 * MiB) + b"\x5a" * (4 * MiB)
     repo_dir = tmp_path / "repo"
-    repo = Repository.init(FileBackend(repo_dir), chunk_size=1 * MiB)
+    repo = Repository.init(FileBackend(repo_dir), chunk_size=1 * MiB, hash="sha256")
     store_point(repo, "20261123T073600.123456Z-3f9a1c", {"vda": data})
     return repo_dir, data
 
@@ -310,13 +310,36 @@ def test_serve_over_tls_reads_the_point_and_refuses_every_other_client(
         assert proc.wait(30) == 0
 
 
+def test_serve_with_tls_authz_lets_only_the_named_client_in(
+        served_point: Any, tls_creds: TlsCredentials, free_port: Any) -> None:
+    """nbdkit cannot check a client's DN: qemu-nbd fronts it with QEMU's authz-simple, as an
+    export's --tls-authz does; a certificate of the same CA with another DN is refused."""
+    repo, data = served_point
+    port = free_port()
+    proc = _serve(repo, port, "--tls-creds", tls_creds.server, "--tls-authz", tls_creds.client_dn)
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri == f"nbds://{LOOPBACK}:{port}/", uri or (proc.stderr.read() if proc.stderr else "")
+        assert read_all(uri, tls_creds.client) == data
+        assert refused(uri, tls_creds.other_dn), "--tls-authz let another DN in"
+        assert refused(uri, tls_creds.no_cert), "a client without a certificate got in"
+        assert refused(plain(uri)), "plain NBD reached a TLS-only server"
+        assert read_all(uri, tls_creds.client) == data
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2  # nbdkit and qemu-nbd in front of it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
 def test_serve_bad_tls_input_gets_one_line_and_exit_2(
         served_point: Any, tls_creds: Any, free_port: Any, fleece: Any,
                                                      tmp_path: Any) -> None:
     repo, _ = served_point
     for args, says in _bad_inputs(tls_creds, tmp_path, free_port()):
-        if "--tls-authz" in args:
-            continue  # an export option: nbdkit has no DN authorization
         extra = [] if "--listen" in args else ["--socket", tmp_path / "s.sock"]
         res = fleece("serve", "--repo", repo, "latest", *extra, *args)
         assert res.rc == 2, (args, res.err)

@@ -53,7 +53,7 @@ def flip_byte(path: Path, at: int = -5) -> None:
 @pytest.fixture
 def repo_dir(tmp_path: Path, store_point: Any) -> Path:
     path = tmp_path / "repo"
-    repo = Repository.init(FileBackend(path), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(path), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, {"vda": VDA1})
     store_point(repo, P2, {"vda": VDA2, "vdb": VDA1}, parent=P1)
     store_point(repo, P3, {"web": WEB}, vm="web1")
@@ -115,7 +115,7 @@ def test_verifying_only_the_untouched_point_passes(repo_dir: Path, fleece: Any) 
 
 def test_merged_ranges_of_neighbouring_bad_chunks(tmp_path: Path, store_point: Any,
                                                   fleece: Any) -> None:
-    repo = Repository.init(FileBackend(tmp_path / "r"), chunk_size=CHUNK)
+    repo = Repository.init(FileBackend(tmp_path / "r"), chunk_size=CHUNK, hash="sha256")
     a, b, c = os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(100)
     store_point(repo, P1, {"vda": disk(4 * CHUNK + 100, {1: a, 2: b, 4: c})})
     for data in (a, b, c):
@@ -170,7 +170,7 @@ class CountingBackend(MemoryBackend):
 def test_a_shared_chunk_is_fetched_once_per_run(store_point: Any) -> None:
     backend = CountingBackend()
     assert isinstance(backend, Backend)
-    repo = Repository.init(backend, chunk_size=CHUNK)
+    repo = Repository.init(backend, chunk_size=CHUNK, hash="sha256")
     same = disk(16 * CHUNK, dict.fromkeys(range(16), SHARED))
     for n in range(5):
         store_point(repo, f"2026010{n + 1}T000000.000001Z-aaaaaa", {"vda": same, "vdb": same})
@@ -184,7 +184,7 @@ def test_deep_verify_catches_a_chunk_whose_length_does_not_fit(tmp_path: Path,
                                                                store_point: Any) -> None:
     # A tail chunk's plaintext stored where a full chunk belongs: the digest
     # matches the object, but the disk would come out short.
-    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK)
+    repo = Repository.init(MemoryBackend(), chunk_size=CHUNK, hash="sha256")
     tail = b"x" * 100
     point = store_point(repo, P1, {"vda": disk(CHUNK + 100, {1: tail})})
     index = repo.read_index(point, "vda")
@@ -203,7 +203,7 @@ def test_verify_on_s3(s3_env: Any, s3_bucket: str, store_point: Any, fleece: Any
     from fleece.repo.backends.url import open_backend
 
     url = f"s3://{s3_bucket}/repo"
-    repo = Repository.init(open_backend(url), chunk_size=CHUNK)
+    repo = Repository.init(open_backend(url), chunk_size=CHUNK, hash="sha256")
     store_point(repo, P1, {"vda": VDA1})
     store_point(repo, P2, {"vda": VDA2}, parent=P1)
     assert fleece("verify", "--repo", url, "--deep").rc == 0

@@ -24,21 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
+from fleece.backup.audit import audit_clean_chunks
 from fleece.backup.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
 from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, QmpSource, qmp_vm_name
-from fleece.errors import BadInput, FleeceError, LockHeld, RepositoryCorrupt
+from fleece.errors import BadInput, FleeceError, RepositoryCorrupt
 from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.names import checkpoint_bitmap
 from fleece.fleecing.request_bound import max_request, parse_qemu_version
 from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import QmpSession
+from fleece.repo.commit import commit_point_async, writer_lease
+from fleece.repo.format.defaults import DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
-from fleece.repo.gc_lock import check_no_gc
-from fleece.repo.lock import Lease, vm_lock
+from fleece.repo.lock import Lease
 from fleece.repo.repository import Repository
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class BackupRequest:
     """The repository, or a callable that opens (or creates) it once the VM side checks out."""
     vm: str | None = None
     level: str = "auto"
-    compression_level: int | None = 3
+    compression_level: int | None = DEFAULT_ZSTD_LEVEL
     trim: bool = True
     """Trim stored chunks from the snapshot so the reverse delta stays small."""
     scratch_dir: Path | None = None
@@ -64,6 +66,9 @@ class BackupRequest:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     verify: bool = False
     """Deep-verify the stored chunks and indexes before the point is written."""
+    audit_bitmap: float | None = None
+    """Percent of the chunks the dirty bitmap calls clean to read and compare with the parent
+    before an incremental (``fleece.backup.audit``); None: trust the bitmap."""
     on_vm: Callable[[str], None] | None = None
     """Told the VM's name as soon as it is known (``--metrics-file`` labels a failure by it)."""
     source: PointInTimeSource | None = None
@@ -81,10 +86,12 @@ class DiskResult:
     stats: DiskStats
     bitmap_granularity: int | None = None
     """The dirty bitmap's granularity in bytes (incremental), as QEMU reports it."""
+    audit: dict[str, Any] | None = None
+    """``--audit-bitmap``: what the audit sampled and found (absent without it)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The per-disk entry of ``backup --json``."""
-        return {
+        doc = {
             "drive": self.drive,
             "level": self.level,
             "size": self.size,
@@ -92,6 +99,9 @@ class DiskResult:
             "bitmap_granularity": self.bitmap_granularity,
             "reason": self.reason,
         }
+        if self.audit is not None:
+            doc["audit"] = self.audit
+        return doc
 
 
 @dataclass
@@ -165,10 +175,7 @@ async def run_backup(
             req.on_vm(vm)
         qemu = await source.qemu_version()
         repo = await _open_repository(req, source)
-        with vm_lock(repo.backend, vm) as lease:
-            # We will reuse chunks we do not upload: no gc may run until we
-            # commit. Our lease exists now, so a gc starting later sees it.
-            check_no_gc(repo.backend)
+        with writer_lease(repo, vm) as lease:
             points = _PointsOfVm(repo, vm)
 
             def parent_ok(drive: str, parent: str) -> bool:
@@ -185,32 +192,10 @@ async def run_backup(
                 log=say,
                 known_point=points.latest_id(),
             ) as export:
-                pause_point("export-live")  # test hook (fleece.testing); inert in production
-                results, records, indexes = await _back_up_disks(req, repo, export, points, lease,
-                                                                 progress, qemu)
-                latest = points.latest()
-                object_lock = await asyncio.to_thread(
-                    lock_new_point, req, repo, indexes,
-                    [*(points.get(d.since) for d in export.disks if d.since), latest])
-                point = RestorePoint(
-                    id=export.checkpoint,
-                    vm=vm,
-                    created=iso_utc(),
-                    parent=_parent(export, results),
-                    chunk_size=repo.config.chunk_size,
-                    disks=records,
-                    fleece_version=__version__,
-                    qemu_version=qemu,
-                    labels=dict(req.labels),
-                    object_lock=object_lock,
-                    stats={
-                        "pause_ms": export.pause_ms,
-                        "seconds": round(time.monotonic() - started, 3),
-                        "bytes_read": sum(r.stats.bytes_read for r in results),
-                        "bytes_stored": sum(r.stats.bytes_stored for r in results),
-                    },
-                )
-                await _commit(req, repo, lease, points, point, progress)
+                pause_point(Phase.EXPORT_LIVE)
+                point, results = await store_point(req, repo, export, lease, points, qemu,
+                                                   max_request(parse_qemu_version(qemu)), started,
+                                                   progress)
     return BackupResult(point, results, export.pause_ms, time.monotonic() - started,
                         repo.lock_ledger.extended)
 
@@ -253,11 +238,11 @@ async def _back_up_disks(
     points: _PointsOfVm,
     lease: Lease,
     progress: Callable[[str, int], Callable[[int], None]] | None,
-    qemu: str,
+    bound: int | None,
 ) -> tuple[list[DiskResult], list[DiskRecord], list[ChunkIndex]]:
     """Store every exported disk (chunks, deltas, index); what each stored, its record and index.
 
-    ``qemu`` is the source's QEMU version (``7.2.22``): it decides how far one request may reach.
+    ``bound`` is how far one request to the export may reach (``max_request``; None: unbounded).
     """
     results: list[DiskResult] = []
     records: list[DiskRecord] = []
@@ -266,7 +251,6 @@ async def _back_up_disks(
     # Prune keeps the points whose indexes we are about to read.
     uses = {d.since for d in export.disks if d.since} | ({latest.id} if latest else set())
     await asyncio.to_thread(lease.record_uses, sorted(uses))
-    bound = max_request(parse_qemu_version(qemu))
     for disk in export.disks:
         result, record, index = await asyncio.to_thread(
             _back_up_disk, req, repo, export.checkpoint, disk,
@@ -277,6 +261,65 @@ async def _back_up_disks(
         records.append(record)
         indexes.append(index)
     return results, records, indexes
+
+
+async def store_point(
+    req: BackupRequest,
+    repo: Repository,
+    export: PointInTime,
+    lease: Lease,
+    points: _PointsOfVm,
+    qemu: str | None,
+    bound: int | None,
+    started: float,
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+) -> tuple[RestorePoint, list[DiskResult]]:
+    """Store every disk of ``export``, then commit its restore point
+    (:func:`fleece.repo.commit.commit_point_async`).
+
+    The one sequence every backup takes, local or from another host's export:
+    chunks, deltas and indexes; the Object Lock extension; the point built
+    from its disks and parents; ``--verify``; the lease-checked commit.
+    ``qemu`` is the source's QEMU version, recorded in the point (None when
+    another host's export does not say); ``bound`` how far one request to the
+    export may reach (``max_request``).
+    """
+    results, records, indexes = await _back_up_disks(req, repo, export, points, lease, progress,
+                                                     bound)
+    latest = points.latest()
+    object_lock = await asyncio.to_thread(
+        lock_new_point, req, repo, indexes,
+        [*(points.get(d.since) for d in export.disks if d.since), latest])
+    point = RestorePoint(
+        id=export.checkpoint,
+        vm=points.vm,
+        created=iso_utc(),
+        parent=_parent(export, results),
+        chunk_size=repo.config.chunk_size,
+        disks=records,
+        fleece_version=__version__,
+        qemu_version=qemu,
+        labels=dict(req.labels),
+        object_lock=object_lock,
+        stats={
+            "pause_ms": export.pause_ms,
+            "seconds": round(time.monotonic() - started, 3),
+            "bytes_read": sum(r.stats.bytes_read for r in results),
+            "bytes_stored": sum(r.stats.bytes_stored for r in results),
+            # verify --boot then expects the agent to answer.
+            "guest_agent": req.qga is not None,
+        },
+    )
+    if req.verify:
+        # Before the point exists: damage fails the backup, which
+        # aborts the checkpoint (the previous one keeps recording).
+        await asyncio.to_thread(
+            require_new_point_intact, repo, point,
+            points.get(point.parent) if point.parent else None, progress=progress)
+    # From here on the point exists. The export's normal exit then commits
+    # the checkpoint bitmaps; a lost lease fails the backup, which aborts them.
+    await commit_point_async(repo, lease, point)
+    return point, results
 
 
 def _parent(export: PointInTime, results: list[DiskResult]) -> str | None:
@@ -290,49 +333,6 @@ def _parent(export: PointInTime, results: list[DiskResult]) -> str | None:
     return parents[-1] if parents else None
 
 
-async def _commit(
-    req: BackupRequest,
-    repo: Repository,
-    lease: Lease,
-    points: _PointsOfVm,
-    point: RestorePoint,
-    progress: Callable[[str, int], Callable[[int], None]] | None,
-) -> None:
-    """Verify what was stored if asked, then write the point: from then on it exists."""
-    if req.verify:
-        # Before the point exists: damage fails the backup, which
-        # aborts the checkpoint (the previous one keeps recording).
-        await asyncio.to_thread(
-            require_new_point_intact, repo, point,
-            points.get(point.parent) if point.parent else None, progress=progress)
-    # Written last: from here on the point exists. The export's
-    # normal exit then commits the checkpoint bitmaps. A lapsed
-    # lease means a gc may have run: do not commit.
-    pause_point("before-point")  # test hook (fleece.testing); inert in production
-    await asyncio.to_thread(lease.check)
-    await asyncio.to_thread(repo.write_point, point)
-    await asyncio.to_thread(_confirm_lease_after_commit, repo, lease, point)
-
-
-def _confirm_lease_after_commit(repo: Repository, lease: Lease, point: RestorePoint) -> None:
-    """Withdraw ``point`` if our lease was broken between the pre-commit check and the write.
-
-    Only then can a gc have run meanwhile (it saw no lease) and deleted
-    chunks the point names; a lease still ours now was there all along
-    (:mod:`fleece.repo.lock`).
-    """
-    try:
-        lease.check()
-    except LockHeld as lost:
-        try:
-            repo.delete_point(point)
-        except FleeceError as exc:
-            raise LockHeld(f"{lost}, but point {point.id} was written and could not be deleted "
-                           f"again ({exc}); run fleece verify and remove it with fleece prune "
-                           "if it is damaged") from exc
-        raise
-
-
 class _PointsOfVm:
     """The VM's restore points by id, each read only when asked for.
 
@@ -341,6 +341,7 @@ class _PointsOfVm:
     """
 
     def __init__(self, repo: Repository, vm: str) -> None:
+        self.vm = vm
         self._repo = repo
         self._ids = {point_id: name for name, point_id in repo.point_refs(vm)}
         self._read: dict[str, RestorePoint | None] = {}
@@ -425,8 +426,21 @@ def _back_up_disk(
 
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
     h = connect(disk.uri, contexts, tls=req.settings.tls)
+    audit = None
     try:
         plan = plan_chunks(h, chunk_size, dirty_context, max_request)
+        if req.audit_bitmap is not None and level == "incremental" and parent is not None:
+            found = audit_clean_chunks(h, plan, index, repo, req.audit_bitmap, max_request)
+            audit = found.as_dict(chunk_size)
+            if found.mismatched:
+                # The bitmap missed writes: nothing of this incremental is kept; a full instead.
+                level, dirty_context = "full", None
+                reason = (f"--audit-bitmap: {len(found.mismatched)} of {found.sampled} chunks the dirty "
+                          f"bitmap called clean differ from point {parent.id} (first at offset "
+                          f"{found.mismatched[0] * chunk_size}): the bitmap missed writes")
+                log.warning("%s: %s", disk.drive, reason)
+                index = ChunkIndex.empty(chunk_size, disk.size, repo.index_version)
+                plan = plan_chunks(h, chunk_size, None, max_request)
     finally:
         disconnect(h)
     deltas = level == "incremental" and repo.has_deltas
@@ -450,7 +464,7 @@ def _back_up_disk(
         bitmap=checkpoint_bitmap(point_id),
         stats=stats.as_dict(),
     )
-    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity), record, index
+    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity, audit), record, index
 
 
 def _readable_index(repo: Repository, point: RestorePoint, drive: str) -> ChunkIndex | None:

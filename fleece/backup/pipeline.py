@@ -41,6 +41,7 @@ from fleece.backup.reader import ChunkPlan, Extent, connect, disconnect, pread_i
 from fleece.errors import ExportError
 from fleece.fleecing.transport import ClientTls
 from fleece.repo.format.codec import HEADER, ZERO_BLOCK, encode_chunk_in_place, is_zero
+from fleece.repo.format.defaults import DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.delta import (
     MAX_DELTA_FRACTION,
     MAX_DEPTH,
@@ -50,16 +51,43 @@ from fleece.repo.format.delta import (
 )
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.repository import Repository
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
 FULL = 1
 DELTA = 2
 TRIMS_IN_FLIGHT = 8
-_ZEROS = memoryview(ZERO_BLOCK)
 """Trims each storer leaves unanswered before it waits for one."""
+_ZEROS = memoryview(ZERO_BLOCK)
+
+
+class _ChunkToStore(NamedTuple):
+    """A reader's whole chunk, encoded, for a storer to put (reader → storer queue)."""
+
+    i: int
+    offset: int
+    digest: bytes
+    blob: bytes | memoryview
+    frame: _Frame | None
+    """The frame ``blob`` is a view of (stored plain), given back once stored; else None."""
+
+
+class _DeltaToStore(NamedTuple):
+    """A reader's encoded delta, for a storer to add to the open pack."""
+
+    i: int
+    digest: bytes
+    blob: bytes
+    extents: tuple[Extent, ...]
+
+
+class _Done:
+    """The end of the queue: one per storer."""
+
+
+_DONE = _Done()
+_StoreItem = _ChunkToStore | _DeltaToStore | _Done
 
 
 class Work(NamedTuple):
@@ -169,7 +197,7 @@ class PipelineSettings:
     readers: int = 4
     storers: int = 4
     queue_depth: int = 4
-    compression_level: int | None = 3
+    compression_level: int | None = DEFAULT_ZSTD_LEVEL
     trim_alignment: int | None = None
     """Trim each stored chunk from the snapshot when set (writable export with discard)."""
     tls: ClientTls | None = None
@@ -213,7 +241,7 @@ class DiskBackup:
         self._next_lock = threading.Lock()
         self._pending: set[bytes] = set()  # digests some storer is writing now
         self._known_lock = threading.Lock()
-        self._store_q: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
+        self._store_q: queue.Queue[_StoreItem] = queue.Queue(maxsize=settings.queue_depth)
         self._failed = threading.Event()
         self._error: BaseException | None = None
         # One trim connection per thread that trims: a shared handle behind a
@@ -283,7 +311,7 @@ class DiskBackup:
                 self._error = exc
             self._failed.set()
 
-    def _put(self, item: Any) -> None:
+    def _put(self, item: _StoreItem) -> None:
         while True:
             if self._failed.is_set() and item is not _DONE:
                 raise _Failed
@@ -378,7 +406,7 @@ class DiskBackup:
         del data
         digest = self._digest(body)
         blob = encode_delta(body, self.settings.compression_level)
-        self._put((w.i, offset, digest, blob, w.extents, None))
+        self._put(_DeltaToStore(w.i, digest, blob, w.extents))
 
     def _process(self, w: Work, offset: int, length: int, frame: _Frame) -> None:
         """Hash, dedup and encode the chunk read into ``frame``; queue it, or give the frame back."""
@@ -405,10 +433,10 @@ class DiskBackup:
         del data
         blob = encode_chunk_in_place(frame.buf, length, self.settings.compression_level)
         if isinstance(blob, memoryview):
-            self._put((i, offset, digest, blob, None, frame))  # the storer gives the frame back
+            self._put(_ChunkToStore(i, offset, digest, blob, frame))  # the storer gives the frame back
         else:
             self._frames.put(frame)  # compressed: the frame is free again
-            self._put((i, offset, digest, blob, None, None))
+            self._put(_ChunkToStore(i, offset, digest, blob, None))
 
     def _store_loop(self) -> None:
         while True:
@@ -418,18 +446,18 @@ class DiskBackup:
                 if self._failed.is_set():
                     return
                 continue
-            if item is _DONE:
+            if isinstance(item, _Done):
                 return
             if self._failed.is_set():
                 continue  # drop: the backup has failed; keep draining so readers never block
-            i, offset, digest, blob, extents, frame = item
-            if extents is not None:
-                self._packs.add(i, blob, sum(n for _, n in extents), digest)
-                pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+            if isinstance(item, _DeltaToStore):
+                self._packs.add(item.i, item.blob, sum(n for _, n in item.extents), item.digest)
+                pause_point(Phase.CHUNK_STORED)
                 self.stats.add(deltas=1)
-                for off, n in extents:
+                for off, n in item.extents:
                     self._trim(off, n)
                 continue
+            i, offset, digest, blob, frame = item
             # put_chunk probes before it writes; that runs here, `storers` at a
             # time, not in the readers: on S3 it is a round trip, and readers
             # waiting on it starve the pipeline.

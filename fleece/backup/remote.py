@@ -7,8 +7,9 @@ disk over ``nbds://`` (the dirty bitmap too, for an incremental) and writes
 the restore point under the export's checkpoint id; then the hypervisor runs
 ``fleece export stop`` (which commits the checkpoint bitmaps) — or ``stop
 --abort`` if this backup failed, so that the next export covers these writes
-again. The order is the same as a local backup's (``fleece.backup.job``): chunks,
-indexes, then the point, all before the checkpoint is committed.
+again. The point is stored and committed by the very code of a local backup
+(:func:`fleece.backup.job.store_point`): chunks, indexes, then the point under
+the VM's lease, all before the checkpoint is committed.
 
 An export whose parent checkpoint this repository does not hold is backed up
 in full, and says why.
@@ -16,34 +17,22 @@ in full, and says why.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fleece import __version__
-from fleece.backup.job import (
-    BackupRequest,
-    BackupResult,
-    DiskResult,
-    _back_up_disk,
-    _PointsOfVm,
-    lock_new_point,
-)
+from fleece.backup.job import BackupRequest, BackupResult, _PointsOfVm, store_point
 from fleece.errors import BadInput
 from fleece.fleecing import DiskExport
 from fleece.fleecing.export import TRIM_ALIGNMENT
 from fleece.fleecing.names import CHECKPOINT_RE, checkpoint_bitmap
 from fleece.fleecing.request_bound import CBW_CLUSTER
 from fleece.fleecing.transport import check_client_uri
-from fleece.maintenance.verify import require_new_point_intact
 from fleece.qmp import Disk
-from fleece.repo.format.index import ChunkIndex
-from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
-from fleece.repo.gc_lock import check_no_gc
-from fleece.repo.lock import vm_lock
+from fleece.repo.commit import writer_lease
 from fleece.repo.repository import Repository
 
 
@@ -87,6 +76,17 @@ def read_export(source: str) -> tuple[str, list[DiskExport], int | None]:
     return checkpoint, disks, bound
 
 
+@dataclass
+class _RemotePointInTime:
+    """An export another host set up, as :func:`fleece.backup.job.store_point` reads it."""
+
+    checkpoint: str
+    disks: list[DiskExport]
+    pause_ms: float | None = None
+    """The hypervisor measured the pause, not this process."""
+    trim_alignment: int = TRIM_ALIGNMENT
+
+
 async def run_backup_from_export(
     req: BackupRequest,
     checkpoint: str,
@@ -97,6 +97,7 @@ async def run_backup_from_export(
     """Take the restore point ``checkpoint`` of the exported ``disks`` (:func:`read_export`).
 
     ``req.vm`` names the VM; ``req.settings.tls`` holds the client credentials.
+    A parent this repository lacks makes a disk full, with the reason.
     """
     if not req.vm:
         raise BadInput("backup --from-export needs --vm NAME (the export does not say which VM it is)")
@@ -104,42 +105,10 @@ async def run_backup_from_export(
         check_client_uri(d.uri, req.settings.tls)
     started = time.monotonic()
     repo = req.repo if isinstance(req.repo, Repository) else req.repo()
-    vm = req.vm
-    with vm_lock(repo.backend, vm) as lease:
-        check_no_gc(repo.backend)
-        points = _PointsOfVm(repo, vm)
-        latest = points.latest()
-        uses = {d.since for d in disks if d.since} | ({latest.id} if latest else set())
-        await asyncio.to_thread(lease.record_uses, sorted(uses))
-        results: list[DiskResult] = []
-        records: list[DiskRecord] = []
-        indexes: list[ChunkIndex] = []
-        for disk in disks:
-            # A parent this repository lacks makes the disk full, with the reason.
-            parent = points.get(disk.since) if disk.since else None
-            trim = TRIM_ALIGNMENT if disk.discard and req.trim else None
-            result, record, index = await asyncio.to_thread(
-                _back_up_disk, req, repo, checkpoint, disk, parent, latest, trim, progress, max_request)
-            results.append(result)
-            records.append(record)
-            indexes.append(index)
-        parents = sorted({d.since for d, r in zip(disks, results, strict=True)
-                          if d.since and r.level == "incremental"})
-        point = RestorePoint(
-            id=checkpoint, vm=vm, created=iso_utc(), parent=parents[-1] if parents else None,
-            chunk_size=repo.config.chunk_size, disks=records, fleece_version=__version__,
-            labels=dict(req.labels),
-            object_lock=await asyncio.to_thread(
-                lock_new_point, req, repo, indexes,
-                [*(points.get(d.since) for d in disks if d.since), latest]),
-            stats={"pause_ms": None, "seconds": round(time.monotonic() - started, 3),
-                   "bytes_read": sum(r.stats.bytes_read for r in results),
-                   "bytes_stored": sum(r.stats.bytes_stored for r in results)},
-        )
-        if req.verify:
-            await asyncio.to_thread(require_new_point_intact, repo, point,
-                                    points.get(point.parent) if point.parent else None,
-                                    progress=progress)
-        lease.check()
-        await asyncio.to_thread(repo.write_point, point)
+    # Trims only where the export allows them and the user did not turn them off.
+    export = _RemotePointInTime(checkpoint, [replace(d, discard=d.discard and req.trim) for d in disks])
+    with writer_lease(repo, req.vm) as lease:
+        points = _PointsOfVm(repo, req.vm)
+        point, results = await store_point(req, repo, export, lease, points, None, max_request,
+                                           started, progress)
     return BackupResult(point, results, None, time.monotonic() - started, repo.lock_ledger.extended)

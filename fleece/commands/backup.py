@@ -16,12 +16,15 @@ from fleece.commands.common import (
     add_repo_option,
     human_size,
     limited_backend,
+    no_repository_message,
+    open_or_create,
     open_repository,
+    passphrase_source,
     print_json,
     run_async,
     say,
 )
-from fleece.commands.config import apply_config
+from fleece.commands.config import apply_config, read_table
 from fleece.commands.metrics import Run, recorded
 from fleece.commands.progress import progress_display
 from fleece.errors import BadInput, NotARepository
@@ -29,21 +32,29 @@ from fleece.fleecing.checkpoints import LEVELS
 from fleece.fleecing.transport import client_tls
 from fleece.libvirt.source import LibvirtSource
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, HASHES, parse_compression
-from fleece.repo.repository import Repository, check_chunk_size, holds_objects
+from fleece.repo.format.codec import HASHES, parse_compression
+from fleece.repo.format.crypto import CIPHERS
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESS, DEFAULT_HASH
+from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
+from fleece.repo.repository import InitSettings, Repository, check_chunk_size, holds_objects
 
 STOPPED_NOTE = "its restore point exists only if it was written before the signal (see fleece list)"
-DEFAULT_CHUNK_SIZE = 4 << 20
-DEFAULT_COMPRESS = f"zstd:{DEFAULT_ZSTD_LEVEL}"
-DEFAULT_HASH = "blake3"
-"""New repositories name chunks by BLAKE3: 3.5x cheaper than sha256 on the backup's hot path."""
 
 CONFIG_KEYS: dict[str, type] = {
     "qmp": str, "drive": list, "repo": str, "vm": str, "level": str, "compress": str,
     "chunk_size": str, "hash": str, "scratch_dir": str, "qga": str, "readers": int, "storers": int,
     "trim": bool, "labels": dict, "verify": bool, "passphrase_file": str, "unsafe_locks": bool,
     "limit_upload": str, "limit_download": str, "metrics_file": str, "libvirt": str, "connect": str,
+    "accept_change": bool, "group_access": bool,
 }
+
+INIT_KEYS: dict[str, type] = {
+    "encryption": str, "hash": str, "chunk_size": str, "compress": str,
+    "object_lock_days": int, "object_lock_mode": str,
+}
+"""The ``[init]`` table of ``backup --config``: its presence says "create the repository if the
+location is empty", its keys how (``fleece init``'s options)."""
+DEFAULT_CIPHER = "aes-256-gcm"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,11 +77,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="auto (default): incremental when the chain is valid, else full")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none", default=None,
                    help=f"chunk compression (default {DEFAULT_COMPRESS})")
+    p.add_argument("--init", action="store_true", default=None,
+                   help="create the repository if the location is empty (encrypted with "
+                        f"{DEFAULT_CIPHER} when a passphrase is given; an [init] table in --config "
+                        "says the same and how); without it a missing repository is an error")
     p.add_argument("--chunk-size", metavar="SIZE", default=None,
-                   help="chunk size when this backup creates the repository (default 4M)")
+                   help="chunk size when this backup creates the repository "
+                        f"(--init; default {DEFAULT_CHUNK_SIZE >> 20}M)")
     p.add_argument("--hash", choices=HASHES, default=None,
-                   help=f"chunk hash when this backup creates the repository (default {DEFAULT_HASH}; "
-                        "~3.5x faster to compute than sha256; existing repositories keep theirs)")
+                   help=f"chunk hash when this backup creates the repository (--init; default "
+                        f"{DEFAULT_HASH}; ~3.5x faster to compute than sha256)")
     p.add_argument("--scratch-dir", metavar="DIR", default=None,
                    help="private directory for the reverse delta and the NBD socket")
     p.add_argument("--qga", metavar="SOCKET", default=None, nargs="?", const="",
@@ -85,6 +101,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="label recorded in the restore point (repeatable)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
+    p.add_argument("--audit-bitmap", type=float, default=None, metavar="PERCENT",
+                   help="before an incremental, read PERCENT of the chunks the dirty bitmap calls clean "
+                        "and compare them with the parent point (nothing is fetched from the "
+                        "repository); any difference makes the disk's backup full, with the reason")
     p.add_argument("--from-export", metavar="FILE",
                    help="back up an export made on another host: FILE ('-': stdin) is the output of "
                         "'fleece export start --json' there (needs --vm; no --qmp, --drive)")
@@ -114,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
 def backup_metrics(result: BackupResult) -> dict[str, float]:
     """The ``--metrics-file`` gauges of a backup."""
     disks = result.disks
+    audits = [d.audit for d in disks if d.audit is not None]
+    extra = {"fleece_backup_audit_mismatches": float(sum(a["mismatched"] for a in audits))} if audits else {}
     return {
+        **extra,
         "fleece_backup_bytes_dirty": sum(d.stats.bytes_dirty for d in disks),
         "fleece_backup_bytes_read": sum(d.stats.bytes_read for d in disks),
         # chunks, packs, index pages and the index of each disk, and the point
@@ -124,6 +147,8 @@ def backup_metrics(result: BackupResult) -> dict[str, float]:
 
 
 def _backup(args: argparse.Namespace, record: Run) -> int:
+    if args.audit_bitmap is not None and not 0 < args.audit_bitmap <= 100:
+        raise BadInput("--audit-bitmap PERCENT must be more than 0 and at most 100")
     tls = client_tls(args.tls_creds, args.tls_psk)
     if args.qmp and args.libvirt:
         raise BadInput("backup takes --qmp SOCKET or --libvirt DOMAIN, not both")
@@ -170,25 +195,31 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
             raise BadInput(f"--label wants KEY=VALUE, not {item!r}")
         labels[key] = value
 
-    store = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks))
+    store = open_backend(args.repo, unsafe_locks=bool(args.unsafe_locks),
+                         group_access=bool(args.group_access))
     backend = limited_backend(store, args)
     if args.storers is None:
         # S3 is latency-bound and wants more uploads in flight than a local disk.
         settings.storers = backend.preferred_concurrency or settings.storers
     # Readers probe (HEAD) and storers upload at once; + the lease heartbeat.
     backend.reserve_connections(settings.readers + settings.storers + 1)
+    init = init_settings(args, chunk_size, compression)
     repo: Repository | Callable[[], Repository]
     try:
         repo = open_repository(args, backend)
     except NotARepository:
+        if init is None:
+            # Never made by accident (a typo in --repo): the checkpoint stays where it is.
+            raise NotARepository(no_repository_message(
+                backend.url, passphrase_source(args) is not None,
+                " (or give this backup --init, or an [init] table in --config)")) from None
         if holds_objects(backend):
             # Another host may have created it since our look (a shared
             # bucket); if there is still no config, it is not ours to write into.
             repo = open_repository(args, backend)
         else:
             def repo() -> Repository:
-                return Repository.open_or_init(backend, chunk_size, compression,
-                                               hash=args.hash or DEFAULT_HASH)
+                return open_or_create(args, backend, init)
 
     req = BackupRequest(
         qmp=args.qmp or "",
@@ -203,6 +234,7 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
         verify=bool(args.verify),
+        audit_bitmap=args.audit_bitmap,
         on_vm=lambda name: setattr(record, "vm", name),
         source=LibvirtSource(args.libvirt, args.connect) if args.libvirt else None,
     )
@@ -229,6 +261,45 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
     else:
         print_summary(result)
     return 0
+
+
+def init_settings(args: argparse.Namespace, chunk_size: int,
+                  compression: int | None) -> InitSettings | None:
+    """How to create a missing repository: ``--init`` or ``[init]`` in ``--config``; else None.
+
+    The command line's (and the top-level config's) ``chunk_size``/``hash``
+    win over ``[init]``'s. Without an encryption setting a passphrase given
+    means :data:`DEFAULT_CIPHER`, none means plain; when the repository is
+    made, a plain one with a passphrase is refused (fail closed), and an
+    encrypted one without.
+    """
+    table = read_table(args, "init", INIT_KEYS)
+    if table is None and not args.init:
+        return None
+    table = table or {}
+    given = passphrase_source(args) is not None
+    encryption = table.get("encryption") or (DEFAULT_CIPHER if given else "none")
+    if encryption not in (*CIPHERS, "none"):
+        raise BadInput(f"[init] encryption must be one of {', '.join(CIPHERS)}, none; not "
+                       f"{encryption!r}")
+    # A cipher without a passphrase is refused when the repository is made (Repository.init),
+    # not here: an existing repository opens whatever [init] says.
+    if args.chunk_size is None and table.get("chunk_size"):
+        chunk_size = check_chunk_size(parse_size(table["chunk_size"]))
+    if args.compress is None and table.get("compress"):
+        compression = parse_compression(table["compress"])
+    hash = args.hash or table.get("hash") or DEFAULT_HASH
+    if hash not in HASHES:
+        raise BadInput(f"[init] hash must be one of {', '.join(HASHES)}, not {hash!r}")
+    mode = table.get("object_lock_mode")
+    if mode is not None and mode not in MODES:
+        raise BadInput(f"[init] object_lock_mode must be one of {', '.join(MODES)}, not {mode!r}")
+    days = table.get("object_lock_days")
+    if mode is not None and days is None:
+        raise BadInput("[init] object_lock_mode needs object_lock_days")
+    lock = None if days is None else ObjectLock(check_lock_days(days), mode or "governance")
+    return InitSettings(encryption=encryption, chunk_size=chunk_size, compression_level=compression,
+                        hash=hash, object_lock=lock)
 
 
 def print_summary(result: BackupResult) -> None:

@@ -1,5 +1,6 @@
 """``fleece cleanup``: remove what a killed fleece run left in QEMU, as an abort; with
-``--stale``, also the scratch directories of exports whose QEMU and fleece are both gone.
+``--stale``, also the scratch directories of exports whose QEMU and fleece are both gone, and
+those of ``verify --fsck``/``--boot`` runs whose fleece is gone.
 
 ``--dead-only`` (what the systemd unit runs after every stop) removes only
 what a fleece process that has certainly exited left, and leaves anything a
@@ -25,8 +26,9 @@ from fleece.errors import BadInput, FleeceError
 from fleece.fleecing import Leftovers, cleanup
 from fleece.fleecing.graph import read_graph
 from fleece.fleecing.leftovers import cleanup_command, find_leftovers, ownership
-from fleece.fleecing.stale_scratch import scratch_parents, sweep
+from fleece.fleecing.stale_scratch import ScratchDir, scratch_parents, sweep
 from fleece.fleecing.teardown import heal_dead_run
+from fleece.guest import scratch as guest_scratch
 from fleece.qmp import QmpSession
 
 
@@ -136,7 +138,12 @@ def run(args: argparse.Namespace) -> int:
         if not d.is_dir():
             raise BadInput(f"--scratch-dir {d} is not a directory; nothing was removed")
     removed, kept = run_async(_cleanup(args.qmp, args.dead_only)) if args.qmp else (None, None)
-    swept = sweep(scratch_parents(args.scratch_dir)) if args.stale else None
+    swept = None
+    if args.stale:
+        parents = scratch_parents(args.scratch_dir)
+        # Exports' scratch directories, then those of verify --fsck/--boot runs (fleece.guest).
+        swept = sweep(parents) + [ScratchDir(s.path, s.stale, s.why)
+                                  for s in guest_scratch.sweep(parents)]
     if args.json:
         doc: dict[str, object] = {}
         if removed is not None:

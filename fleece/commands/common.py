@@ -13,11 +13,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleece.errors import BadInput, FleeceError
+from fleece.errors import BadInput, FleeceError, NotARepository
 from fleece.repo.backends.base import Backend
 from fleece.repo.backends.ratelimit import limit_backend, parse_rate
 from fleece.repo.backends.url import open_backend
-from fleece.repo.repository import Passphrase, Repository
+from fleece.repo.local_state import LocalState
+from fleece.repo.repository import InitSettings, Passphrase, Repository
 
 T = TypeVar("T")
 
@@ -33,7 +34,8 @@ def add_vm_options(parser: argparse.ArgumentParser, required: bool = True) -> No
 
 
 def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--config FILE``, ``--repo URL`` and the passphrase options, the same on every command.
+    """``--config FILE``, ``--repo URL``, the passphrase options and ``--accept-change``, the same
+    on every command.
 
     The repository is ``--repo``, else ``repo`` in ``--config``, else
     ``$FLEECE_REPOSITORY`` (``config.apply_repository_settings`` resolves it
@@ -50,6 +52,16 @@ def add_repo_option(parser: argparse.ArgumentParser, required: bool = True) -> N
     )
     parser.set_defaults(repo_required=required)
     add_passphrase_option(parser)
+    add_accept_change_option(parser)
+
+
+def add_accept_change_option(parser: argparse.ArgumentParser) -> None:
+    """``--accept-change``: open a repository that changed since this host last saw it."""
+    parser.add_argument(
+        "--accept-change", action="store_true", default=None,
+        help="the repository changed deliberately since this host last opened it (re-created, "
+             "restored from an older copy, another key): accept it as it is now and remember that",
+    )
 
 
 def add_client_tls_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +114,7 @@ def add_recorded_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Na
     add_limit_options(parser)
     add_metrics_option(parser)
     add_json_option(parser)
-    parser.set_defaults(func=run, unsafe_locks=None)
+    parser.set_defaults(func=run, unsafe_locks=None, group_access=None)
 
 
 def print_json(obj: Any) -> None:
@@ -134,6 +146,28 @@ def human_size(n: float) -> str:
 PASSPHRASE_ENV = "FLEECE_PASSPHRASE"
 PASSPHRASE_COMMAND_ENV = "FLEECE_PASSPHRASE_COMMAND"
 
+_taken: dict[str, str] = {}
+"""The ``FLEECE_*PASSPHRASE*`` variables :func:`take_passphrases_from_environment` moved here."""
+
+
+def take_passphrases_from_environment() -> None:
+    """Move every ``FLEECE_*PASSPHRASE*`` variable out of ``os.environ`` into this process only.
+
+    Called first thing by the command line: no child fleece starts (qemu-img,
+    qemu-nbd, nbdkit, ssh, the passphrase command…) inherits a passphrase in
+    its environment, where any process of the same user could read it from
+    ``/proc/PID/environ``. nbdkit gets it on a pipe instead
+    (:mod:`fleece.serve.server`).
+    """
+    _taken.clear()  # what this run's environment says, never an earlier run's (in-process callers)
+    for name in [n for n in os.environ if n.startswith("FLEECE_") and "PASSPHRASE" in n]:
+        _taken[name] = os.environ.pop(name)
+
+
+def secret_env(name: str) -> str | None:
+    """A ``FLEECE_*PASSPHRASE*`` variable, wherever it is now (taken, or still in the environment)."""
+    return _taken.get(name, os.environ.get(name))
+
 
 def add_passphrase_option(parser: argparse.ArgumentParser) -> None:
     """``--passphrase-file FILE``: an encrypted repository's passphrase (never a value on the line)."""
@@ -156,12 +190,14 @@ def passphrase_source(args: argparse.Namespace, option: str = "passphrase_file",
     """
     path = getattr(args, option, None)
     if path:
+        check_passphrase_file(path)  # refused at once, before anything is opened
         return lambda: read_passphrase_file(path)
-    command = os.environ.get(command_env)
+    command = secret_env(command_env)
     if command:
         return lambda: run_passphrase_command(command, command_env)
-    if env in os.environ:
-        return lambda: _non_empty(os.environ[env].encode(), f"${env}")
+    value = secret_env(env)
+    if value is not None:
+        return lambda: _non_empty(value.encode(), f"${env}")
     return None
 
 
@@ -175,8 +211,21 @@ def to_passphrase_source(args: argparse.Namespace) -> Passphrase | None:
     return passphrase_source(args, "to_passphrase_file", TO_PASSPHRASE_ENV, TO_PASSPHRASE_COMMAND_ENV)
 
 
+def check_passphrase_file(path: str) -> None:
+    """Refuse a passphrase file that its group or others may read or write (as TLS key files are)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise BadInput(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise BadInput(f"passphrase file {path} is open to its group or others (mode "
+                       f"{mode & 0o777:04o}): make it 0600 (chmod 600 {shlex.quote(path)}); "
+                       "nothing was changed")
+
+
 def read_passphrase_file(path: str) -> bytes:
-    """The passphrase in ``path``."""
+    """The passphrase in ``path`` (refused unless only its owner may read it)."""
+    check_passphrase_file(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -188,7 +237,7 @@ def run_passphrase_command(command: str, variable: str = PASSPHRASE_COMMAND_ENV)
     """Run ``$FLEECE_PASSPHRASE_COMMAND`` (or ``variable``); its standard output is the passphrase."""
     try:
         done = subprocess.run(shlex.split(command), capture_output=True, stdin=subprocess.DEVNULL,
-                              timeout=120)
+                              timeout=120, env=child_environment())
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
         raise FleeceError(f"{variable} could not run: {exc}") from None
     if done.returncode != 0:
@@ -202,12 +251,47 @@ def _non_empty(passphrase: bytes, where: str) -> bytes:
     return passphrase
 
 
+def child_environment() -> dict[str, str]:
+    """The environment for a child process: fleece's own, without any passphrase variable."""
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith("FLEECE_") and "PASSPHRASE" in k)}
+
+
+def local_state() -> LocalState:
+    """This host's record of the repositories it opened (:mod:`fleece.repo.local_state`)."""
+    return LocalState()
+
+
 def open_repository(args: argparse.Namespace, backend: Backend | None = None,
                     passphrase: bytes | None = None) -> Repository:
-    """Open ``--repo`` (or ``backend``), with the passphrase options (or ``passphrase``) if encrypted."""
+    """Open ``--repo`` (or ``backend``), with the passphrase options (or ``passphrase``) if encrypted.
+
+    Checked against (and recorded in) this host's local state; ``--accept-change``
+    accepts a deliberate change. A location with no repository is
+    :class:`~fleece.errors.NotARepository` with the command that creates one.
+    """
     source = passphrase_source(args) if passphrase is None else (lambda: passphrase)
     if backend is None:
         # Paced below any encryption: the limit counts the bytes that travel.
-        backend = limited_backend(open_backend(args.repo, unsafe_locks=bool(getattr(
-            args, "unsafe_locks", False))), args)
-    return Repository.open(backend, source)
+        backend = limited_backend(open_backend(
+            args.repo, unsafe_locks=bool(getattr(args, "unsafe_locks", False)),
+            group_access=bool(getattr(args, "group_access", False))), args)
+    try:
+        return Repository.open(backend, source, state=local_state(),
+                               accept_change=bool(getattr(args, "accept_change", False)))
+    except NotARepository:
+        raise NotARepository(no_repository_message(backend.url, source is not None)) from None
+
+
+def no_repository_message(url: str, encrypted: bool, init_hint: str = "") -> str:
+    """"No repository here", with the command that makes one (and ``init_hint``, e.g. ``--init``)."""
+    how = "--encryption aes-256-gcm" if encrypted else "--encryption aes-256-gcm|none"
+    return (f"{url} is not a fleece repository (no config): create one with 'fleece init --repo "
+            f"{shlex.quote(url)} {how}'{init_hint}; nothing was written")
+
+
+def open_or_create(args: argparse.Namespace, backend: Backend, settings: InitSettings) -> Repository:
+    """Open ``backend``'s repository, creating it with ``settings`` where the location is empty
+    (``--init``: the caller was told to)."""
+    return Repository.open_or_init(backend, settings, passphrase_source(args), state=local_state(),
+                                   accept_change=bool(getattr(args, "accept_change", False)))

@@ -19,17 +19,6 @@ from fleece.errors import BadInput
 REPOSITORY_SETTINGS: dict[str, type] = {"repo": str, "passphrase_file": str, "vm": str}
 
 
-def _read(path: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise BadInput(f"cannot read config file {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
-
-
 def apply_repository_settings(args: argparse.Namespace) -> None:
     """Resolve the repository of a command that takes ``--repo``, before it runs.
 
@@ -42,7 +31,7 @@ def apply_repository_settings(args: argparse.Namespace) -> None:
         return
     path = getattr(args, "config", None)
     if path:
-        doc = _read(path)
+        doc = _load(path)
         for attr, want in REPOSITORY_SETTINGS.items():
             value = doc.get(attr, doc.get(attr.replace("_", "-")))
             if value is None or not hasattr(args, attr) or getattr(args, attr) is not None:
@@ -66,7 +55,7 @@ def apply_config(args: argparse.Namespace, allowed: dict[str, type], section: st
     path = getattr(args, "config", None)
     if not path:
         return
-    doc = _read(path)
+    doc = _load(path)
     # A top-level table is another command's section ([prune], [gc]) unless it
     # is a setting whose value is a table (labels).
     settings: dict[str, Any] = {
@@ -74,21 +63,58 @@ def apply_config(args: argparse.Namespace, allowed: dict[str, type], section: st
         if not isinstance(v, dict) or allowed.get(k.replace("-", "_")) is dict
     }
     settings.update(doc.get(section, {}))
+    for attr, value in _checked(path, settings, allowed).items():
+        if getattr(args, attr, None) in (None, []):
+            setattr(args, attr, value)
+
+
+def read_table(args: argparse.Namespace, table: str, allowed: dict[str, type]) -> dict[str, Any] | None:
+    """The ``[table]`` of ``--config`` as checked settings, or None when there is no such table.
+
+    For a table that is not a command's own section: ``[init]``, which tells
+    ``backup`` and ``copy`` to create a repository, and how.
+    """
+    path = getattr(args, "config", None)
+    if not path:
+        return None
+    found = _load(path).get(table)
+    if found is None:
+        return None
+    if not isinstance(found, dict):
+        raise BadInput(f"config file {path}: {table} must be a table ([{table}])")
+    return _checked(path, found, allowed, f"[{table}] ")
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _checked(path: str, settings: dict[str, Any], allowed: dict[str, type],
+             where: str = "") -> dict[str, Any]:
+    """``settings`` with attribute names, each of the type ``allowed`` says; exit 2 otherwise."""
+    out: dict[str, Any] = {}
     for key, value in settings.items():
         attr = key.replace("-", "_")
         if attr == "drives":
             attr = "drive"
         if attr not in allowed:
-            raise BadInput(f"config file {path}: unknown setting {key!r}")
+            raise BadInput(f"config file {path}: unknown setting {where}{key!r}")
         want = allowed[attr]
         if want is list:
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise BadInput(f"config file {path}: {key} must be a string or a list of strings")
+                raise BadInput(f"config file {path}: {where}{key} must be a string or a list of strings")
         elif want is dict:
             if not isinstance(value, dict):
-                raise BadInput(f"config file {path}: {key} must be a table")
+                raise BadInput(f"config file {path}: {where}{key} must be a table")
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise BadInput(f"config file {path}: {key} must be a {want.__name__}")
-        if getattr(args, attr, None) in (None, []):
-            setattr(args, attr, value)
+            raise BadInput(f"config file {path}: {where}{key} must be a {want.__name__}")
+        out[attr] = value
+    return out

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from fleece.commands.backup import DEFAULT_CHUNK_SIZE, parse_size
-from fleece.commands.common import add_json_option, add_repo_option, passphrase_source, print_json
+from fleece.commands.backup import parse_size
+from fleece.commands.common import (
+    add_json_option,
+    add_repo_option,
+    local_state,
+    passphrase_source,
+    print_json,
+)
 from fleece.errors import BadInput
 from fleece.repo.backends.url import open_backend
-from fleece.repo.format.codec import DEFAULT_ZSTD_LEVEL, parse_compression
+from fleece.repo.format.codec import HASHES, parse_compression
 from fleece.repo.format.crypto import CIPHERS
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_HASH, DEFAULT_ZSTD_LEVEL
 from fleece.repo.object_lock import MODES, ObjectLock, check_lock_days
-from fleece.repo.repository import Repository, check_chunk_size
+from fleece.repo.repository import Repository, check_chunk_size, plaintext_refused
 
 
-def _days(text: str) -> int:
+def lock_days(text: str) -> int:
+    """argparse type of ``--object-lock-days``."""
     try:
         return check_lock_days(int(text))
     except ValueError:
@@ -30,13 +38,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--encryption", required=True, choices=[*CIPHERS, "none"],
                    help="seal every object with this AEAD (the passphrase comes from "
                         "FLEECE_PASSPHRASE, --passphrase-file or FLEECE_PASSPHRASE_COMMAND), or none")
-    p.add_argument("--hash", choices=["sha256", "blake3"], default="blake3",
-                   help="the hash that names chunks (keyed when encrypted; default blake3, "
+    p.add_argument("--hash", choices=HASHES, default=DEFAULT_HASH,
+                   help=f"the hash that names chunks (keyed when encrypted; default {DEFAULT_HASH}, "
                         "as for a repository a backup creates)")
-    p.add_argument("--chunk-size", metavar="SIZE", help="chunk size, a power of two (default 4M)")
+    p.add_argument("--chunk-size", metavar="SIZE",
+                   help=f"chunk size, a power of two (default {DEFAULT_CHUNK_SIZE >> 20}M)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none",
                    help=f"zstd[:LEVEL] (default zstd:{DEFAULT_ZSTD_LEVEL}) or none")
-    p.add_argument("--object-lock-days", type=_days, metavar="N",
+    p.add_argument("--object-lock-days", type=lock_days, metavar="N",
                    help="immutable restore points: S3 Object Lock keeps every object a point needs "
                         "for at least N days after the newest point that uses it (the bucket must "
                         "have Object Lock enabled)")
@@ -55,15 +64,17 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("--object-lock-mode needs --object-lock-days N")
     lock = (None if args.object_lock_days is None
             else ObjectLock(args.object_lock_days, args.object_lock_mode or "governance"))
-    passphrase = None
-    if args.encryption != "none":
-        source = passphrase_source(args)
-        if source is None:
-            raise BadInput("--encryption needs a passphrase: FLEECE_PASSPHRASE, --passphrase-file or "
-                           "FLEECE_PASSPHRASE_COMMAND (never on the command line)")
-        passphrase = source()
+    source = passphrase_source(args)
+    if args.encryption != "none" and source is None:
+        raise BadInput("--encryption needs a passphrase: FLEECE_PASSPHRASE, --passphrase-file or "
+                       "FLEECE_PASSPHRASE_COMMAND (never on the command line)")
+    if args.encryption == "none" and source is not None:
+        raise plaintext_refused(args.repo, "create")  # a passphrase means encrypted: fail closed
+    passphrase = None if source is None else source()
     repo = Repository.init(open_backend(args.repo), chunk_size, level, hash=args.hash,
                            encryption=args.encryption, passphrase=passphrase, object_lock=lock)
+    # A deliberate new repository: this host remembers it as made, whatever the location held.
+    repo.remember(local_state(), accept_change=True)
     if args.json:
         print_json({"repo": repo.url, "id": repo.config.id, "format": repo.config.format,
                     "encryption": repo.config.encryption, "hash": repo.config.hash,

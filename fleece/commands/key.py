@@ -14,6 +14,7 @@ from fleece.commands.common import (
     passphrase_source,
     print_json,
     read_passphrase_file,
+    secret_env,
 )
 from fleece.errors import BadInput
 from fleece.repo import keyring
@@ -58,8 +59,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _new_passphrase(args: argparse.Namespace) -> bytes:
     if args.new_passphrase_file:
         return read_passphrase_file(args.new_passphrase_file)
-    if os.environ.get(NEW_PASSPHRASE_ENV):
-        return os.environ[NEW_PASSPHRASE_ENV].encode()
+    new = secret_env(NEW_PASSPHRASE_ENV)
+    if new:
+        return new.encode()
     raise BadInput(f"the new passphrase comes from --new-passphrase-file or {NEW_PASSPHRASE_ENV}")
 
 

@@ -7,23 +7,29 @@ import argparse
 import sys
 from pathlib import Path
 
+from fleece.commands.backup import CONFIG_KEYS as BACKUP_KEYS
 from fleece.commands.common import (
     add_client_tls_options,
     add_limit_options,
     add_repo_option,
     open_repository,
 )
+from fleece.commands.config import apply_config
 from fleece.commands.live_restore import add_live_options, refuse_live_options, run_live
 from fleece.errors import BadInput
 from fleece.fleecing.transport import check_client_uri, client_tls
 from fleece.maintenance.damage import damaged_bytes, describe_ranges
 from fleece.restore.image import DEFAULT_WORKERS, RestoreResult, restore_raw
+from fleece.restore.output import output_mode
 from fleece.restore.targets import is_nbd_uri, restore_nbd, restore_qcow2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``restore`` command."""
     p = subparsers.add_parser("restore", help="write a disk of a restore point to an image file")
+    p.add_argument("--config", metavar="FILE",
+                   help="read settings from a TOML file ([restore] table; group_access = true makes "
+                        "new outputs 0640 instead of 0600; the backup keys are accepted and ignored)")
     add_repo_option(p)
     add_limit_options(p)
     p.add_argument("point", metavar="POINT", help="point id, a unique prefix of one, or 'latest'")
@@ -44,11 +50,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"chunks fetched in parallel (default {DEFAULT_WORKERS})")
     add_client_tls_options(p)
     add_live_options(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, group_access=None)
 
 
 def run(args: argparse.Namespace) -> int:
     """Restore; exit 2 for an unknown point or drive or an unusable output, 1 on damage."""
+    apply_config(args, BACKUP_KEYS, "restore")
     if args.live:
         return run_live(args)
     refuse_live_options(args)
@@ -78,10 +85,12 @@ def run(args: argparse.Namespace) -> int:
                              allow_damage=allow_damage, tls=tls)
     elif args.format == "qcow2":
         result = restore_qcow2(repo, point, args.drive, Path(args.output), force=args.force,
-                               workers=workers, allow_damage=allow_damage)
+                               workers=workers, allow_damage=allow_damage,
+                               mode=output_mode(bool(args.group_access)))
     else:
         result = restore_raw(repo, point, args.drive, Path(args.output), force=args.force,
-                             workers=workers, allow_damage=allow_damage)
+                             workers=workers, allow_damage=allow_damage,
+                             mode=output_mode(bool(args.group_access)))
     for start, end in result.damaged:
         sys.stderr.write(f"fleece: warning: bytes {start}-{end} of {result.disk} are damaged "
                          "in the repository and were restored as zeroes\n")

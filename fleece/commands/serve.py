@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--vm", metavar="NAME", help="the VM whose points POINT names")
     p.add_argument("--drive", metavar="NAME", help="the disk to serve (needed if several)")
     p.add_argument("--socket", metavar="PATH", help="unix socket to listen on")
-    add_listen_options(p, authz=False)
+    add_listen_options(p, authz=True)
     p.add_argument("--cache-size", default=None, metavar="SIZE",
                    help=f"decoded chunks kept in memory (default {DEFAULT_CACHE_BYTES >> 20}M)")
     p.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",

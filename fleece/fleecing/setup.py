@@ -49,7 +49,7 @@ from fleece.fleecing.transport import ServerTransport, link_psk
 from fleece.fleecing.vm_checks import refuse_inactive_disks, refuse_unsafe_iothreads
 from fleece.qmp import Disk, QmpSession, resolve_drive
 from fleece.qmp.answers import query_status
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 MIN_QEMU = (7, 1, 0)
 """``snapshot-access`` and ``on-cbw-error`` appeared in QEMU 7.1."""
@@ -330,7 +330,7 @@ async def _snapshot_point(session: QmpSession, plans: list[DiskState], agent: Gu
     try:
         if agent:
             log(f"froze {await agent.freeze()} guest filesystems")
-            pause_point("guest-frozen")  # test hook (fleece.testing); inert in production
+            pause_point(Phase.GUEST_FROZEN)
         running = (await query_status(session)).get("status") == "running"
         started = time.perf_counter()
         stopped = False

@@ -36,7 +36,7 @@ from fleece.fleecing.names import PREFIX, SOCKET_FILE, checkpoint_of, is_fleece_
 from fleece.fleecing.state import ExportState
 from fleece.fleecing.transport import PSK_DIR, PSK_FILE_IN_DIR
 from fleece.qmp import QmpSession
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 EXPORT_DELETE_TIMEOUT = 30.0
 """Seconds to wait for ``BLOCK_EXPORT_DELETED``; a hard delete drops clients, so it is quick."""
@@ -156,7 +156,7 @@ async def _tear_down(
     # Commit or abort while the reverse-delta nodes are still there: they are
     # what leads a later cleanup to the state file, so a run killed from here
     # on is finished the way it had decided, and its scratch directory found.
-    pause_point("before-commit")  # test hook (fleece.testing); inert in production
+    pause_point(Phase.BEFORE_COMMIT)
     await _remove_bitmaps(run, await read_graph(session), states)
 
     deltas = {n: graph.nodes[n].filename for n in graph.fleece_nodes("delta-")}
@@ -166,7 +166,7 @@ async def _tear_down(
     for path in deltas.values():
         if path:
             _unlink(path, run)
-    pause_point("deltas-unlinked")  # test hook (fleece.testing); inert in production
+    pause_point(Phase.DELTAS_UNLINKED)
     await _delete_nodes(run, graph, "delta-")
     await _delete_nodes(run, graph, "")
 

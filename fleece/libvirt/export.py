@@ -61,7 +61,7 @@ from fleece.libvirt.job import (
     remove_scratch,
     running_job,
 )
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 _log = logging.getLogger(__name__)
 TRIM_ALIGNMENT = 65536
@@ -322,7 +322,7 @@ def end(dom: Any, state: JobState, *, commit: bool, log: Log | None = None) -> l
             job = running_job(dom)
             if job is not None and job.socket == state.socket and end_job(dom):
                 done.append("backup job")
-        pause_point("before-commit")  # test hook (fleece.testing); inert in production
+        pause_point(Phase.BEFORE_COMMIT)
         ours = checkpoints.fleece_checkpoints(dom)
         gone = checkpoints.covered(ours, new) if commit else [c for c in ours if c.name == new]
         if gone:

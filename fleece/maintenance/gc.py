@@ -11,7 +11,8 @@ which no backup runs alongside:
    the grace period they are spared, and so are the chunks they name (a
    backup writes its indexes just before its point); older ones go.
 3. sweep: list ``chunks/``, ``packs/`` and ``pages/`` (format 3: index pages, marked by name
-   like chunks) and delete every object not marked, in batches
+   like chunks) and delete every object not marked, and every verification record
+   (``verified/``) whose point does not exist, in batches
    (``delete_many`` where the backend has it: 1000 keys per S3 request),
    checking before each batch that the gc lease is still ours.
 
@@ -74,6 +75,8 @@ class GcReport:
     pack_bytes_unreferenced: int = 0
     """Bytes of deltas inside kept packs that no kept point names (packs are kept whole)."""
     indexes_deleted: int = 0
+    records_deleted: int = 0
+    """Verification records whose point is gone."""
     indexes_spared: int = 0
     """Orphan indexes younger than the grace period (their chunks were kept too)."""
     temporaries_deleted: int = 0
@@ -99,9 +102,10 @@ class GcReport:
             "pack_bytes_unreferenced": self.pack_bytes_unreferenced,
             "indexes_deleted": self.indexes_deleted,
             "indexes_spared": self.indexes_spared,
+            "records_deleted": self.records_deleted,
             "temporaries_deleted": self.temporaries_deleted,
             "objects_deleted": (self.chunks_deleted + self.packs_deleted + self.pages_deleted
-                                + self.indexes_deleted),
+                                + self.indexes_deleted + self.records_deleted),
             "bytes_freed": self.bytes_freed,
             "objects_locked": self.objects_locked,
             "running_backups": self.running_backups,
@@ -175,6 +179,12 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
         for info in old_orphans:
             if sweeper.add(info, "indexes"):
                 report.indexes_deleted += 1
+        # Verdicts of points that are gone (a prune cut short, a verify racing a prune).
+        live_refs = set(refs)
+        for info in backend.list_info(keys.VERIFIED_PREFIX):
+            record = keys.parse_verification_key(info.key)
+            if record is not None and record[:2] not in live_refs and sweeper.add(info, "records"):
+                report.records_deleted += 1
         for info in backend.list_info(keys.CHUNKS_PREFIX):
             digest = keys.parse_chunk_key(info.key)
             if digest is None:
@@ -212,6 +222,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
     report.packs_deleted -= sweeper.locked.get("packs", 0)
     report.pages_deleted -= sweeper.locked.get("pages", 0)
     report.indexes_deleted -= sweeper.locked.get("indexes", 0)
+    report.records_deleted -= sweeper.locked.get("records", 0)
     report.objects_locked = sum(sweeper.locked.values())
     if report.objects_locked:
         say(f"{report.objects_locked} unreferenced objects are still locked (Object Lock); "

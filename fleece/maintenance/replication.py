@@ -10,11 +10,15 @@ interrupted leaves at most chunks and indexes, which the next copy reuses
 again is idempotent.
 
 The destination is written under the same protocol as a backup: the VM's
-lease is held while its points are copied, and a running gc is waited out
-(refused, as a backup is). A destination that does not exist yet is created
-with the source's chunk size, hash and compression — and, from an encrypted
-source, with its master key and key objects (the same passphrases open
-both), so that sealed objects then move as they are. An existing destination
+lease is held while its points are copied, a running gc is waited out
+(refused, as a backup is), and each point is committed by
+:func:`fleece.repo.commit.commit_point` (the lease checked before and
+after). A destination that does not exist yet is created
+only when the user says so (``copy --init``), with the source's chunk size,
+hash, compression and Object Lock settings — and, from an encrypted source,
+with its master key and key objects (the same passphrases open both), so
+that sealed objects then move as they are; an encrypted source's points go
+into a plaintext destination only with ``--to-plaintext``. An existing destination
 must have the source's chunk size; how the objects travel (as they are,
 sealed as they are, or renamed for another key or hash) is
 :mod:`fleece.maintenance.transfer`'s business.
@@ -30,51 +34,92 @@ from dataclasses import replace
 from fleece.errors import BadInput, NotARepository, RepositoryError, RepositoryExists
 from fleece.maintenance.transfer import CopyReport, Renamed, SameNames, Sealed, Transfer, names_agree
 from fleece.repo.backends.base import Backend
+from fleece.repo.commit import commit_point, writer_lease
 from fleece.repo.format.point import RestorePoint
-from fleece.repo.gc_lock import check_no_gc
-from fleece.repo.lock import vm_lock
-from fleece.repo.repository import Passphrase, Repository, RepositoryConfig, holds_objects, read_config
-from fleece.testing import pause_point
+from fleece.repo.local_state import LocalState
+from fleece.repo.object_lock import ObjectLock
+from fleece.repo.repository import (
+    InitSettings,
+    Passphrase,
+    Repository,
+    RepositoryConfig,
+    holds_objects,
+    plaintext_refused,
+    read_config,
+)
 
-__all__ = ["DEFAULT_WORKERS", "CopyReport", "copy_points", "open_destination"]
+__all__ = ["DEFAULT_WORKERS", "CopyReport", "copy_points", "open_destination", "settings_like"]
 
 DEFAULT_WORKERS = 8
 
 
 def open_destination(source: Repository, backend: Backend, passphrase: Passphrase | None = None,
-                     asked: str = "its passphrase") -> Repository:
-    """The destination repository, created like the source if the location is empty.
+                     asked: str = "its passphrase", *, init: Callable[[], InitSettings] | None = None,
+                     to_plaintext: bool = False, state: LocalState | None = None,
+                     accept_change: bool = False) -> Repository:
+    """The destination repository; created with the settings ``init`` returns (called only then;
+    :func:`settings_like`) if the location is empty and the user said so, else an empty location
+    is :class:`NotARepository`.
 
     An encrypted destination opens with the source's key when it shares it
     (no passphrase asked), else with ``passphrase``; without one, a
-    :class:`RepositoryError` says to give ``asked``. Nothing is written
-    before it opens.
+    :class:`RepositoryError` says to give ``asked``. Fails closed: an
+    encrypted source goes into a plaintext destination only with
+    ``to_plaintext``, and a destination ``passphrase`` given means the
+    destination must be encrypted. With ``state`` the destination is checked
+    against (and recorded in) this host's record. Nothing is written before
+    it opens.
     """
     try:
         config = read_config(backend)
     except NotARepository:
-        if holds_objects(backend):
+        if init is None or holds_objects(backend):
             raise
+        if state is not None and not accept_change:
+            state.check_location_empty(backend.url)
         try:
-            return _checked(source, _create_like(source, backend))
+            dest = _checked(source, _create_like(source, backend, init()))
+            return dest if state is None else dest.remember(state, accept_change=True)
         except RepositoryExists:  # another process made it between our look and our put
             config = read_config(backend)
     _check_geometry(source, config, backend.url)
+    if state is not None:
+        state.check(backend.url, config.id, config.encryption, config.auth, accept_change=accept_change)
     if config.encryption == "none":
-        return Repository.open(backend)
-    if source.shares_key(config):
-        return Repository.open_with_key_of(backend, config, source)
-    if passphrase is None:
+        if passphrase is not None:
+            raise plaintext_refused(backend.url, "open")
+        if source.master is not None and not to_plaintext:
+            raise BadInput(f"{backend.url} is not encrypted and {source.url} is: copying would "
+                           "store its points in clear; give --to-plaintext if that is what you "
+                           "want; nothing was copied")
+        dest = Repository.open(backend)
+    elif source.shares_key(config):
+        dest = Repository.open_with_key_of(backend, config, source)
+    elif passphrase is None:
         raise RepositoryError(f"repository {backend.url} is encrypted with another key than "
                               f"{source.url}: give {asked}; nothing was copied")
-    return _checked(source, Repository.open(backend, passphrase))
+    else:
+        dest = _checked(source, Repository.open(backend, passphrase))
+    return dest if state is None else dest.remember(state, accept_change)
 
 
-def _create_like(source: Repository, backend: Backend) -> Repository:
-    if source.master is not None:
-        return Repository.init_sharing_key(backend, source)
+def settings_like(source: Repository, *, to_plaintext: bool = False,
+                  object_lock: ObjectLock | bool | None = True) -> InitSettings:
+    """A destination made like ``source``: its geometry, hash and compression, its encryption
+    (its key: sealed objects then move as they are) unless ``to_plaintext``, and its Object Lock
+    settings (``object_lock=True``) unless given others (or None: no lock)."""
     c = source.config
-    return Repository.init(backend, c.chunk_size, c.compression_level, hash=c.hash)
+    lock = c.object_lock if object_lock is True else (object_lock or None)
+    return InitSettings(encryption="none" if to_plaintext else c.encryption,
+                        chunk_size=c.chunk_size, compression_level=c.compression_level,
+                        hash=c.hash, object_lock=lock)
+
+
+def _create_like(source: Repository, backend: Backend, init: InitSettings) -> Repository:
+    if init.encryption != "none":
+        return Repository.init_sharing_key(backend, source, init.object_lock)
+    return Repository.init(backend, init.chunk_size, init.compression_level, hash=init.hash,
+                           object_lock=init.object_lock)
 
 
 def _check_geometry(source: Repository, config: RepositoryConfig, url: str) -> None:
@@ -113,16 +158,13 @@ def copy_points(source: Repository, dest: Repository, points: list[RestorePoint]
             report.skipped += [p.id for p in vm_points if (vm, p.id) in have]
             if not todo:
                 continue
-            with vm_lock(dest.backend, vm) as lease:
-                check_no_gc(dest.backend)  # the backup protocol: our lease first, then the look
+            with writer_lease(dest, vm) as lease:
                 transfer.seed(vm, sorted(i for v, i in source.point_refs(vm) if (v, i) in have))
                 for point in todo:
                     committed = transfer.objects(point)
                     if dest.lock is not None:
                         committed = _lock_copied(transfer, dest, committed)
-                    pause_point("before-point")  # test hook (fleece.testing); inert in production
-                    lease.check()
-                    transfer.commit(committed)
+                    commit_point(dest, lease, committed, transfer.commit)
                     report.copied.append(point.id)
                     report.objects_written += 1
                     if say is not None:

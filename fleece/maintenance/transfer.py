@@ -46,7 +46,7 @@ from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.needs import PointObjects, point_objects
 from fleece.repo.object_lock import lock_clock
 from fleece.repo.repository import Repository
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 T = TypeVar("T")
 _BATCH = 64  # objects in flight per batch: memory stays bounded whatever the point's size
@@ -226,7 +226,7 @@ class Sealed(SameNames):
         blob = self._raw(key, point)
         if self.dest.lock is None and key.startswith(keys.CHUNKS_PREFIX):
             self.dest.raw_backend.stage(stored, blob)  # made durable before any index names it
-            pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+            pause_point(Phase.CHUNK_STORED)
         else:
             self._create_sealed(key, blob)
         return len(blob)

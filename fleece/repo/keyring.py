@@ -4,7 +4,8 @@ Every ``keys/<id>`` object wraps the same master key under one passphrase
 (:mod:`fleece.repo.format.crypto`). Changing a passphrase is adding a key under the
 new one and removing the old one; nothing else in the repository changes,
 so every point stays restorable. Key objects live on the store itself, in
-clear (they hold nothing but the wrapped key and its scrypt parameters).
+clear (they hold nothing but the wrapped key and its KDF parameters: Argon2id,
+or scrypt in keys made by earlier fleece).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fleece.errors import BadInput, RepositoryError
 from fleece.repo.backends.base import Backend, ObjectMissing
 from fleece.repo.format import keys
 from fleece.repo.format.crypto import (
+    MAX_KEY_OBJECT,
     WrongPassphrase,
     config_auth,
     new_key_id,
@@ -53,7 +55,8 @@ def list_keys(repo: Repository) -> list[KeyInfo]:
     found = []
     for key in repo.raw_backend.list(keys.KEY_OBJECTS_PREFIX):
         try:
-            doc = parse_key(repo.raw_backend.get(key), f"key {key}")
+            # Read no more than a key object may hold: parse_key refuses a longer one.
+            doc = parse_key(repo.raw_backend.get_range(key, 0, MAX_KEY_OBJECT + 1), f"key {key}")
         except ObjectMissing:
             continue
         found.append(KeyInfo(str(doc["id"]), str(doc.get("created", "")), doc["id"] == repo.key_id))
@@ -88,10 +91,18 @@ def remove_key(repo: Repository, key_id: str) -> None:
 
 
 def export_key(repo: Repository) -> bytes:
-    """The key object the passphrase opened (still wrapped), for a paper or vault copy."""
+    """The key object the passphrase opened (still wrapped), for a paper or vault copy.
+
+    These are the very bytes that opened the repository in this process, not
+    the object fetched again: what the store holds now may have been replaced
+    meanwhile by one this passphrase does not open.
+    """
     _require_encrypted(repo)
-    assert repo.key_id is not None
-    return repo.raw_backend.get(keys.key_object_key(repo.key_id))
+    assert repo.master is not None
+    if repo.master.key_object is None:
+        raise RepositoryError(f"repository {repo.url} was not opened with a key object here (made or "
+                              "opened with another repository's key); nothing was written")
+    return repo.master.key_object
 
 
 def import_key(backend: Backend, blob: bytes, passphrase: bytes) -> str:

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from fleece.errors import BadInput, NotARepository, RepositoryCorrupt, RepositoryError, RepositoryExists
+from fleece.errors import (
+    BadInput,
+    NotARepository,
+    RepositoryChanged,
+    RepositoryCorrupt,
+    RepositoryError,
+    RepositoryExists,
+)
 from fleece.repo.backends.base import Backend, ObjectMissing, Retention
 from fleece.repo.backends.store_check import STORE_PREFIX
 from fleece.repo.format import keys
 from fleece.repo.format.codec import (
-    DEFAULT_ZSTD_LEVEL,
     HASHES,
     MAX_CHUNK_SIZE,
     decode_chunk,
@@ -41,6 +47,7 @@ from fleece.repo.format.crypto import (
     unwrap_key,
     wrap_key,
 )
+from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_HASH, DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.delta import DeltaRef, apply_delta, decode_delta
 from fleece.repo.format.index import (
     INDEX_VERSION,
@@ -51,10 +58,11 @@ from fleece.repo.format.index import (
 )
 from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.repo.object_lock import LockLedger, ObjectLock, lock_clock
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 if TYPE_CHECKING:
     from fleece.repo.backends.encrypted import EncryptedBackend
+    from fleece.repo.local_state import LocalState, RepositoryMemory
 
 Passphrase = Callable[[], bytes]
 """Where an encrypted repository's passphrase comes from; called only when one is needed."""
@@ -64,7 +72,6 @@ REPO_FORMAT = 3
 whose incrementals write only the pages they touch (docs/format.md)."""
 READABLE_FORMATS = (1, 2, 3)
 MIN_CHUNK_SIZE = 64 * 1024
-DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
 
 def check_chunk_size(chunk_size: int) -> int:
@@ -76,6 +83,14 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
+def _check_settings(chunk_size: int, compression_level: int | None, hash: str) -> None:
+    """A new repository's settings, checked before anything is written (``BadInput``)."""
+    check_chunk_size(chunk_size)
+    digest_function(hash)  # BadInput for an unknown name
+    if compression_level is not None and not 1 <= compression_level <= 22:
+        raise BadInput(f"zstd level must be 1..22, not {compression_level}")
+
+
 @dataclass(frozen=True)
 class RepositoryConfig:
     """The ``config`` object: fixed when the repository is created."""
@@ -84,7 +99,8 @@ class RepositoryConfig:
     chunk_size: int
     compression_level: int | None
     """zstd level for new chunks, or None to store them uncompressed."""
-    hash: str = "sha256"
+    hash: str
+    """The content hash that names chunks (:data:`~fleece.repo.format.codec.HASHES`)."""
     encryption: str = "none"
     """``none`` or the AEAD that seals every object (docs/format.md, "Encryption")."""
     format: int = REPO_FORMAT
@@ -165,6 +181,18 @@ class RepositoryConfig:
         return config
 
 
+@dataclass(frozen=True)
+class InitSettings:
+    """How a repository is created: ``fleece init``, ``backup --init``, ``copy --init`` (and an
+    ``[init]`` table in ``--config``)."""
+
+    encryption: str = "none"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    compression_level: int | None = DEFAULT_ZSTD_LEVEL
+    hash: str = DEFAULT_HASH
+    object_lock: ObjectLock | None = None
+
+
 def holds_objects(backend: Backend) -> bool:
     """Whether the location holds anything but the store check's own objects.
 
@@ -206,6 +234,17 @@ class Repository:
         """How objects are locked (``fleece init --object-lock-days``), or None."""
         self.lock_ledger = LockLedger()
         """The locks of the objects this process wrote, probed or extended."""
+        self.memory: RepositoryMemory | None = None
+        """What this host saw of the repository (:mod:`fleece.repo.local_state`), when opened with it:
+        listings are checked against it and committed points recorded."""
+
+    def remember(self, state: LocalState, accept_change: bool = False) -> Repository:
+        """Check this repository against ``state`` (:class:`~fleece.errors.RepositoryChanged`) and
+        record it there; from now on its point listings are checked and its new points recorded."""
+        self.memory = state.open_repository(self.url, self.config.id, self.config.encryption,
+                                            self.config.auth, accept_change=accept_change)
+        self.memory.note_key(self.key_id)
+        return self
 
     @property
     def has_deltas(self) -> bool:
@@ -221,7 +260,7 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int | None = DEFAULT_ZSTD_LEVEL,
         repository_id: str | None = None,
-        hash: str = "sha256",
+        hash: str = DEFAULT_HASH,
         format: int = REPO_FORMAT,
         encryption: str = "none",
         passphrase: bytes | None = None,
@@ -235,15 +274,14 @@ class Repository:
         With ``object_lock`` the store must lock objects (checked before
         anything is written) and ``config`` and the key are locked too.
         """
+        if encryption == "none" and passphrase is not None:
+            raise plaintext_refused(backend.url, "create")
         if object_lock is not None:
             backend.check_object_lock()
         if encryption != "none":
             return cls._init_encrypted(backend, chunk_size, compression_level, repository_id, hash,
                                        encryption, passphrase, object_lock)
-        check_chunk_size(chunk_size)
-        digest_function(hash)  # BadInput for an unknown name
-        if compression_level is not None and not 1 <= compression_level <= 22:
-            raise BadInput(f"zstd level must be 1..22, not {compression_level}")
+        _check_settings(chunk_size, compression_level, hash)
         config = RepositoryConfig(
             id=repository_id or secrets.token_hex(16),
             chunk_size=chunk_size,
@@ -265,8 +303,7 @@ class Repository:
         if not passphrase:
             raise BadInput("an encrypted repository needs a passphrase: FLEECE_PASSPHRASE, "
                            "--passphrase-file or FLEECE_PASSPHRASE_COMMAND")
-        check_chunk_size(chunk_size)
-        digest_function(hash)
+        _check_settings(chunk_size, compression_level, hash)
         if next(iter(backend.list("")), None) is not None:
             raise BadInput(f"{backend.url} is not empty; an encrypted repository is made in an "
                            "empty location; nothing was changed")
@@ -284,27 +321,31 @@ class Repository:
         return cls._unlocked(backend, config, master, key_id)
 
     @classmethod
-    def init_sharing_key(cls, backend: Backend, source: Repository) -> Repository:
+    def init_sharing_key(cls, backend: Backend, source: Repository,
+                         object_lock: ObjectLock | None = None) -> Repository:
         """Create an encrypted repository at an empty location with ``source``'s master key.
 
-        Its settings are the source's (new id), and every key object of the
-        source is stored there too, so the same passphrases open both. Chunks,
-        packs and name tokens then agree between the two, and sealed objects
-        can move from one to the other as they are (``fleece copy``).
+        Its settings are the source's (new id; ``object_lock`` as given, for
+        ``fleece copy`` passes the source's unless told otherwise), and every
+        key object of the source is stored there too, so the same passphrases
+        open both. Chunks, packs and name tokens then agree between the two,
+        and sealed objects can move from one to the other as they are.
         """
         if source.master is None:
             raise BadInput(f"{source.url} is not encrypted: it has no key to share")
+        if object_lock is not None:
+            backend.check_object_lock()
         c = source.config
         config = RepositoryConfig(id=secrets.token_hex(16), chunk_size=c.chunk_size,
                                   compression_level=c.compression_level, hash=c.hash,
-                                  encryption=c.encryption)
+                                  encryption=c.encryption, object_lock=object_lock)
         config = RepositoryConfig(**{**config.__dict__,
                                      "auth": config_auth(source.master, config.document())})
         # Key objects first, config last (as init does): a location with keys and no config
         # is no repository yet. Identical keys a racing creator stored are left alone.
         for key in sorted(source.raw_backend.list(keys.KEY_OBJECTS_PREFIX)):
-            backend.put(key, source.raw_backend.get(key), if_absent=True)
-        if not backend.put(keys.CONFIG_KEY, config.to_json(), if_absent=True):
+            _create(backend, key, source.raw_backend.get(key), object_lock)
+        if not _create(backend, keys.CONFIG_KEY, config.to_json(), object_lock):
             raise RepositoryExists(f"{backend.url} already holds a fleece repository; nothing was changed")
         return cls._unlocked(backend, config, source.master, source.key_id)
 
@@ -342,51 +383,81 @@ class Repository:
         return repo
 
     @classmethod
-    def open(cls, backend: Backend, passphrase: Passphrase | None = None) -> Repository:
+    def open(cls, backend: Backend, passphrase: Passphrase | None = None, *,
+             state: LocalState | None = None, accept_change: bool = False) -> Repository:
         """Open an existing repository; ``BadInput`` if ``backend`` holds none.
 
         An encrypted one needs ``passphrase``: without it, or when no key object
         opens with it, a :class:`RepositoryError` says so (exit 1) and nothing
-        is read beyond ``config`` and ``keys/``.
+        is read beyond ``config`` and ``keys/``. Fails closed: with a
+        ``passphrase`` given, a repository whose ``config`` says it is not
+        encrypted is refused (``BadInput``), for whoever can write to the store
+        can replace ``config``. With ``state`` the repository is checked
+        against what this host saw of it before its key is even tried
+        (:meth:`remember`).
         """
         config = read_config(backend)
+        if config.encryption == "none" and passphrase is not None:
+            raise plaintext_refused(backend.url, "open")
+        if state is not None:
+            # Before unlocking: a repository that lost its encryption is refused without a passphrase too.
+            state.check(backend.url, config.id, config.encryption, config.auth,
+                        accept_change=accept_change)
         if config.object_lock is not None:
             # Also makes the store delete whole objects (every version) from now on.
             backend.check_object_lock()
         if config.encryption == "none":
-            return cls(backend, config)
-        if passphrase is None:
+            repo = cls(backend, config)
+        elif passphrase is None:
             raise RepositoryError(
                 f"repository {backend.url} is encrypted: give its passphrase with FLEECE_PASSPHRASE, "
                 "--passphrase-file or FLEECE_PASSPHRASE_COMMAND; nothing was changed")
-        master, key_id = unlock(backend, config, passphrase())
-        return cls._unlocked(backend, config, master, key_id)
+        else:
+            master, key_id = unlock(backend, config, passphrase())
+            repo = cls._unlocked(backend, config, master, key_id)
+        return repo if state is None else repo.remember(state, accept_change)
 
     @classmethod
-    def open_or_init(
-        cls,
-        backend: Backend,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        compression_level: int | None = DEFAULT_ZSTD_LEVEL,
-        hash: str = "sha256",
-    ) -> Repository:
-        """Open the repository, creating it only where the location holds no objects at all.
+    def open_or_init(cls, backend: Backend, settings: InitSettings, passphrase: Passphrase | None = None,
+                     *, state: LocalState | None = None, accept_change: bool = False) -> Repository:
+        """Open the repository, or create it with ``settings`` where the location holds no objects.
 
-        A location holding anything else is refused, so that a typo in
-        ``--repo`` never scatters chunks over someone's directory.
+        Only for a caller that was told to create one (``--init``): a location
+        holding anything else is refused, so that a typo in ``--repo`` never
+        scatters chunks over someone's directory, and with ``state`` a location
+        this host knew to hold a repository is refused too (a store that hides
+        everything is not an empty location). ``passphrase`` is required by
+        an encrypted ``settings`` and refused by a plain one (fail closed).
         """
         try:
-            return cls.open(backend)
+            return cls.open(backend, passphrase, state=state, accept_change=accept_change)
         except NotARepository:
             if holds_objects(backend):
                 # Another process may have created it since our look: open
                 # again; still no config means the objects are not ours.
-                return cls.open(backend)
+                return cls.open(backend, passphrase, state=state, accept_change=accept_change)
+        if state is not None and not accept_change:
+            try:
+                state.check_location_empty(backend.url)
+            except RepositoryChanged:
+                # Another run on this host may have made it since our look (and recorded it).
+                try:
+                    return cls.open(backend, passphrase, state=state)
+                except NotARepository:
+                    raise RepositoryChanged(
+                        f"{backend.url} held a repository when this host last used it and now holds "
+                        "none (deleted, or the store hides it): not creating another there; "
+                        "nothing was written; if the change was deliberate, run again with "
+                        "--accept-change") from None
         try:
-            return cls.init(backend, chunk_size, compression_level, hash=hash)
+            repo = cls.init(backend, settings.chunk_size, settings.compression_level,
+                            hash=settings.hash, encryption=settings.encryption,
+                            passphrase=None if passphrase is None else passphrase(),
+                            object_lock=settings.object_lock)
         except RepositoryExists:
             # Another process initialized it between our look and our put.
-            return cls.open(backend)
+            return cls.open(backend, passphrase, state=state, accept_change=accept_change)
+        return repo if state is None else repo.remember(state, accept_change=True)
 
     # -- chunks -------------------------------------------------------------
 
@@ -409,12 +480,12 @@ class Repository:
         if self.lock is not None:
             data = blob if isinstance(blob, bytes) else bytes(blob)
             stored = self.put_immutable(key, data, probe=True)
-            pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+            pause_point(Phase.CHUNK_STORED)
             return stored
         if self.backend.exists(key):
             return False
         stored = self.backend.stage(key, blob)
-        pause_point("chunk-stored")  # test hook (fleece.testing); inert in production
+        pause_point(Phase.CHUNK_STORED)
         return stored
 
     def flush(self) -> None:
@@ -547,7 +618,7 @@ class Repository:
         """
         digest = self.digest(blob)
         self.create(keys.pack_key(digest), blob)
-        pause_point("pack-stored")  # test hook (fleece.testing); inert in production
+        pause_point(Phase.PACK_STORED)
         return digest
 
     def get_delta(self, ref: DeltaRef) -> bytes:
@@ -720,11 +791,19 @@ class Repository:
         self.flush()
         if not self.create(key, point.to_json(), existing_ok=False):
             raise RepositoryError(f"restore point {key} already exists; nothing was written")
+        if self.memory is not None:
+            self.memory.note_point(point.vm, point.id)
 
     def point_refs(self, vm: str | None = None) -> list[tuple[str, str]]:
-        """``(vm, point id)`` of every point, sorted by id, from the keys alone (no reads)."""
+        """``(vm, point id)`` of every point, sorted by id, from the keys alone (no reads).
+
+        With a :attr:`memory`, a listing whose newest point of a VM is older
+        than the newest this host saw is refused (a store hiding points).
+        """
         refs = [ref for key in self.backend.list(keys.point_prefix(vm))
                 if (ref := keys.parse_point_key(key)) is not None]
+        if self.memory is not None:
+            self.memory.check_points(refs, vm)
         return sorted(refs, key=lambda r: (r[1], r[0]))
 
     def load_point(self, vm: str, point_id: str) -> RestorePoint:
@@ -772,6 +851,10 @@ class Repository:
         self.backend.delete(keys.point_key(point.vm, point.id))
         for disk in point.disks:
             self.backend.delete(disk.index_key)
+        if self.memory is not None:
+            remaining = [pid for key in self.backend.list(keys.point_prefix(point.vm))
+                         if (ref := keys.parse_point_key(key)) is not None and (pid := ref[1])]
+            self.memory.forget_point(point.vm, point.id, remaining)
 
 
 
@@ -788,6 +871,15 @@ def _create(backend: Backend, key: str, blob: bytes, lock: ObjectLock | None) ->
     if lock is None:
         return backend.put(key, blob, if_absent=True)
     return backend.put_locked(key, blob, lock.retention(lock_clock()))
+
+
+def plaintext_refused(url: str, verb: str) -> BadInput:
+    """The refusal to ``verb`` a plain repository while a passphrase is given (fail closed)."""
+    what = "is not encrypted (its config says encryption none)" if verb == "open" else \
+        "would not be encrypted"
+    return BadInput(f"repository {url} {what}, but a passphrase was given: refusing to {verb} a "
+                    "plaintext repository with it (unset the passphrase for a plain one); nothing "
+                    "was written")
 
 
 def read_config(backend: Backend) -> RepositoryConfig:

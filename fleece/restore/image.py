@@ -27,7 +27,14 @@ from fleece.maintenance.damage import ByteRange, chunk_ranges, describe_ranges
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.repository import Repository
-from fleece.restore.output import Buffer, FdTarget, aligned_buffer, open_direct, open_output
+from fleece.restore.output import (
+    OUTPUT_MODE,
+    Buffer,
+    FdTarget,
+    aligned_buffer,
+    open_direct,
+    open_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +144,11 @@ def restore_raw(
     force: bool = False,
     workers: int = DEFAULT_WORKERS,
     allow_damage: bool = False,
+    mode: int = OUTPUT_MODE,
 ) -> RestoreResult:
     """Write disk ``drive`` of ``point`` to ``output`` as a sparse raw image or onto a block device.
+
+    A new file is made with ``mode`` (0600: only its owner reads a VM's disk).
 
     On failure a file output is removed (it was created or truncated by us)
     and the error says so. A damaged point fails, naming the damaged byte
@@ -146,7 +156,7 @@ def restore_raw(
     listed in the result.
     """
     image = DiskImage(repo, point, drive)
-    fd, is_device = open_output(output, force)
+    fd, is_device = open_output(output, force, mode)
     direct_fd = open_direct(fd)
     try:
         if is_device:

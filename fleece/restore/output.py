@@ -129,8 +129,20 @@ def open_direct(fd: int) -> int | None:
         return None
 
 
-def open_output(output: Path, force: bool) -> tuple[int, bool]:
-    """Open ``output``; ``(fd, is block device)``. Refuse to clobber without ``force``."""
+OUTPUT_MODE = 0o600
+"""A restored image is a VM's disk: only its owner reads it (0640 with ``group_access``)."""
+
+
+def output_mode(group_access: bool = False) -> int:
+    """The mode of a new restore output: 0600, or 0640 when the config says ``group_access``."""
+    return 0o640 if group_access else OUTPUT_MODE
+
+
+def open_output(output: Path, force: bool, mode: int = OUTPUT_MODE) -> tuple[int, bool]:
+    """Open ``output``; ``(fd, is block device)``. Refuse to clobber without ``force``.
+
+    A new file gets ``mode`` whatever the umask; an existing one keeps its own.
+    """
     try:
         st = os.stat(output)
     except FileNotFoundError:
@@ -152,7 +164,10 @@ def open_output(output: Path, force: bool) -> tuple[int, bool]:
     # O_EXCL without --force: a file appearing meanwhile is never clobbered.
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
     try:
-        return os.open(output, flags, 0o644), False
+        fd = os.open(output, flags, mode)
+        if st is None:
+            os.fchmod(fd, mode)  # past a umask that would take the group's bits
+        return fd, False
     except FileExistsError:
         raise BadInput(f"output {output} exists; use --force to overwrite it") from None
     except OSError as exc:

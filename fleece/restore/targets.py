@@ -35,7 +35,7 @@ from fleece.repo.backends.file import fsync_dir
 from fleece.repo.format.point import RestorePoint
 from fleece.repo.repository import Repository
 from fleece.restore.image import DEFAULT_WORKERS, DiskImage, RestoreResult, copy_chunks
-from fleece.restore.output import Buffer, data_runs
+from fleece.restore.output import OUTPUT_MODE, Buffer, data_runs
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,15 @@ def restore_qcow2(
     force: bool = False,
     workers: int = DEFAULT_WORKERS,
     allow_damage: bool = False,
+    mode: int = OUTPUT_MODE,
 ) -> RestoreResult:
-    """Write the disk as a new qcow2 image at ``output`` (replacing it only with ``force``)."""
+    """Write the disk as a new qcow2 image at ``output`` (replacing it only with ``force``), made
+    with ``mode`` (0600 unless the config says ``group_access``)."""
     image = DiskImage(repo, point, drive)
     check_image_output(output, force)
     tmp = output.with_name(f".{output.name}.fleece-{secrets.token_hex(4)}")
     _qemu_img_create(tmp, image.size, output)
+    os.chmod(tmp, mode)  # before a byte of the disk is in it
     try:
         with _qemu_nbd(tmp) as uri:
             target = NbdTarget(uri, fresh=True, connect_timeout=10)

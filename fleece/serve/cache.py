@@ -66,7 +66,7 @@ class CachedDisk:
                 future.set_exception(RuntimeError("the served disk was closed"))
 
     def is_zero(self, i: int) -> bool:
-        """Whether chunk ``i`` is all zeroes (a hole)."""
+        """Whether chunk ``i`` reads as zeroes with no object read (a hole): the index's one answer."""
         return self.image.index.is_zero(i)
 
     # -- chunks -------------------------------------------------------------

@@ -55,7 +55,8 @@ _disk: CachedDisk | None = None
 
 def config(key: str, value: str) -> None:
     """Collect ``key=value`` parameters."""
-    if key not in ("repo", "vm", "point", "drive", "cache", "readahead", "limit_download"):
+    if key not in ("repo", "vm", "point", "drive", "cache", "readahead", "limit_download",
+                   "passphrase_fd"):
         raise ValueError(f"unknown parameter {key!r}")
     _settings[key] = value
 
@@ -67,8 +68,8 @@ def config_complete() -> None:
         if key not in _settings:
             raise ValueError(f"missing parameter {key}=")
     try:
-        secret = os.environ.pop("FLEECE_PASSPHRASE", None)
-        passphrase = None if secret is None else (lambda: secret.encode("utf-8", errors="surrogateescape"))
+        secret = _read_passphrase(int(_settings["passphrase_fd"])) if "passphrase_fd" in _settings else None
+        passphrase = None if secret is None else (lambda: secret)
         limit = _settings.get("limit_download")
         store = limit_backend(open_backend(_settings["repo"]), None, float(limit) if limit else None)
         repo = Repository.open(store, passphrase)
@@ -81,6 +82,17 @@ def config_complete() -> None:
         cache_bytes=int(_settings.get("cache", DEFAULT_CACHE_BYTES)),
         readahead=int(_settings.get("readahead", DEFAULT_READAHEAD)),
     )
+
+
+def _read_passphrase(fd: int) -> bytes:
+    """The passphrase ``fleece serve`` wrote into the pipe nbdkit inherited (then closed)."""
+    chunks = []
+    try:
+        while block := os.read(fd, 4096):
+            chunks.append(block)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def cleanup() -> None:

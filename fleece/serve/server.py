@@ -6,11 +6,20 @@ only supplies the data: :mod:`fleece.serve.plugin` runs inside nbdkit's
 embedded Python. The socket is created with umask 077 (mode 0600), so only
 the serving user can connect. On TCP, nbdkit requires TLS and verifies the
 client's certificate (:mod:`fleece.fleecing.transport` builds its options).
+
+nbdkit (1.32, Debian 12) cannot let in only one client identity, so with
+``--tls-authz`` nbdkit listens on a unix socket in the private directory and
+QEMU's ``qemu-nbd`` fronts it on TCP: TLS with the same credentials plus an
+``authz-simple`` object naming the one DN (or PSK user) that may connect —
+the same check ``fleece export start --tls-authz`` has QEMU make. It dies
+with fleece (``PR_SET_PDEATHSIG``), as nbdkit does (``--exit-with-parent``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import shutil
 import signal
@@ -24,7 +33,7 @@ from types import TracebackType
 
 import fleece
 from fleece.errors import BadInput, FleeceError
-from fleece.fleecing.transport import ServerTransport
+from fleece.fleecing.transport import ServerTransport, link_psk
 from fleece.repo.format.point import RestorePoint
 from fleece.serve.cache import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 
@@ -58,6 +67,11 @@ def prepare_socket(path: str | Path) -> Path:
     return sock
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when fleece dies (qemu-nbd has no --exit-with-parent)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _fleece_sys_path() -> str:
     """Where this interpreter finds fleece and its dependencies, for the plugin."""
     root = Path(fleece.__file__).resolve().parent.parent
@@ -84,8 +98,9 @@ class NbdkitServer:
         private_dir: Path | None = None,
         limit_download: float | None = None,
     ) -> None:
-        """``passphrase`` opens an encrypted repository in the plugin (passed in nbdkit's
-        environment only, never on its command line)."""
+        """``passphrase`` opens an encrypted repository in the plugin: it reaches nbdkit on an
+        inherited pipe (``passphrase_fd=N``), never in its environment or on its command line,
+        where other processes of the user could read it (``/proc/PID/environ``)."""
         self.sock = sock
         self._passphrase = passphrase
         self.transport = transport or ServerTransport(socket=str(sock))
@@ -105,6 +120,8 @@ class NbdkitServer:
         self._private_dir = private_dir
         self._private: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.front: subprocess.Popen[bytes] | None = None
+        """``qemu-nbd`` in front of nbdkit when one client identity is allowed (``--tls-authz``)."""
 
     def start(self, timeout: float = 30) -> None:
         """Start nbdkit and wait until it accepts connections."""
@@ -120,22 +137,37 @@ class NbdkitServer:
         else:
             self._private = Path(tempfile.mkdtemp(prefix="fleece-serve-"))
         pidfile = self._private / "nbdkit.pid"
+        listen = self.transport
+        if self.transport.authz:
+            listen = ServerTransport(socket=str(self._private / "nbdkit.sock"))  # qemu-nbd fronts it
         self.argv = [
             NBDKIT, "--foreground", "--exit-with-parent", "--readonly",
-            *self.transport.nbdkit_args(), "--pidfile", str(pidfile), *self.options,
+            *listen.nbdkit_args(), "--pidfile", str(pidfile), *self.options,
             "python", str(PLUGIN), *self.parameters,
         ]
-        env = {**os.environ, "FLEECE_SYS_PATH": _fleece_sys_path()}
-        env.pop("FLEECE_PASSPHRASE_COMMAND", None)
+        env = {k: v for k, v in os.environ.items()
+               if not (k.startswith("FLEECE_") and "PASSPHRASE" in k)}
+        env["FLEECE_SYS_PATH"] = _fleece_sys_path()
+        pass_fds: tuple[int, ...] = ()
         if self._passphrase is not None:
-            env["FLEECE_PASSPHRASE"] = self._passphrase.decode("utf-8", errors="surrogateescape")
+            # The whole passphrase fits the pipe's buffer: written and closed before nbdkit starts.
+            read_end, write_end = os.pipe()
+            try:
+                os.write(write_end, self._passphrase)
+            finally:
+                os.close(write_end)
+            pass_fds = (read_end,)
+            self.argv.append(f"passphrase_fd={read_end}")
         try:
             self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, umask=0o077)
+                                         stdout=subprocess.DEVNULL, umask=0o077, pass_fds=pass_fds)
         except FileNotFoundError:
             self._remove_private()
             raise FleeceError("nbdkit is not installed (Debian: apt install nbdkit "
                               "nbdkit-plugin-python); nothing is served") from None
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Wait until the launched nbdkit accepts connections; raise if it exits or is too slow."""
@@ -155,6 +187,40 @@ class NbdkitServer:
             time.sleep(0.02)
         if self.sock is not None and not self.transport.is_tcp:
             os.chmod(self.sock, 0o600)
+        if self.transport.authz:
+            self._start_front(deadline)
+
+    def _start_front(self, deadline: float) -> None:
+        """``qemu-nbd`` on TCP with TLS and ``authz-simple``, reading nbdkit's private socket."""
+        assert self._private is not None
+        inner = self._private / "nbdkit.sock"
+        pidfile = self._private / "qemu-nbd.pid"
+        objects = self.transport.qemu_objects(link_psk(self.transport, self._private))
+        argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=0", "--format=raw",
+                f"--bind={self.transport.host}", f"--port={self.transport.port}",
+                *(f"--object={json.dumps(o)}" for o in objects),
+                f"--tls-creds={objects[0]['id']}", f"--tls-authz={objects[-1]['id']}",
+                f"--pid-file={pidfile}", ServerTransport(socket=str(inner)).uri()]
+        env = {k: v for k, v in os.environ.items()
+               if not (k.startswith("FLEECE_") and "PASSPHRASE" in k)}
+        try:
+            self.front = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, umask=0o077,
+                                          preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            self.stop()
+            raise FleeceError("qemu-nbd is not installed (Debian: qemu-utils); --tls-authz needs it; "
+                              "nothing is served") from None
+        while not pidfile.exists():
+            rc = self.front.poll()
+            if rc is not None:
+                self.stop()
+                raise FleeceError(f"qemu-nbd exited with status {rc} before serving (its messages "
+                                  "are above); nothing is served")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise FleeceError("qemu-nbd did not start serving in time; stopped it")
+            time.sleep(0.02)
 
     def wait(self) -> int:
         """Wait for nbdkit to exit; its status."""
@@ -162,15 +228,19 @@ class NbdkitServer:
         try:
             return self.proc.wait()
         finally:
+            self._stop_front()
             self._remove_private()
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Ask nbdkit to stop (it finishes requests in progress)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signum)
+        if self.front is not None and self.front.poll() is None:
+            self.front.send_signal(signum)
 
     def stop(self, timeout: float = 10) -> int | None:
         """Stop nbdkit (SIGTERM, then SIGKILL after ``timeout``); its status."""
+        self._stop_front(timeout)
         if self.proc is None:
             self._remove_private()
             return None
@@ -185,6 +255,17 @@ class NbdkitServer:
             if self.sock is not None and not self.transport.is_tcp and self.sock.is_socket():
                 self.sock.unlink()
         return rc
+
+    def _stop_front(self, timeout: float = 10) -> None:
+        if self.front is None:
+            return
+        if self.front.poll() is None:
+            self.front.terminate()
+        try:
+            self.front.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.front.kill()
+            self.front.wait()
 
     def _remove_private(self) -> None:
         if self._private is not None:

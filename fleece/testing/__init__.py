@@ -6,7 +6,9 @@ with. When it does, the process writes its pid to the marker file named by
 ``FLEECE_TEST_PAUSE_FILE`` and waits until that file is deleted (the test
 lets it go on; later calls then return at once) or the process is killed
 (the test's SIGKILL). A test thus never sleeps and hopes: it waits for the
-marker, then acts.
+marker, then acts. Phases are members of :class:`Phase`: a call with
+anything else, or a ``FLEECE_TEST_PAUSE_AT`` that names no phase, raises at
+once (a typo would otherwise never pause, and a test would wait forever).
 
 The phases of one ``fleece backup``, in order:
 
@@ -21,6 +23,10 @@ The phases of one ``fleece backup``, in order:
     chunk and delta of the disk is stored, its index is not;
 ``before-point``
     every disk's index is written, the restore point is not;
+``point-written``
+    the restore point is written, the lease not yet checked again (a lease
+    broken here makes the writer withdraw the point; not in :data:`PHASES`,
+    whose every phase a killed backup must survive with nothing committed);
 ``before-commit``
     in tear-down: the exports, the NBD server and the device's filter are
     gone, the checkpoint bitmaps are not committed yet (the reverse-delta
@@ -37,7 +43,9 @@ The phases of one ``fleece copy`` (:data:`COPY_PHASES`), for its first point:
 ``chunk-stored``
     a chunk has been stored in the destination;
 ``before-point``
-    the point's chunks, packs and indexes are in the destination, the point is not.
+    the point's chunks, packs and indexes are in the destination, the point is not;
+``point-written``
+    the point is in the destination, the lease not yet checked again.
 
 The phase of one ``fleece restore --live`` (:data:`LIVE_PHASES`):
 
@@ -51,21 +59,46 @@ from __future__ import annotations
 import os
 import threading
 import time
+from enum import StrEnum
 
-PHASES = ("export-live", "chunk-stored", "pack-stored", "before-point", "before-commit",
-          "deltas-unlinked")
-COPY_PHASES = ("chunk-stored", "before-point")
-LIVE_PHASES = ("live-streamed",)
+
+class Phase(StrEnum):
+    """Where a fleece process can be held (see the module docstring); the value is what
+    ``FLEECE_TEST_PAUSE_AT`` names."""
+
+    GUEST_FROZEN = "guest-frozen"
+    EXPORT_LIVE = "export-live"
+    CHUNK_STORED = "chunk-stored"
+    PACK_STORED = "pack-stored"
+    BEFORE_POINT = "before-point"
+    POINT_WRITTEN = "point-written"
+    BEFORE_COMMIT = "before-commit"
+    DELTAS_UNLINKED = "deltas-unlinked"
+    LIVE_STREAMED = "live-streamed"
+
+
+PHASES = (Phase.EXPORT_LIVE, Phase.CHUNK_STORED, Phase.PACK_STORED, Phase.BEFORE_POINT,
+          Phase.BEFORE_COMMIT, Phase.DELTAS_UNLINKED)
+COPY_PHASES = (Phase.CHUNK_STORED, Phase.BEFORE_POINT)
+LIVE_PHASES = (Phase.LIVE_STREAMED,)
 PAUSE_AT = "FLEECE_TEST_PAUSE_AT"
 PAUSE_FILE = "FLEECE_TEST_PAUSE_FILE"
 
 _lock = threading.Lock()
-_reached: set[str] = set()
+_reached: set[Phase] = set()
 
 
-def pause_point(phase: str) -> None:
+def pause_point(phase: Phase) -> None:
     """Test hook: hold here while ``$FLEECE_TEST_PAUSE_AT`` is ``phase`` (see the module docstring)."""
-    if os.environ.get(PAUSE_AT) != phase:
+    if not isinstance(phase, Phase):
+        raise TypeError(f"pause_point({phase!r}): phases are fleece.testing.Phase members")
+    wanted = os.environ.get(PAUSE_AT)
+    if not wanted:
+        return
+    if wanted not in Phase.__members__.values():
+        raise RuntimeError(f"{PAUSE_AT}={wanted!r} names no phase (phases: "
+                           f"{', '.join(p.value for p in Phase)})")
+    if wanted != phase:
         return
     marker = os.environ.get(PAUSE_FILE)
     if not marker:

@@ -63,7 +63,7 @@ def new_sample(target: Path, description: str | None, repository_id: str, format
             raise SystemExit(f"{target} exists; pass --force to regenerate it")
         shutil.rmtree(target)
     return Repository.init(FileBackend(target), chunk_size=CHUNK, compression_level=3,
-                           repository_id=repository_id, format=format)
+                           repository_id=repository_id, format=format, hash="sha256")
 
 
 def main() -> None:

@@ -11,14 +11,20 @@ below it (the store, its listings, its administrators) sees only:
 * sealed object bodies (:meth:`~fleece.repo.crypto.Sealer.seal`), each bound
   to its logical key, so moving an object to another key fails to open.
 
-Ranged reads (one delta inside a pack) fetch the envelope header and only
-the 64 KiB segments the range touches; headers of recently read objects are
-cached (objects are immutable, or replaced whole with a new header).
+Packs are sealed in 64 KiB segments, so a ranged read (one delta inside a
+pack) fetches the envelope header and only the segments the range touches;
+headers of recently read objects are cached (objects are immutable, or
+replaced whole with a new header). Everything else is one segment, read whole.
+
+Staged objects (chunks) are sealed into a page-aligned buffer of the calling
+thread, which the store writes before ``stage`` returns: the file backend
+takes it with ``O_DIRECT`` as it takes a plain chunk's frame, no copy.
 """
 
 from __future__ import annotations
 
 import builtins
+import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -26,19 +32,21 @@ from collections.abc import Iterable, Iterator
 from fleece.errors import RepositoryError
 from fleece.repo.backends.base import Backend, ForwardingBackend, ObjectInfo, ObjectMissing, Retention
 from fleece.repo.format import keys
-from fleece.repo.format.crypto import ENVELOPE_HEADER, Sealer
+from fleece.repo.format.crypto import HEADER_MAX, Sealer
 
 # Which components of a logical key are user-supplied names, by its first component.
 _NAME_AT = {
     keys.INDEXES_PREFIX.rstrip("/"): (2,),      # indexes/<point-id>/<disk>
     keys.POINTS_PREFIX.rstrip("/"): (1,),       # points/<vm>/<point-id>.json
     keys.PROTECT_PREFIX.rstrip("/"): (1,),      # protect/<vm>/<point-id>
+    keys.VERIFIED_PREFIX.rstrip("/"): (1,),     # verified/<vm>/<point-id>/<stamp>.json
     "locks": (2,),                              # locks/vms/<vm>, locks/repo/<name>
     keys.CHUNKS_PREFIX.rstrip("/"): (),
     keys.PACKS_PREFIX.rstrip("/"): (),
     keys.PAGES_PREFIX.rstrip("/"): (),
 }
 _HEADER_CACHE = 4096
+_BUFFER_STEP = 1 << 20
 
 
 class EncryptedBackend(ForwardingBackend):
@@ -49,6 +57,7 @@ class EncryptedBackend(ForwardingBackend):
         self.sealer = sealer
         self._headers: OrderedDict[str, bytes] = OrderedDict()
         self._headers_lock = threading.Lock()
+        self._buffers = threading.local()
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -84,11 +93,26 @@ class EncryptedBackend(ForwardingBackend):
 
     # -- the contract ------------------------------------------------------------------------
 
+    def _seal(self, key: str, data: bytes | memoryview) -> bytes:
+        """``data`` sealed for ``key`` as new bytes (packs in segments, for ranged reads)."""
+        return bytes(self.sealer.seal(key, data, ranged=key.startswith(keys.PACKS_PREFIX)))
+
+    def _seal_aligned(self, key: str, data: bytes | memoryview) -> memoryview:
+        """``data`` sealed for ``key`` into this thread's page-aligned buffer (valid until its next call)."""
+        ranged = key.startswith(keys.PACKS_PREFIX)
+        size = self.sealer.sealed_size(len(data), ranged=ranged)
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._buffers.buf = mmap.mmap(-1, -(-size // _BUFFER_STEP) * _BUFFER_STEP)
+        view = self.sealer.seal(key, data, ranged=ranged, into=memoryview(buf))
+        assert isinstance(view, memoryview)
+        return view
+
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Seal and store."""
         stored = self.stored_key(key)
         self._forget(stored)
-        return self.inner.put(stored, self.sealer.seal(key, data), if_absent=if_absent)
+        return self.inner.put(stored, self._seal(key, data), if_absent=if_absent)
 
     def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
         """Compare-and-swap on plaintext: the swap itself compares the sealed bytes we opened."""
@@ -100,11 +124,12 @@ class EncryptedBackend(ForwardingBackend):
         if self.sealer.open(key, current) != expected:
             return False
         self._forget(stored)
-        return self.inner.replace_if(stored, self.sealer.seal(key, data), current)
+        return self.inner.replace_if(stored, self._seal(key, data), current)
 
     def stage(self, key: str, data: bytes | memoryview) -> bool:
-        """Seal and stage."""
-        return self.inner.stage(self.stored_key(key), self.sealer.seal(key, data))
+        """Seal into this thread's aligned buffer and stage (the store writes it before returning)."""
+        with self._seal_aligned(key, data) as sealed:
+            return self.inner.stage(self.stored_key(key), sealed)
 
     def get(self, key: str) -> bytes:
         """Fetch and open (authenticated against ``key``)."""
@@ -163,7 +188,7 @@ class EncryptedBackend(ForwardingBackend):
         """Seal and store locked."""
         stored = self.stored_key(key)
         self._forget(stored)
-        return self.inner.put_locked(stored, self.sealer.seal(key, data), retention)
+        return self.inner.put_locked(stored, self._seal(key, data), retention)
 
     def lock_of(self, key: str) -> Retention | None:
         """The sealed object's lock."""
@@ -188,7 +213,7 @@ class EncryptedBackend(ForwardingBackend):
             if header is not None:
                 self._headers.move_to_end(stored)
                 return header
-        header = self.inner.get_range(stored, 0, ENVELOPE_HEADER.size)
+        header = self.inner.get_range(stored, 0, HEADER_MAX)
         if not header:
             raise ObjectMissing(stored)
         with self._headers_lock:

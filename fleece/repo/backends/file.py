@@ -210,11 +210,21 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class FileBackend(Backend):
-    """Objects as files under ``root``; keys are relative ``/``-separated paths."""
+    """Objects as files under ``root``; keys are relative ``/``-separated paths.
 
-    def __init__(self, root: Path) -> None:
+    Only the owner may read what this backend makes: directories 0700,
+    objects 0600 — in a plain repository the objects are the VMs' disks, in
+    an encrypted one the key objects are what an offline guess needs. With
+    ``group_access`` (the config key ``group_access = true``) the group may
+    read too: 0750 and 0640.
+    """
+
+    def __init__(self, root: Path, *, group_access: bool = False) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self.group_access = group_access
+        self._dir_mode = 0o750 if group_access else 0o700
+        self._file_mode = 0o640 if group_access else 0o600
         self._staged: list[tuple[Path, Path]] = []  # (temporary file, final path)
         self._staged_bytes = 0
         self._stage_lock = threading.Lock()
@@ -258,9 +268,11 @@ class FileBackend(Backend):
             d = d.parent
         for d in reversed(missing):
             try:
-                os.mkdir(d)
+                os.mkdir(d, self._dir_mode)
             except FileExistsError:
                 continue  # another writer made it
+            if self.group_access:
+                os.chmod(d, self._dir_mode)  # past a umask that would take the group's bits
             if durable:
                 fsync_dir(d.parent)
             else:
@@ -297,12 +309,14 @@ class FileBackend(Backend):
             try:
                 self._make_dirs(directory, durable)
                 try:
-                    fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
+                    fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), self._file_mode)
                 except OSError as exc:
                     if direct is None or exc.errno != errno.EINVAL:
                         raise
                     self._direct = direct = None
-                    fd = os.open(tmp, flags, 0o644)
+                    fd = os.open(tmp, flags, self._file_mode)
+                if self.group_access:
+                    os.fchmod(fd, self._file_mode)
             except FileNotFoundError:
                 if attempt == 4:
                     raise

@@ -22,6 +22,7 @@ import blake3
 import zstandard
 
 from fleece.errors import BadInput, RepositoryCorrupt
+from fleece.repo.format.defaults import DEFAULT_ZSTD_LEVEL
 
 CHUNK_MAGIC = b"FLCK"
 DELTA_MAGIC = b"FLDT"
@@ -32,9 +33,6 @@ CODEC_ZSTD = 1
 HEADER = struct.Struct("<4sBBQ")
 """magic, version, codec, plaintext length."""
 
-DEFAULT_ZSTD_LEVEL = 1
-"""zstd's fastest level: on two cores the backup window is bound by compression, and level 1
-costs about a third less CPU than level 3 for a few per cent more bytes (docs/performance.md)."""
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 """The largest chunk format 1 allows; a header claiming more is corrupt."""
 
@@ -168,7 +166,7 @@ def encode_chunk(data: Buffer, level: int | None, magic: bytes = CHUNK_MAGIC) ->
     return b"".join((HEADER.pack(magic, CHUNK_VERSION, CODEC_PLAIN, length), data))
 
 
-def encode_chunk_in_place(frame: bytearray | mmap.mmap, length: int, level: int | None) -> Buffer:
+def encode_chunk_in_place(frame: bytearray | mmap.mmap, length: int, level: int | None) -> bytes | memoryview:
     """Encode the plaintext at ``frame[HEADER.size : HEADER.size + length]`` as a chunk object.
 
     The backup's reader threads read each chunk into such a frame, which

@@ -101,7 +101,11 @@ class ChunkIndex:
             raise IndexError(f"chunk {i} is outside a {self.n_chunks}-chunk index")
 
     def get(self, i: int) -> bytes | None:
-        """Digest of chunk ``i``'s base, or None when the base is all zeroes."""
+        """Digest of chunk ``i``'s base, or None when the base is all zeroes.
+
+        Not whether the position reads as zeroes: deltas may lie on a zero
+        base (an incremental's writes into a hole). Ask :meth:`is_zero`.
+        """
         self._check(i)
         digest = bytes(self._entries[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
         return None if digest == ZERO_MARKER else digest
@@ -137,8 +141,29 @@ class ChunkIndex:
         return self.deltas.get(i, ())
 
     def is_zero(self, i: int) -> bool:
-        """Whether position ``i`` reads as all zeroes with no object read (no base, no delta)."""
+        """Whether position ``i`` reads as all zeroes with no object read (no base, no delta).
+
+        The one definition every reader uses (restore, serve, live restore):
+        a zero base with deltas on top is data.
+        """
         return self.get(i) is None and i not in self.deltas
+
+    def zero_runs(self, max_length: int) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of the runs of positions that :meth:`is_zero`, in disk order,
+        each at most ``max_length`` bytes (a whole number of positions, at least one)."""
+        start = length = 0
+        for i in range(self.n_chunks):
+            if not self.is_zero(i):
+                continue
+            offset, n = i * self.chunk_size, self.chunk_length(i)
+            if length and start + length == offset and length + n <= max_length:
+                length += n
+                continue
+            if length:
+                yield start, length
+            start, length = offset, n
+        if length:
+            yield start, length
 
     def delta_refs(self) -> Iterator[tuple[int, DeltaRef]]:
         """``(position, ref)`` for every delta, in position order."""

@@ -1,6 +1,7 @@
 """The output image of a live restore, made offline before QEMU opens it.
 
-A qcow2 image of the disk's size in which the point's zero chunks are
+A qcow2 image of the disk's size in which the positions that read as
+zeroes (:meth:`ChunkIndex.is_zero`: no base and no delta) are
 already zero clusters: QEMU's stream skips them (they are allocated in the
 image) and the guest reads them locally, so nothing asks the point for them.
 Its header names the point's NBD socket as backing file, so that an image
@@ -18,6 +19,7 @@ from pathlib import Path
 from fleece.errors import FleeceError
 from fleece.restore.image import DiskImage
 from fleece.restore.live.state import LiveDisk
+from fleece.restore.output import OUTPUT_MODE
 from fleece.serve.server import nbd_uri
 
 
@@ -29,6 +31,7 @@ def create_image(d: LiveDisk, image: DiskImage) -> None:
     zeroes = "".join(f"write -z {start} {length}\n" for start, length in _zero_runs(image))
     try:
         _run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(d.size)], output)
+        os.chmod(tmp, OUTPUT_MODE)  # the guest's disk: only its owner reads it
         if zeroes:
             # Offline, before QEMU opens it: later these would be guest-visible writes.
             _run_tool(["qemu-io", "-f", "qcow2", str(tmp)], output, stdin=zeroes + "quit\n")
@@ -44,18 +47,9 @@ ZERO_RUN_MAX = 1 << 30
 
 
 def _zero_runs(image: DiskImage) -> list[tuple[int, int]]:
-    """(offset, length) of the runs of zero chunks, each at most :data:`ZERO_RUN_MAX`."""
-    runs: list[tuple[int, int]] = []
-    index = image.index
-    for i in range(index.n_chunks):
-        if index.get(i) is not None:
-            continue
-        start, length = i * index.chunk_size, index.chunk_length(i)
-        if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][1] + length <= ZERO_RUN_MAX:
-            runs[-1] = (runs[-1][0], runs[-1][1] + length)
-        else:
-            runs.append((start, length))
-    return runs
+    """(offset, length) of the runs of positions that read as zeroes (no base and no delta),
+    each at most :data:`ZERO_RUN_MAX`."""
+    return list(image.index.zero_runs(ZERO_RUN_MAX))
 
 
 def _run_tool(argv: list[str], output: Path, stdin: str | None = None) -> None:

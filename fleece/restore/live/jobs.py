@@ -21,7 +21,7 @@ from fleece.qmp import QmpSession
 from fleece.qmp.answers import JobInfo, query_block_jobs, query_jobs, query_named_block_nodes
 from fleece.restore.live.state import LiveDisk, job_id
 from fleece.serve.server import NbdkitServer
-from fleece.testing import pause_point
+from fleece.testing import Phase, pause_point
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Streams:
     async def _finish(self, d: LiveDisk, dismiss: bool) -> None:
         if dismiss:
             await self.session.execute("job-dismiss", {"id": job_id(d.key)})
-            pause_point("live-streamed")  # test hook (fleece.testing); inert in production
+            pause_point(Phase.LIVE_STREAMED)
         graph = await read_graph(self.session)
         if await backing_filename(self.session, d.node):
             raise FleeceError(f"the stream of {d.drive} ended but {d.output} still has a backing node; "
