@@ -79,9 +79,10 @@ JSON_OUTPUT = {
     "cleanup": "{removed: {nodes, exports, jobs, bitmaps, attached, nbd_server, objects}, kept,\n"
                " stale_scratch: {removed, kept: [{path, why}]}}",
     "backup": "{point, vm, parent, disks: [{drive, level, size, bytes_read, bytes_stored, bytes_dirty,\n"
-              "  objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused, chunks_zero,\n"
-              "  chunks_unchanged, bytes_trimmed, seconds, reason, audit: {candidates, sampled,\n"
-              "  mismatched, bytes_read, first_mismatch_offset}}], pause_ms, seconds,\n"
+              "  bytes_metadata, objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused,\n"
+              "  chunks_zero, chunks_unchanged, bytes_trimmed, seconds, reason, audit: {candidates,\n"
+              "  sampled, mismatched, bytes_read, first_mismatch_offset}}], pause_ms, seconds,\n"
+              " bytes_stored, objects_written, bytes_metadata,\n"
               " object_lock: {mode, repository, horizon, locks_extended}}",
     "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels,\n"
             "  verification: null | {kind, ok, summary, at, time_to_ready}}], damaged: [ids]}",
@@ -100,8 +101,8 @@ JSON_OUTPUT = {
              " locked: [{vm, id, until}]}",
     "gc": "{dry_run, points, chunks_kept, chunks_deleted, indexes_deleted, indexes_spared,\n"
           " records_deleted, temporaries_deleted, objects_deleted, bytes_freed, running_backups,\n"
-          " seconds, packs_kept,\n"
-          " packs_deleted, pack_bytes_unreferenced, objects_locked}",
+          " seconds, packs_kept, packs_deleted, pages_kept, pages_deleted, pack_bytes_unreferenced,\n"
+          " objects_locked}",
     "show": "{id, vm, created, parent, disks: [{name, level, size}], machine: null | {kind, name, uuid,\n"
             "  machine_type, arch, cpus, memory_bytes, firmware, loader, nvram, nvram_template,\n"
             "  tpm: null | {model, backend, version, state_dir}, disks: [{target, device, bus, serial}],\n"

@@ -12,7 +12,17 @@ printed as a ratio against the dirty bytes or the full's restore time.
 ``--fleece PATH`` runs another fleece (an older checkout's ``.venv/bin/fleece``)
 through the same scenario, for before/after figures.
 
-Usage: scripts/bench-incremental [--fleece PATH] [--data DIR] [--keep]
+``--big-disk`` runs the metadata scenario instead (issue 29): a 1 TiB thin
+qcow2 disk holding 256 MiB (64 scattered 4 MiB pieces of random data), a full
+backup, 16 scattered 64 KiB random writes (1 MiB dirty) and an incremental,
+once into a format-3 repository (paged indexes) and once, beside it, into a
+format-2 repository (the whole index rewritten by every point) as the
+reference. It prints the bytes each incremental really added to the
+repository (every new object's size on disk) against the goal 1.1 x dirty +
+64 KiB, the ``--json`` figures, wall time and peak RSS. ``--size`` changes the
+disk size (``16T``).
+
+Usage: scripts/bench-incremental [--fleece PATH] [--data DIR] [--keep] [--big-disk [--size 1T]]
 """
 
 from __future__ import annotations
@@ -57,8 +67,73 @@ def backup(fleece: str, vm: VM, repo: Path) -> tuple[float, dict[str, Any], int]
     return wall, json.loads(p.stdout), len(objects(repo) - before)
 
 
+def new_bytes(repo: Path, before: set[str]) -> int:
+    """Bytes of every object in ``repo`` that was not in ``before`` (what a backup added)."""
+    return sum((repo / k).stat().st_size for k in objects(repo) - before)
+
+
+def backup_rss(fleece: str, vm: VM, repo: Path) -> tuple[float, dict[str, Any], int, int, int]:
+    """(wall, --json, objects added, bytes added, peak RSS in bytes) of one backup."""
+    before = objects(repo) if repo.exists() else set()
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", fleece, "backup", "--qmp", vm.qmp, "--drive",
+                        "vda", "--repo", str(repo), "--json"], check=True, text=True,
+                       capture_output=True)
+    wall = time.perf_counter() - t
+    rss = int(p.stderr.strip().splitlines()[-1]) * 1024
+    return wall, json.loads(p.stdout), len(objects(repo) - before), new_bytes(repo, before), rss
+
+
+def big_disk(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
+    """The metadata scenario of the module docstring; its table rows.
+
+    Each format gets its own VM on its own copy of the scenario (same seed, so
+    the same data and writes): a VM keeps one checkpoint, the last backup's.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fleece.repo.backends.file import FileBackend
+    from fleece.repo.repository import Repository
+
+    rows: list[tuple[str, str, str, str]] = []
+    for fmt in (3, 2):
+        rng = random.Random(20261207)
+        image = work / f"big-{fmt}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), args.size], check=True)
+        size = int(json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                             check=True, capture_output=True, text=True).stdout)
+                   ["virtual-size"])
+        vm = VM(work, image, f"big{fmt}")
+        repo = work / f"repo-v{fmt}"
+        try:
+            for k in range(64):  # 256 MiB of data in 64 scattered 4 MiB pieces
+                guest_write_random(vm, work, (k * (size // 64)) // (4 * MiB) * (4 * MiB), 4 * MiB, rng)
+            Repository.init(FileBackend(repo), format=fmt)
+            full = backup_rss(args.fleece, vm, repo)
+            for g in rng.sample(range(size // GRANULE), 16):
+                guest_write_random(vm, work, g * GRANULE, GRANULE, rng)
+            dirty = 16 * GRANULE
+            wall, doc, n, added, rss = backup_rss(args.fleece, vm, repo)
+        finally:
+            vm.stop()
+        d = doc["disks"][0]
+        label = "format 3 (paged index)" if fmt == 3 else "reference: format 2 (whole index)"
+        rows += [
+            (f"{label}: bytes added / dirty", f"{added / dirty:.2f}",
+             f"<= {(1.1 * dirty + 64 * 1024) / dirty:.2f}" if fmt == 3 else "",
+             f"{args.size} thin disk, {dirty / MiB:.0f} MiB dirty ({d['level']}); {added} bytes in "
+             f"{n} new objects; --json bytes_stored {doc.get('bytes_stored', d['bytes_stored'])}, "
+             f"bytes_metadata {doc.get('bytes_metadata', '-')}"),
+            ("  incremental wall, whole process", f"{wall:.2f} s", "<= 1.0" if fmt == 3 else "", ""),
+            ("  incremental peak RSS", f"{rss / MiB:.0f} MiB", "<= 256" if fmt == 3 else "",
+             f"full: {full[4] / MiB:.0f} MiB peak, {full[0]:.2f} s, {full[3] / MiB:.1f} MiB added"),
+        ]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--big-disk", action="store_true", help="the metadata scenario (see above)")
+    ap.add_argument("--size", default="1T", help="--big-disk: the thin disk's size (1T)")
     ap.add_argument("--fleece", default=FLEECE, help="the fleece command to measure")
     ap.add_argument("--data", default="/usr/lib/x86_64-linux-gnu")
     ap.add_argument("--random-mib", type=int, default=384,
@@ -69,6 +144,14 @@ def main() -> None:
     rng = random.Random(20261130)
     vm = None
     rows: list[tuple[str, str, str, str]] = []
+    if args.big_disk:
+        try:
+            rows = big_disk(args, work)
+        finally:
+            end_work("bench-incremental", work, args.keep)
+        print_table(rows, (56, 9, 22), title=f"fleece metadata bench ({args.fleece}) on "
+                    f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+        return
     try:
         print(f"bench-incremental: building the disk in {work} ...", file=sys.stderr)
         image = build_disk(work, Path(args.data), "2G", args.random_mib)
@@ -96,7 +179,7 @@ def main() -> None:
             ("  bytes stored / dirty", f"{d['bytes_stored'] / dirty:.2f}", "<= 1.1 (+1 MiB)",
              f"stored {d['bytes_stored'] / MiB:.1f} MiB"),
             ("  objects written", f"{n_objects}", f"<= {dirty // (8 * MiB) + 8}",
-             "counted in the repository (chunks, packs, index, point)"),
+             "counted in the repository (chunks, packs, index pages, index, point)"),
             ("  wall time, whole process", f"{wall:.2f} s", "<= 1.0 (moonshot 0.3)", ""),
         ]
 
@@ -127,8 +210,10 @@ def main() -> None:
             r = Repository.open(FileBackend(repo))
             index = r.read_index(r.find_point(last), "vda")
             depth = max((len(index.deltas_of(i)) for i in range(index.n_chunks)), default=0)
-            rows.append(("serve/restore: most object reads for one chunk position", f"{1 + depth}",
-                         f"<= {1 + MAX_DEPTH}", "base chunk + deltas in the last point's index"))
+            page = 1 if index.version >= 3 else 0  # format 3: the position's index page
+            rows.append(("serve/restore: most object reads for one chunk position",
+                         f"{page + 1 + depth}", f"<= {2 + MAX_DEPTH}",
+                         "index page (format 3) + base chunk + deltas in the last point's index"))
         except Exception as exc:  # an older fleece's repository has no deltas to count
             rows.append(("serve/restore: most object reads for one chunk position", "1", "",
                          f"whole chunks only ({type(exc).__name__})"))

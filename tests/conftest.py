@@ -910,7 +910,7 @@ def store_point() -> Any:
             for i in range(index.n_chunks):
                 piece = data[i * chunk : (i + 1) * chunk]
                 if any(piece):
-                    digest = repo.digest(piece)
+                    digest = repo.chunk_name(piece)
                     repo.put_chunk(digest, encode_chunk(piece, 3))
                     index.set(i, digest)
             key, digest_hex = repo.write_index(point_id, name, index)

@@ -290,7 +290,7 @@ def test_renaming_fetches_only_the_chunks_no_point_held_by_both_names_yet(
     second = copy_points(source, dest, [p1, p2])
     assert second.copied == [p2.id] and (second.chunks_copied, second.chunks_present) == (1, 9)
     assert counting.reads == 1  # the changed chunk only
-    assert dest.get_chunk(dest.digest(changed[size : 2 * size])) == changed[size : 2 * size]
+    assert dest.get_chunk(dest.chunk_name(changed[size : 2 * size])) == changed[size : 2 * size]
 
 
 @pytest.mark.parametrize("way", ["sealed", "renamed"])

@@ -113,7 +113,7 @@ def test_a_chain_of_20_random_incrementals_restores_verifies_and_serves_identica
 
     r = open_repo(repo)
     last = r.read_index(r.find_point(points[-1][0]), "vda")
-    assert last.version == 2
+    assert last.version == 3  # paged (format 3), with deltas as in format 2
     depths = [len(last.deltas_of(i)) for i in range(last.n_chunks)]
     assert max(depths) <= MAX_DEPTH and any(depths), depths
 

@@ -125,7 +125,7 @@ def with_garbage(fleece: Any, guest: Guest, url: str, pattern: int) -> bytes:
 
 def repo_digest(url: str, data: bytes) -> bytes:
     """``data``'s chunk name in the repository at ``url`` (by its own hash)."""
-    return Repository.open(open_backend(url)).digest(data)
+    return Repository.open(open_backend(url)).chunk_name(data)
 
 
 def verify_deep(fleece: Any, url: str) -> None:

@@ -27,7 +27,7 @@ from fleece.maintenance.retention import Policy
 from fleece.maintenance.verify import verify_points
 from fleece.repo.backends.file import FileBackend
 from fleece.repo.format import keys
-from fleece.repo.format.codec import chunk_digest, encode_chunk
+from fleece.repo.format.codec import encode_chunk
 from fleece.repo.format.index import ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint, iso_utc
 from fleece.repo.lock import acquire, break_lease, vm_lock
@@ -53,7 +53,7 @@ def make_point(repo: Repository, vm: str, day: int, disks: dict[str, list[bytes 
         index = ChunkIndex.empty(CS, len(chunks) * CS)
         for i, data in enumerate(chunks):
             if data is not None:
-                digest = chunk_digest(data)
+                digest = repo.chunk_name(data)
                 repo.put_chunk(digest, encode_chunk(data, 3))
                 index.set(i, digest)
         key, digest_hex = repo.write_index(point_id, name, index)
@@ -66,7 +66,7 @@ def make_point(repo: Repository, vm: str, day: int, disks: dict[str, list[bytes 
 
 
 def chunk_keys(repo: Repository, *chunks: bytes) -> set[str]:
-    return {keys.chunk_key(chunk_digest(c)) for c in chunks}
+    return {keys.chunk_key(repo.chunk_name(c)) for c in chunks}
 
 
 def objects(repo: Repository, prefix: str) -> set[str]:
@@ -156,7 +156,7 @@ def test_protected_points_survive_prune_and_their_chunks_survive_gc(
     assert {d.point_id: d.reasons for d in report.vms[0].kept} == {
         p1.id: ("protected",), p4.id: ("last 1", "newest")}
     collect_garbage(repo)
-    assert repo.backend.exists(keys.chunk_key(chunk_digest(block(0x11))))
+    assert repo.backend.exists(keys.chunk_key(repo.chunk_name(block(0x11))))
     assert verify_points(repo, repo.point_refs(), deep=True).ok
 
 
@@ -187,17 +187,17 @@ def test_orphan_indexes_go_after_the_grace_period_and_spare_their_chunks_before(
         repo: Repository, four: list[RestorePoint], tmp_path: Path) -> None:
     # A backup that died after writing its index but before its point.
     orphan = ChunkIndex.empty(CS, 2 * CS)
-    repo.put_chunk(chunk_digest(block(0x99)), encode_chunk(block(0x99), 3))
-    orphan.set(0, chunk_digest(block(0x99)))
+    repo.put_chunk(repo.chunk_name(block(0x99)), encode_chunk(block(0x99), 3))
+    orphan.set(0, repo.chunk_name(block(0x99)))
     key, _ = repo.write_index("20261124T010000.000000Z-dead00", "vda", orphan)
     # And one whose chunk never made it anywhere else.
     unreferenced = chunk_keys(repo, block(0xAB))
-    repo.put_chunk(chunk_digest(block(0xAB)), encode_chunk(block(0xAB), 3))
+    repo.put_chunk(repo.chunk_name(block(0xAB)), encode_chunk(block(0xAB), 3))
     repo.flush()  # as a backup does before it writes an index
 
     young = collect_garbage(repo, grace=timedelta(hours=1))
     assert (young.indexes_spared, young.indexes_deleted, young.chunks_deleted) == (1, 0, 1)
-    assert repo.backend.exists(key) and repo.backend.exists(keys.chunk_key(chunk_digest(block(0x99))))
+    assert repo.backend.exists(key) and repo.backend.exists(keys.chunk_key(repo.chunk_name(block(0x99))))
     assert not (objects(repo, keys.CHUNKS_PREFIX) & unreferenced)
 
     later = time.time() + 2 * 3600  # the injected clock: two hours on
@@ -526,7 +526,7 @@ def test_on_s3_gc_lists_with_sizes_and_deletes_in_batches(s3_bucket: str, monkey
     with inject_http_faults(backend) as seen:
         report = collect_garbage(repo)
     assert report.chunks_deleted == 6
-    assert report.bytes_freed == sum(sizes[keys.chunk_key(chunk_digest(block(n)))] for n in range(6))
+    assert report.bytes_freed == sum(sizes[keys.chunk_key(repo.chunk_name(block(n)))] for n in range(6))
     # + the gc lease: its guard for older versions, and the generation each of its two renewals
     # and its release superseded.
     assert seen.requests["DeleteObjects"] == 2 and seen.requests["DeleteObject"] == 1 + 3
@@ -580,7 +580,7 @@ def test_gc_removes_a_killed_backups_unpublished_chunks_after_the_grace_period(
         repo: Repository, four: list[RestorePoint], tmp_path: Path) -> None:
     # A backup killed before its chunks were made durable leaves hidden
     # temporary files that never became objects.
-    repo.put_chunk(chunk_digest(block(0x77)), encode_chunk(block(0x77), 3))  # staged, not flushed
+    repo.put_chunk(repo.chunk_name(block(0x77)), encode_chunk(block(0x77), 3))  # staged, not flushed
     temps = list((tmp_path / "repo").rglob(".tmp-*"))
     assert len(temps) == 1
     assert collect_garbage(repo, grace=timedelta(hours=1)).temporaries_deleted == 0

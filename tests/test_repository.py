@@ -44,7 +44,7 @@ def make_point(repo: Repository, vm: str = "vm1", disks: dict[str, bytes] | None
         for i in range(index.n_chunks):
             piece = data[i * CHUNK : (i + 1) * CHUNK]
             if piece.strip(b"\0"):
-                digest = hashlib.sha256(piece).digest()
+                digest = repo.chunk_name(piece)
                 repo.put_chunk(digest, encode_chunk(piece, 3))
                 index.set(i, digest)
         key, digest_hex = repo.write_index(point_id, name, index)
@@ -61,7 +61,7 @@ def test_init_then_open(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path / "r")
     created = Repository.init(backend, chunk_size=1 << 20, compression_level=7, hash="sha256")
     doc = json.loads((tmp_path / "r" / "config").read_bytes())
-    assert doc["format"] == 2 and doc["chunk_size"] == 1 << 20 and doc["hash"] == "sha256"
+    assert doc["format"] == 3 and doc["chunk_size"] == 1 << 20 and doc["hash"] == "sha256"
     assert doc["compression"] == {"codec": "zstd", "level": 7}
     assert doc["encryption"] == "none"
     assert re.fullmatch(r"[0-9a-f]{32}", doc["id"])
@@ -107,8 +107,8 @@ def test_open_or_init_creates_only_in_an_empty_location(tmp_path: Path) -> None:
 
 
 def test_newer_format_is_refused_as_an_operation_failure(tmp_path: Path) -> None:
-    (tmp_path / "config").write_text(json.dumps({"format": 3}))
-    with pytest.raises(RepositoryError, match="format 3") as e:
+    (tmp_path / "config").write_text(json.dumps({"format": 4}))
+    with pytest.raises(RepositoryError, match="format 4") as e:
         Repository.open(FileBackend(tmp_path))
     assert not isinstance(e.value, BadInput)
     assert e.value.exit_code == 1
@@ -128,7 +128,7 @@ def test_damaged_config(tmp_path: Path, text: str) -> None:
 
 def test_chunks_round_trip_and_are_immutable(repo: Repository) -> None:
     data = b"chunk data" * 100
-    digest = chunk_digest(data)
+    digest = repo.chunk_name(data)
     assert repo.chunk_key(digest) == f"chunks/{digest.hex()[:2]}/{digest.hex()}"
     assert not repo.backend.exists(repo.chunk_key(digest))
     assert repo.put_chunk(digest, encode_chunk(data, 3)) is True
@@ -140,7 +140,7 @@ def test_chunks_round_trip_and_are_immutable(repo: Repository) -> None:
 
 def test_flipped_byte_in_a_stored_chunk_is_detected(repo: Repository, tmp_path: Path) -> None:
     data = bytes(range(256)) * 256
-    digest = chunk_digest(data)
+    digest = repo.chunk_name(data)
     repo.put_chunk(digest, encode_chunk(data, 3))
     repo.flush()
     path = tmp_path / "repo" / repo.chunk_key(digest)
@@ -213,7 +213,7 @@ def test_flipped_byte_in_index_is_detected(pos: int) -> None:
 
 def test_read_index_checks_the_digest_in_the_point(repo: Repository, tmp_path: Path) -> None:
     point = make_point(repo)
-    assert repo.read_index(point, "vda").get(0) == chunk_digest(b"\x01" * CHUNK)
+    assert repo.read_index(point, "vda").get(0) == repo.chunk_name(b"\x01" * CHUNK)
     flip_byte(tmp_path / "repo" / point.disks[0].index_key, 40)
     with pytest.raises(RepositoryCorrupt, match="index"):
         repo.read_index(point, "vda")

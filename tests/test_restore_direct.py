@@ -129,7 +129,7 @@ def test_a_damaged_chunk_is_named_and_with_allow_damage_reads_as_zeroes(
     backend = MemoryBackend()
     repo = Repository.init(backend, chunk_size=CHUNK, hash="sha256")
     point = store_point(repo, POINT, {"vda": disk})
-    key = chunk_key(repo.digest(disk[2 * CHUNK : 3 * CHUNK]))
+    key = chunk_key(repo.chunk_name(disk[2 * CHUNK : 3 * CHUNK]))
     blob = bytearray(backend.get(key))
     blob[-1] ^= 1
     backend.put(key, bytes(blob))

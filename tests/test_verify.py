@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,7 +40,7 @@ WEB = disk(512 * KiB + 100, {1: ONLY_P3, 8: b"tail"})
 
 def chunk_file(repo_dir: Path, data: bytes) -> Path:
     # Named by the repository's own hash (blake3 for one `fleece backup` made).
-    digest = Repository.open(FileBackend(repo_dir)).digest(data).hex()
+    digest = Repository.open(FileBackend(repo_dir)).chunk_name(data).hex()
     return repo_dir / "chunks" / digest[:2] / digest
 
 
@@ -189,7 +188,7 @@ def test_deep_verify_catches_a_chunk_whose_length_does_not_fit(tmp_path: Path,
     tail = b"x" * 100
     point = store_point(repo, P1, {"vda": disk(CHUNK + 100, {1: tail})})
     index = repo.read_index(point, "vda")
-    index.set(0, hashlib.sha256(tail).digest())
+    index.set(0, repo.chunk_name(tail))
     point.disks[0].index_key, point.disks[0].index_digest = repo.write_index(P2, "vda", index)
     point.id = P2
     repo.write_point(point)
@@ -208,7 +207,7 @@ def test_verify_on_s3(s3_env: Any, s3_bucket: str, store_point: Any, fleece: Any
     store_point(repo, P1, {"vda": VDA1})
     store_point(repo, P2, {"vda": VDA2}, parent=P1)
     assert fleece("verify", "--repo", url, "--deep").rc == 0
-    digest = hashlib.sha256(SHARED).hexdigest()
+    digest = repo.chunk_name(SHARED).hex()
     key = f"repo/chunks/{digest[:2]}/{digest}"
     s3 = s3_env.client()
     blob = bytearray(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())

@@ -116,6 +116,16 @@ class BackupResult:
     locks_extended: int = 0
     """Object Lock repositories: PutObjectRetention requests this backup made."""
 
+    def totals(self) -> dict[str, int]:
+        """Everything the backup wrote to the repository: every disk's chunks, packs, index
+        pages and index, and the point object (its bytes count as metadata)."""
+        point = len(self.point.to_json())
+        return {
+            "bytes_stored": sum(d.stats.bytes_stored for d in self.disks) + point,
+            "objects_written": sum(d.stats.objects_written for d in self.disks) + 1,
+            "bytes_metadata": sum(d.stats.bytes_metadata for d in self.disks) + point,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         """The ``backup --json`` object."""
         doc: dict[str, Any] = {
@@ -125,6 +135,7 @@ class BackupResult:
             "disks": [d.as_dict() for d in self.disks],
             "pause_ms": self.pause_ms,
             "seconds": round(self.seconds, 3),
+            **self.totals(),
         }
         if self.point.object_lock is not None:
             doc["object_lock"] = {**self.point.object_lock, "locks_extended": self.locks_extended}
@@ -494,8 +505,9 @@ def _back_up_disk(
     settings.trim_alignment = trim_alignment
     settings.max_request = max_request
     stats = DiskBackup(repo, disk.uri, plan, index, known, settings, advance, deltas=deltas).run()
-    index_key, index_digest = repo.write_index(point_id, disk.drive, index)
-    stats.objects_written += 1  # the index
+    index_key, index_digest, written = repo.write_index_counted(point_id, disk.drive, index)
+    stats.add(objects_written=written.objects, bytes_stored=written.bytes,  # pages, the index
+              bytes_metadata=written.bytes)
     granularity = disk.bitmap_granularity if level == "incremental" else None
     record = DiskRecord(
         name=disk.drive,

@@ -155,6 +155,8 @@ class DiskStats:
     bytes_read: int = 0
     bytes_stored: int = 0
     objects_written: int = 0
+    bytes_metadata: int = 0
+    """Of ``bytes_stored``, what the index (and its pages, format 3) took."""
     deltas: int = 0
     chunks_new: int = 0
     chunks_reused: int = 0
@@ -177,6 +179,7 @@ class DiskStats:
             "bytes_read": self.bytes_read,
             "bytes_stored": self.bytes_stored,
             "objects_written": self.objects_written,
+            "bytes_metadata": self.bytes_metadata,
             "deltas": self.deltas,
             "chunks_new": self.chunks_new,
             "chunks_reused": self.chunks_reused,
@@ -232,6 +235,7 @@ class DiskBackup:
         self.progress = progress or (lambda n: None)
         self.stats = DiskStats()
         self._digest = repo.digest
+        self._chunk_name = repo.chunk_name
         self._next = plan_work(plan, index, deltas)
         self._packs = PackWriter(repo.put_pack)
         self._next_lock = threading.Lock()
@@ -415,7 +419,7 @@ class DiskBackup:
             self.stats.add(chunks_zero=1)
             self._trim(offset, length)
             return
-        digest = self._digest(data)
+        digest = self._chunk_name(data)
         with self._known_lock:
             seen = digest in self.known or digest in self._pending
             if not seen:

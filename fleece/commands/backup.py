@@ -140,9 +140,9 @@ def backup_metrics(result: BackupResult) -> dict[str, float]:
         **extra,
         "fleece_backup_bytes_dirty": sum(d.stats.bytes_dirty for d in disks),
         "fleece_backup_bytes_read": sum(d.stats.bytes_read for d in disks),
-        "fleece_backup_bytes_stored": sum(d.stats.bytes_stored for d in disks),
-        # chunks, packs and the index of each disk, and the point
-        "fleece_backup_objects_written": sum(d.stats.objects_written for d in disks) + 1,
+        # chunks, packs, index pages and the index of each disk, and the point
+        "fleece_backup_bytes_stored": result.totals()["bytes_stored"],
+        "fleece_backup_objects_written": result.totals()["objects_written"],
     }
 
 

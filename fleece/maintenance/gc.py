@@ -10,8 +10,9 @@ which no backup runs alongside:
 2. orphan indexes: index objects whose point does not exist. Younger than
    the grace period they are spared, and so are the chunks they name (a
    backup writes its indexes just before its point); older ones go.
-3. sweep: list ``chunks/`` and ``packs/`` and delete every object not marked, and every
-   verification record (``verified/``) whose point does not exist, in batches
+3. sweep: list ``chunks/``, ``packs/`` and ``pages/`` (format 3: index pages, marked by name
+   like chunks) and delete every object not marked, and every verification record
+   (``verified/``) whose point does not exist, in batches
    (``delete_many`` where the backend has it: 1000 keys per S3 request),
    checking before each batch that the gc lease is still ours.
 
@@ -69,6 +70,9 @@ class GcReport:
     chunks_deleted: int = 0
     packs_kept: int = 0
     packs_deleted: int = 0
+    pages_kept: int = 0
+    """Index pages (format 3) some kept index names."""
+    pages_deleted: int = 0
     pack_bytes_unreferenced: int = 0
     """Bytes of deltas inside kept packs that no kept point names (packs are kept whole)."""
     indexes_deleted: int = 0
@@ -94,13 +98,15 @@ class GcReport:
             "chunks_deleted": self.chunks_deleted,
             "packs_kept": self.packs_kept,
             "packs_deleted": self.packs_deleted,
+            "pages_kept": self.pages_kept,
+            "pages_deleted": self.pages_deleted,
             "pack_bytes_unreferenced": self.pack_bytes_unreferenced,
             "indexes_deleted": self.indexes_deleted,
             "indexes_spared": self.indexes_spared,
             "records_deleted": self.records_deleted,
             "temporaries_deleted": self.temporaries_deleted,
-            "objects_deleted": (self.chunks_deleted + self.packs_deleted + self.indexes_deleted
-                                + self.records_deleted),
+            "objects_deleted": (self.chunks_deleted + self.packs_deleted + self.pages_deleted
+                                + self.indexes_deleted + self.records_deleted),
             "bytes_freed": self.bytes_freed,
             "objects_locked": self.objects_locked,
             "running_backups": self.running_backups,
@@ -159,7 +165,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
             continue
         if now() - mtime < grace.total_seconds():
             report.indexes_spared += 1
-            _mark_orphan(backend, info.key, marked, live)
+            _mark_orphan(repo, info.key, marked, live)
         else:
             old_orphans.append(info)
 
@@ -199,6 +205,14 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
                     report.pack_bytes_unreferenced += max(0, info.size - used - PACK_OVERHEAD)
             elif sweeper.add(info, "packs"):
                 report.packs_deleted += 1
+        for info in backend.list_info(keys.PAGES_PREFIX):
+            page = keys.parse_page_key(info.key)
+            if page is None:
+                continue
+            if page in marked:
+                report.pages_kept += 1
+            elif sweeper.add(info, "pages"):
+                report.pages_deleted += 1
         sweeper.flush()
     except FleeceError as exc:
         message = (f"gc stopped after deleting {sweeper.deleted} unreferenced objects: {exc}; "
@@ -207,6 +221,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
     report.bytes_freed = sweeper.bytes
     report.chunks_deleted -= sweeper.locked.get("chunks", 0)
     report.packs_deleted -= sweeper.locked.get("packs", 0)
+    report.pages_deleted -= sweeper.locked.get("pages", 0)
     report.indexes_deleted -= sweeper.locked.get("indexes", 0)
     report.records_deleted -= sweeper.locked.get("records", 0)
     report.objects_locked = sum(sweeper.locked.values())
@@ -245,18 +260,22 @@ def _mark_point(repo: Repository, vm: str, point_id: str, marked: set[bytes],
 
 
 def _mark_index(index: ChunkIndex, marked: set[bytes], live: dict[bytes, set[tuple[int, int]]]) -> None:
-    """Mark the base chunks and the packs (with the deltas used in them) ``index`` names."""
+    """Mark the base chunks, the index pages and the packs (with the deltas used in them)
+    ``index`` names. Chunk digests and page names share ``marked``: both are 32-byte hashes,
+    so sharing can only ever keep an object, never delete one."""
     for _, digest in index.stored():
         marked.add(digest)
+    marked.update(index.stored_pages())
     for _, ref in index.delta_refs():
         live.setdefault(ref.pack, set()).add((ref.offset, ref.length))
 
 
-def _mark_orphan(backend: Backend, key: str, marked: set[bytes],
+def _mark_orphan(repo: Repository, key: str, marked: set[bytes],
                  live: dict[bytes, set[tuple[int, int]]]) -> None:
-    """Mark the chunks a young orphan index names (it may belong to a point about to commit)."""
+    """Mark the chunks (and pages) a young orphan index names (it may belong to a point about to
+    commit)."""
     try:
-        index = ChunkIndex.from_bytes(backend.get(key), f"index {key}")
+        index = repo.parse_index(repo.backend.get(key), f"index {key}")
     except ObjectMissing:
         return
     except RepositoryCorrupt as exc:
@@ -288,7 +307,7 @@ class _Sweeper:
         """kind → objects the store kept because their lock has not ended."""
 
     def add(self, info: ObjectInfo, kind: str) -> bool:
-        """Queue ``info`` (a ``chunks``, ``packs`` or ``indexes`` object) for deletion.
+        """Queue ``info`` (a ``chunks``, ``packs``, ``pages`` or ``indexes`` object) for deletion.
 
         False when it vanished before its size was known.
         """

@@ -42,7 +42,7 @@ from fleece.repo.format import keys
 from fleece.repo.format.codec import decode_chunk
 from fleece.repo.format.crypto import check_outer
 from fleece.repo.format.delta import DeltaRef, PackWriter, decode_delta
-from fleece.repo.format.index import ChunkIndex
+from fleece.repo.format.index import INDEX_VERSION_PAGED, ChunkIndex
 from fleece.repo.format.point import DiskRecord, RestorePoint
 from fleece.repo.needs import PointObjects, point_objects
 from fleece.repo.object_lock import lock_clock
@@ -90,6 +90,8 @@ def names_agree(source: Repository, dest: Repository) -> bool:
     """Whether a chunk has the same name in both repositories (same hash, same key or none)."""
     if source.config.hash != dest.config.hash:
         return False
+    if (source.config.format >= 3) != (dest.config.format >= 3):
+        return False  # format 3 names chunks by their sparse form (docs/format.md "Chunks")
     if source.master is None or dest.master is None:
         return source.master is None and dest.master is None
     return source.shares_key(dest.config)
@@ -119,7 +121,8 @@ class Transfer:
     # -- shared steps ------------------------------------------------------------------------
 
     def _missing_source(self, key: str, point: RestorePoint) -> RepositoryCorrupt:
-        what = "chunk" if key.startswith(keys.CHUNKS_PREFIX) else "pack"
+        what = ("chunk" if key.startswith(keys.CHUNKS_PREFIX) else
+                "page" if key.startswith(keys.PAGES_PREFIX) else "pack")
         return RepositoryCorrupt(f"{what} {key} of point {point.id} is missing from {self.source.url}; "
                                  "the point was not copied")
 
@@ -127,11 +130,15 @@ class Transfer:
         return RepositoryCorrupt(f"{self.source.url}: {key}: {why}; point {point.id} was not copied "
                                  "(see fleece verify)")
 
-    def _count(self, sent: int) -> None:
+    def _count(self, sent: int, page: bool = False) -> None:
+        """Count one chunk or pack (``chunks_copied``/``chunks_present``) or index page (objects
+        and bytes only) that was sent (``sent`` bytes) or found present (-1)."""
         if sent < 0:
-            self.report.chunks_present += 1
+            if not page:
+                self.report.chunks_present += 1
         else:
-            self.report.chunks_copied += 1
+            if not page:
+                self.report.chunks_copied += 1
             self.report.objects_written += 1
             self.report.bytes_copied += sent
 
@@ -148,21 +155,27 @@ class SameNames(Transfer):
         """Chunks, packs, then indexes, each checked; the point itself unchanged."""
         needs = point_objects(self.source, point)
         self._check_deltas_fit(point, needs)
+        if (self.dest.index_version < INDEX_VERSION_PAGED
+                and any(i.version >= INDEX_VERSION_PAGED for i in needs.indexes.values())):
+            raise RepositoryError(f"point {point.id} has paged indexes (format 3) and {self.dest.url} "
+                                  f"is format {self.dest.config.format}; copy it into a format-3 "
+                                  "repository; the point was not copied")
         missing = needs.chunks - self.present
         self.report.chunks_present += len(needs.chunks) - len(missing)  # sent for an earlier point
         for kind, names in ((keys.chunk_key, sorted(missing)),
-                            (keys.pack_key, sorted(needs.packs - self.present))):
+                            (keys.pack_key, sorted(needs.packs - self.present)),
+                            (keys.page_key, sorted(needs.pages - self.present))):
             for batch in batched(names):
                 for digest, sent in zip(batch, self.pool.map(
                         lambda d, k=kind: self._copy_object(k(d), d, point), batch), strict=True):
                     self.present.add(digest)
-                    self._count(sent)
+                    self._count(sent, page=kind is keys.page_key)
         for disk in point.disks:
             self._copy_index(point, disk, needs.indexes[disk.name])
         return point
 
     def _copy_object(self, key: str, digest: bytes, point: RestorePoint) -> int:
-        """Copy one chunk or pack unless the destination holds it; bytes sent, or -1."""
+        """Copy one chunk, pack or page unless the destination holds it; bytes sent, or -1."""
         if self.dest.backend.exists(key):
             return -1
         try:
@@ -171,13 +184,13 @@ class SameNames(Transfer):
             raise self._missing_source(key, point) from None
         if key.startswith(keys.CHUNKS_PREFIX):
             try:
-                decode_chunk(blob, digest, self.source.digest)  # checked on the way: never copy damage
+                decode_chunk(blob, digest, self.source.chunk_name)  # checked on the way: never copy damage
             except RepositoryCorrupt as exc:
                 raise self._damaged(key, point, str(exc)) from None
             self.dest.put_chunk(digest, blob)
         else:
-            if self.source.digest(blob) != digest:  # a pack is named by its bytes
-                raise self._damaged(key, point, "the pack does not match its name")
+            if self.source.digest(blob) != digest:  # packs and pages are named by their bytes
+                raise self._damaged(key, point, "the object does not match its name")
             self.dest.create(key, blob)
         return len(blob)
 
@@ -307,8 +320,8 @@ class Renamed(Transfer):
         disks = []
         for disk in point.disks:
             index = self._renamed_index(needs.indexes[disk.name])
-            key, digest = self.dest.write_index(point.id, disk.name, index)
-            self.report.objects_written += 1
+            key, digest, written = self.dest.write_index_counted(point.id, disk.name, index)
+            self.report.objects_written += written.objects
             disks.append(dataclasses.replace(disk, index_key=key, index_digest=digest))
         record = machine_of(point)
         machine = record.renamed(self.names.__getitem__).to_dict() if record is not None else None
@@ -318,12 +331,12 @@ class Renamed(Transfer):
         key = keys.chunk_key(digest)
         try:
             blob = self.source.backend.get(key)
-            plaintext = decode_chunk(blob, digest, self.source.digest)
+            plaintext = decode_chunk(blob, digest, self.source.chunk_name)
         except ObjectMissing:
             raise self._missing_source(key, point) from None
         except RepositoryCorrupt as exc:  # fails to open, or to decode to its name
             raise self._damaged(key, point, str(exc)) from None
-        new = self.dest.digest(plaintext)
+        new = self.dest.chunk_name(plaintext)
         # The encoded bytes (zstd or plain) do not depend on the key: only the name and seal change.
         return new, (len(blob) if self.dest.put_chunk(new, blob) else -1)
 
@@ -367,8 +380,10 @@ class Renamed(Transfer):
         return name
 
     def _renamed_index(self, index: ChunkIndex) -> ChunkIndex:
-        out = ChunkIndex.empty(index.chunk_size, index.disk_size,
-                               min(index.version, self.dest.index_version))
+        version = self.dest.index_version  # paged in a format-3 destination
+        if version < INDEX_VERSION_PAGED:
+            version = min(index.version, version)
+        out = ChunkIndex.empty(index.chunk_size, index.disk_size, version)
         for i, digest in index.stored():
             out.set(i, self.names[digest])
         for i, ref in index.delta_refs():

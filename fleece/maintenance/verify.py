@@ -370,7 +370,7 @@ class _ChunkChecker:
         except RepositoryError as exc:
             return 0, ("chunk unreadable", str(exc))
         try:
-            length = len(decode_chunk(blob, digest, self.repo.digest))
+            length = len(decode_chunk(blob, digest, self.repo.chunk_name))
         except RepositoryCorrupt as exc:
             return 0, ("chunk damaged", str(exc))
         if self._locking:

@@ -27,6 +27,8 @@ class PointObjects:
     """Digests of every chunk the indexes and the machine record name (zero chunks are not stored)."""
     packs: frozenset[bytes] = frozenset()
     """Digests of every pack holding a delta the indexes name (format 2)."""
+    pages: frozenset[bytes] = frozenset()
+    """Names of every index page the (version-3) indexes name (format 3)."""
 
     @property
     def point_key(self) -> str:
@@ -46,4 +48,5 @@ def point_objects(repo: Repository, point: RestorePoint) -> PointObjects:
     indexes = {disk.name: repo.read_index(point, disk.name) for disk in point.disks}
     chunks = frozenset(d for index in indexes.values() for d in index.digests()) | machine_chunks(point)
     packs = frozenset(p for index in indexes.values() for p in index.packs())
-    return PointObjects(point, indexes, chunks, packs)
+    pages = frozenset(n for index in indexes.values() for n in index.stored_pages())
+    return PointObjects(point, indexes, chunks, packs, pages)

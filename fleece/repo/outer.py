@@ -19,7 +19,7 @@ from fleece.repo.format.crypto import check_outer
 from fleece.repo.repository import read_config
 
 SEALED_KINDS = frozenset(p.rstrip("/") for p in (
-    keys.CHUNKS_PREFIX, keys.PACKS_PREFIX, keys.INDEXES_PREFIX, keys.POINTS_PREFIX,
+    keys.CHUNKS_PREFIX, keys.PACKS_PREFIX, keys.PAGES_PREFIX, keys.INDEXES_PREFIX, keys.POINTS_PREFIX,
     keys.PROTECT_PREFIX, "locks/", keys.LEASES_PREFIX))
 """The objects an encrypted repository seals (``config``, ``keys/`` and the store
 check's ``store/`` are in clear)."""

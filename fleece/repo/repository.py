@@ -34,6 +34,7 @@ from fleece.repo.format.codec import (
     decode_chunk,
     decode_chunk_into,
     digest_function,
+    sparse_digest_function,
 )
 from fleece.repo.format.crypto import (
     CIPHERS,
@@ -48,7 +49,13 @@ from fleece.repo.format.crypto import (
 )
 from fleece.repo.format.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_HASH, DEFAULT_ZSTD_LEVEL
 from fleece.repo.format.delta import DeltaRef, apply_delta, decode_delta
-from fleece.repo.format.index import INDEX_VERSION, INDEX_VERSION_DELTAS, ChunkIndex
+from fleece.repo.format.index import (
+    INDEX_VERSION,
+    INDEX_VERSION_DELTAS,
+    INDEX_VERSION_PAGED,
+    ZERO_MARKER,
+    ChunkIndex,
+)
 from fleece.repo.format.point import RestorePoint, iso_utc
 from fleece.repo.object_lock import LockLedger, ObjectLock, lock_clock
 from fleece.testing import Phase, pause_point
@@ -60,9 +67,10 @@ if TYPE_CHECKING:
 Passphrase = Callable[[], bytes]
 """Where an encrypted repository's passphrase comes from; called only when one is needed."""
 
-REPO_FORMAT = 2
-"""What new repositories are: format 2 adds sub-chunk deltas in packs (docs/format.md)."""
-READABLE_FORMATS = (1, 2)
+REPO_FORMAT = 3
+"""What new repositories are: format 2 adds sub-chunk deltas in packs, format 3 paged indexes
+whose incrementals write only the pages they touch (docs/format.md)."""
+READABLE_FORMATS = (1, 2, 3)
 MIN_CHUNK_SIZE = 64 * 1024
 
 
@@ -213,9 +221,15 @@ class Repository:
         """Encrypted repositories: the sealing wrapper (``backend``), for moving sealed objects as
         they are."""
         self.digest = digest_function(config.hash, sealer.id_key if sealer else None)
-        """The chunk-naming hash of this repository (its ``config``'s ``hash``; keyed when encrypted)."""
-        self.index_version = INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION
-        """The index version this repository's writers use (deltas only from format 2)."""
+        """This repository's hash (its ``config``'s ``hash``; keyed when encrypted): names packs,
+        pages and deltas, and chunks up to format 2."""
+        self.chunk_name = (sparse_digest_function(config.hash, sealer.id_key if sealer else None)
+                           if config.format >= 3 else self.digest)
+        """What names a chunk: format 3 hashes its canonical sparse form (holes cost nothing),
+        older formats its plaintext (docs/format.md "Chunks")."""
+        self.index_version = (INDEX_VERSION_PAGED if config.format >= 3 else
+                              INDEX_VERSION_DELTAS if config.format >= 2 else INDEX_VERSION)
+        """The index version this repository's writers use (deltas from format 2, pages from 3)."""
         self.lock = config.object_lock
         """How objects are locked (``fleece init --object-lock-days``), or None."""
         self.lock_ledger = LockLedger()
@@ -489,7 +503,7 @@ class Repository:
             blob = self.backend.get(key)
         except ObjectMissing:
             raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
-        return decode_chunk(blob, digest, self.digest)
+        return decode_chunk(blob, digest, self.chunk_name)
 
     def create(self, key: str, blob: bytes, *, existing_ok: bool = True) -> bool:
         """A conditional create of an immutable object; False when ``key`` existed.
@@ -566,6 +580,7 @@ class Repository:
         for index in indexes:
             needed.update((keys.chunk_key(d), None) for _, d in index.stored())
             needed.update((keys.pack_key(r.pack), None) for _, r in index.delta_refs())
+            needed.update((keys.page_key(n), None) for n in sorted(index.stored_pages()))
         ends: list[float] = []
         reused: list[str] = []
         for key in needed:
@@ -658,7 +673,7 @@ class Repository:
                 blob = self.backend.get(key)
             except ObjectMissing:
                 raise RepositoryCorrupt(f"chunk {key} is missing from {self.url}") from None
-            decode_chunk_into(blob, out, digest, self.digest,
+            decode_chunk_into(blob, out, digest, self.chunk_name,
                               f"chunk {digest.hex()} at chunk {i}")
         for ref in index.deltas_of(i):
             apply_delta(out, self.get_delta(ref), f"delta of pack {ref.pack.hex()} at chunk {i}")
@@ -667,8 +682,47 @@ class Repository:
 
     def write_index(self, point_id: str, disk: str, index: ChunkIndex) -> tuple[str, str]:
         """Store a disk's index; returns ``(key, sha256 hex)`` for its :class:`DiskRecord`."""
+        key, digest, _ = self.write_index_counted(point_id, disk, index)
+        return key, digest
+
+    def write_pages(self, index: ChunkIndex, workers: int = 8) -> IndexWrite:
+        """Store every page of a version-3 index whose name is not known yet; what was written.
+
+        A page that :meth:`ChunkIndex.page_is_zero` gets the zero marker and no
+        object; any other is named by the repository hash of its object and
+        written with a conditional create (a page another point or VM stored
+        already costs no write). Pages an incremental did not touch keep the
+        names its parent's top table gave them and are not even encoded.
+        """
+        out = IndexWrite()
+        todo = list(index.unnamed_pages())
+        if index.version < INDEX_VERSION_PAGED or not todo:
+            return out
+
+        def store(p: int) -> tuple[int, bytes | None, int]:
+            if index.page_is_zero(p):
+                return p, None, -1
+            blob = index.encode_page(p)
+            name = self.digest(blob)
+            return p, name, (len(blob) if self.create(keys.page_key(name), blob) else -1)
+
+        with ThreadPoolExecutor(max(1, min(workers, len(todo))),
+                                thread_name_prefix="fleece-pages") as pool:
+            for p, name, sent in pool.map(store, todo):
+                index.name_page(p, name)
+                if sent >= 0:
+                    out.objects += 1
+                    out.bytes += sent
+        return out
+
+    def write_index_counted(self, point_id: str, disk: str,
+                            index: ChunkIndex) -> tuple[str, str, IndexWrite]:
+        """:meth:`write_index`, also saying how many objects and bytes it wrote (pages, index)."""
         key = keys.index_key(point_id, disk)
+        written = self.write_pages(index)
         blob = index.to_bytes()
+        written.objects += 1
+        written.bytes += len(blob)
         self.flush()  # every chunk the index names is durable before the index exists
         if self.lock is not None:
             # A locked index cannot be written over; one a resumed copy finds
@@ -679,7 +733,7 @@ class Repository:
                 self.keep_locked(key, self.backend.lock_of(key), lock_clock())
         else:
             self.backend.put(key, blob)
-        return key, hashlib.sha256(blob).hexdigest()
+        return key, hashlib.sha256(blob).hexdigest(), written
 
     def read_index(self, point: RestorePoint, disk_name: str) -> ChunkIndex:
         """The index of ``disk_name`` in ``point``, checked against the point and itself."""
@@ -693,9 +747,40 @@ class Repository:
             raise RepositoryCorrupt(f"{what} is missing from {self.url}") from None
         if hashlib.sha256(blob).hexdigest() != record.index_digest:
             raise RepositoryCorrupt(f"{what} does not match the digest in the point (damaged)")
-        index = ChunkIndex.from_bytes(blob, what)
+        index = self.parse_index(blob, what)
         if index.chunk_size != point.chunk_size or index.disk_size != record.virtual_size:
             raise RepositoryCorrupt(f"{what} disagrees with the point on chunk or disk size")
+        return index
+
+    def parse_index(self, blob: bytes, what: str, workers: int = 8) -> ChunkIndex:
+        """An index object's content; for a top table (version 3) every page it names is read,
+        checked against its name and loaded: one read per distinct page, in ``workers`` threads."""
+        index = ChunkIndex.from_bytes(blob, what)
+        if index.page_names is None:
+            return index
+        wanted: dict[bytes, list[int]] = {}
+        for p, name in enumerate(index.page_names):
+            if name is not None and name != ZERO_MARKER:
+                wanted.setdefault(name, []).append(p)
+        if not wanted:
+            return index
+
+        def fetch(name: bytes) -> bytes:
+            key = keys.page_key(name)
+            try:
+                page = self.backend.get(key)
+            except ObjectMissing:
+                raise RepositoryCorrupt(f"page {key} of {what} is missing from {self.url}") from None
+            if self.digest(page) != name:
+                raise RepositoryCorrupt(f"page {key} of {what} does not match its name (damaged)")
+            return page
+
+        names = list(wanted)
+        with ThreadPoolExecutor(max(1, min(workers, len(names))),
+                                thread_name_prefix="fleece-pages") as pool:
+            for name, page in zip(names, pool.map(fetch, names), strict=True):
+                for p in wanted[name]:
+                    index.load_page(p, page, f"page {keys.page_key(name)} of {what}")
         return index
 
     # -- restore points -----------------------------------------------------
@@ -771,6 +856,14 @@ class Repository:
                          if (ref := keys.parse_point_key(key)) is not None and (pid := ref[1])]
             self.memory.forget_point(point.vm, point.id, remaining)
 
+
+
+@dataclass
+class IndexWrite:
+    """What writing one index stored: objects and bytes (pages, then the index itself)."""
+
+    objects: int = 0
+    bytes: int = 0
 
 
 def _create(backend: Backend, key: str, blob: bytes, lock: ObjectLock | None) -> bool:

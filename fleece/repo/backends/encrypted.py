@@ -44,6 +44,7 @@ _NAME_AT = {
     keys.LEASES_PREFIX.rstrip("/"): (2,),       # leases/vms/<vm>/<generation>
     keys.CHUNKS_PREFIX.rstrip("/"): (),
     keys.PACKS_PREFIX.rstrip("/"): (),
+    keys.PAGES_PREFIX.rstrip("/"): (),
 }
 _HEADER_CACHE = 4096
 _BUFFER_STEP = 1 << 20

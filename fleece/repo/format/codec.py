@@ -16,6 +16,7 @@ import mmap
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import blake3
 import zstandard
@@ -71,6 +72,57 @@ def digest_function(name: str, key: bytes | None = None) -> Callable[[Buffer], b
     if name == "blake3":
         return lambda data: bytes(blake3.blake3(data, key=key).digest())
     return lambda data: hmac.new(key, data, hashlib.sha256).digest()
+
+
+SPARSE_BLOCK = 4096
+"""Format 3: the block size of a chunk's canonical sparse form (docs/format.md)."""
+SPARSE_HEADER = struct.Struct("<4sIQ")
+"""The sparse form's header: magic ``FLSP``, block size, plaintext length."""
+
+
+def sparse_digest_function(name: str, key: bytes | None = None) -> Callable[[Buffer], bytes]:
+    """Format 3's chunk name: the (keyed) hash ``name`` of the chunk's canonical sparse form.
+
+    The form is the header, a bitmap with one bit per 4 KiB block (set: the
+    block is all zero), then only the non-zero blocks, back to back. A chunk
+    with holes costs hashing its data, not its holes, and equal content has
+    one name whether a block was a hole or written zeroes. Finding the zero
+    blocks is one memcmp per block (~1 ms per 4 MiB in Python, against ~10
+    for BLAKE3 over it).
+    """
+    if name not in HASHES:
+        raise BadInput(f"unknown chunk hash {name!r} (choose from {', '.join(HASHES)})")
+
+    def new() -> Any:
+        if name == "blake3":
+            return blake3.blake3(key=key) if key is not None else blake3.blake3()
+        return hmac.new(key, digestmod=hashlib.sha256) if key is not None else hashlib.sha256()
+
+    def digest(data: Buffer) -> bytes:
+        view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+        length = len(view)
+        bitmap = bytearray(-(-length // (8 * SPARSE_BLOCK)))  # ceil(blocks / 8)
+        runs: list[tuple[int, int]] = []
+        start = -1
+        zero = ZERO_BLOCK.startswith
+        for k, off in enumerate(range(0, length, SPARSE_BLOCK)):
+            if zero(view[off : off + SPARSE_BLOCK]):
+                bitmap[k >> 3] |= 1 << (k & 7)
+                if start >= 0:
+                    runs.append((start, off))
+                    start = -1
+            elif start < 0:
+                start = off
+        if start >= 0:
+            runs.append((start, length))
+        h = new()
+        h.update(SPARSE_HEADER.pack(b"FLSP", SPARSE_BLOCK, length))
+        h.update(bitmap)
+        for a, b in runs:
+            h.update(view[a:b])
+        return bytes(h.digest())
+
+    return digest
 
 
 def chunk_digest(data: Buffer, hash: str = "sha256") -> bytes:

@@ -1,4 +1,4 @@
-"""Where each object lives: the key layout of repository formats 1 and 2.
+"""Where each object lives: the key layout of repository formats 1, 2 and 3.
 
 One place for every key, so that the layout in ``docs/format.md`` and the
 code cannot drift apart file by file. User-supplied names (VM, disk, lock)
@@ -14,6 +14,7 @@ from fleece.errors import BadInput
 CONFIG_KEY = "config"
 CHUNKS_PREFIX = "chunks/"
 PACKS_PREFIX = "packs/"
+PAGES_PREFIX = "pages/"
 INDEXES_PREFIX = "indexes/"
 POINTS_PREFIX = "points/"
 VM_LOCKS_PREFIX = "locks/vms/"
@@ -88,6 +89,14 @@ def pack_key(digest: bytes) -> str:
         raise ValueError(f"a pack digest is 32 bytes, not {len(digest)}")
     hexd = digest.hex()
     return f"{PACKS_PREFIX}{hexd[:2]}/{hexd}"
+
+
+def page_key(digest: bytes) -> str:
+    """``pages/<2 hex>/<64 hex>``: one page of index entries (format 3), named like a pack."""
+    if len(digest) != 32:
+        raise ValueError(f"a page name is 32 bytes, not {len(digest)}")
+    hexd = digest.hex()
+    return f"{PAGES_PREFIX}{hexd[:2]}/{hexd}"
 
 
 def index_key(point_id: str, disk: str) -> str:
@@ -193,6 +202,13 @@ def parse_pack_key(key: str) -> bytes | None:
         return None
     digest = parse_chunk_key(CHUNKS_PREFIX + key[len(PACKS_PREFIX):])
     return digest
+
+
+def parse_page_key(key: str) -> bytes | None:
+    """The name a ``pages/<2 hex>/<64 hex>`` key holds, or None for any other key."""
+    if not key.startswith(PAGES_PREFIX):
+        return None
+    return parse_chunk_key(CHUNKS_PREFIX + key[len(PAGES_PREFIX):])
 
 
 def protect_prefix(vm: str | None = None) -> str:
