@@ -217,8 +217,8 @@ def _status_error(offset: int, exc: nbd.Error) -> ExportError:
     return ExportError(f"block status at offset {offset} failed: {exc}{hint}")
 
 
-def _block_status(h: NbdHandle, size: int, contexts: Sequence[str],
-                  max_request: int | None) -> Iterator[tuple[int, int, dict[str, list[int]]]]:
+def _block_status(h: NbdHandle, size: int, contexts: Sequence[str], max_request: int | None,
+                  start: int = 0) -> Iterator[tuple[int, int, dict[str, list[int]]]]:
     """``(offset, covered, answers)`` in disk order until the whole disk is covered.
 
     Unbounded: one request per 2 GiB span. Bounded (``max_request``): one request per
@@ -226,7 +226,7 @@ def _block_status(h: NbdHandle, size: int, contexts: Sequence[str],
     """
     span = MAX_STATUS_SPAN if max_request is None else max_request
     pending: deque[tuple[int, int, dict[str, list[int]], int]] = deque()
-    ask = 0  # where the next request starts
+    ask = start  # where the next request starts
     while pending or ask < size:
         while ask < size and (len(pending) < STATUS_WINDOW if max_request else not pending):
             end = min(size, (ask // span + 1) * span)
@@ -255,6 +255,46 @@ def _block_status(h: NbdHandle, size: int, contexts: Sequence[str],
             yield start, covered, answers
 
 
+def _status_plan(h: NbdHandle, size: int, chunk_size: int, dirty_context: str | None,
+                 max_request: int | None
+                 ) -> Iterator[tuple[int, int, dict[str, list[int]], Sequence[str]]]:
+    """Block status answers for planning, each with the contexts to trust in it.
+
+    Unbounded, or a full backup: every context over the whole disk. Bounded
+    (QEMU < 8.0) incremental: the dirty bitmap first, in long spans — its
+    context is read from the frozen bitmap itself, not through the
+    copy-before-write filter whose status the bug answers wrongly — then
+    allocation, bounded, only over the chunks the bitmap marks: a small
+    incremental of a large disk asks a few requests, not one per 64 KiB.
+    """
+    if dirty_context is None or max_request is None:
+        contexts = [BASE_ALLOCATION] + ([dirty_context] if dirty_context else [])
+        for offset, covered, answers in _block_status(h, size, contexts, max_request):
+            yield offset, covered, answers, contexts
+        return
+    dirty_chunks: list[list[int]] = []  # [first, end) chunk numbers the bitmap marks
+    for offset, covered, answers in _block_status(h, size, [dirty_context], None):
+        yield offset, covered, answers, [dirty_context]
+        pos = offset
+        entries = answers[dirty_context]
+        for length, flags in zip(entries[0::2], entries[1::2], strict=True):
+            end = min(pos + length, covered)
+            if flags & DIRTY and end > pos:
+                first, last = pos // chunk_size, (end - 1) // chunk_size + 1
+                if dirty_chunks and first <= dirty_chunks[-1][1]:
+                    dirty_chunks[-1][1] = max(dirty_chunks[-1][1], last)
+                else:
+                    dirty_chunks.append([first, last])
+            pos += length
+            if pos >= covered:
+                break
+    for first, last in dirty_chunks:
+        for offset, covered, answers in _block_status(h, min(size, last * chunk_size),
+                                                      [BASE_ALLOCATION], max_request,
+                                                      start=first * chunk_size):
+            yield offset, covered, answers, [BASE_ALLOCATION]
+
+
 def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None,
                 max_request: int | None = None) -> ChunkPlan:
     """Ask the export for block status and decide, chunk by chunk, what to do.
@@ -268,13 +308,12 @@ def plan_chunks(h: NbdHandle, chunk_size: int, dirty_context: str | None = None,
     n = (size + chunk_size - 1) // chunk_size
     data = bytearray(n)  # 1 where any byte may be non-zero
     dirty = bytearray(n) if dirty_context else None
-    contexts = [BASE_ALLOCATION] + ([dirty_context] if dirty_context else [])
     data_runs: list[list[int]] = []
     dirty_runs: list[list[int]] = []
 
-    for offset, covered, answers in _block_status(h, size, contexts, max_request):
-        # Trust only the part that every context covered.
-        for ctx in contexts:
+    for offset, covered, answers, asked in _status_plan(h, size, chunk_size, dirty_context, max_request):
+        # Trust only the part that every context asked for covered.
+        for ctx in asked:
             pos = offset
             entries = answers[ctx]
             for length, flags in zip(entries[0::2], entries[1::2], strict=True):
