@@ -64,7 +64,7 @@ def audit_clean_chunks(h: NbdHandle, plan: ChunkPlan, parent: ChunkIndex, repo: 
         audit.sampled += 1
         audit.bytes_read += length
         expected = parent.get(i)
-        same = (not any(data)) if expected is None else repo.digest(data) == expected
+        same = (not any(data)) if expected is None else repo.chunk_name(data) == expected
         if not same:
             audit.mismatched.append(i)
     return audit

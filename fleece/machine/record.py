@@ -122,7 +122,7 @@ def store_file(repo: Repository, data: bytes) -> tuple[MachineFile, int]:
     written = 0
     for start in range(0, max(len(data), 1), size):
         piece = data[start:start + size]
-        digest = repo.digest(piece)
+        digest = repo.chunk_name(piece)
         # Mostly unchanged since the last point: ask before compressing. Stored as
         # put_chunk stores a chunk (staged until the point's flush; an Object Lock
         # repository locks it, or keeps an existing one's lock ahead).
