@@ -45,6 +45,11 @@ class World:
         return path
 
 
+def boot(w: World, *extra: str) -> list[str | Path]:
+    """``verify --boot`` of web1's newest point with ``extra``."""
+    return ["verify", "--repo", w.repo, "--vm", "web1", "--boot", *extra]
+
+
 def fleece(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FLEECE, *map(str, args)], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
@@ -145,6 +150,34 @@ CASES: list[tuple[str, Argv, int, str]] = [
      "no restore point 'latest'"),
     ("verify-no-workers", lambda w: ["verify", "--repo", w.repo, "--workers", "0"], 2,
      "--workers must be between 1 and 256"),
+    # verify --fsck: refused before any nbdkit or appliance starts, and no verdict is recorded
+    ("verify-fsck-without-vm", lambda w: ["verify", "--repo", w.repo, "--fsck"], 2, "--fsck needs --vm VM"),
+    ("verify-fsck-unknown-vm", lambda w: ["verify", "--repo", w.repo, "--fsck", "--vm", "web9"], 2,
+     "no restore points of VM web9"),
+    ("verify-fsck-unknown-point", lambda w: ["verify", "--repo", w.repo, "--fsck", "--vm", "web1",
+                                             "20990101T000000.000000Z-000000"], 2, "no restore point"),
+    ("verify-fsck-unknown-drive", lambda w: ["verify", "--repo", w.repo, "--fsck", "--vm", "web1",
+                                             "--drive", "vdz"], 2, "has no disk 'vdz'"),
+    ("verify-fsck-and-deep", lambda w: ["verify", "--repo", w.repo, "--fsck", "--deep", "--vm", "web1"], 2,
+     "cannot be combined with --deep"),
+    ("verify-drive-without-fsck", lambda w: ["verify", "--repo", w.repo, "--drive", "vda"], 2,
+     "go with --fsck or --boot"),
+    # verify --boot: refused before any nbdkit or QEMU starts
+    ("verify-boot-bad-regex", lambda w: boot(w, "--expect", "serial", "(unclosed"), 2,
+     "not a regular expression"),
+    ("verify-boot-nothing-to-judge", lambda w: boot(w), 2, "nothing to judge the boot by"),
+    ("verify-boot-bad-expect", lambda w: boot(w, "--expect", "banana"), 2, "give 'agent' or 'serial REGEX'"),
+    ("verify-boot-run-without-agent", lambda w: boot(w, "--expect", "serial", "x", "--run", "true"), 2,
+     "--run needs the guest agent"),
+    ("verify-boot-network-qemu-arg", lambda w: boot(w, "--expect", "agent", "--qemu-arg",
+                                                    "-netdev user,id=n0"), 2, "has no network"),
+    ("verify-boot-unusable-qemu-arg", lambda w: boot(w, "--expect", "agent", "--qemu-arg=-no-such-option"),
+     2, "QEMU refuses this machine"),
+    ("verify-boot-unknown-machine", lambda w: boot(w, "--expect", "agent", "--machine", "nonesuch"), 2,
+     "QEMU refuses this machine"),
+    ("verify-boot-and-fsck", lambda w: boot(w, "--fsck"), 2, "give one"),
+    ("verify-limit-without-unverified", lambda w: boot(w, "--expect", "agent", "--limit", "2"), 2,
+     "--limit N (N ≥ 1) goes with --unverified"),
     ("serve-cache-size-not-a-size", lambda w: ["serve", "--repo", w.repo, "latest", "--socket",
                                                w.dir / "s.sock", "--cache-size", "lots"], 2, "not a size"),
     ("gc-wait-not-a-duration", lambda w: ["gc", "--repo", w.repo, "--wait", "forever"], 2,

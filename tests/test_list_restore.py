@@ -69,7 +69,7 @@ def test_list_table(repo_dir: Path, run: Run) -> None:
     rc, out, err = run("list", "--repo", repo_dir)
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "VM", "CREATED", "PARENT", "DISKS"]
+    assert lines[0].split() == ["ID", "VM", "CREATED", "PARENT", "VERIFIED", "DISKS"]
     assert lines[1].startswith(P1) and "vda full 8.0 MiB" in lines[1]
     assert lines[2].startswith(P2) and P1 in lines[2]
     assert "vda incremental 8.0 MiB, #block5 incremental 193.0 KiB" in lines[2]
@@ -86,7 +86,7 @@ def test_list_json(repo_dir: Path, run: Run) -> None:
         "id": P2, "vm": "vm1", "created": "2026-01-02T00:00:00.000001Z", "parent": P1,
         "disks": [{"name": "vda", "level": "incremental", "size": 8 * MiB},
                   {"name": "#block5", "level": "incremental", "size": 3 * CHUNK + 1000}],
-        "stats": {"seconds": 2}, "labels": {"site": "a"},
+        "stats": {"seconds": 2}, "labels": {"site": "a"}, "verification": None,
     }
     rc, out, _ = run("list", "--repo", repo_dir, "--vm", "other", "--json")
     assert rc == 0 and json.loads(out) == {"points": [], "damaged": []}

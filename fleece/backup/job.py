@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fleece import __version__
+from fleece.backup.audit import audit_clean_chunks
 from fleece.backup.pipeline import DiskBackup, DiskStats, PipelineSettings, plan_work, planned_bytes
 from fleece.backup.reader import BASE_ALLOCATION, connect, disconnect, plan_chunks
 from fleece.backup.sources import ExportedDisk, PointInTime, PointInTimeSource, QmpSource, qmp_vm_name
@@ -64,6 +65,9 @@ class BackupRequest:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     verify: bool = False
     """Deep-verify the stored chunks and indexes before the point is written."""
+    audit_bitmap: float | None = None
+    """Percent of the chunks the dirty bitmap calls clean to read and compare with the parent
+    before an incremental (``fleece.backup.audit``); None: trust the bitmap."""
     on_vm: Callable[[str], None] | None = None
     """Told the VM's name as soon as it is known (``--metrics-file`` labels a failure by it)."""
     source: PointInTimeSource | None = None
@@ -81,10 +85,12 @@ class DiskResult:
     stats: DiskStats
     bitmap_granularity: int | None = None
     """The dirty bitmap's granularity in bytes (incremental), as QEMU reports it."""
+    audit: dict[str, Any] | None = None
+    """``--audit-bitmap``: what the audit sampled and found (absent without it)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The per-disk entry of ``backup --json``."""
-        return {
+        doc = {
             "drive": self.drive,
             "level": self.level,
             "size": self.size,
@@ -92,6 +98,9 @@ class DiskResult:
             "bitmap_granularity": self.bitmap_granularity,
             "reason": self.reason,
         }
+        if self.audit is not None:
+            doc["audit"] = self.audit
+        return doc
 
 
 @dataclass
@@ -197,6 +206,8 @@ async def run_backup(
                         "seconds": round(time.monotonic() - started, 3),
                         "bytes_read": sum(r.stats.bytes_read for r in results),
                         "bytes_stored": sum(r.stats.bytes_stored for r in results),
+                        # verify --boot then expects the agent to answer.
+                        "guest_agent": req.qga is not None,
                     },
                 )
                 await _commit(req, repo, lease, points, point, progress)
@@ -414,8 +425,21 @@ def _back_up_disk(
 
     contexts = (BASE_ALLOCATION,) + ((dirty_context,) if dirty_context else ())
     h = connect(disk.uri, contexts, tls=req.settings.tls)
+    audit = None
     try:
         plan = plan_chunks(h, chunk_size, dirty_context, max_request)
+        if req.audit_bitmap is not None and level == "incremental" and parent is not None:
+            found = audit_clean_chunks(h, plan, index, repo, req.audit_bitmap)
+            audit = found.as_dict(chunk_size)
+            if found.mismatched:
+                # The bitmap missed writes: nothing of this incremental is kept; a full instead.
+                level, dirty_context = "full", None
+                reason = (f"--audit-bitmap: {len(found.mismatched)} of {found.sampled} chunks the dirty "
+                          f"bitmap called clean differ from point {parent.id} (first at offset "
+                          f"{found.mismatched[0] * chunk_size}): the bitmap missed writes")
+                log.warning("%s: %s", disk.drive, reason)
+                index = ChunkIndex.empty(chunk_size, disk.size, repo.index_version)
+                plan = plan_chunks(h, chunk_size, None, max_request)
     finally:
         disconnect(h)
     deltas = level == "incremental" and repo.has_deltas
@@ -438,7 +462,7 @@ def _back_up_disk(
         bitmap=checkpoint_bitmap(point_id),
         stats=stats.as_dict(),
     )
-    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity), record, index
+    return DiskResult(disk.drive, level, disk.size, reason, stats, granularity, audit), record, index
 
 
 def _readable_index(repo: Repository, point: RestorePoint, drive: str) -> ChunkIndex | None:

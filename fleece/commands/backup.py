@@ -85,6 +85,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="label recorded in the restore point (repeatable)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="deep-verify what this backup stored before committing it")
+    p.add_argument("--audit-bitmap", type=float, default=None, metavar="PERCENT",
+                   help="before an incremental, read PERCENT of the chunks the dirty bitmap calls clean "
+                        "and compare them with the parent point (nothing is fetched from the "
+                        "repository); any difference makes the disk's backup full, with the reason")
     p.add_argument("--from-export", metavar="FILE",
                    help="back up an export made on another host: FILE ('-': stdin) is the output of "
                         "'fleece export start --json' there (needs --vm; no --qmp, --drive)")
@@ -114,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
 def backup_metrics(result: BackupResult) -> dict[str, float]:
     """The ``--metrics-file`` gauges of a backup."""
     disks = result.disks
+    audits = [d.audit for d in disks if d.audit is not None]
+    extra = {"fleece_backup_audit_mismatches": float(sum(a["mismatched"] for a in audits))} if audits else {}
     return {
+        **extra,
         "fleece_backup_bytes_dirty": sum(d.stats.bytes_dirty for d in disks),
         "fleece_backup_bytes_read": sum(d.stats.bytes_read for d in disks),
         "fleece_backup_bytes_stored": sum(d.stats.bytes_stored for d in disks),
@@ -124,6 +131,8 @@ def backup_metrics(result: BackupResult) -> dict[str, float]:
 
 
 def _backup(args: argparse.Namespace, record: Run) -> int:
+    if args.audit_bitmap is not None and not 0 < args.audit_bitmap <= 100:
+        raise BadInput("--audit-bitmap PERCENT must be more than 0 and at most 100")
     tls = client_tls(args.tls_creds, args.tls_psk)
     if args.qmp and args.libvirt:
         raise BadInput("backup takes --qmp SOCKET or --libvirt DOMAIN, not both")
@@ -203,6 +212,7 @@ def _backup(args: argparse.Namespace, record: Run) -> int:
         labels={str(k): str(v) for k, v in labels.items()},
         settings=settings,
         verify=bool(args.verify),
+        audit_bitmap=args.audit_bitmap,
         on_vm=lambda name: setattr(record, "vm", name),
         source=LibvirtSource(args.libvirt, args.connect) if args.libvirt else None,
     )

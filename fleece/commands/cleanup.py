@@ -7,6 +7,9 @@ live process or ``export start`` holds. This module also has the pieces the
 commands that put things into QEMU share: the exact clean-up command for
 their VM, a look at what is left, the stop-signal guard and the healing of
 a dead run's leftovers before a backup.
+
+``--stale`` also removes the scratch directories of guest-level runs
+(``verify --fsck``/``--boot``, ``files``, ``mount``) whose fleece is gone.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from fleece.errors import BadInput, FleeceError
 from fleece.fleecing import Leftovers, cleanup
 from fleece.fleecing.graph import read_graph
 from fleece.fleecing.leftovers import cleanup_command, find_leftovers, ownership
-from fleece.fleecing.stale_scratch import scratch_parents, sweep
+from fleece.fleecing.stale_scratch import ScratchDir, scratch_parents, sweep
+from fleece.guest import scratch as guest_scratch
 from fleece.fleecing.teardown import heal_dead_run
 from fleece.qmp import QmpSession
 
@@ -136,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
         if not d.is_dir():
             raise BadInput(f"--scratch-dir {d} is not a directory; nothing was removed")
     removed, kept = run_async(_cleanup(args.qmp, args.dead_only)) if args.qmp else (None, None)
-    swept = sweep(scratch_parents(args.scratch_dir)) if args.stale else None
+    swept = None
+    if args.stale:
+        parents = scratch_parents(args.scratch_dir)
+        # Exports' scratch directories, then those of guest-level runs (fleece.guest).
+        swept = sweep(parents) + [ScratchDir(s.path, s.stale, s.why)
+                                  for s in guest_scratch.sweep(parents)]
     if args.json:
         doc: dict[str, object] = {}
         if removed is not None:

@@ -15,7 +15,11 @@ and user information in other URLs is dropped). A successful run sets
 and the command's own gauges; a failed one increments
 ``fleece_failures_total`` and sets ``fleece_last_failure_timestamp_seconds``,
 and keeps everything the last success wrote. ``verify`` finding damage is a
-failure whose ``fleece_verify_damaged_points`` says how much.
+failure whose ``fleece_verify_damaged_points`` says how much. ``verify --fsck``
+and ``--boot`` record under ``command="verify-fsck"``/``"verify-boot"``: a
+failed point sets ``fleece_verify_result`` 0, and
+``fleece_verify_newest_verified_point_timestamp_seconds`` is what an alert on
+"no verified point newer than N days" compares with ``time()``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ METRICS: dict[str, tuple[str, str]] = {
         "gauge", "Bytes the dirty bitmaps marked since the parent point (incremental disks; 0 for full)."),
     "fleece_backup_bytes_read": ("gauge", "Bytes read from the VM's disks by the last backup."),
     "fleece_backup_bytes_stored": ("gauge", "Bytes of new objects the last backup stored (compressed)."),
+    "fleece_backup_audit_mismatches": (
+        "gauge", "backup --audit-bitmap: sampled clean chunks that differed from the parent (then full)."),
     "fleece_backup_objects_written": ("gauge", "Chunks, indexes and points the last backup wrote."),
     "fleece_prune_points_kept": ("gauge", "Restore points the last prune kept."),
     "fleece_prune_points_removed": ("gauge", "Restore points the last prune removed."),
@@ -57,6 +63,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "fleece_verify_points_checked": ("gauge", "Restore points the last verify checked."),
     "fleece_verify_damaged_points": ("gauge", "Restore points the last verify found damaged."),
     "fleece_verify_bytes_checked": ("gauge", "Bytes of chunks the last (deep) verify fetched and checked."),
+    "fleece_verify_result": ("gauge", "verify --fsck/--boot: 1 when the last judged point passed, else 0."),
+    "fleece_verify_seconds": ("gauge", "verify --fsck/--boot: seconds the last judgement took."),
+    "fleece_verify_time_to_ready_seconds": (
+        "gauge", "verify --boot: seconds from QEMU's start until the guest was judged ready."),
+    "fleece_verify_newest_verified_point_timestamp_seconds": (
+        "gauge", "verify --fsck/--boot: creation time of the VM's newest point whose newest verdict passed."),
 }
 _SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\d+)?$")
 _LABEL_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')

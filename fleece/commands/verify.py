@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+from fleece.commands import verify_guest
 from fleece.commands.common import (
     add_recorded_run,
     add_repo_option,
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--outer", action="store_true",
                    help="encrypted repository, no key needed: check that every sealed object is "
                         "whole (its outer checksum) — a job for the storage side")
+    verify_guest.add_options(p)
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                    help=f"chunks checked in parallel (default {DEFAULT_WORKERS})")
     add_recorded_run(p, run)
@@ -46,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace, record: Run) -> int:
     if not 1 <= args.workers <= 256:
         raise BadInput("--workers must be between 1 and 256")
+    if verify_guest.wanted(args):
+        return verify_guest.run(args, record)
+    if args.drive or args.scratch_dir:
+        raise BadInput("--drive and --scratch-dir go with --fsck")
     if args.outer:
         if args.deep or args.points or args.vm:
             raise BadInput("--outer checks every object and takes no points, --vm or --deep")

@@ -10,7 +10,8 @@ which no backup runs alongside:
 2. orphan indexes: index objects whose point does not exist. Younger than
    the grace period they are spared, and so are the chunks they name (a
    backup writes its indexes just before its point); older ones go.
-3. sweep: list ``chunks/`` and ``packs/`` and delete every object not marked, in batches
+3. sweep: list ``chunks/`` and ``packs/`` and delete every object not marked, and every
+   verification record (``verified/``) whose point does not exist, in batches
    (``delete_many`` where the backend has it: 1000 keys per S3 request),
    checking before each batch that the gc lease is still ours.
 
@@ -70,6 +71,8 @@ class GcReport:
     pack_bytes_unreferenced: int = 0
     """Bytes of deltas inside kept packs that no kept point names (packs are kept whole)."""
     indexes_deleted: int = 0
+    records_deleted: int = 0
+    """Verification records whose point is gone."""
     indexes_spared: int = 0
     """Orphan indexes younger than the grace period (their chunks were kept too)."""
     temporaries_deleted: int = 0
@@ -93,8 +96,10 @@ class GcReport:
             "pack_bytes_unreferenced": self.pack_bytes_unreferenced,
             "indexes_deleted": self.indexes_deleted,
             "indexes_spared": self.indexes_spared,
+            "records_deleted": self.records_deleted,
             "temporaries_deleted": self.temporaries_deleted,
-            "objects_deleted": self.chunks_deleted + self.packs_deleted + self.indexes_deleted,
+            "objects_deleted": (self.chunks_deleted + self.packs_deleted + self.indexes_deleted
+                                + self.records_deleted),
             "bytes_freed": self.bytes_freed,
             "objects_locked": self.objects_locked,
             "running_backups": self.running_backups,
@@ -168,6 +173,12 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
         for info in old_orphans:
             if sweeper.add(info, "indexes"):
                 report.indexes_deleted += 1
+        # Verdicts of points that are gone (a prune cut short, a verify racing a prune).
+        live_refs = set(refs)
+        for info in backend.list_info(keys.VERIFIED_PREFIX):
+            record = keys.parse_verification_key(info.key)
+            if record is not None and record[:2] not in live_refs and sweeper.add(info, "records"):
+                report.records_deleted += 1
         for info in backend.list_info(keys.CHUNKS_PREFIX):
             digest = keys.parse_chunk_key(info.key)
             if digest is None:
@@ -196,6 +207,7 @@ def _collect(repo: Repository, lease: Lease | None, report: GcReport, grace: tim
     report.chunks_deleted -= sweeper.locked.get("chunks", 0)
     report.packs_deleted -= sweeper.locked.get("packs", 0)
     report.indexes_deleted -= sweeper.locked.get("indexes", 0)
+    report.records_deleted -= sweeper.locked.get("records", 0)
     report.objects_locked = sum(sweeper.locked.values())
     if report.objects_locked:
         say(f"{report.objects_locked} unreferenced objects are still locked (Object Lock); "

@@ -35,6 +35,7 @@ from fleece.repo.lock import LeaseInfo, acquire, read_lease
 from fleece.repo.object_lock import lock_clock
 from fleece.repo.protect import is_protected, protected_ids
 from fleece.repo.repository import Repository
+from fleece.repo.verification import delete_for_point
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ def _running_holder(backend: Backend, vm: str, stack: ExitStack, dry_run: bool) 
 
 
 def remove_point(repo: Repository, vm: str, point_id: str) -> None:
-    """Delete a point object, then every index object under ``indexes/<point-id>/``.
+    """Delete a point object, then every index object under ``indexes/<point-id>/``, then its
+    verification records (``verified/<vm>/<point-id>/``).
 
     Listing the prefix (rather than reading the point for its index keys)
     also removes a point whose object is damaged.
@@ -201,3 +203,4 @@ def remove_point(repo: Repository, vm: str, point_id: str) -> None:
     prefix = f"{keys.INDEXES_PREFIX}{point_id}/"
     for key in list(repo.backend.list(prefix)):
         repo.backend.delete(key)
+    delete_for_point(repo.backend, vm, point_id)

@@ -33,6 +33,7 @@ _NAME_AT = {
     keys.INDEXES_PREFIX.rstrip("/"): (2,),      # indexes/<point-id>/<disk>
     keys.POINTS_PREFIX.rstrip("/"): (1,),       # points/<vm>/<point-id>.json
     keys.PROTECT_PREFIX.rstrip("/"): (1,),      # protect/<vm>/<point-id>
+    keys.VERIFIED_PREFIX.rstrip("/"): (1,),     # verified/<vm>/<point-id>/<stamp>.json
     "locks": (2,),                              # locks/vms/<vm>, locks/repo/<name>
     keys.CHUNKS_PREFIX.rstrip("/"): (),
     keys.PACKS_PREFIX.rstrip("/"): (),

@@ -19,6 +19,7 @@ POINTS_PREFIX = "points/"
 VM_LOCKS_PREFIX = "locks/vms/"
 REPO_LOCKS_PREFIX = "locks/repo/"
 PROTECT_PREFIX = "protect/"
+VERIFIED_PREFIX = "verified/"
 KEY_OBJECTS_PREFIX = "keys/"
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
@@ -119,6 +120,27 @@ def vm_lock_key(vm: str) -> str:
 def repo_lock_key(name: str) -> str:
     """``locks/repo/<name>``: a repository-wide exclusive lease (gc)."""
     return f"{REPO_LOCKS_PREFIX}{escape_name(name)}"
+
+
+def verification_prefix(vm: str, point_id: str | None = None) -> str:
+    """The prefix of one VM's verification records, or of one point's."""
+    base = f"{VERIFIED_PREFIX}{escape_name(vm)}/"
+    return base if point_id is None else f"{base}{check_point_id(point_id)}/"
+
+
+def verification_key(vm: str, point_id: str, stamp: str) -> str:
+    """``verified/<vm>/<point-id>/<stamp>.json``: one verdict of ``verify --fsck``/``--boot``."""
+    return f"{verification_prefix(vm, point_id)}{check_point_id(stamp)}.json"
+
+
+def parse_verification_key(key: str) -> tuple[str, str, str] | None:
+    """``(vm, point_id, stamp)`` for a verification record's key, or None for any other key."""
+    if not key.startswith(VERIFIED_PREFIX) or not key.endswith(".json"):
+        return None
+    parts = key[len(VERIFIED_PREFIX) : -len(".json")].split("/")
+    if len(parts) != 3 or not POINT_ID_RE.match(parts[1]) or not POINT_ID_RE.match(parts[2]):
+        return None
+    return unescape_name(parts[0]), parts[1], parts[2]
 
 
 def parse_index_key(key: str) -> tuple[str, str] | None:
