@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "fleece.commands.key",
     "fleece.commands.copy",
     "fleece.commands.version",
+    "fleece.commands.files",
 ]
 
 
@@ -61,6 +62,8 @@ EXAMPLES = {
     "key": "fleece key list --repo s3://backups/fleece --passphrase-file /etc/fleece/passphrase",
     "copy": "fleece copy --from /srv/fleece --to s3://offsite/fleece --vm web1",
     "version": "fleece version --qmp /run/qemu/web1/fleece-qmp.sock --json",
+    "files": "fleece files ls --config /etc/fleece/web1.toml latest --vm web1 /etc\n"
+             "fleece files get --config /etc/fleece/web1.toml latest --vm web1 /etc/hosts -o /var/tmp/back",
 }
 
 # What --json prints, per command: the shape of docs/design.md §4.4, shown in --help and the man
@@ -80,7 +83,8 @@ JSON_OUTPUT = {
               "  objects_written, deltas, bitmap_granularity, chunks_new, chunks_reused, chunks_zero,\n"
               "  chunks_unchanged, bytes_trimmed, seconds, reason}], pause_ms, seconds,\n"
               " object_lock: {mode, repository, horizon, locks_extended}}",
-    "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels}],\n"
+    "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels,\n"
+            "  verification: null | {kind, ok, summary, at, time_to_ready}}],\n"
             " damaged: [ids]}",
     "verify": "{points: [{id, vm, ok, lock_until, damage: [{disk, ranges, objects, problem, detail}]}],\n"
               " ok, deep, chunks_checked, bytes_checked, seconds, object_lock: {days, mode, horizon}}",
@@ -91,6 +95,9 @@ JSON_OUTPUT = {
           " temporaries_deleted, objects_deleted, bytes_freed, running_backups, seconds, packs_kept,\n"
           " packs_deleted, pack_bytes_unreferenced, objects_locked}",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
+    "files": "files ls: {point, device, path, entries: [{name, type, size, mode, uid, gid, mtime,\n"
+             "  target}]}; PATH /: {point, filesystems: [{device, disk, type, label, size, used, error}]}\n"
+             "files get: {point, output, copied: [{device, path, type}], entries}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",
 }
@@ -153,7 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(command_module(argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "intermixed_paths", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # `files ls|get POINT --vm VM PATH…`: PATHs after an option are left over by argparse.
+    args.extra = extra
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="fleece: %(message)s", stream=sys.stderr)
     # qemu.qmp logs its own copy of every connection error; ours is the one line.

@@ -29,8 +29,8 @@ from fleece.fleecing import Leftovers, cleanup
 from fleece.fleecing.graph import read_graph
 from fleece.fleecing.leftovers import cleanup_command, find_leftovers, ownership
 from fleece.fleecing.stale_scratch import ScratchDir, scratch_parents, sweep
-from fleece.guest import scratch as guest_scratch
 from fleece.fleecing.teardown import heal_dead_run
+from fleece.guest import scratch as guest_scratch
 from fleece.qmp import QmpSession
 
 
