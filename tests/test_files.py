@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -114,4 +115,88 @@ def test_ls_and_get_round_trip_and_nothing_escapes(point: tuple[Path, str, Path]
     one = fleece("files", "get", *base, "/data/sub dir/conf", "-o", "-")
     assert one.rc == 0, one.err
     assert one.out == "key=value\n"
+    assert leftovers(scratch_tmpdir) == []
+
+
+def _crafted_tar(path: Path, members: list[tuple[str, bytes, str]]) -> Path:
+    """A tar as a hostile point (or appliance) could hand it over: (name, type, link or data)."""
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value.encode()))
+            else:
+                info.linkname = value
+                tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("members", [
+    [("./evil", tarfile.SYMTYPE, "/ESCAPE"), ("./evil/file", tarfile.REGTYPE, "x")],
+    [("./up", tarfile.SYMTYPE, "../.."), ("./up/ESCAPE/file", tarfile.REGTYPE, "x")],
+    [("./../ESCAPE", tarfile.REGTYPE, "x")],
+    [("./hard", tarfile.LNKTYPE, "../../ESCAPE")],
+], ids=["absolute-symlink-parent", "dotdot-symlink-parent", "dotdot-name", "dotdot-hardlink"])
+def test_a_crafted_archive_cannot_write_outside_the_output_directory(
+        tmp_path: Path, members: list[tuple[str, bytes, str]]) -> None:
+    from fleece.errors import FleeceError
+    from fleece.guest.files import Writer, extract_tar
+
+    outside = tmp_path / "ESCAPE"
+    root = tmp_path / "a" / "b" / "out"
+    root.mkdir(parents=True)
+    tar = _crafted_tar(tmp_path / "x.tar", members)
+    for target in ("/ESCAPE", str(outside)):
+        assert not Path(target).exists()
+    with pytest.raises(FleeceError, match=r"refused|was not written"):
+        extract_tar(tar, Writer(root, force=True), "top", lambda line: None)
+    assert not Path("/ESCAPE").exists() and not outside.exists()
+    assert not (tmp_path / "a" / "ESCAPE").exists() and not (tmp_path / "a" / "b" / "ESCAPE").exists()
+    # The archive's symlink is there as a symlink; nothing was written through it.
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            assert os.path.islink(p) or os.path.realpath(p).startswith(str(root) + "/")
+
+
+def test_mount_shows_the_tree_until_sigterm_then_nothing_is_left(
+        point: tuple[Path, str, Path], tmp_path: Path, scratch_tmpdir: Path) -> None:
+    import signal
+    import time
+
+    from conftest import FLEECE
+
+    repo, pid, src = point
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([FLEECE, "mount", "--repo", str(repo), pid, "--vm", "vm1", str(mnt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not (mnt / "sda1" / "data").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        a, b = os.fsencode(src / "data"), os.fsencode(mnt / "sda1" / "data")
+        for dirpath, dirnames, filenames in os.walk(a):
+            rel = os.path.relpath(dirpath, a)
+            assert sorted(os.listdir(os.path.join(b, rel))) == sorted(dirnames + filenames)
+            for name in filenames:
+                s, d = os.path.join(dirpath, name), os.path.join(b, rel, name)
+                if os.path.islink(s):
+                    assert os.readlink(s) == os.readlink(d)
+                else:
+                    assert open(s, "rb").read() == open(d, "rb").read()
+        with pytest.raises(OSError):  # read-only
+            (mnt / "sda1" / "new").write_bytes(b"x")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert not os.path.ismount(mnt)
+    assert os.listdir(mnt) == []
     assert leftovers(scratch_tmpdir) == []

@@ -210,9 +210,13 @@ def _find(app: Appliance, path: str, device: str, children: bool) -> list[tuple[
     """``find -printf`` in the appliance, every byte hex-encoded on the way out: names of any bytes."""
     depth = "-mindepth 1 -maxdepth 1" if children else "-maxdepth 0"
     fmt = FIELDS
-    rc, out = app.sh(f"p={sh_path('/sysroot' + path.rstrip('/') if path != '/' else '/sysroot')}; "
-                     f"p=\"${{p%x}}\"; test -e \"$p\" -o -L \"$p\" || exit 3; "
-                     f"find \"$p\" {depth} -printf '{fmt}' | od -An -v -tx1")
+    # In a subshell: an ``exit`` must not end the shell that reports the status.
+    try:
+        rc, out = app.sh(f"(p={sh_path('/sysroot' + path.rstrip('/') if path != '/' else '/sysroot')}; "
+                         f"p=\"${{p%x}}\"; test -e \"$p\" -o -L \"$p\" || exit 3; "
+                         f"find \"$p\" {depth} -printf '{fmt}' | od -An -v -tx1)")
+    except RuntimeError as exc:
+        raise FleeceError(f"{device}:{path}: the appliance could not list it: {str(exc).strip()}") from None
     if rc == 3:
         raise NotInPoint(f"{device}:{path}: no such file or directory in the point")
     if rc != 0:
@@ -428,3 +432,54 @@ def get(app: Appliance, where: Where, writer: Writer, scratch: Path,
         raise FleeceError(f"{device}:{where.path} is a {kind}; only files, symlinks and directories "
                           "are copied out")
     return device, kind
+
+
+# --- mount: every file system read-only under a directory, through FUSE (libguestfs mount_local) -----
+
+
+def mount_name(device: str) -> str:
+    """The directory a file system gets under the mount point: ``sda1``, ``vg0-home``."""
+    return device.removeprefix("/dev/").replace("/", "-")
+
+
+def serve_fuse(app: Appliance, directory: Path, say: Callable[[str], None]) -> list[str]:
+    """Mount every file system of the point read-only under ``directory`` until it is unmounted
+    (``fusermount -u``) or the run is stopped (Ctrl-C, SIGTERM); the directories it made."""
+    import threading
+
+    g = app.g
+    mounted = []
+    devices = sorted(d for d, t in g.list_filesystems().items()
+                     if t not in ("unknown", "swap", "LVM2_member", ""))
+    for device in devices:
+        g.mkmountpoint("/" + mount_name(device))
+    for device in devices:
+        try:
+            g.mount_ro(device, "/" + mount_name(device))
+            mounted.append(mount_name(device))
+        except RuntimeError as exc:
+            say(f"{device} cannot be read, left out: {str(exc).strip().splitlines()[0]}")
+    g.mount_local(str(directory), readonly=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            g.mount_local_run()
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="fuse", daemon=True)
+    worker.start()
+    say(f"mounted {', '.join(mounted) or 'nothing'} read-only under {directory}; "
+        f"stop with Ctrl-C or fusermount -u {directory}")
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+    finally:
+        if worker.is_alive():
+            with contextlib.suppress(RuntimeError):
+                g.umount_local()
+            worker.join(30)
+    if failure:
+        raise FleeceError(f"the FUSE mount ended with an error: {failure[0]}")
+    return mounted
