@@ -36,7 +36,6 @@ COMMAND_MODULES = [
     "fleece.commands.copy",
     "fleece.commands.version",
     "fleece.commands.files",
-    "fleece.commands.mount",
 ]
 
 
@@ -63,7 +62,6 @@ EXAMPLES = {
     "key": "fleece key list --repo s3://backups/fleece --passphrase-file /etc/fleece/passphrase",
     "copy": "fleece copy --from /srv/fleece --to s3://offsite/fleece --vm web1",
     "version": "fleece version --qmp /run/qemu/web1/fleece-qmp.sock --json",
-    "mount": "fleece mount --config /etc/fleece/web1.toml latest --vm web1 /mnt/web1",
     "files": "fleece files ls --config /etc/fleece/web1.toml latest --vm web1 /etc\n"
              "fleece files get --config /etc/fleece/web1.toml latest --vm web1 /etc/hosts -o /var/tmp/back",
 }
