@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "fleece.commands.key",
     "fleece.commands.copy",
     "fleece.commands.version",
+    "fleece.commands.files",
 ]
 
 
@@ -63,6 +64,8 @@ EXAMPLES = {
     "copy": "fleece copy --from /srv/fleece --to s3://offsite/fleece --vm web1",
     "show": "fleece show --repo /srv/fleece latest --vm web1",
     "version": "fleece version --qmp /run/qemu/web1/fleece-qmp.sock --json",
+    "files": "fleece files ls --config /etc/fleece/web1.toml latest --vm web1 /etc\n"
+             "fleece files get --config /etc/fleece/web1.toml latest --vm web1 /etc/hosts -o /var/tmp/back",
 }
 
 # What --json prints, per command: the shape of docs/design.md §4.4, shown in --help and the man
@@ -85,7 +88,8 @@ JSON_OUTPUT = {
               " bytes_stored, objects_written, bytes_metadata,\n"
               " object_lock: {mode, repository, horizon, locks_extended}}",
     "list": "{points: [{id, vm, created, parent, disks: [{name, level, size}], stats, labels,\n"
-            "  verification: null | {kind, ok, summary, at, time_to_ready}}], damaged: [ids]}",
+            "  verification: null | {kind, ok, summary, at, time_to_ready}}],\n"
+            " damaged: [ids]}",
     "verify": "{points: [{id, vm, ok, lock_until, damage: [{disk, ranges, objects, problem, detail}]}],\n"
               " ok, deep, chunks_checked, bytes_checked, seconds, object_lock: {days, mode, horizon}}\n"
               "--fsck: {mode, vm, point, ok, summary, seconds, time_to_ready, record, accel,\n"
@@ -111,6 +115,9 @@ JSON_OUTPUT = {
     "restore": "--machine: {point, vm, dir, files, disks: {NAME: image}, domain, uuid, started,\n"
                "  definition, omitted}; --live: JSON progress events, one object per line",
     "init": "{repo, id, format, encryption, hash, chunk_size, key, object_lock: null | {days, mode}}",
+    "files": "files ls: {point, device, path, entries: [{name, type, size, mode, uid, gid, mtime,\n"
+             "  target}]}; PATH /: {point, filesystems: [{device, disk, type, label, size, used, error}]}\n"
+             "files get: {point, output, copied: [{device, path, type}], entries}",
     "version": "{fleece, qemu, qemu_source, libnbd, nbdkit, python, boto3, botocore, zstandard, blake3,\n"
                " cryptography, qemu.qmp}",
 }
@@ -177,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     take_passphrases_from_environment()
     parser = build_parser(command_module(argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "intermixed_paths", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # `files ls|get POINT --vm VM PATH…`: PATHs after an option are left over by argparse.
+    args.extra = extra
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="fleece: %(message)s", stream=sys.stderr)
     # qemu.qmp logs its own copy of every connection error; ours is the one line.

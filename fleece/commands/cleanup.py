@@ -8,6 +8,9 @@ live process or ``export start`` holds. This module also has the pieces the
 commands that put things into QEMU share: the exact clean-up command for
 their VM, a look at what is left, the stop-signal guard and the healing of
 a dead run's leftovers before a backup.
+
+``--stale`` also removes the scratch directories of guest-level runs
+(``verify --fsck``/``--boot``, ``files``, ``mount``) whose fleece is gone.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     swept = None
     if args.stale:
         parents = scratch_parents(args.scratch_dir)
-        # Exports' scratch directories, then those of verify --fsck/--boot runs (fleece.guest).
+        # Exports' scratch directories, then those of guest-level runs (fleece.guest).
         swept = sweep(parents) + [ScratchDir(s.path, s.stale, s.why)
                                   for s in guest_scratch.sweep(parents)]
     if args.json:
