@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from backups import MiB, identical, repo_files, write_from_file
 from conftest import FLEECE, TEST_PASSPHRASE
@@ -34,7 +33,7 @@ def all_objects(location: str | Path, s3_env: Any = None) -> dict[str, bytes]:
     if isinstance(location, Path):
         return {str(p.relative_to(location)): p.read_bytes() for p in location.rglob("*") if p.is_file()}
     bucket, _, prefix = str(location)[len("s3://"):].partition("/")
-    s3 = boto3.client("s3", endpoint_url=s3_env.endpoint)
+    s3 = s3_env.client()  # its own credentials: boto3's default session caches the first ones
     out = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
