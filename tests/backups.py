@@ -63,8 +63,15 @@ def point_ids(fleece: Any, repo: Any) -> list[str]:
 
 
 def repo_files(repo: Path) -> list[str]:
-    """Every file under a file repository (temporaries included), for before/after comparisons."""
-    return sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) if repo.exists() else []
+    """Every file under a file repository (temporaries included), for before/after comparisons.
+
+    Lease generations (``leases/``) are left out: taking and releasing a lease adds one by design
+    (docs/format.md "Lock leases"); what a run must not leave is data, an index or a point.
+    """
+    if not repo.exists():
+        return []
+    return sorted(str(p.relative_to(repo)) for p in repo.rglob("*")
+                  if p.is_file() and not str(p.relative_to(repo)).startswith("leases/"))
 
 
 class HeldBackup:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -179,7 +178,7 @@ def test_restore_output_not_writable(repo_dir: Path, tmp_path: Path, run: Run) -
 
 def test_corrupt_chunk_fails_and_removes_the_partial_output(repo_dir: Path, tmp_path: Path,
                                                             run: Run) -> None:
-    digest = hashlib.sha256(VDA[8 * MiB - CHUNK :]).hexdigest()
+    digest = Repository.open(FileBackend(repo_dir)).chunk_name(VDA[8 * MiB - CHUNK :]).hex()
     chunk = repo_dir / "chunks" / digest[:2] / digest
     data = bytearray(chunk.read_bytes())
     data[-3] ^= 0xFF
@@ -193,7 +192,7 @@ def test_corrupt_chunk_fails_and_removes_the_partial_output(repo_dir: Path, tmp_
 
 def test_missing_chunk_fails_and_removes_the_partial_output(repo_dir: Path, tmp_path: Path,
                                                             run: Run) -> None:
-    digest = hashlib.sha256(VDA[:CHUNK]).hexdigest()
+    digest = Repository.open(FileBackend(repo_dir)).chunk_name(VDA[:CHUNK]).hex()
     (repo_dir / "chunks" / digest[:2] / digest).unlink()
     out = tmp_path / "broken.raw"
     rc, _, err = run("restore", "--repo", repo_dir, P1, "-o", out)

@@ -28,7 +28,7 @@ from conftest import FLEECE
 from fleece.errors import LockHeld
 from fleece.liveness import INIT_PID_NS, Owner
 from fleece.repo.backends.file import FileBackend
-from fleece.repo.lock import LeaseInfo, vm_lock
+from fleece.repo.lock import LeaseInfo, read_lease, vm_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 in_namespaces = pytest.mark.skipif(
@@ -148,7 +148,8 @@ def lease_of(owner: Owner, expires_in: float = 600) -> bytes:
 def test_a_lease_names_its_holder_fully(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path / "repo")
     with vm_lock(backend, "web1") as lease:
-        stored = LeaseInfo.from_json(backend.get("locks/vms/web1"))
+        stored = read_lease(backend, "locks/vms/web1")  # the newest generation
+        assert stored is not None
         assert stored.owner == Owner.current() == lease.info.owner
 
 
