@@ -49,7 +49,7 @@ def build(root: Path, cipher: str) -> Repository:
             index = ChunkIndex.empty(CHUNK, 2 * CHUNK, repo.index_version)
             for i in range(2):
                 data = chunk(16 * n + 4 * d + i)
-                digest = repo.digest(data)
+                digest = repo.chunk_name(data)
                 repo.put_chunk(digest, encode_chunk(data, 3))
                 index.set(i, digest)
             writer = PackWriter(repo.put_pack)

@@ -485,7 +485,7 @@ def test_four_backups_keep_last_two_gc_and_the_rest_restores_identical(
     assert [p["id"] for p in listed] == [p3, p4]
 
     before = objects(repo, keys.CHUNKS_PREFIX)
-    only_removed = {keys.chunk_key(repo.digest(bytes([b]) * 4 * MiB)) for b in (0x11, 0x33)}
+    only_removed = {keys.chunk_key(repo.chunk_name(bytes([b]) * 4 * MiB)) for b in (0x11, 0x33)}
     assert only_removed <= before
     r = fleece("gc", "--repo", repo_dir, "--json")
     assert r.rc == 0, r.err

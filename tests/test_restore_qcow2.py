@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from fleece.repo.format.codec import digest_function
+from fleece.repo.backends.file import FileBackend
+from fleece.repo.repository import Repository
 
 KiB = 1024
 MiB = 1 << 20
@@ -34,8 +35,8 @@ def compare(a: str | Path, b: str | Path, fmt_a: str = "raw", fmt_b: str = "raw"
 
 
 def chunk_file(repo: Path, data: bytes) -> Path:
-    # Named by the repository's own hash (blake3 for one `fleece backup` made).
-    digest = digest_function(json.loads((repo / "config").read_text())["hash"])(data).hex()
+    # Named as the repository names chunks (format 3: the hash of the sparse form).
+    digest = Repository.open(FileBackend(repo)).chunk_name(data).hex()
     return repo / "chunks" / digest[:2] / digest
 
 
