@@ -147,8 +147,8 @@ def test_full_incremental_and_restores_are_identical_and_every_object_is_under_t
     assert keys and all(k.startswith(f"{PREFIX}/") for k in keys), keys
     # The lock is released (its last generation says so); "store" holds the store check's
     # cached result.
-    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "points", "store",
-                                               "leases"}
+    assert {k.split("/")[2] for k in keys} == {"config", "chunks", "packs", "indexes", "pages", "points",
+                                               "store", "leases"}
     assert read_lease(S3Backend(s3_bucket, PREFIX), "locks/vms/web1") is None
     assert f"{PREFIX}/points/web1/{p2['point']}.json" in keys
     assert len([k for k in keys if k.startswith(f"{PREFIX}/chunks/")]) == 10
