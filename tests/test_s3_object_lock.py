@@ -196,7 +196,7 @@ def test_points_stay_locked_prune_and_gc_cannot_remove_them_and_reused_locks_are
     assert lock1["repository"] == made["id"]
     assert started + 2 * DAY - 5 < horizon(lock1) < time.time() + 2 * DAY + 1
     needed = data_keys(s3_env, bucket)
-    assert {k.split("/")[1] for k in needed} == {"config", "chunks", "indexes", "points"}
+    assert {k.split("/")[1] for k in needed} == {"config", "chunks", "indexes", "pages", "points"}
     for key in needed:
         assert lock_end(s3_env, bucket, key) >= horizon(lock1) - 1, key
     # Leases and store-check probes were deleted with every version: nothing hidden stays.
@@ -261,14 +261,21 @@ def test_points_stay_locked_prune_and_gc_cannot_remove_them_and_reused_locks_are
     # backup extends every object its point names that it did not write, and
     # config — one request each, once — then none again.
     later = {CLOCK_OFFSET_ENV: str(int(2 * DAY))}
-    reused = [k for k in data_keys(s3_env, bucket) if k.split("/")[1] in ("chunks", "packs")
+    reused = [k for k in data_keys(s3_env, bucket) if k.split("/")[1] in ("chunks", "packs", "pages")
               and k != f"{PREFIX}/{garbage}"]
     s3_proxy.plan.requests.clear()
     p3 = backup(fleece, vm, url, env=later)
     extended = p3["object_lock"]["locks_extended"]
-    assert extended == s3_proxy.plan.requests["PutObjectRetention"] == len(reused) + 1
-    for key in [*reused, f"{PREFIX}/config"]:
+    # Every reused chunk and pack and config; pages only those p3's index still names (the one
+    # its write changed is new, and new objects are locked when written).
+    reused_data = [k for k in reused if k.split("/")[1] != "pages"]
+    assert extended == s3_proxy.plan.requests["PutObjectRetention"]
+    assert len(reused_data) + 1 < extended <= len(reused) + 1
+    for key in [*reused_data, f"{PREFIX}/config"]:
         assert lock_end(s3_env, bucket, key) >= time.time() + 3 * DAY - 5, key
+    extended_pages = [k for k in reused if k.split("/")[1] == "pages"
+                      and lock_end(s3_env, bucket, k) >= time.time() + 3 * DAY - 5]
+    assert len(extended_pages) == extended - len(reused_data) - 1 >= 1
     assert horizon(p3["object_lock"]) >= time.time() + 3 * DAY - 5
     s3_proxy.plan.requests.clear()
     p4 = backup(fleece, vm, url, env=later)
@@ -280,8 +287,8 @@ def test_points_stay_locked_prune_and_gc_cannot_remove_them_and_reused_locks_are
     ok(fleece("init", "--repo", copy_url, "--encryption", "none", "--object-lock-days", "1"))
     ok(fleece("copy", "--from", url, "--to", copy_url))
     landed = [k for k, _, marker in versions(s3_env, bucket, "copy/")
-              if not marker and k.split("/")[1] in ("chunks", "packs", "indexes", "points")]
-    assert {k.split("/")[1] for k in landed} == {"chunks", "packs", "indexes", "points"}
+              if not marker and k.split("/")[1] in ("chunks", "packs", "indexes", "pages", "points")]
+    assert {k.split("/")[1] for k in landed} == {"chunks", "packs", "indexes", "pages", "points"}
     for key in landed:
         assert lock_end(s3_env, bucket, key) >= time.time() + DAY - 5, key
     with pytest.raises(ClientError) as refused:
@@ -331,7 +338,8 @@ def test_an_encrypted_repository_locks_its_sealed_objects_config_and_key(
     p2 = backup(fleece, vm, url, env=env)
     assert p1["object_lock"]["mode"] == p2["object_lock"]["mode"] == "compliance"
     needed = data_keys(s3_env, bucket)
-    assert {k.split("/")[1] for k in needed} == {"config", "keys", "chunks", "packs", "indexes", "points"}
+    assert {k.split("/")[1] for k in needed} == {"config", "keys", "chunks", "packs", "indexes", "pages",
+                                                 "points"}
     for key in needed:
         assert lock_end(s3_env, bucket, key) >= time.time() + 3 * DAY, key
     head = s3_env.client().head_object(Bucket=bucket, Key=needed[0])
