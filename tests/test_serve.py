@@ -20,7 +20,7 @@ import nbd
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from fleece.repo.format.codec import digest_function
+from fleece.repo.backends.file import FileBackend
 from fleece.repo.repository import Repository
 from fleece.restore.image import DiskImage
 from fleece.serve.cache import CachedDisk
@@ -158,9 +158,8 @@ def test_qemu_reads_a_served_point_as_a_guest_disk(served_vm: tuple[Any, Path, s
 def test_a_damaged_chunk_is_an_io_error_and_the_rest_still_reads(
         served_vm: tuple[Any, Path, str], short_tmp: Path) -> None:
     _, repo, point = served_vm
-    # Named by the repository's own hash (blake3 for one `fleece backup` made).
-    hash_name = json.loads((repo / "config").read_text())["hash"]
-    digest = digest_function(hash_name)(b"\x12" * CHUNK).hex()
+    # Named as the repository names chunks (format 3: the hash of the sparse form).
+    digest = Repository.open(FileBackend(repo)).chunk_name(b"\x12" * CHUNK).hex()
     chunk = repo / "chunks" / digest[:2] / digest
     blob = bytearray(chunk.read_bytes())
     blob[-1] ^= 1
@@ -177,7 +176,6 @@ def test_a_damaged_chunk_is_an_io_error_and_the_rest_still_reads(
 
 def test_bad_input_is_refused_before_nbdkit_starts(tmp_path: Path, short_tmp: Path,
                                                     store_point: Any, fleece: Any) -> None:
-    from fleece.repo.backends.file import FileBackend
 
     repo_dir = tmp_path / "repo"
     repo = Repository.init(FileBackend(repo_dir), chunk_size=CHUNK, hash="sha256")

@@ -78,7 +78,7 @@ def test_every_reader_sees_deltas_on_zero_bases_and_holes_punched_later(
     vm.shutdown()
 
     copied = tmp_path / "copied"
-    res = fleece("copy", "--from", repo, "--to", copied)
+    res = fleece("copy", "--from", repo, "--to", copied, "--init")
     assert res.rc == 0, res.err
     res = fleece("verify", "--repo", repo, "--deep")
     assert res.rc == 0, res.out + res.err
