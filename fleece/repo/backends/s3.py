@@ -709,9 +709,14 @@ class S3Backend(Backend):
 
     def _probe_replace(self, key: str, data: bytes, etag: str) -> str | None:
         """A write with ``If-Match: etag`` for the probe: the new ETag, None when refused (412)."""
+        return self._probe_conditional(key, data, IfMatch=etag, **self._checksums(data))
+
+    def _probe_conditional(self, key: str, data: bytes, **conditions: Any) -> str | None:
+        """One conditional PutObject of the store check: its ETag, None when the precondition
+        failed (412); NotImplementedError where the store answers 501."""
         try:
             resp = self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
-                                          IfMatch=etag, **self._checksums(data))
+                                          **conditions)
             return str(resp["ETag"])
         except ClientError as e:
             if _code(e) == "PreconditionFailed" or _status(e) == 412:
@@ -733,17 +738,7 @@ class S3Backend(Backend):
 
     def _probe_create(self, key: str, data: bytes) -> bool:
         """A conditional create for the probe: NotImplementedError where the store answers 501."""
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as e:
-            if _code(e) == "PreconditionFailed" or _status(e) == 412:
-                return False
-            if _code(e) == "NotImplemented" or _status(e) == 501:
-                raise NotImplementedError from e
-            raise self._error(e, "PutObject", key) from e
-        except BotoCoreError as e:
-            raise self._error(e, "PutObject", key) from e
+        return self._probe_conditional(key, data, IfNoneMatch="*") is not None
 
     def _disable_conditional_writes(self) -> None:
         with self._fallback_lock:
