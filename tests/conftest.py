@@ -34,6 +34,7 @@ from guarantee_check import (  # noqa: F401 - hooks: a skipped guarantee test fa
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from fleece.testing.ceph import CephCluster, start_ceph
+from fleece.testing.certificates import self_signed_certificate
 
 VENV_BIN = Path(sys.executable).parent
 FLEECE = str(VENV_BIN / "fleece")
@@ -575,7 +576,7 @@ def _start_moto(base: Path, tls: bool) -> tuple[S3Server, Any]:
     args = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     ca = None
     if tls:
-        key, cert = _self_signed_certificate(base)
+        key, cert = self_signed_certificate(base, "key.pem", "cert.pem")
         args += ["--ssl-cert", str(cert), "--ssl-key", str(key)]
         ca = str(cert)
     log = open(base / "moto.log", "wb")
@@ -607,36 +608,6 @@ def moto_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     yield from _running(_start_moto, tmp_path_factory.mktemp("moto-https"), tls=True)
 
 
-def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A key and certificate for 127.0.0.1, made here (cryptography comes with moto)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def _start_s3rver(base: Path, tls: bool) -> tuple[S3Server, Any]:
     if not S3RVER.exists():
         raise RuntimeError(f"{S3RVER} is missing: run scripts/bootstrap (it installs s3rver with npm)")
@@ -644,7 +615,7 @@ def _start_s3rver(base: Path, tls: bool) -> tuple[S3Server, Any]:
     args = [str(S3RVER), "-d", str(base / "data"), "-a", "127.0.0.1", "-p", str(port), "-s"]
     ca = None
     if tls:
-        key, cert = _self_signed_certificate(base)
+        key, cert = self_signed_certificate(base, "key.pem", "cert.pem")
         args += ["--key", str(key), "--cert", str(cert)]
         ca = str(cert)
     # s3rver's listing past 1000 keys hashes with MD4, which Node 17+ only

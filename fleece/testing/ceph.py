@@ -36,6 +36,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleece.testing.certificates import self_signed_certificate
+
 DAEMONS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph")
 ACCESS_KEY = "fleece-ceph-test"
 SECRET_KEY = "fleece-ceph-test-secret"
@@ -166,35 +168,6 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _self_signed(base: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = base / "rgw.key", base / "rgw.crt"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def start_ceph(base: Path) -> CephCluster:
     """Start a one-node cluster and gateway under ``base`` (see the module docstring).
 
@@ -214,7 +187,7 @@ def start_ceph(base: Path) -> CephCluster:
     mon_port, http_port, https_port = _free_port(), _free_port(), _free_port()
     (base / "ceph.conf").write_text(_conf(base, fsid, mon_port))
     version = _run(base, "ceph", "--version").split("version", 1)[-1].split("(")[0].strip()
-    key, cert = _self_signed(base)
+    key, cert = self_signed_certificate(base, "rgw.key", "rgw.crt", traditional_key=True)
     procs: list[subprocess.Popen[bytes]] = []
     cluster = CephCluster(base, f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{https_port}",
                           cert, version, 0.0, procs=procs)
